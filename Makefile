@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- build a tiny chat corpus + tokenizer, fine-tune with 2 Ray workers under ZeRO-3, reload, generate
+#   make test   -- the test suite (unit + distributed CPU tiers; GPU tests skip without CUDA)
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# DeepSpeed's CPU accelerator JIT-compiles a comm op on first use; keep the build between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip setuptools wheel
+	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build here.
+	$(BIN)/pip install torch==2.13.0
+	# deepspeed after torch: its setup inspects the installed torch.
+	$(BIN)/pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m sftscale.demo --workdir runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf runs .cache
