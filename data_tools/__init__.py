@@ -1,0 +1,1 @@
+"""Offline preparation of SFT corpora into packed, loss-masked Arrow shards."""

@@ -1,0 +1,71 @@
+"""`sftscale inspect DIR`: what the model will learn from.
+
+Prints the manifest summary, a document-length histogram, quarantine reasons by count, and
+sample rows decoded with supervised spans marked [[like this]].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_tools import schema
+
+
+def _histogram(lengths: list[int], seq_len: int, bins: int = 8) -> list[str]:
+    width = max(1, -(-seq_len // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min((n - 1) // width, bins - 1)] += 1
+    top = max(counts) or 1
+    return [
+        f"  {i * width + 1:>6}-{min((i + 1) * width, seq_len):<6} {c:>7}  {'#' * round(40 * c / top)}"
+        for i, c in enumerate(counts)
+    ]
+
+
+def render_row(tokenizer, input_ids: list[int], loss_mask: list[int], doc_lens: list[int]) -> str:
+    """Decode a row, marking supervised spans with [[ ]] and document starts with a rule."""
+    parts: list[str] = []
+    start = 0
+    for d, n in enumerate(doc_lens):
+        parts.append(f"\n----- document {d} ({n} tokens) -----\n")
+        ids, mask = input_ids[start : start + n], loss_mask[start : start + n]
+        i = 0
+        while i < n:
+            j = i
+            while j < n and mask[j] == mask[i]:
+                j += 1
+            text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
+            parts.append(f"[[{text}]]" if mask[i] else text)
+            i = j
+        start += n
+    return "".join(parts)
+
+
+def inspect(data_dir: str, *, samples: int = 2) -> str:
+    from transformers import AutoTokenizer
+
+    data_dir_p = Path(data_dir)
+    m = schema.read_manifest(data_dir_p)
+    lines = [
+        f"{data_dir}: schema v{m['schema_version']}, seq_len {m['seq_len']}",
+        f"  rows {m['num_rows']}, documents {m['num_documents']}, tokens {m['num_tokens']}, "
+        f"supervised {m['num_supervised_tokens']} ({m['num_supervised_tokens'] / max(m['num_tokens'], 1):.1%})",
+        f"  packing efficiency {m['packing_efficiency']:.1%} (non-pad fraction of row capacity)",
+        f"  shards {len(m['shards'])}; tokenizer {m['tokenizer']['fingerprint'][:12]} "
+        f"(vocab {m['tokenizer']['vocab_size']})",
+        f"  quarantined {m['quarantined_rows']} of {m.get('num_records', '?')} records",
+    ]
+    for reason, count in m.get("quarantine_reasons", {}).items():
+        lines.append(f"    {count:>7}  {reason}")
+    tables = [schema.open_shard(data_dir_p / s["file"]) for s in m["shards"]]
+    doc_lengths = [n for t in tables for row in t.column("doc_lens").to_pylist() for n in row]
+    lines.append("document lengths (tokens):")
+    lines.extend(_histogram(doc_lengths, m["seq_len"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(data_dir_p / m["tokenizer"]["dir"]))
+    first = tables[0]
+    for r in range(min(samples, first.num_rows)):
+        row = {c: first.column(c)[r].as_py() for c in ("input_ids", "loss_mask", "doc_lens")}
+        lines.append(f"\n===== row {r}: {len(row['input_ids'])} tokens, supervised spans in [[ ]] =====")
+        lines.append(render_row(tokenizer, row["input_ids"], row["loss_mask"], row["doc_lens"]))
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""The packed-shard format, defined once: `data_tools` writes it, `sftscale.data` reads it.
+
+A prepared directory holds:
+
+    manifest.json            counts, fingerprints, per-shard stats (see MANIFEST_KEYS)
+    shard-00000.arrow ...    Arrow IPC *file* format, one row per packed training row
+    quarantine.jsonl         records that could not be used, with source, line and reason
+    tokenizer/               the tokenizer (with its chat template) the ids were made with
+
+Each row holds up to `seq_len` tokens (the reader pads to `seq_len`):
+
+    input_ids  list<int32>   token ids of the documents in the row, concatenated
+    loss_mask  list<int8>    1 where the token is supervised (predicted by the previous position)
+    doc_lens   list<int32>   length of each document in the row, in order; sums to len(input_ids)
+
+Load with `datasets` (no custom code):
+
+    datasets.load_dataset("arrow", data_files="DIR/shard-*.arrow", split="train")
+
+Only pyarrow here: this module must stay importable without torch, ray or deepspeed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+QUARANTINE_NAME = "quarantine.jsonl"
+TOKENIZER_DIR = "tokenizer"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("loss_mask", pa.list_(pa.int8()), nullable=False),
+        pa.field("doc_lens", pa.list_(pa.int32()), nullable=False),
+    ],
+    metadata={"sftscale_schema_version": str(SCHEMA_VERSION)},
+)
+
+MANIFEST_KEYS = (
+    "schema_version",
+    "seq_len",
+    "num_rows",
+    "num_documents",
+    "num_tokens",
+    "num_supervised_tokens",
+    "packing_efficiency",
+    "quarantined_rows",
+    "tokenizer",
+    "sources",
+    "shards",
+)
+
+
+class ShardFormatError(ValueError):
+    """A prepared directory that this version cannot read; the message says what to do."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+def write_shard(path: Path, rows: dict[str, list]) -> None:
+    """Write one shard atomically (temp file, then rename) so a crash never leaves half a shard."""
+    table = pa.Table.from_pydict(rows, schema=SHARD_SCHEMA)
+    tmp = path.with_suffix(".arrow.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
+        writer.write_table(table, max_chunksize=1024)
+    tmp.replace(path)
+
+
+def open_shard(path: Path) -> pa.Table:
+    """Memory-map a shard: rows are read from the page cache on demand, not loaded up front."""
+    source = pa.memory_map(str(path), "r")
+    table = pa.ipc.open_file(source).read_all()
+    if not table.schema.equals(SHARD_SCHEMA, check_metadata=False):
+        raise ShardFormatError(f"{path}: schema {table.schema} is not the sftscale shard schema")
+    return table
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"manifest is missing {missing}")
+    tmp = out_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(out_dir / MANIFEST_NAME)
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardFormatError(
+            f"{data_dir} has no {MANIFEST_NAME}: point data.path at a directory written by `sftscale prepare`"
+        )
+    manifest = json.loads(path.read_text())
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ShardFormatError(
+            f"{path}: schema_version {version} but this sftscale reads {SCHEMA_VERSION}; "
+            "re-run `sftscale prepare` with this version"
+        )
+    for shard in manifest["shards"]:
+        if not (data_dir / shard["file"]).is_file():
+            raise ShardFormatError(f"{data_dir}: shard {shard['file']} listed in the manifest is missing")
+    return manifest

@@ -1,0 +1,3 @@
+from sftscale.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The `sftscale` command line.
+
+    sftscale prepare data/*.jsonl --tokenizer TOKDIR --seq-len 2048 --out prepared/
+    sftscale inspect prepared/
+    sftscale train configs/tiny-cpu.yaml [section.key=value ...] [--local] [--output-dir D] [--max-steps N]
+    sftscale export runs/x/checkpoints --out runs/x/hf
+    sftscale bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Heavy imports (torch, transformers, deepspeed, ray) happen inside the commands, so
+# `sftscale --help` is instant.
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from data_tools.prepare import PrepareOptions, prepare, summary_line
+
+    options = PrepareOptions(
+        seq_len=args.seq_len,
+        chat_template=args.chat_template,
+        overflow=args.overflow,
+        rows_per_shard=args.rows_per_shard,
+        max_bad_fraction=args.max_bad_fraction,
+    )
+    manifest = prepare(args.inputs, tokenizer_path=args.tokenizer, out_dir=args.out, options=options)
+    print(summary_line(manifest))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from data_tools.inspect import inspect
+
+    print(inspect(args.dir, samples=args.samples))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sftscale.config import load_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"logging.output_dir={args.output_dir}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    cfg = load_config(args.config, overrides)
+
+    from sftscale.launch import run
+
+    summary = run(cfg, local=args.local)
+    print(f"[sftscale] done: {summary['run_dir']}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from sftscale.export import export_from_checkpoint
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    out = export_from_checkpoint(
+        args.checkpoint, out_dir=args.out, dtype=dtype, max_shard_bytes=args.max_shard_mb * 1024 * 1024
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    print("sftscale bench: not yet implemented (see the benchmark-suite issue)", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftscale", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="tokenize, mask and pack chat JSONL into Arrow shards")
+    p.add_argument("inputs", nargs="+", help="JSONL files or globs with a 'messages' list per line")
+    p.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per packed row")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--chat-template", default=None, help="built-in template when the tokenizer has none (chatml)")
+    p.add_argument("--overflow", default="truncate", choices=["truncate", "quarantine"],
+                   help="what to do with a conversation longer than --seq-len")
+    p.add_argument("--rows-per-shard", type=int, default=10_000)
+    p.add_argument("--max-bad-fraction", type=float, default=1.0,
+                   help="fail when more than this fraction of records is quarantined")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("inspect", help="summarize a prepared directory and show what is supervised")
+    p.add_argument("dir")
+    p.add_argument("--samples", type=int, default=2, help="rows to decode")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("train", help="fine-tune (Ray Train + DeepSpeed; --local for one process)")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (debug mode)")
+    p.add_argument("--output-dir", default=None, help="sets logging.output_dir")
+    p.add_argument("--max-steps", type=int, default=None, help="sets train.max_steps")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    p.add_argument("checkpoint", help="<run>/checkpoints (latest) or <run>/checkpoints/<tag>")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--max-shard-mb", type=int, default=2000)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("bench", help="throughput/memory benchmarks (not yet implemented)")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_tools.prepare import PrepareError
+    from sftscale.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, PrepareError, FileNotFoundError) as e:
+        print(f"sftscale {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,284 @@
+"""Typed run configuration: nested dataclasses loaded from YAML, overridable as `section.key=value`.
+
+Every section is a plain dataclass (picklable, so it crosses the Ray boundary unchanged) that
+checks its own fields in `__post_init__`; `Config.__post_init__` checks the rules that span
+sections. Unknown keys and values of the wrong type are errors that name the field — nothing is
+silently defaulted or rewritten. Checks that need the data manifest or the model live in
+`sftscale.validate` and also run before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the fix."""
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face model directory, or a preset name (see sftscale.model.PRESETS)
+    # built from its config with random init.
+    name_or_path: str = "tiny-llama"
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path), "model.name_or_path", "must name a preset or a local directory")
+        _check(
+            self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+            "model.attn_implementation",
+            f"{self.attn_implementation!r} is not one of sdpa, eager, flash_attention_2",
+        )
+
+
+@dataclass
+class DataConfig:
+    # Directory written by `sftscale prepare` (manifest.json + Arrow shards + tokenizer/).
+    path: str = ""
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.path", "set it to a directory written by `sftscale prepare`")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            f"must be two numbers in [0, 1), got {self.betas}",
+        )
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(
+            self.schedule in ("cosine", "linear", "constant"),
+            "optim.schedule",
+            f"{self.schedule!r} is not one of cosine, linear, constant",
+        )
+        _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1  # packed rows per rank per forward
+    grad_accum: int = 1
+    max_steps: int = 100  # optimizer steps
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    # A template name in ds_configs/ (without .json) or a path to a JSON file; its "auto"
+    # fields are filled from this config by sftscale.ds_config.resolve_ds_config.
+    template: str = "zero3_bf16"
+    precision: str = "bf16"  # bf16 | fp32
+
+    def __post_init__(self) -> None:
+        _check(
+            self.precision in ("bf16", "fp32"),
+            "deepspeed.precision",
+            f"{self.precision!r} is not one of bf16, fp32",
+        )
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    # Ray cluster address; empty starts a local Ray instance (RAY_ADDRESS in the environment
+    # still wins, as with every Ray program).
+    ray_address: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker >= 1, "scale.cpus_per_worker", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: only at the end
+    export: bool = True  # write a Hugging Face export under <run>/export at the end
+    export_max_shard_mb: int = 2000
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
+        _check(self.export_max_shard_mb >= 1, "checkpoint.export_max_shard_mb", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs"
+    run_name: str = "run"
+    every_n_steps: int = 1
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 1, "logging.every_n_steps", "must be >= 1")
+        _check(bool(self.run_name) and "/" not in self.run_name, "logging.run_name", "must be a plain name")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.optim.warmup_steps < self.train.max_steps or self.optim.warmup_steps == 0,
+            "optim.warmup_steps",
+            f"{self.optim.warmup_steps} warmup steps leave no decay within train.max_steps={self.train.max_steps}",
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.output_dir) / self.logging.run_name
+
+    def global_batch_rows(self, world_size: int | None = None) -> int:
+        world = self.scale.num_workers if world_size is None else world_size
+        return self.train.micro_batch_size * self.train.grad_accum * world
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, strictly.
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        _check(isinstance(value, list), name, f"expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), name, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{name}.")
+    if tp is bool:
+        _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads `3e-4` (no dot) as a string; a number is what anyone typing it means.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            name,
+            f"expected a number, got {value!r}",
+        )
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), name, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (known keys in {prefix.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted(known))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings; values are parsed as YAML scalars (`lr=3e-4`, `x=true`)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. optim.lr=3e-4)")
+        section, name = parts
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"override {item!r}: {section} is not a section")
+        out[section][name] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML at `path` (or defaults when None), apply overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

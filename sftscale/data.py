@@ -1,0 +1,147 @@
+"""Reading packed shards for training: global order, rank slices, collation.
+
+The order of rows is a pure function of (seed, epoch, step, rank, world_size): every rank
+computes the same permutation of all rows for an epoch, takes the step's global batch from it,
+and its own micro-batches out of that. Seeking to any step is O(1) in data read — nothing is
+replayed — which is what exact and elastic resume build on.
+
+Imports only numpy, pyarrow and torch (no ray, no deepspeed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_tools import schema
+
+IGNORE_INDEX = -100
+
+
+class PackedDataset:
+    """The rows of a prepared directory, memory-mapped, addressed by global row index."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.dir = Path(data_dir)
+        self.manifest = schema.read_manifest(self.dir)
+        self.seq_len: int = self.manifest["seq_len"]
+        self._tables = [schema.open_shard(self.dir / s["file"]) for s in self.manifest["shards"]]
+        self._offsets = np.cumsum([0] + [t.num_rows for t in self._tables])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.dir / self.manifest["tokenizer"]["dir"]
+
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        table, r = self._tables[shard], index - int(self._offsets[shard])
+        return tuple(  # type: ignore[return-value]
+            table.column(c)[r].values.to_numpy(zero_copy_only=False)
+            for c in ("input_ids", "loss_mask", "doc_lens")
+        )
+
+
+@lru_cache(maxsize=4)
+def epoch_order(num_rows: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The permutation of all rows used in `epoch`; identical on every rank."""
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def steps_per_epoch(num_rows: int, rows_per_step: int) -> int:
+    return num_rows // rows_per_step
+
+
+def rows_for_step(
+    step: int, *, num_rows: int, rows_per_step: int, seed: int, shuffle: bool
+) -> np.ndarray:
+    """Global row indices consumed by optimizer step `step` (0-based), across all ranks.
+
+    An epoch's last partial global batch is not used; the next epoch starts a new permutation.
+    """
+    per_epoch = steps_per_epoch(num_rows, rows_per_step)
+    if per_epoch == 0:
+        raise ValueError(f"{num_rows} rows cannot fill one global batch of {rows_per_step} rows")
+    epoch, k = divmod(step, per_epoch)
+    order = epoch_order(num_rows, seed=seed, epoch=epoch, shuffle=shuffle)
+    return order[k * rows_per_step : (k + 1) * rows_per_step]
+
+
+def rank_micro_batches(
+    step_rows: np.ndarray, *, rank: int, world_size: int, micro_batch_size: int, grad_accum: int
+) -> list[np.ndarray]:
+    """This rank's `grad_accum` micro-batches out of a step's global rows.
+
+    Micro-step a on rank r takes the slice starting at (a * world_size + r) * micro_batch_size.
+    """
+    assert len(step_rows) == micro_batch_size * grad_accum * world_size
+    out = []
+    for a in range(grad_accum):
+        start = (a * world_size + rank) * micro_batch_size
+        out.append(step_rows[start : start + micro_batch_size])
+    return out
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) long
+    position_ids: torch.Tensor  # (B, T) long, restarting at 0 at every document start
+    targets: torch.Tensor  # (B, T) long: next-token id where supervised, else IGNORE_INDEX
+    num_tokens: int  # non-pad tokens
+    num_supervised: int  # targets != IGNORE_INDEX
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            input_ids=self.input_ids.to(device),
+            position_ids=self.position_ids.to(device),
+            targets=self.targets.to(device),
+            num_tokens=self.num_tokens,
+            num_supervised=self.num_supervised,
+        )
+
+
+def collate(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, seq_len: int, pad_id: int
+) -> Batch:
+    """Pad packed rows to `seq_len` and build position ids and shifted targets.
+
+    Position ids restart at every document (and for the padding tail), which is what makes
+    Hugging Face models keep attention inside each document for packed rows (see
+    transformers.masking_utils.find_packed_sequence_indices). A document's last token gets no
+    target: it must not learn to predict the first token of the next document.
+    """
+    b = len(rows)
+    input_ids = np.full((b, seq_len), pad_id, dtype=np.int64)
+    position_ids = np.zeros((b, seq_len), dtype=np.int64)
+    targets = np.full((b, seq_len), IGNORE_INDEX, dtype=np.int64)
+    num_tokens = 0
+    for i, (ids, mask, doc_lens) in enumerate(rows):
+        n = len(ids)
+        if n > seq_len:
+            raise ValueError(f"row of {n} tokens is longer than seq_len {seq_len}")
+        num_tokens += n
+        input_ids[i, :n] = ids
+        starts = np.concatenate([[0], np.cumsum(doc_lens)[:-1]])
+        position_ids[i, :n] = np.arange(n) - np.repeat(starts, doc_lens)
+        position_ids[i, n:] = np.arange(seq_len - n)
+        # target[t] = ids[t+1] when token t+1 is supervised and belongs to the same document.
+        same_doc = np.ones(n, dtype=bool)
+        same_doc[starts] = False  # token at a document start has no predecessor in its document
+        take = (mask[1:] == 1) & same_doc[1:]
+        targets[i, : n - 1] = np.where(take, ids[1:], IGNORE_INDEX)
+    t = torch.from_numpy(targets)
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(position_ids),
+        targets=t,
+        num_tokens=num_tokens,
+        num_supervised=int((t != IGNORE_INDEX).sum()),
+    )

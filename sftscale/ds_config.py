@@ -1,0 +1,83 @@
+"""The one resolver for DeepSpeed settings: a checked-in template from ds_configs/ with its
+"auto" fields filled from the run config.
+
+    resolve_ds_config(cfg, world_size=8)  ->  dict for deepspeed.initialize
+
+Any "auto" left unfilled is an error, and the batch arithmetic is asserted:
+train_batch_size == micro_batch_size * grad_accum * world_size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from sftscale.config import Config, ConfigError
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def template_path(template: str) -> Path:
+    p = Path(template)
+    if p.suffix == ".json":
+        if not p.is_file():
+            raise ConfigError(f"deepspeed.template: {template} does not exist")
+        return p
+    p = TEMPLATE_DIR / f"{template}.json"
+    if not p.is_file():
+        names = sorted(q.stem for q in TEMPLATE_DIR.glob("*.json"))
+        raise ConfigError(f"deepspeed.template: no template {template!r}; choose one of {names} or a .json path")
+    return p
+
+
+def load_template(template: str) -> dict[str, Any]:
+    return json.loads(template_path(template).read_text())
+
+
+def auto_values(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Values for every "auto" field a template may hold, keyed by dotted path."""
+    o, t = cfg.optim, cfg.train
+    return {
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": o.max_grad_norm,
+        "bf16.enabled": cfg.deepspeed.precision == "bf16",
+        "optimizer.params.lr": o.lr,
+        "optimizer.params.betas": list(o.betas),
+        "optimizer.params.eps": o.eps,
+        "optimizer.params.weight_decay": o.weight_decay,
+    }
+
+
+def _fill(node: Any, values: dict[str, Any], path: str, template: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _fill(v, values, f"{path}.{k}" if path else k, template) for k, v in node.items()}
+    if node == "auto":
+        if path not in values:
+            raise ConfigError(f"deepspeed.template {template}: no value for the \"auto\" field {path}")
+        return values[path]
+    return node
+
+
+def resolve_ds_config(cfg: Config, *, world_size: int) -> dict[str, Any]:
+    template = load_template(cfg.deepspeed.template)
+    resolved = _fill(copy.deepcopy(template), auto_values(cfg, world_size), "", cfg.deepspeed.template)
+    t = cfg.train
+    if resolved["train_batch_size"] != t.micro_batch_size * t.grad_accum * world_size:
+        raise ConfigError(
+            f"deepspeed.template {cfg.deepspeed.template}: train_batch_size {resolved['train_batch_size']} != "
+            f"train.micro_batch_size {t.micro_batch_size} * train.grad_accum {t.grad_accum} * "
+            f"world size {world_size}; leave these fields \"auto\""
+        )
+    if cfg.deepspeed.precision == "fp32" and resolved.get("bf16", {}).get("enabled"):
+        raise ConfigError("deepspeed.precision is fp32 but the template enables bf16; set bf16.enabled to \"auto\"")
+    if resolved.get("fp16", {}).get("enabled"):
+        raise ConfigError("deepspeed.template: fp16 is not supported (use bf16)")
+    return resolved
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,105 @@
+"""Starting workers: Ray Train (cluster or a local Ray) or this process (local debug mode).
+
+Both call the same `sftscale.train.train_worker`; nothing about training is decided here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from sftscale.config import Config, save_config
+from sftscale.validate import validate_run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_env(cfg: Config) -> dict[str, str]:
+    """Environment every worker needs before torch/deepspeed import."""
+    env = {"OMP_NUM_THREADS": str(cfg.scale.cpus_per_worker)}
+    if not cfg.scale.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE"):
+        if key in os.environ:
+            env.setdefault(key, os.environ[key])
+    return env
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")  # the resolved config, overrides applied
+    return run_dir
+
+
+def run(cfg: Config, *, local: bool) -> dict[str, Any]:
+    world = 1 if local else cfg.scale.num_workers
+    if local and "WORLD_SIZE" in os.environ:  # started by torchrun: one process per rank
+        world = int(os.environ["WORLD_SIZE"])
+    validate_run(cfg, world_size=world)
+    run_dir = prepare_run_dir(cfg)
+    if local:
+        return run_local(cfg, run_dir)
+    return run_ray(cfg, run_dir)
+
+
+def run_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """One process, no Ray: the debug mode. Also works as one rank under torchrun."""
+    for key, value in {**_worker_env(cfg), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        os.environ.setdefault(key, value)
+    import torch.distributed as dist
+
+    from sftscale.train import train_worker
+
+    try:
+        return train_worker(cfg, str(run_dir))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # gloo may abort at interpreter exit otherwise
+
+
+def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    from sftscale.train import train_worker
+
+    return train_worker(config["cfg"], config["run_dir"])
+
+
+def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Ray Train (V2) TorchTrainer with `scale.num_workers` workers."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    address = cfg.scale.ray_address or None
+    starts_local = address is None and "RAY_ADDRESS" not in os.environ
+    ray.init(
+        address=address,
+        include_dashboard=False if starts_local else None,
+        runtime_env={"env_vars": _worker_env(cfg)},
+        log_to_driver=True,
+    )
+    try:
+        trainer = TorchTrainer(
+            _ray_train_loop,
+            train_loop_config={"cfg": cfg, "run_dir": str(run_dir)},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scale.num_workers,
+                use_gpu=cfg.scale.use_gpu,
+                resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
+            ),
+            run_config=RunConfig(storage_path=str(run_dir / "ray"), name="train"),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        return {"run_dir": str(run_dir), "ray_result_path": result.path}
+    finally:
+        ray.shutdown()

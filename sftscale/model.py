@@ -1,0 +1,113 @@
+"""Building and loading Hugging Face causal LMs, unmodified.
+
+No distributed code here. Under ZeRO-3 the caller keeps a `transformers.integrations.
+HfDeepSpeedConfig` alive while calling `load_model`; transformers then creates (or loads)
+every parameter inside `deepspeed.zero.Init`, so each rank only ever holds its partition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Shapes of well-known models, built with random init (benchmarks, tests). vocab_size None:
+# taken from the tokenizer (tiny shapes); otherwise the model's own vocabulary.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        vocab_size=None, tie_word_embeddings=False, rope_theta=10000.0,
+    ),
+    "small-llama": dict(
+        model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+        vocab_size=None, tie_word_embeddings=False, rope_theta=10000.0,
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        vocab_size=None, tie_word_embeddings=True, rope_theta=10000.0,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+    ),
+    "llama-3.2-3b": dict(
+        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
+        vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+        vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+        vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
+    ),
+}
+
+
+def is_preset(name_or_path: str) -> bool:
+    return name_or_path in PRESETS
+
+
+def model_config(name_or_path: str, *, vocab_size: int, attn_implementation: str = "sdpa"):
+    """The transformers config of a preset or a local model directory."""
+    from transformers import AutoConfig
+
+    if is_preset(name_or_path):
+        spec = dict(PRESETS[name_or_path])
+        model_type = spec.pop("model_type")
+        if spec["vocab_size"] is None:
+            spec["vocab_size"] = vocab_size
+        cfg = AutoConfig.for_model(model_type, **spec)
+    else:
+        path = Path(name_or_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.name_or_path {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
+                "nor a directory with a config.json"
+            )
+        cfg = AutoConfig.from_pretrained(str(path))
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def load_model(
+    name_or_path: str, *, vocab_size: int, dtype: torch.dtype, attn_implementation: str = "sdpa"
+) -> torch.nn.Module:
+    """A preset with random init (seeded by the caller), or weights from a local directory."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_config(name_or_path, vocab_size=vocab_size, attn_implementation=attn_implementation)
+    if is_preset(name_or_path):
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=dtype, attn_implementation=attn_implementation
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, config=cfg, dtype=dtype, attn_implementation=attn_implementation
+        )
+    return model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    # Non-reentrant checkpointing works with ZeRO-3's parameter hooks and inputs that do not
+    # require grad; use_cache must be off or every layer would allocate a KV cache.
+    model.config.use_cache = False
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
