@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value for the training config")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
+    if work.exists():  # the demo's own directory: start clean every time
+        import shutil
+
+        shutil.rmtree(work)
 
     from data_tools.prepare import PrepareOptions, prepare, summary_line
     from data_tools.synthetic import (

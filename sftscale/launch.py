@@ -78,11 +78,10 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    address = cfg.scale.ray_address or None
-    starts_local = address is None and "RAY_ADDRESS" not in os.environ
+    # A local Ray instance (no address) starts its dashboard on 127.0.0.1; Ray Train's
+    # controller queries actor state through it.
     ray.init(
-        address=address,
-        include_dashboard=False if starts_local else None,
+        address=cfg.scale.ray_address or None,
         runtime_env={"env_vars": _worker_env(cfg)},
         log_to_driver=True,
     )

@@ -20,6 +20,13 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
+def say(message: str) -> None:
+    """Progress line on stdout. Not `print`: Ray Train patches print and, with Ray's wrapped
+    stdout, every printed line would show twice in the driver's log."""
+    sys.stdout.write(f"[sftscale] {message}\n")
+    sys.stdout.flush()
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
@@ -28,7 +35,8 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
+        # A run starts from step 0, so its metrics file starts empty (line-buffered).
+        self._file = open(run_dir / "metrics.jsonl", "w", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

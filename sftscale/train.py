@@ -30,7 +30,7 @@ from sftscale.data import (
 )
 from sftscale.ds_config import resolve_ds_config, zero_stage
 from sftscale.export import MODEL_META_DIR, export_from_engine, save_model_meta
-from sftscale.metrics import MetricsLogger, peak_memory_bytes
+from sftscale.metrics import MetricsLogger, peak_memory_bytes, say
 from sftscale.model import enable_gradient_checkpointing, load_model
 
 
@@ -110,11 +110,10 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     rows_per_step = cfg.global_batch_rows(world)
     metrics = MetricsLogger(out, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
     if rank == 0:
-        print(
-            f"[sftscale] {world} worker(s), ZeRO-{zero_stage(ds_config)} {cfg.deepspeed.precision}, "
+        say(
+            f"{world} worker(s), ZeRO-{zero_stage(ds_config)} {cfg.deepspeed.precision}, "
             f"{len(dataset)} rows of {dataset.seq_len}, {rows_per_step} rows/step, "
-            f"{steps_per_epoch(len(dataset), rows_per_step)} steps/epoch, {t.max_steps} steps",
-            flush=True,
+            f"{steps_per_epoch(len(dataset), rows_per_step)} steps/epoch, {t.max_steps} steps"
         )
 
     # ---- train -------------------------------------------------------------------------------
@@ -151,7 +150,11 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
         step_loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in micro:
             batch = batch.to(device)
-            logits = engine(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+            # use_cache=False is load-bearing: with a KV cache, transformers does not detect
+            # the packed rows from position_ids and attention would cross document boundaries.
+            logits = engine(
+                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+            ).logits
             loss_sum = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
                 reduction="sum",
@@ -184,10 +187,9 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
             }
             metrics.log(record)
             if rank == 0:
-                print(
-                    f"[sftscale] step {step + 1:>5}/{t.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                    f"{record['tokens_per_s']:.0f} tok/s  {record['step_time_s']:.2f} s/step",
-                    flush=True,
+                say(
+                    f"step {step + 1:>5}/{t.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                    f"{record['tokens_per_s']:.0f} tok/s  {record['step_time_s']:.2f} s/step"
                 )
             window = {k: 0 for k in window}
         if cfg.checkpoint.every_n_steps and (step + 1) % cfg.checkpoint.every_n_steps == 0:

@@ -1,0 +1,59 @@
+"""Shared fixtures: a synthetic chat corpus, a SentencePiece tokenizer trained on it, and a
+prepared shard directory — built once per session, no downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before torch/deepspeed import anywhere: CPU accelerator, one thread per process (several
+# ranks share 2 cores), and a persistent cache for DeepSpeed's JIT-built op.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions")
+)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from data_tools.synthetic import (  # noqa: E402
+    conversation_texts,
+    make_conversations,
+    train_sentencepiece_tokenizer,
+    write_jsonl,
+)
+
+
+@pytest.fixture(scope="session")
+def corpus_records() -> list[dict]:
+    return make_conversations(300, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer_dir(tmp_path_factory, corpus_records) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "sp"
+    return train_sentencepiece_tokenizer(conversation_texts(corpus_records), out, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sp_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(sp_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def corpus_path(tmp_path_factory, corpus_records) -> Path:
+    return write_jsonl(corpus_records, tmp_path_factory.mktemp("corpus") / "chat.jsonl")
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, corpus_path, sp_tokenizer_dir) -> Path:
+    from data_tools.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare([str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out),
+            options=PrepareOptions(seq_len=128, rows_per_shard=40))
+    return out

@@ -1,0 +1,105 @@
+"""The loss mask, checked token by token against what each assistant turn should teach."""
+
+import pytest
+
+from data_tools.chat import (
+    BUILTIN_TEMPLATES,
+    BadRecord,
+    resolve_template,
+    split_supervised_text,
+    tokenize_conversation,
+    validate_messages,
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of Peru?"},
+    {"role": "assistant", "content": "The capital of Peru is Lima."},
+    {"role": "user", "content": "What is 2 plus 5?"},
+    {"role": "assistant", "content": "2 plus 5 is 7."},
+]
+
+
+def _spans(ids, mask):
+    """Maximal runs of supervised token ids."""
+    runs, cur = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+def test_supervised_tokens_are_exactly_the_assistant_turns(sp_tokenizer):
+    template = resolve_template(sp_tokenizer, None)
+    doc = tokenize_conversation(sp_tokenizer, template, CONVERSATION)
+    assert len(doc.input_ids) == len(doc.loss_mask)
+    spans = _spans(doc.input_ids, doc.loss_mask)
+    assert len(spans) == 2
+    end = sp_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for span, turn in zip(spans, [CONVERSATION[2], CONVERSATION[4]], strict=True):
+        # each supervised span is the reply, its end-of-turn token, and the newline after it
+        assert sp_tokenizer.decode(span) == turn["content"] + "<|im_end|>\n"
+        assert end in span
+    # the unsupervised remainder holds every prompt, including the generation header
+    text = sp_tokenizer.decode([i for i, m in zip(doc.input_ids, doc.loss_mask, strict=True) if not m])
+    assert text.count("<|im_start|>assistant\n") == 2
+    assert "Be brief." in text and "capital of Peru?" in text
+
+
+def test_ids_match_inference_tokenization_of_the_prompt(sp_tokenizer):
+    """The ids before a reply are exactly what the tokenizer gives the generation prompt."""
+    template = resolve_template(sp_tokenizer, None)
+    doc = tokenize_conversation(sp_tokenizer, template, CONVERSATION[:3])
+    prompt = sp_tokenizer.apply_chat_template(
+        CONVERSATION[:2], chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    prompt_ids = sp_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    first_supervised = doc.loss_mask.index(1)
+    assert doc.input_ids[:first_supervised] == prompt_ids
+
+
+def test_segments_cover_the_rendered_text(sp_tokenizer):
+    template = BUILTIN_TEMPLATES["chatml"]
+    segments = split_supervised_text(sp_tokenizer, template, CONVERSATION)
+    full = sp_tokenizer.apply_chat_template(CONVERSATION, chat_template=template, tokenize=False)
+    assert "".join(t for t, _ in segments) == full
+    assert [s for _, s in segments] == [False, True, False, True]
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ([1, 2], "expected a JSON object"),
+        ({"text": "x"}, "no 'messages'"),
+        ({"messages": []}, "empty conversation"),
+        ({"messages": "hi"}, "expected a list"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role 'robot'"),
+        ({"messages": [{"role": "user", "content": 3}]}, "content is a int"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"},
+                          {"role": "assistant", "content": "z"}]},
+            "only the first message",
+        ),
+    ],
+)
+def test_bad_records_are_rejected_with_a_reason(record, reason):
+    with pytest.raises(BadRecord, match=reason):
+        validate_messages(record)
+
+
+def test_missing_template_is_a_clear_error(sp_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(sp_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="--chat-template"):
+        resolve_template(tok, None)
+    assert resolve_template(tok, "chatml") == BUILTIN_TEMPLATES["chatml"]
+    with pytest.raises(ValueError, match="not a built-in"):
+        resolve_template(tok, "nope")

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+
+from data_tools import schema
+from data_tools.prepare import PrepareError, PrepareOptions, prepare
+
+
+def test_manifest_and_shards_agree(prepared_dir, corpus_records):
+    m = schema.read_manifest(prepared_dir)
+    for key in schema.MANIFEST_KEYS:
+        assert key in m
+    assert m["num_documents"] == len(corpus_records) and m["quarantined_rows"] == 0
+    tables = [schema.open_shard(prepared_dir / s["file"]) for s in m["shards"]]
+    assert len(tables) > 1  # rows_per_shard=40 splits the corpus
+    rows = [r for t in tables for r in t.to_pylist()]
+    assert len(rows) == m["num_rows"]
+    assert sum(len(r["input_ids"]) for r in rows) == m["num_tokens"]
+    assert sum(sum(r["loss_mask"]) for r in rows) == m["num_supervised_tokens"]
+    assert sum(len(r["doc_lens"]) for r in rows) == m["num_documents"]
+    for r in rows:
+        assert len(r["input_ids"]) == len(r["loss_mask"]) == sum(r["doc_lens"]) <= m["seq_len"]
+    assert m["packing_efficiency"] == pytest.approx(m["num_tokens"] / (m["num_rows"] * m["seq_len"]))
+    for s, t in zip(m["shards"], tables, strict=True):
+        assert s["num_rows"] == t.num_rows
+
+
+def test_shards_load_with_datasets(prepared_dir):
+    import datasets
+
+    ds = datasets.load_dataset("arrow", data_files=str(prepared_dir / "shard-*.arrow"), split="train")
+    m = schema.read_manifest(prepared_dir)
+    assert len(ds) == m["num_rows"]
+    assert set(ds.column_names) == {"input_ids", "loss_mask", "doc_lens"}
+
+
+def test_bad_lines_are_quarantined_not_dropped(tmp_path, sp_tokenizer_dir):
+    good = {"messages": [{"role": "user", "content": "What is 1 plus 1?"},
+                         {"role": "assistant", "content": "1 plus 1 is 2."}]}
+    lines = [
+        json.dumps(good).encode(),
+        b"{not json",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(),
+        b"\xff\xfe bad utf8",
+        json.dumps({"messages": [{"role": "narrator", "content": "x"}]}).encode(),
+        b"",
+        json.dumps(good).encode(),
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    m = prepare([str(src)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out),
+                options=PrepareOptions(seq_len=64))
+    assert m["num_records"] == 6 and m["num_documents"] == 2 and m["quarantined_rows"] == 4
+    q = [json.loads(line) for line in (out / schema.QUARANTINE_NAME).read_text().splitlines()]
+    assert [row["line"] for row in q] == [2, 3, 4, 5]
+    assert all(row["source"] == str(src) for row in q)
+    reasons = " | ".join(row["reason"] for row in q)
+    for expected in ("malformed JSON", "no assistant turn", "invalid UTF-8", "narrator"):
+        assert expected in reasons
+    with pytest.raises(PrepareError, match="max-bad-fraction"):
+        prepare([str(src)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "o2"),
+                options=PrepareOptions(seq_len=64, max_bad_fraction=0.5))
+
+
+def test_overflow_truncate_and_quarantine(tmp_path, sp_tokenizer_dir):
+    long = {"messages": [{"role": "user", "content": "What is the capital of France? " * 20},
+                         {"role": "assistant", "content": "Paris."}]}
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(long) + "\n")
+    # truncation cuts the reply away entirely: zero supervised tokens -> quarantined
+    with pytest.raises(PrepareError, match="every record was quarantined"):
+        prepare([str(src)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "a"),
+                options=PrepareOptions(seq_len=32))
+    q = (tmp_path / "a" / schema.QUARANTINE_NAME).read_text()
+    assert "zero supervised tokens" in q
+    with pytest.raises(PrepareError):
+        prepare([str(src)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "b"),
+                options=PrepareOptions(seq_len=32, overflow="quarantine"))
+    assert "too long" in (tmp_path / "b" / schema.QUARANTINE_NAME).read_text()
+
+
+def test_same_inputs_give_byte_identical_output(tmp_path, corpus_path, sp_tokenizer_dir):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        prepare([str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out),
+                options=PrepareOptions(seq_len=128, rows_per_shard=40))
+        outs.append(out)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_missing_input_and_tokenizer_errors(tmp_path, sp_tokenizer_dir):
+    with pytest.raises(PrepareError, match="matches no file"):
+        prepare([str(tmp_path / "*.jsonl")], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "o"),
+                options=PrepareOptions(seq_len=64))
+    (tmp_path / "x.jsonl").write_text("{}\n")
+    with pytest.raises(PrepareError, match="not a directory"):
+        prepare([str(tmp_path / "x.jsonl")], tokenizer_path=str(tmp_path / "nope"), out_dir=str(tmp_path / "o"),
+                options=PrepareOptions(seq_len=64))
