@@ -63,7 +63,9 @@ def validate_messages(record: Any) -> list[dict[str, str]]:
         if role not in ROLES:
             raise BadRecord(f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise BadRecord(f"messages[{i}].content is a {type(content).__name__}, expected a string")
+            raise BadRecord(
+                f"messages[{i}].content is a {type(content).__name__}, expected a string"
+            )
         if role == "system" and i != 0:
             raise BadRecord(f"messages[{i}] is a system message; only the first message may be one")
         out.append({"role": role, "content": content})
@@ -91,9 +93,14 @@ def resolve_template(tokenizer: Any, name: str | None) -> str:
     return template
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict], *, add_generation_prompt: bool) -> str:
+def _render(
+    tokenizer: Any, template: str, messages: list[dict], *, add_generation_prompt: bool
+) -> str:
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
 
 

@@ -66,6 +66,8 @@ def inspect(data_dir: str, *, samples: int = 2) -> str:
     first = tables[0]
     for r in range(min(samples, first.num_rows)):
         row = {c: first.column(c)[r].as_py() for c in ("input_ids", "loss_mask", "doc_lens")}
-        lines.append(f"\n===== row {r}: {len(row['input_ids'])} tokens, supervised spans in [[ ]] =====")
+        lines.append(
+            f"\n===== row {r}: {len(row['input_ids'])} tokens, supervised spans in [[ ]] ====="
+        )
         lines.append(render_row(tokenizer, row["input_ids"], row["loss_mask"], row["doc_lens"]))
     return "\n".join(lines)

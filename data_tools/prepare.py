@@ -80,7 +80,9 @@ def load_tokenizer(path: str | Path) -> Any:
 
     path = Path(path)
     if not path.is_dir():
-        raise PrepareError(f"--tokenizer {path} is not a directory holding a Hugging Face tokenizer")
+        raise PrepareError(
+            f"--tokenizer {path} is not a directory holding a Hugging Face tokenizer"
+        )
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -99,7 +101,11 @@ def _read_records(path: Path):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield lineno, raw.decode("utf-8", errors="replace"), BadRecord(f"invalid UTF-8: {e}")
+                yield (
+                    lineno,
+                    raw.decode("utf-8", errors="replace"),
+                    BadRecord(f"invalid UTF-8: {e}"),
+                )
                 continue
             if not text.strip():
                 continue
@@ -109,7 +115,9 @@ def _read_records(path: Path):
                 yield lineno, text.rstrip("\n"), BadRecord(f"malformed JSON: {e}")
 
 
-def prepare(inputs: list[str], *, tokenizer_path: str, out_dir: str, options: PrepareOptions) -> dict:
+def prepare(
+    inputs: list[str], *, tokenizer_path: str, out_dir: str, options: PrepareOptions
+) -> dict:
     """Run the pipeline; return the manifest. Same inputs and options -> byte-identical output."""
     paths = expand_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_path)

@@ -108,5 +108,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         )
     for shard in manifest["shards"]:
         if not (data_dir / shard["file"]).is_file():
-            raise ShardFormatError(f"{data_dir}: shard {shard['file']} listed in the manifest is missing")
+            raise ShardFormatError(
+                f"{data_dir}: shard {shard['file']} listed in the manifest is missing"
+            )
     return manifest

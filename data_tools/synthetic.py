@@ -11,8 +11,16 @@ import random
 from pathlib import Path
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-    "Egypt": "Cairo", "Peru": "Lima", "Canada": "Ottawa", "Kenya": "Nairobi", "Norway": "Oslo",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Canada": "Ottawa",
+    "Kenya": "Nairobi",
+    "Norway": "Oslo",
 }
 COLORS = {"sky": "blue", "grass": "green", "snow": "white", "sun": "yellow", "coal": "black"}
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."
@@ -22,7 +30,10 @@ def _turn(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(3)
     if kind == 0:
         country = rng.choice(sorted(CAPITALS))
-        return f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}."
+        return (
+            f"What is the capital of {country}?",
+            f"The capital of {country} is {CAPITALS[country]}.",
+        )
     if kind == 1:
         a, b = rng.randrange(10), rng.randrange(10)
         return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
@@ -38,7 +49,10 @@ def make_conversations(n: int, *, seed: int = 0) -> list[dict]:
         messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.5 else []
         for _ in range(rng.randint(1, 3)):
             question, answer = _turn(rng)
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            messages += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
         records.append({"messages": messages})
     return records
 
@@ -54,7 +68,9 @@ def write_jsonl(records: list, path: Path) -> Path:
 CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>"]
 
 
-def train_sentencepiece_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int = 512) -> Path:
+def train_sentencepiece_tokenizer(
+    texts: list[str], out_dir: Path, *, vocab_size: int = 512
+) -> Path:
     """Train a SentencePiece BPE model on `texts`; save it as a Hugging Face tokenizer directory
     with a ChatML template (`<|im_end|>` is EOS, so generation stops at the end of a turn)."""
     import sentencepiece as spm
@@ -68,20 +84,41 @@ def train_sentencepiece_tokenizer(texts: list[str], out_dir: Path, *, vocab_size
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(texts), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(work / "sp"), vocab_size=vocab_size, model_type="bpe",
-        user_defined_symbols=CHATML_SPECIALS, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(work / "sp"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        user_defined_symbols=CHATML_SPECIALS,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
     )
     # transformers 5 builds a working tokenizer only when loading from a directory.
     raw = work / "hf"
     raw.mkdir(exist_ok=True)
     (raw / "tokenizer.model").write_bytes((work / "sp.model").read_bytes())
-    (raw / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "legacy": False, "add_prefix_space": False,
-    }))
+    (raw / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "bos_token": "<s>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "legacy": False,
+                "add_prefix_space": False,
+            }
+        )
+    )
     tok = AutoTokenizer.from_pretrained(str(raw))
     tok.chat_template = BUILTIN_TEMPLATES["chatml"]
     tok.save_pretrained(str(out_dir))
@@ -90,5 +127,7 @@ def train_sentencepiece_tokenizer(texts: list[str], out_dir: Path, *, vocab_size
 
 def conversation_texts(records: list[dict]) -> list[str]:
     return [m["content"] for r in records for m in r["messages"]] + [
-        "<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n"
+        "<|im_start|>system\n",
+        "<|im_start|>user\n",
+        "<|im_start|>assistant\n",
     ]

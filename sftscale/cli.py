@@ -1,10 +1,10 @@
 """The `sftscale` command line.
 
-    sftscale prepare data/*.jsonl --tokenizer TOKDIR --seq-len 2048 --out prepared/
-    sftscale inspect prepared/
-    sftscale train configs/tiny-cpu.yaml [section.key=value ...] [--local] [--output-dir D] [--max-steps N]
-    sftscale export runs/x/checkpoints --out runs/x/hf
-    sftscale bench
+sftscale prepare data/*.jsonl --tokenizer TOKDIR --seq-len 2048 --out prepared/
+sftscale inspect prepared/
+sftscale train configs/tiny-cpu.yaml [section.key=value ...] [--local] [--output-dir D] [--max-steps N]
+sftscale export runs/x/checkpoints --out runs/x/hf
+sftscale bench
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         rows_per_shard=args.rows_per_shard,
         max_bad_fraction=args.max_bad_fraction,
     )
-    manifest = prepare(args.inputs, tokenizer_path=args.tokenizer, out_dir=args.out, options=options)
+    manifest = prepare(
+        args.inputs, tokenizer_path=args.tokenizer, out_dir=args.out, options=options
+    )
     print(summary_line(manifest))
     print(f"wrote {args.out}")
     return 0
@@ -63,7 +65,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     out = export_from_checkpoint(
-        args.checkpoint, out_dir=args.out, dtype=dtype, max_shard_bytes=args.max_shard_mb * 1024 * 1024
+        args.checkpoint,
+        out_dir=args.out,
+        dtype=dtype,
+        max_shard_bytes=args.max_shard_mb * 1024 * 1024,
     )
     print(f"wrote {out}")
     return 0
@@ -83,12 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per packed row")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--chat-template", default=None, help="built-in template when the tokenizer has none (chatml)")
-    p.add_argument("--overflow", default="truncate", choices=["truncate", "quarantine"],
-                   help="what to do with a conversation longer than --seq-len")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="built-in template when the tokenizer has none (chatml)",
+    )
+    p.add_argument(
+        "--overflow",
+        default="truncate",
+        choices=["truncate", "quarantine"],
+        help="what to do with a conversation longer than --seq-len",
+    )
     p.add_argument("--rows-per-shard", type=int, default=10_000)
-    p.add_argument("--max-bad-fraction", type=float, default=1.0,
-                   help="fail when more than this fraction of records is quarantined")
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=1.0,
+        help="fail when more than this fraction of records is quarantined",
+    )
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("inspect", help="summarize a prepared directory and show what is supervised")
@@ -99,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune (Ray Train + DeepSpeed; --local for one process)")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
-    p.add_argument("--local", action="store_true", help="run in this process without Ray (debug mode)")
+    p.add_argument(
+        "--local", action="store_true", help="run in this process without Ray (debug mode)"
+    )
     p.add_argument("--output-dir", default=None, help="sets logging.output_dir")
     p.add_argument("--max-steps", type=int, default=None, help="sets train.max_steps")
     p.set_defaults(func=_cmd_train)
@@ -120,7 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     from data_tools.prepare import PrepareError
     from sftscale.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`train c.yaml --local optim.lr=1e-3`), which argparse
+    # does not collect into a positional list once an option has been seen.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ConfigError, PrepareError, FileNotFoundError) as e:

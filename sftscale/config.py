@@ -9,6 +9,7 @@ silently defaulted or rewritten. Checks that need the data manifest or the model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -37,7 +38,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
-        _check(bool(self.name_or_path), "model.name_or_path", "must name a preset or a local directory")
+        _check(
+            bool(self.name_or_path), "model.name_or_path", "must name a preset or a local directory"
+        )
         _check(
             self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
             "model.attn_implementation",
@@ -147,7 +150,11 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _check(self.every_n_steps >= 1, "logging.every_n_steps", "must be >= 1")
-        _check(bool(self.run_name) and "/" not in self.run_name, "logging.run_name", "must be a plain name")
+        _check(
+            bool(self.run_name) and "/" not in self.run_name,
+            "logging.run_name",
+            "must be a plain name",
+        )
 
 
 @dataclass
@@ -205,21 +212,27 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         _check(isinstance(value, list), name, f"expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), name, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        _check(
+            isinstance(value, dict),
+            name,
+            f"expected a mapping of {tp.__name__} fields, got {value!r}",
+        )
         return from_dict(tp, value, prefix=f"{name}.")
     if tp is bool:
         _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            name,
+            f"expected an integer, got {value!r}",
+        )
         return value
     if tp is float:
         if isinstance(value, str):
             # PyYAML reads `3e-4` (no dot) as a string; a number is what anyone typing it means.
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         _check(
             isinstance(value, (int, float)) and not isinstance(value, bool),
             name,

@@ -14,9 +14,13 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs/tiny-cpu.yaml"))
+    parser.add_argument(
+        "--config", default=str(Path(__file__).resolve().parent.parent / "configs/tiny-cpu.yaml")
+    )
     parser.add_argument("--conversations", type=int, default=800)
-    parser.add_argument("--local", action="store_true", help="train in this process instead of on Ray")
+    parser.add_argument(
+        "--local", action="store_true", help="train in this process instead of on Ray"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value for the training config")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
@@ -36,22 +40,31 @@ def main(argv: list[str] | None = None) -> int:
     print("== 1. corpus and tokenizer")
     records = make_conversations(args.conversations, seed=0)
     corpus = write_jsonl(records, work / "corpus.jsonl")
-    tok_dir = train_sentencepiece_tokenizer(conversation_texts(records), work / "tokenizer", vocab_size=512)
+    tok_dir = train_sentencepiece_tokenizer(
+        conversation_texts(records), work / "tokenizer", vocab_size=512
+    )
     print(f"{len(records)} conversations -> {corpus}; SentencePiece tokenizer -> {tok_dir}")
 
     print("== 2. prepare packed shards")
-    manifest = prepare([str(corpus)], tokenizer_path=str(tok_dir), out_dir=str(work / "prepared"),
-                       options=PrepareOptions(seq_len=256))
+    manifest = prepare(
+        [str(corpus)],
+        tokenizer_path=str(tok_dir),
+        out_dir=str(work / "prepared"),
+        options=PrepareOptions(seq_len=256),
+    )
     print(summary_line(manifest))
 
     print("== 3. fine-tune" + (" (local mode)" if args.local else " (Ray Train, DeepSpeed ZeRO-3)"))
     from sftscale.config import load_config
     from sftscale.launch import run
 
-    cfg = load_config(args.config, [f"data.path={work / 'prepared'}", f"logging.output_dir={work}",
-                                    *args.overrides])
+    cfg = load_config(
+        args.config,
+        [f"data.path={work / 'prepared'}", f"logging.output_dir={work}", *args.overrides],
+    )
     run(cfg, local=args.local)
-    losses = [json.loads(line)["loss"] for line in open(cfg.run_dir / "metrics.jsonl")]
+    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
     print("loss by logged step: " + " -> ".join(f"{x:.3f}" for x in losses))
 
     print("== 4. reload the export and generate")
@@ -66,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            ids,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         print(f"user: {question}\nassistant (reloaded export): {reply}")
     print(f"run directory: {cfg.run_dir}")
     return 0

@@ -28,7 +28,9 @@ def template_path(template: str) -> Path:
     p = TEMPLATE_DIR / f"{template}.json"
     if not p.is_file():
         names = sorted(q.stem for q in TEMPLATE_DIR.glob("*.json"))
-        raise ConfigError(f"deepspeed.template: no template {template!r}; choose one of {names} or a .json path")
+        raise ConfigError(
+            f"deepspeed.template: no template {template!r}; choose one of {names} or a .json path"
+        )
     return p
 
 
@@ -54,26 +56,34 @@ def auto_values(cfg: Config, world_size: int) -> dict[str, Any]:
 
 def _fill(node: Any, values: dict[str, Any], path: str, template: str) -> Any:
     if isinstance(node, dict):
-        return {k: _fill(v, values, f"{path}.{k}" if path else k, template) for k, v in node.items()}
+        return {
+            k: _fill(v, values, f"{path}.{k}" if path else k, template) for k, v in node.items()
+        }
     if node == "auto":
         if path not in values:
-            raise ConfigError(f"deepspeed.template {template}: no value for the \"auto\" field {path}")
+            raise ConfigError(
+                f'deepspeed.template {template}: no value for the "auto" field {path}'
+            )
         return values[path]
     return node
 
 
 def resolve_ds_config(cfg: Config, *, world_size: int) -> dict[str, Any]:
     template = load_template(cfg.deepspeed.template)
-    resolved = _fill(copy.deepcopy(template), auto_values(cfg, world_size), "", cfg.deepspeed.template)
+    resolved = _fill(
+        copy.deepcopy(template), auto_values(cfg, world_size), "", cfg.deepspeed.template
+    )
     t = cfg.train
     if resolved["train_batch_size"] != t.micro_batch_size * t.grad_accum * world_size:
         raise ConfigError(
             f"deepspeed.template {cfg.deepspeed.template}: train_batch_size {resolved['train_batch_size']} != "
             f"train.micro_batch_size {t.micro_batch_size} * train.grad_accum {t.grad_accum} * "
-            f"world size {world_size}; leave these fields \"auto\""
+            f'world size {world_size}; leave these fields "auto"'
         )
     if cfg.deepspeed.precision == "fp32" and resolved.get("bf16", {}).get("enabled"):
-        raise ConfigError("deepspeed.precision is fp32 but the template enables bf16; set bf16.enabled to \"auto\"")
+        raise ConfigError(
+            'deepspeed.precision is fp32 but the template enables bf16; set bf16.enabled to "auto"'
+        )
     if resolved.get("fp16", {}).get("enabled"):
         raise ConfigError("deepspeed.template: fp16 is not supported (use bf16)")
     return resolved

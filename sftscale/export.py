@@ -62,7 +62,9 @@ class ShardWriter:
             weight_map.update({k: final for k in names})
             total += size
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (self.out_dir / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n"
+        )
 
 
 def _full_numel(p: torch.nn.Parameter) -> int:
@@ -120,7 +122,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
 
 
 def export_from_checkpoint(
-    checkpoint: str | Path, *, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+    checkpoint: str | Path,
+    *,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 2_000_000_000,
 ) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

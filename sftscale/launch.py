@@ -51,8 +51,14 @@ def run(cfg: Config, *, local: bool) -> dict[str, Any]:
 
 def run_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """One process, no Ray: the debug mode. Also works as one rank under torchrun."""
-    for key, value in {**_worker_env(cfg), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+    for key, value in {
+        **_worker_env(cfg),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }.items():
         os.environ.setdefault(key, value)
     import torch.distributed as dist
 

@@ -36,7 +36,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         # A run starts from step 0, so its metrics file starts empty (line-buffered).
-        self._file = open(run_dir / "metrics.jsonl", "w", buffering=1)
+        self._file = open(run_dir / "metrics.jsonl", "w", buffering=1)  # noqa: SIM115 (closed in close())
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

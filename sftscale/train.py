@@ -85,7 +85,9 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     dataset = PackedDataset(cfg.data.path)
     tokenizer = AutoTokenizer.from_pretrained(str(dataset.tokenizer_dir))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     ds_config = resolve_ds_config(cfg, world_size=world)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
@@ -126,21 +128,28 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_rows = rows_for_step(
-            step, num_rows=len(dataset), rows_per_step=rows_per_step,
-            seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+            step,
+            num_rows=len(dataset),
+            rows_per_step=rows_per_step,
+            seed=cfg.data.seed,
+            shuffle=cfg.data.shuffle,
         )
         micro = [
             collate([dataset.row(int(i)) for i in rows], seq_len=dataset.seq_len, pad_id=pad_id)
             for rows in rank_micro_batches(
-                step_rows, rank=rank, world_size=world,
-                micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                step_rows,
+                rank=rank,
+                world_size=world,
+                micro_batch_size=t.micro_batch_size,
+                grad_accum=t.grad_accum,
             )
         ]
         # Collective: the loss of a step is the sum of token losses over the global number of
         # supervised tokens in it, across micro-steps and ranks; every rank needs that count
         # before its first backward.
         counts = torch.tensor(
-            [sum(b.num_supervised for b in micro), sum(b.num_tokens for b in micro)], dtype=torch.float64
+            [sum(b.num_supervised for b in micro), sum(b.num_tokens for b in micro)],
+            dtype=torch.float64,
         )
         dist.all_reduce(counts)
         global_supervised = max(counts[0].item(), 1.0)
@@ -156,7 +165,9 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
                 input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
             ).logits
             loss_sum = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
+                logits.float().flatten(0, 1),
+                batch.targets.flatten(),
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
             engine.backward(loss_sum * scale)
@@ -193,11 +204,15 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
                 )
             window = {k: 0 for k in window}
         if cfg.checkpoint.every_n_steps and (step + 1) % cfg.checkpoint.every_n_steps == 0:
-            save_checkpoint(engine, out, step=step + 1, tokenizer_dir=dataset.tokenizer_dir, rank=rank)
+            save_checkpoint(
+                engine, out, step=step + 1, tokenizer_dir=dataset.tokenizer_dir, rank=rank
+            )
 
     # ---- checkpoint + export -------------------------------------------------------------------
     if not (cfg.checkpoint.every_n_steps and t.max_steps % cfg.checkpoint.every_n_steps == 0):
-        save_checkpoint(engine, out, step=t.max_steps, tokenizer_dir=dataset.tokenizer_dir, rank=rank)
+        save_checkpoint(
+            engine, out, step=t.max_steps, tokenizer_dir=dataset.tokenizer_dir, rank=rank
+        )
     if cfg.checkpoint.export:
         export_from_engine(
             engine.module,

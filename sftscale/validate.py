@@ -59,6 +59,8 @@ def validate_run(cfg: Config, *, world_size: int) -> dict:
         import torch
 
         if not torch.cuda.is_available() and not cfg.scale.ray_address:
-            raise ConfigError("scale.use_gpu is true but this machine has no CUDA device; set it to false")
+            raise ConfigError(
+                "scale.use_gpu is true but this machine has no CUDA device; set it to false"
+            )
     resolve_ds_config(cfg, world_size=world_size)  # raises on a bad template or batch arithmetic
     return manifest

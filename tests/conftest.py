@@ -11,7 +11,8 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions")
+    "TORCH_EXTENSIONS_DIR",
+    str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions"),
 )
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,6 +55,10 @@ def prepared_dir(tmp_path_factory, corpus_path, sp_tokenizer_dir) -> Path:
     from data_tools.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("prepared")
-    prepare([str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out),
-            options=PrepareOptions(seq_len=128, rows_per_shard=40))
+    prepare(
+        [str(corpus_path)],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(out),
+        options=PrepareOptions(seq_len=128, rows_per_shard=40),
+    )
     return out

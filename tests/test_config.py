@@ -15,8 +15,12 @@ def _write(tmp_path, data) -> Path:
 
 
 def test_yaml_and_overrides(tmp_path):
-    p = _write(tmp_path, {"data": {"path": "d"}, "optim": {"lr": "3e-4"}, "train": {"max_steps": 7}})
-    cfg = load_config(p, ["optim.lr=1e-3", "train.micro_batch_size=4", "model.gradient_checkpointing=false"])
+    p = _write(
+        tmp_path, {"data": {"path": "d"}, "optim": {"lr": "3e-4"}, "train": {"max_steps": 7}}
+    )
+    cfg = load_config(
+        p, ["optim.lr=1e-3", "train.micro_batch_size=4", "model.gradient_checkpointing=false"]
+    )
     assert cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.train.micro_batch_size == 4 and cfg.train.max_steps == 7
     assert cfg.model.gradient_checkpointing is False
@@ -33,9 +37,17 @@ def test_yaml_and_overrides(tmp_path):
         ({"data": {"path": "d"}}, ["optim.schedule=cosinus"], "optim.schedule"),
         ({"data": {"path": "d"}}, ["deepspeed.precision=fp16"], "deepspeed.precision"),
         ({"data": {"path": "d"}}, ["optim.betas=[0.9]"], "optim.betas"),
-        ({"data": {"path": "d"}}, ["model.gradient_checkpointing=1"], "model.gradient_checkpointing"),
+        (
+            {"data": {"path": "d"}},
+            ["model.gradient_checkpointing=1"],
+            "model.gradient_checkpointing",
+        ),
         ({}, [], "data.path"),
-        ({"data": {"path": "d"}}, ["train.max_steps=5", "optim.warmup_steps=5"], "optim.warmup_steps"),
+        (
+            {"data": {"path": "d"}},
+            ["train.max_steps=5", "optim.warmup_steps=5"],
+            "optim.warmup_steps",
+        ),
         ({"data": {"path": "d"}}, ["lr=3"], "section.key=value"),
     ],
 )

@@ -36,7 +36,9 @@ def test_global_order_is_a_pure_function_and_ranks_partition_it():
     assert len(set(epoch0.tolist())) == 48  # no row twice within an epoch
     assert not np.array_equal(rows_for_step(4, **kw), s0)  # epoch 1 reshuffles
     parts = [
-        np.concatenate(rank_micro_batches(s0, rank=r, world_size=2, micro_batch_size=3, grad_accum=2))
+        np.concatenate(
+            rank_micro_batches(s0, rank=r, world_size=2, micro_batch_size=3, grad_accum=2)
+        )
         for r in range(2)
     ]
     assert sorted(np.concatenate(parts).tolist()) == sorted(s0.tolist())
@@ -50,7 +52,9 @@ def test_reader_returns_the_written_rows(prepared_dir):
     ds = PackedDataset(prepared_dir)
     m = schema.read_manifest(prepared_dir)
     assert len(ds) == m["num_rows"]
-    written = [r for s in m["shards"] for r in schema.open_shard(prepared_dir / s["file"]).to_pylist()]
+    written = [
+        r for s in m["shards"] for r in schema.open_shard(prepared_dir / s["file"]).to_pylist()
+    ]
     for i in (0, 39, 40, len(ds) - 1):  # across a shard boundary
         ids, mask, doc_lens = ds.row(i)
         assert ids.tolist() == written[i]["input_ids"]

@@ -1,6 +1,6 @@
 import pytest
 
-from sftscale.config import ConfigError, from_dict, Config
+from sftscale.config import Config, ConfigError, from_dict
 from sftscale.ds_config import TEMPLATE_DIR, resolve_ds_config
 
 
@@ -29,8 +29,15 @@ def test_fixed_batch_in_template_must_match(tmp_path):
     import json
 
     bad = tmp_path / "t.json"
-    bad.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": "auto",
-                               "gradient_accumulation_steps": "auto"}))
+    bad.write_text(
+        json.dumps(
+            {
+                "train_batch_size": 64,
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="train_batch_size 64"):
         resolve_ds_config(_cfg(deepspeed={"template": str(bad)}), world_size=2)
 

@@ -46,7 +46,9 @@ def test_supervised_tokens_are_exactly_the_assistant_turns(sp_tokenizer):
         assert sp_tokenizer.decode(span) == turn["content"] + "<|im_end|>\n"
         assert end in span
     # the unsupervised remainder holds every prompt, including the generation header
-    text = sp_tokenizer.decode([i for i, m in zip(doc.input_ids, doc.loss_mask, strict=True) if not m])
+    text = sp_tokenizer.decode(
+        [i for i, m in zip(doc.input_ids, doc.loss_mask, strict=True) if not m]
+    )
     assert text.count("<|im_start|>assistant\n") == 2
     assert "Be brief." in text and "capital of Peru?" in text
 
@@ -82,8 +84,13 @@ def test_segments_cover_the_rendered_text(sp_tokenizer):
         ({"messages": [{"role": "user", "content": 3}]}, "content is a int"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
         (
-            {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"},
-                          {"role": "assistant", "content": "z"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "system", "content": "y"},
+                    {"role": "assistant", "content": "z"},
+                ]
+            },
             "only the first message",
         ),
     ],

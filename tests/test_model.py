@@ -29,7 +29,9 @@ def test_packed_row_equals_documents_alone(preset, attn):
             torch.testing.assert_close(packed[start : start + len(d)], alone, atol=1e-5, rtol=1e-5)
             start += len(d)
         # and the test can fail: with a KV cache transformers skips packed-row detection
-        leaky = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=True).logits[0]
+        leaky = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=True
+        ).logits[0]
         assert not torch.allclose(leaky[lens[0] :], packed[lens[0] :], atol=1e-3)
 
 

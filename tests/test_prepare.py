@@ -20,7 +20,9 @@ def test_manifest_and_shards_agree(prepared_dir, corpus_records):
     assert sum(len(r["doc_lens"]) for r in rows) == m["num_documents"]
     for r in rows:
         assert len(r["input_ids"]) == len(r["loss_mask"]) == sum(r["doc_lens"]) <= m["seq_len"]
-    assert m["packing_efficiency"] == pytest.approx(m["num_tokens"] / (m["num_rows"] * m["seq_len"]))
+    assert m["packing_efficiency"] == pytest.approx(
+        m["num_tokens"] / (m["num_rows"] * m["seq_len"])
+    )
     for s, t in zip(m["shards"], tables, strict=True):
         assert s["num_rows"] == t.num_rows
 
@@ -28,15 +30,21 @@ def test_manifest_and_shards_agree(prepared_dir, corpus_records):
 def test_shards_load_with_datasets(prepared_dir):
     import datasets
 
-    ds = datasets.load_dataset("arrow", data_files=str(prepared_dir / "shard-*.arrow"), split="train")
+    ds = datasets.load_dataset(
+        "arrow", data_files=str(prepared_dir / "shard-*.arrow"), split="train"
+    )
     m = schema.read_manifest(prepared_dir)
     assert len(ds) == m["num_rows"]
     assert set(ds.column_names) == {"input_ids", "loss_mask", "doc_lens"}
 
 
 def test_bad_lines_are_quarantined_not_dropped(tmp_path, sp_tokenizer_dir):
-    good = {"messages": [{"role": "user", "content": "What is 1 plus 1?"},
-                         {"role": "assistant", "content": "1 plus 1 is 2."}]}
+    good = {
+        "messages": [
+            {"role": "user", "content": "What is 1 plus 1?"},
+            {"role": "assistant", "content": "1 plus 1 is 2."},
+        ]
+    }
     lines = [
         json.dumps(good).encode(),
         b"{not json",
@@ -49,8 +57,12 @@ def test_bad_lines_are_quarantined_not_dropped(tmp_path, sp_tokenizer_dir):
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
-    m = prepare([str(src)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out),
-                options=PrepareOptions(seq_len=64))
+    m = prepare(
+        [str(src)],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(out),
+        options=PrepareOptions(seq_len=64),
+    )
     assert m["num_records"] == 6 and m["num_documents"] == 2 and m["quarantined_rows"] == 4
     q = [json.loads(line) for line in (out / schema.QUARANTINE_NAME).read_text().splitlines()]
     assert [row["line"] for row in q] == [2, 3, 4, 5]
@@ -59,24 +71,40 @@ def test_bad_lines_are_quarantined_not_dropped(tmp_path, sp_tokenizer_dir):
     for expected in ("malformed JSON", "no assistant turn", "invalid UTF-8", "narrator"):
         assert expected in reasons
     with pytest.raises(PrepareError, match="max-bad-fraction"):
-        prepare([str(src)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "o2"),
-                options=PrepareOptions(seq_len=64, max_bad_fraction=0.5))
+        prepare(
+            [str(src)],
+            tokenizer_path=str(sp_tokenizer_dir),
+            out_dir=str(tmp_path / "o2"),
+            options=PrepareOptions(seq_len=64, max_bad_fraction=0.5),
+        )
 
 
 def test_overflow_truncate_and_quarantine(tmp_path, sp_tokenizer_dir):
-    long = {"messages": [{"role": "user", "content": "What is the capital of France? " * 20},
-                         {"role": "assistant", "content": "Paris."}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France? " * 20},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    }
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(long) + "\n")
     # truncation cuts the reply away entirely: zero supervised tokens -> quarantined
     with pytest.raises(PrepareError, match="every record was quarantined"):
-        prepare([str(src)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "a"),
-                options=PrepareOptions(seq_len=32))
+        prepare(
+            [str(src)],
+            tokenizer_path=str(sp_tokenizer_dir),
+            out_dir=str(tmp_path / "a"),
+            options=PrepareOptions(seq_len=32),
+        )
     q = (tmp_path / "a" / schema.QUARANTINE_NAME).read_text()
     assert "zero supervised tokens" in q
     with pytest.raises(PrepareError):
-        prepare([str(src)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "b"),
-                options=PrepareOptions(seq_len=32, overflow="quarantine"))
+        prepare(
+            [str(src)],
+            tokenizer_path=str(sp_tokenizer_dir),
+            out_dir=str(tmp_path / "b"),
+            options=PrepareOptions(seq_len=32, overflow="quarantine"),
+        )
     assert "too long" in (tmp_path / "b" / schema.QUARANTINE_NAME).read_text()
 
 
@@ -84,8 +112,12 @@ def test_same_inputs_give_byte_identical_output(tmp_path, corpus_path, sp_tokeni
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        prepare([str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out),
-                options=PrepareOptions(seq_len=128, rows_per_shard=40))
+        prepare(
+            [str(corpus_path)],
+            tokenizer_path=str(sp_tokenizer_dir),
+            out_dir=str(out),
+            options=PrepareOptions(seq_len=128, rows_per_shard=40),
+        )
         outs.append(out)
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
@@ -95,9 +127,17 @@ def test_same_inputs_give_byte_identical_output(tmp_path, corpus_path, sp_tokeni
 
 def test_missing_input_and_tokenizer_errors(tmp_path, sp_tokenizer_dir):
     with pytest.raises(PrepareError, match="matches no file"):
-        prepare([str(tmp_path / "*.jsonl")], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "o"),
-                options=PrepareOptions(seq_len=64))
+        prepare(
+            [str(tmp_path / "*.jsonl")],
+            tokenizer_path=str(sp_tokenizer_dir),
+            out_dir=str(tmp_path / "o"),
+            options=PrepareOptions(seq_len=64),
+        )
     (tmp_path / "x.jsonl").write_text("{}\n")
     with pytest.raises(PrepareError, match="not a directory"):
-        prepare([str(tmp_path / "x.jsonl")], tokenizer_path=str(tmp_path / "nope"), out_dir=str(tmp_path / "o"),
-                options=PrepareOptions(seq_len=64))
+        prepare(
+            [str(tmp_path / "x.jsonl")],
+            tokenizer_path=str(tmp_path / "nope"),
+            out_dir=str(tmp_path / "o"),
+            options=PrepareOptions(seq_len=64),
+        )

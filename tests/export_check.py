@@ -1,0 +1,47 @@
+"""Shared assertion: the Hugging Face export holds the trained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def assert_export_matches_checkpoint(run_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sftscale.cli import main
+
+    export = run_dir / "export"
+    assert (export / "config.json").is_file() and (export / "tokenizer_config.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
+
+    # The fp32 master weights, consolidated offline from the DeepSpeed checkpoint.
+    fp32_dir = tmp_path / "from_checkpoint_fp32"
+    assert (
+        main(["export", str(run_dir / "checkpoints"), "--out", str(fp32_dir), "--dtype", "float32"])
+        == 0
+    )
+    master = AutoModelForCausalLM.from_pretrained(str(fp32_dir), dtype=torch.float32).eval()
+
+    # bf16 training keeps bf16 copies of the fp32 master weights: rounding the master gives
+    # exactly the exported tensors.
+    exported = dict(reloaded.named_parameters())
+    for name, p in master.named_parameters():
+        torch.testing.assert_close(exported[name], p.to(torch.bfloat16).float(), atol=0, rtol=0)
+
+    ids = torch.randint(
+        0, reloaded.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        a = reloaded(input_ids=ids, use_cache=False).logits
+        b = master(input_ids=ids, use_cache=False).logits
+    # bf16 weight rounding (rel. 2^-8) bounds the logit difference
+    torch.testing.assert_close(a, b, atol=5e-2, rtol=2e-2)
+
+    # The offline bf16 export from the checkpoint equals the one written at the end of training.
+    bf16_dir = tmp_path / "from_checkpoint_bf16"
+    assert main(["export", str(run_dir / "checkpoints"), "--out", str(bf16_dir)]) == 0
+    offline = AutoModelForCausalLM.from_pretrained(str(bf16_dir), dtype=torch.float32)
+    for name, p in offline.named_parameters():
+        torch.testing.assert_close(exported[name], p, atol=0, rtol=0)

@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+from sftscale.cli import main
+
+
+def test_help_lists_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "sftscale", "--help"], capture_output=True, text=True, check=True
+    )
+    for cmd in ("prepare", "inspect", "train", "export", "bench"):
+        assert cmd in out.stdout
+    for cmd in ("prepare", "inspect", "train", "export", "bench"):
+        sub = subprocess.run(
+            [sys.executable, "-m", "sftscale", cmd, "--help"], capture_output=True, text=True
+        )
+        assert sub.returncode == 0 and "usage" in sub.stdout
+
+
+def test_prepare_and_inspect_from_the_command_line(tmp_path, corpus_path, sp_tokenizer_dir, capsys):
+    out = tmp_path / "p"
+    assert (
+        main(
+            [
+                "prepare",
+                str(corpus_path),
+                "--tokenizer",
+                str(sp_tokenizer_dir),
+                "--seq-len",
+                "96",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "packing efficiency" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--samples", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "document lengths" in shown and "[[" in shown and "<|im_end|>" in shown
+
+
+def test_prepare_error_is_reported_not_raised(tmp_path, sp_tokenizer_dir, capsys):
+    assert (
+        main(
+            [
+                "prepare",
+                str(tmp_path / "none.jsonl"),
+                "--tokenizer",
+                str(sp_tokenizer_dir),
+                "--seq-len",
+                "64",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "is not a file" in capsys.readouterr().err
