@@ -94,6 +94,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 100  # optimizer steps
     seed: int = 0
+    # Assign each step's rows to ranks by token cost (FLOPs, attention included) instead of by
+    # position, so no rank waits on another; the global batch of every step is the same either way.
+    balance_ranks: bool = True
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -102,10 +105,24 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # A directory written by `sftscale prepare` with the same tokenizer as data.path; empty: no eval.
+    path: str = ""
+    every_n_steps: int = 0  # 0: only at the end (when path is set)
+    max_rows: int = 0  # 0: every row of the eval set
+    micro_batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 0, "eval.every_n_steps", "must be >= 0")
+        _check(self.max_rows >= 0, "eval.max_rows", "must be >= 0 (0 = all rows)")
+        _check(self.micro_batch_size >= 1, "eval.micro_batch_size", "must be >= 1")
+
+
+@dataclass
 class DeepSpeedConfig:
     # A template name in ds_configs/ (without .json) or a path to a JSON file; its "auto"
     # fields are filled from this config by sftscale.ds_config.resolve_ds_config.
-    template: str = "zero3_bf16"
+    template: str = "zero3"
     precision: str = "bf16"  # bf16 | fp32
 
     def __post_init__(self) -> None:
@@ -147,6 +164,10 @@ class LoggingConfig:
     run_name: str = "run"
     every_n_steps: int = 1
     tensorboard: bool = True
+    wandb: bool = False  # needs `pip install wandb` (and WANDB_* settings) on the workers
+    mlflow: bool = False  # needs `pip install mlflow`; MLFLOW_TRACKING_URI as usual
+    wandb_project: str = "sftscale"
+    progress_bar: bool = True  # on rank 0, when its stderr is a terminal
 
     def __post_init__(self) -> None:
         _check(self.every_n_steps >= 1, "logging.every_n_steps", "must be >= 1")
@@ -163,6 +184,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

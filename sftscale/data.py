@@ -39,6 +39,9 @@ class PackedDataset:
     def tokenizer_dir(self) -> Path:
         return self.dir / self.manifest["tokenizer"]["dir"]
 
+    def doc_lens(self, index: int) -> np.ndarray:
+        return self.row(index)[2]
+
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         table, r = self._tables[shard], index - int(self._offsets[shard])
@@ -75,19 +78,45 @@ def rows_for_step(
     return order[k * rows_per_step : (k + 1) * rows_per_step]
 
 
-def rank_micro_batches(
-    step_rows: np.ndarray, *, rank: int, world_size: int, micro_batch_size: int, grad_accum: int
-) -> list[np.ndarray]:
-    """This rank's `grad_accum` micro-batches out of a step's global rows.
+def balance_ranks(
+    step_rows: np.ndarray,
+    costs: np.ndarray,
+    *,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+) -> tuple[list[list[np.ndarray]], float]:
+    """Split a step's global rows into `grad_accum` micro-batches per rank, balancing cost.
 
-    Micro-step a on rank r takes the slice starting at (a * world_size + r) * micro_batch_size.
+    Each rank gets exactly micro_batch_size * grad_accum rows. Rows go, most expensive first,
+    to the least-loaded rank that still has room (longest-processing-time greedy), so no rank
+    waits long on another at the step's collectives. `costs` are per-row (FLOPs, including
+    the quadratic attention term of each document). A pure function of its inputs: every rank
+    computes the same assignment without communicating.
+
+    Returns (micro-batches per rank, imbalance), imbalance = max rank cost / mean rank cost - 1.
     """
-    assert len(step_rows) == micro_batch_size * grad_accum * world_size
-    out = []
-    for a in range(grad_accum):
-        start = (a * world_size + rank) * micro_batch_size
-        out.append(step_rows[start : start + micro_batch_size])
-    return out
+    per_rank = micro_batch_size * grad_accum
+    assert len(step_rows) == per_rank * world_size == len(costs)
+    order = sorted(range(len(step_rows)), key=lambda i: (-float(costs[i]), int(step_rows[i])))
+    load = [0.0] * world_size
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        r = min(
+            (r for r in range(world_size) if len(assigned[r]) < per_rank),
+            key=lambda r: (load[r], r),
+        )
+        assigned[r].append(i)
+        load[r] += float(costs[i])
+    micro = [
+        [
+            step_rows[np.array(idx[a * micro_batch_size : (a + 1) * micro_batch_size])]
+            for a in range(grad_accum)
+        ]
+        for idx in assigned
+    ]
+    mean = sum(load) / world_size
+    return micro, (max(load) / mean - 1.0) if mean > 0 else 0.0
 
 
 @dataclass

@@ -28,10 +28,25 @@ def say(message: str) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
+    """metrics.jsonl always; TensorBoard, W&B and MLflow when asked. Rank 0 only."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        wandb: bool = False,
+        mlflow: bool = False,
+        project: str = "sftscale",
+        run_name: str = "run",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._wandb = None
+        self._mlflow = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -41,19 +56,77 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb:
+            import wandb as wandb_module
 
-    def log(self, record: dict[str, Any]) -> None:
+            self._wandb = wandb_module.init(
+                project=project, name=run_name, config=config, dir=str(run_dir)
+            )
+        if mlflow:
+            import mlflow as mlflow_module
+
+            mlflow_module.start_run(run_name=run_name)
+            if config:
+                mlflow_module.log_params(_flatten(config))
+            self._mlflow = mlflow_module
+
+    def log(self, record: dict[str, Any], *, prefix: str = "train") -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {
+            f"{prefix}/{k}": v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self._tb is not None:
-            step = record["step"]
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}", v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._mlflow is not None:
+            self._mlflow.log_metrics(
+                {k.replace("/", "."): v for k, v in scalars.items()}, step=step
+            )
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class ProgressBar:
+    """tqdm on rank 0 when stderr is a terminal; the logged step lines serve everywhere else
+    (Ray worker output is not a terminal and carriage returns would garble its log)."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, **postfix: Any) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

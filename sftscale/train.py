@@ -1,12 +1,18 @@
-"""The per-worker training loop: setup -> train -> checkpoint -> export -> cleanup.
+"""The per-worker training loop: setup -> train (+ eval) -> checkpoint -> export -> cleanup.
 
 The same function runs in every launch mode; only how the processes start differs:
 
     sftscale train configs/tiny-cpu.yaml            # Ray Train TorchTrainer, N workers
     sftscale train configs/tiny-cpu.yaml --local    # this process, no Ray (debugger-friendly)
+    torchrun --nproc-per-node 8 -m sftscale train configs/x.yaml --local   # one rank per process
 
 Rank and world size come from torch.distributed (never from Ray), so the loop does not know
 which launcher started it.
+
+The loss of an optimizer step is the sum of token losses over every supervised token in the
+step divided by the number of those tokens, counted across gradient-accumulation micro-steps
+and data-parallel ranks. So (micro 4, accum 1, 1 rank), (micro 1, accum 4, 1 rank) and
+(micro 1, accum 2, 2 ranks) give the same update for the same global batch.
 """
 
 from __future__ import annotations
@@ -14,23 +20,27 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sftscale.config import Config, OptimConfig
 from sftscale.data import (
     IGNORE_INDEX,
+    Batch,
     PackedDataset,
+    balance_ranks,
     collate,
-    rank_micro_batches,
     rows_for_step,
     steps_per_epoch,
 )
 from sftscale.ds_config import resolve_ds_config, zero_stage
 from sftscale.export import MODEL_META_DIR, export_from_engine, save_model_meta
-from sftscale.metrics import MetricsLogger, peak_memory_bytes, say
+from sftscale.flops import ModelShape, device_peak_flops, doc_flops, hardware_flops
+from sftscale.metrics import MetricsLogger, ProgressBar, peak_memory_bytes, say
 from sftscale.model import enable_gradient_checkpointing, load_model
 
 
@@ -58,6 +68,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over supervised positions, in fp32 whatever the logits' dtype."""
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group (Ray Train has already created it; local mode creates it here)."""
     import deepspeed
@@ -68,6 +85,99 @@ def init_distributed() -> tuple[int, int]:
     else:
         deepspeed.init_distributed()  # wraps the existing group
     return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass
+class StepPlan:
+    micro: list[Batch]  # this rank's micro-batches
+    model_flops: float  # of the whole global batch
+    imbalance: float  # max rank cost / mean rank cost - 1
+    rows: int  # global rows in the step
+
+
+def plan_step(
+    step: int,
+    dataset: PackedDataset,
+    cfg: Config,
+    *,
+    rank: int,
+    world: int,
+    shape: ModelShape,
+    pad_id: int,
+) -> StepPlan:
+    """This rank's micro-batches for optimizer step `step`: a pure function of the arguments."""
+    t = cfg.train
+    step_rows = rows_for_step(
+        step,
+        num_rows=len(dataset),
+        rows_per_step=cfg.global_batch_rows(world),
+        seed=cfg.data.seed,
+        shuffle=cfg.data.shuffle,
+    )
+    costs = np.array([doc_flops(dataset.doc_lens(int(i)), shape) for i in step_rows])
+    if t.balance_ranks:
+        per_rank, imbalance = balance_ranks(
+            step_rows,
+            costs,
+            world_size=world,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+        )
+    else:  # positional: micro-step a on rank r takes slice (a * world + r)
+        m = t.micro_batch_size
+        slots = [
+            [np.arange((a * world + r) * m, (a * world + r + 1) * m) for a in range(t.grad_accum)]
+            for r in range(world)
+        ]
+        per_rank = [[step_rows[i] for i in rank_slots] for rank_slots in slots]
+        loads = [float(costs[np.concatenate(rank_slots)].sum()) for rank_slots in slots]
+        imbalance = max(loads) / (sum(loads) / world) - 1 if sum(loads) else 0.0
+    micro = [
+        collate([dataset.row(int(i)) for i in rows], seq_len=dataset.seq_len, pad_id=pad_id)
+        for rows in per_rank[rank]
+    ]
+    return StepPlan(
+        micro=micro, model_flops=float(costs.sum()), imbalance=imbalance, rows=len(step_rows)
+    )
+
+
+def evaluate(
+    engine, eval_set: PackedDataset, cfg: Config, *, rank: int, world: int, pad_id: int
+) -> dict:
+    """Held-out loss and perplexity over the eval set (or its first eval.max_rows rows).
+
+    Collective. Under ZeRO-3 every forward gathers parameters from all ranks, so every rank
+    runs the same number of forwards: a rank out of rows runs one on row 0 and counts nothing.
+    """
+    import torch.distributed as dist
+
+    n = len(eval_set) if not cfg.eval.max_rows else min(cfg.eval.max_rows, len(eval_set))
+    mine = list(range(rank, n, world))
+    m = cfg.eval.micro_batch_size
+    n_batches = math.ceil(math.ceil(n / world) / m)
+    sums = torch.zeros(2, dtype=torch.float64)  # loss sum, supervised tokens
+    engine.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            rows = mine[b * m : (b + 1) * m]
+            batch = collate(
+                [eval_set.row(i) for i in (rows or [0])], seq_len=eval_set.seq_len, pad_id=pad_id
+            )
+            batch = batch.to(engine.device)
+            logits = engine(
+                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+            ).logits
+            if rows:
+                sums[0] += token_loss_sum(logits, batch.targets).double().cpu()
+                sums[1] += batch.num_supervised
+    engine.train()
+    dist.all_reduce(sums)  # collective
+    loss = (sums[0] / sums[1].clamp(min=1)).item()
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 50.0)),
+        "eval_tokens": int(sums[1].item()),
+    }
 
 
 def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
@@ -84,6 +194,7 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     out = Path(run_dir)
     torch.manual_seed(cfg.train.seed)
     dataset = PackedDataset(cfg.data.path)
+    eval_set = PackedDataset(cfg.eval.path) if cfg.eval.path else None
     tokenizer = AutoTokenizer.from_pretrained(str(dataset.tokenizer_dir))
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -102,53 +213,49 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     )
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    shape = ModelShape.of(model)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )
     del hf_ds
     device = engine.device
+    peak_flops, peak_source = device_peak_flops(dtype)
 
     t = cfg.train
-    rows_per_step = cfg.global_batch_rows(world)
-    metrics = MetricsLogger(out, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
+    metrics = MetricsLogger(
+        out,
+        enabled=rank == 0,
+        tensorboard=cfg.logging.tensorboard,
+        wandb=cfg.logging.wandb,
+        mlflow=cfg.logging.mlflow,
+        project=cfg.logging.wandb_project,
+        run_name=cfg.logging.run_name,
+        config=cfg.to_dict(),
+    )
     if rank == 0:
         say(
             f"{world} worker(s), ZeRO-{zero_stage(ds_config)} {cfg.deepspeed.precision}, "
-            f"{len(dataset)} rows of {dataset.seq_len}, {rows_per_step} rows/step, "
-            f"{steps_per_epoch(len(dataset), rows_per_step)} steps/epoch, {t.max_steps} steps"
+            f"{shape.matmul_params / 1e6:.1f}M matmul params, {len(dataset)} rows of {dataset.seq_len}, "
+            f"{cfg.global_batch_rows(world)} rows/step, "
+            f"{steps_per_epoch(len(dataset), cfg.global_batch_rows(world))} steps/epoch, {t.max_steps} steps; "
+            f"peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
         )
+    progress = ProgressBar(t.max_steps, enabled=rank == 0 and cfg.logging.progress_bar)
 
     # ---- train -------------------------------------------------------------------------------
     engine.train()
-    window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "time": 0.0, "steps": 0}
+    window = _Window()
     losses: list[float] = []
     for step in range(t.max_steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim, t.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_rows = rows_for_step(
-            step,
-            num_rows=len(dataset),
-            rows_per_step=rows_per_step,
-            seed=cfg.data.seed,
-            shuffle=cfg.data.shuffle,
-        )
-        micro = [
-            collate([dataset.row(int(i)) for i in rows], seq_len=dataset.seq_len, pad_id=pad_id)
-            for rows in rank_micro_batches(
-                step_rows,
-                rank=rank,
-                world_size=world,
-                micro_batch_size=t.micro_batch_size,
-                grad_accum=t.grad_accum,
-            )
-        ]
-        # Collective: the loss of a step is the sum of token losses over the global number of
-        # supervised tokens in it, across micro-steps and ranks; every rank needs that count
-        # before its first backward.
+        plan = plan_step(step, dataset, cfg, rank=rank, world=world, shape=shape, pad_id=pad_id)
+        # Collective: every rank needs the step's global supervised-token count before its
+        # first backward.
         counts = torch.tensor(
-            [sum(b.num_supervised for b in micro), sum(b.num_tokens for b in micro)],
+            [sum(b.num_supervised for b in plan.micro), sum(b.num_tokens for b in plan.micro)],
             dtype=torch.float64,
         )
         dist.all_reduce(counts)
@@ -157,56 +264,76 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
         # scaling by (grad_accum * world) undoes both so gradients are sum / global_supervised.
         scale = t.grad_accum * world / global_supervised
         step_loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in micro:
+        for batch in plan.micro:
             batch = batch.to(device)
             # use_cache=False is load-bearing: with a KV cache, transformers does not detect
             # the packed rows from position_ids and attention would cross document boundaries.
             logits = engine(
                 input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
             ).logits
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1),
-                batch.targets.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            loss_sum = token_loss_sum(logits, batch.targets)
             engine.backward(loss_sum * scale)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             step_loss_sum += loss_sum.detach().to("cpu", torch.float64)
-        dt = time.perf_counter() - t0
-        window["loss_sum"] += step_loss_sum.item()  # CPU-GPU sync point, once per step
-        window["supervised"] += counts[0].item()
-        window["tokens"] += counts[1].item()
-        window["time"] += dt
-        window["steps"] += 1
+        window.add(
+            loss_sum=step_loss_sum.item(),  # CPU-GPU sync point, once per step
+            supervised=counts[0].item(),
+            tokens=counts[1].item(),
+            capacity=plan.rows * dataset.seq_len,
+            flops=plan.model_flops,
+            imbalance=plan.imbalance,
+            seconds=time.perf_counter() - t0,
+        )
 
         if (step + 1) % cfg.logging.every_n_steps == 0 or step + 1 == t.max_steps:
-            loss_sum_global = torch.tensor([window["loss_sum"]], dtype=torch.float64)
+            loss_sum_global = torch.tensor([window.loss_sum], dtype=torch.float64)
             dist.all_reduce(loss_sum_global)  # collective
-            loss = loss_sum_global.item() / max(window["supervised"], 1.0)
+            loss = loss_sum_global.item() / max(window.supervised, 1.0)
             losses.append(loss)
+            flops_per_s = window.flops / window.seconds
             record = {
                 "step": step + 1,
-                "epoch": step // max(steps_per_epoch(len(dataset), rows_per_step), 1),
+                "epoch": step // max(steps_per_epoch(len(dataset), plan.rows), 1),
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": _grad_norm(engine),
-                "tokens_per_s": window["tokens"] / window["time"],
-                "supervised_tokens_per_s": window["supervised"] / window["time"],
-                "step_time_s": window["time"] / window["steps"],
+                "tokens_per_s": window.tokens / window.seconds,
+                "supervised_tokens_per_s": window.supervised / window.seconds,
+                "padding_fraction": 1.0 - window.tokens / window.capacity,
+                "mfu": flops_per_s / (world * peak_flops),
+                "hfu": hardware_flops(
+                    flops_per_s, gradient_checkpointing=cfg.model.gradient_checkpointing
+                )
+                / (world * peak_flops),
+                "rank_imbalance": window.max_imbalance,
+                "step_time_s": window.seconds / window.steps,
                 "peak_memory_bytes": peak_memory_bytes(),
             }
             metrics.log(record)
             if rank == 0:
                 say(
                     f"step {step + 1:>5}/{t.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                    f"{record['tokens_per_s']:.0f} tok/s  {record['step_time_s']:.2f} s/step"
+                    f"{record['tokens_per_s']:.0f} tok/s  MFU {record['mfu']:.1%}  "
+                    f"{record['step_time_s']:.2f} s/step"
                 )
-            window = {k: 0 for k in window}
+            window = _Window()
+        progress.update(loss=f"{losses[-1]:.4f}" if losses else "-")
+
+        last = step + 1 == t.max_steps
+        if eval_set is not None and (
+            (cfg.eval.every_n_steps and (step + 1) % cfg.eval.every_n_steps == 0) or last
+        ):
+            result = evaluate(engine, eval_set, cfg, rank=rank, world=world, pad_id=pad_id)
+            metrics.log({"step": step + 1, **result}, prefix="eval")
+            if rank == 0:
+                say(
+                    f"step {step + 1:>5}  eval loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
+                )
         if cfg.checkpoint.every_n_steps and (step + 1) % cfg.checkpoint.every_n_steps == 0:
             save_checkpoint(
                 engine, out, step=step + 1, tokenizer_dir=dataset.tokenizer_dir, rank=rank
             )
+    progress.close()
 
     # ---- checkpoint + export -------------------------------------------------------------------
     if not (cfg.checkpoint.every_n_steps and t.max_steps % cfg.checkpoint.every_n_steps == 0):
@@ -226,6 +353,30 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     metrics.close()
     dist.barrier()  # collective: no rank leaves while another still writes
     return {"rank": rank, "world_size": world, "losses": losses, "run_dir": str(out)}
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last log line."""
+
+    loss_sum: float = 0.0
+    supervised: float = 0.0
+    tokens: float = 0.0
+    capacity: float = 0.0
+    flops: float = 0.0
+    max_imbalance: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, *, loss_sum, supervised, tokens, capacity, flops, imbalance, seconds) -> None:
+        self.loss_sum += loss_sum
+        self.supervised += supervised
+        self.tokens += tokens
+        self.capacity += capacity
+        self.flops += flops
+        self.max_imbalance = max(self.max_imbalance, imbalance)
+        self.seconds += seconds
+        self.steps += 1
 
 
 def _grad_norm(engine) -> float | None:

@@ -4,8 +4,8 @@ import pytest
 from sftscale.data import (
     IGNORE_INDEX,
     PackedDataset,
+    balance_ranks,
     collate,
-    rank_micro_batches,
     rows_for_step,
 )
 
@@ -35,12 +35,8 @@ def test_global_order_is_a_pure_function_and_ranks_partition_it():
     epoch0 = np.concatenate([rows_for_step(s, **kw) for s in range(4)])  # 4 steps per epoch
     assert len(set(epoch0.tolist())) == 48  # no row twice within an epoch
     assert not np.array_equal(rows_for_step(4, **kw), s0)  # epoch 1 reshuffles
-    parts = [
-        np.concatenate(
-            rank_micro_batches(s0, rank=r, world_size=2, micro_batch_size=3, grad_accum=2)
-        )
-        for r in range(2)
-    ]
+    micro, _ = balance_ranks(s0, np.ones(12), world_size=2, micro_batch_size=3, grad_accum=2)
+    parts = [np.concatenate(m) for m in micro]
     assert sorted(np.concatenate(parts).tolist()) == sorted(s0.tolist())
     with pytest.raises(ValueError, match="cannot fill"):
         rows_for_step(0, num_rows=5, rows_per_step=6, seed=0, shuffle=True)
@@ -60,3 +56,20 @@ def test_reader_returns_the_written_rows(prepared_dir):
         assert ids.tolist() == written[i]["input_ids"]
         assert mask.tolist() == written[i]["loss_mask"]
         assert doc_lens.tolist() == written[i]["doc_lens"]
+
+
+def test_balance_ranks_by_cost():
+    rows = np.arange(8)
+    costs = np.array([100, 1, 1, 1, 50, 50, 1, 1], dtype=float)
+    micro, imbalance = balance_ranks(rows, costs, world_size=2, micro_batch_size=2, grad_accum=2)
+    assert [len(m) for m in micro] == [2, 2] and all(len(b) == 2 for m in micro for b in m)
+    loads = [sum(costs[np.concatenate(m)]) for m in micro]
+    assert sorted(loads) == [102.0, 103.0]  # 100 alone with cheap rows; the two 50s together
+    assert imbalance == pytest.approx(103 / 102.5 - 1)
+    # a contiguous split would have put 100+1+1+1 on rank 0 and 50+50+1+1 on rank 1
+    again, _ = balance_ranks(rows, costs, world_size=2, micro_batch_size=2, grad_accum=2)
+    assert all(
+        np.array_equal(a, b)
+        for m, n in zip(micro, again, strict=True)
+        for a, b in zip(m, n, strict=True)
+    )

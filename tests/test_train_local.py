@@ -1,11 +1,13 @@
 """Local (single-process, no Ray) mode runs the real loop: DeepSpeed ZeRO-3 bf16 on CPU."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from export_check import assert_export_matches_checkpoint
+from helpers import assert_export_matches_checkpoint
 from sftscale.cli import main
 from sftscale.config import load_config
 
@@ -31,7 +33,21 @@ def _losses(run_dir):
 @pytest.mark.distributed
 def test_local_mode_trains_checkpoints_and_exports(tmp_path, prepared_dir):
     cfg_path = _config(tmp_path, prepared_dir)
-    assert main(["train", str(cfg_path), "--local", "optim.weight_decay=0.01"]) == 0
+    # in a fresh process, as a user runs it (DeepSpeed keeps process-global state)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sftscale",
+            "train",
+            str(cfg_path),
+            "--local",
+            "optim.weight_decay=0.01",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
     run_dir = tmp_path / "runs" / "t"
     records = _losses(run_dir)
     assert [r["step"] for r in records] == list(range(1, 13))

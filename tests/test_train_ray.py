@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from export_check import assert_export_matches_checkpoint
+from helpers import assert_export_matches_checkpoint
 from sftscale.config import load_config
 from sftscale.launch import run
 

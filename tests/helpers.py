@@ -45,3 +45,22 @@ def assert_export_matches_checkpoint(run_dir: Path, tmp_path: Path) -> None:
     offline = AutoModelForCausalLM.from_pretrained(str(bf16_dir), dtype=torch.float32)
     for name, p in offline.named_parameters():
         torch.testing.assert_close(exported[name], p, atol=0, rtol=0)
+
+
+def train_local_subprocess(cfg, *extra: str) -> None:
+    """`sftscale train --local` in a fresh process, as a user runs it: DeepSpeed keeps
+    process-global communication state, so one process runs one local training."""
+    import subprocess
+    import sys
+
+    from sftscale.config import save_config
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir.parent / f"{cfg.logging.run_name}.yaml"
+    save_config(cfg, path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftscale", "train", str(path), "--local", *extra],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -1,0 +1,71 @@
+"""A plain single-process PyTorch fp32 training loop: the reference our DeepSpeed path must match.
+
+Deliberately independent of sftscale's loop: its own optimizer (torch AdamW), clipping
+(torch.nn.utils.clip_grad_norm_) and loss normalization, one forward over the whole global
+batch per step. It shares only the data order (rows_for_step), the collation and the
+schedule's definition, which are what the runs are supposed to agree on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sftscale.config import Config
+from sftscale.data import IGNORE_INDEX, PackedDataset, collate, rows_for_step
+from sftscale.train import lr_at
+
+
+def reference_run(model_dir: str, cfg: Config, *, world_size: int) -> tuple[list[float], dict]:
+    """Per-step losses and final weights of the reference loop for the same global batches."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = PackedDataset(cfg.data.path)
+    tok = AutoTokenizer.from_pretrained(str(data.tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    o = cfg.optim
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+    )
+    losses = []
+    for step in range(cfg.train.max_steps):
+        rows = rows_for_step(
+            step,
+            num_rows=len(data),
+            rows_per_step=cfg.global_batch_rows(world_size),
+            seed=cfg.data.seed,
+            shuffle=cfg.data.shuffle,
+        )
+        batch = collate(
+            [data.row(int(i)) for i in np.sort(rows)], seq_len=data.seq_len, pad_id=tok.pad_token_id
+        )
+        logits = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        ).logits
+        loss = (
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1),
+                batch.targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            / (batch.targets != IGNORE_INDEX).sum()
+        )
+        loss.backward()
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, o, cfg.train.max_steps)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
