@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     run(cfg, local=args.local)
     lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines]
+    losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
     print("loss by logged step: " + " -> ".join(f"{x:.3f}" for x in losses))
 
     print("== 4. reload the export and generate")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,10 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     import torch.distributed as dist
     from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
+
+    # DeepSpeed calls torch.distributed collectives that torch has renamed; the warning is
+    # DeepSpeed's to fix and would repeat on every step.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*")
 
     # ---- setup -------------------------------------------------------------------------------
     rank, world = init_distributed()

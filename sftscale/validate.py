@@ -6,6 +6,7 @@ that names the field and the fix, not minutes later inside a Ray worker.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from data_tools.schema import ShardFormatError, read_manifest
@@ -62,5 +63,62 @@ def validate_run(cfg: Config, *, world_size: int) -> dict:
             raise ConfigError(
                 "scale.use_gpu is true but this machine has no CUDA device; set it to false"
             )
-    resolve_ds_config(cfg, world_size=world_size)  # raises on a bad template or batch arithmetic
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not cfg.scale.use_gpu:
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 needs GPUs: set scale.use_gpu=true or use sdpa"
+            )
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 but flash_attn is not installed; use sdpa"
+            )
+    for flag, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+        if getattr(cfg.logging, flag) and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"logging.{flag} is true but {module} is not installed: pip install {module}"
+            )
+    if cfg.eval.path:
+        _check_eval_set(cfg, manifest, positions)
+    ds_config = resolve_ds_config(cfg, world_size=world_size)  # bad template / batch arithmetic
+    _check_zero_options(ds_config, cfg)
     return manifest
+
+
+def _check_eval_set(cfg: Config, manifest: dict, positions: int) -> None:
+    try:
+        ev = read_manifest(cfg.eval.path)
+    except ShardFormatError as e:
+        raise ConfigError(f"eval.path: {e}") from e
+    if ev["tokenizer"]["fingerprint"] != manifest["tokenizer"]["fingerprint"]:
+        raise ConfigError(
+            "eval.path was prepared with another tokenizer or chat template than data.path; "
+            "prepare both with the same --tokenizer and --chat-template"
+        )
+    if ev["seq_len"] > positions:
+        raise ConfigError(
+            f"eval.path: seq_len {ev['seq_len']} exceeds the model's max_position_embeddings {positions}"
+        )
+
+
+def _check_zero_options(ds: dict, cfg: Config) -> None:
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    where = f"deepspeed.template={cfg.deepspeed.template}"
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage {stage} is not 0-3")
+    if "offload_param" in zero and stage != 3:
+        raise ConfigError(
+            f"{where}: offload_param needs ZeRO stage 3 (got {stage}); use zero3_offload_params"
+        )
+    if "offload_optimizer" in zero and stage == 0:
+        raise ConfigError(f"{where}: offload_optimizer needs ZeRO stage 1-3")
+    for key in ("offload_param", "offload_optimizer"):
+        device = zero.get(key, {}).get("device", "cpu")
+        if device not in ("cpu", "none", "nvme"):
+            raise ConfigError(
+                f"{where}: zero_optimization.{key}.device {device!r} is not cpu, nvme or none"
+            )
+        if device == "nvme" and not zero[key].get("nvme_path"):
+            raise ConfigError(
+                f"{where}: zero_optimization.{key}.device is nvme but nvme_path is not set"
+            )

@@ -1,6 +1,7 @@
 """Local (single-process, no Ray) mode runs the real loop: DeepSpeed ZeRO-3 bf16 on CPU."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -26,46 +27,65 @@ def _config(tmp_path, prepared_dir, **train):
     return path
 
 
-def _losses(run_dir):
+def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.distributed
-def test_local_mode_trains_checkpoints_and_exports(tmp_path, prepared_dir):
-    cfg_path = _config(tmp_path, prepared_dir)
+def _train_subprocess(cfg_path, *args):
     # in a fresh process, as a user runs it (DeepSpeed keeps process-global state)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sftscale",
-            "train",
-            str(cfg_path),
-            "--local",
-            "optim.weight_decay=0.01",
-        ],
+        [sys.executable, "-m", "sftscale", "train", str(cfg_path), "--local", *args],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.distributed
+def test_local_mode_trains_evaluates_checkpoints_and_exports(tmp_path, prepared_dir):
+    cfg_path = _config(tmp_path, prepared_dir)
+    _train_subprocess(
+        cfg_path,
+        "optim.weight_decay=0.01",
+        f"eval.path={prepared_dir}",
+        "eval.every_n_steps=6",
+        "eval.max_rows=9",
+    )
     run_dir = tmp_path / "runs" / "t"
-    records = _losses(run_dir)
+    records = [r for r in _records(run_dir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))
-    for key in (
-        "loss",
-        "lr",
-        "grad_norm",
-        "tokens_per_s",
-        "supervised_tokens_per_s",
-        "peak_memory_bytes",
-    ):
-        assert records[-1][key] is not None
+    keys = (
+        "loss", "lr", "grad_norm", "tokens_per_s", "supervised_tokens_per_s", "padding_fraction",
+        "mfu", "hfu", "rank_imbalance", "step_time_s", "peak_memory_bytes",
+    )  # fmt: skip
+    for key in keys:
+        assert records[-1][key] is not None, key
+    assert 0 < records[-1]["mfu"] < records[-1]["hfu"] < 1  # checkpointing recomputes the forward
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 0.5, [r["loss"] for r in records]
+
+    evals = [r for r in _records(run_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[1]["eval_ppl"] == pytest.approx(math.exp(evals[1]["eval_loss"]))
+    assert (run_dir / "tensorboard").is_dir()
+
     saved = load_config(run_dir / "config.yaml")
     assert saved.optim.weight_decay == 0.01  # the resolved config, overrides applied
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
     assert_export_matches_checkpoint(run_dir, tmp_path)
+
+
+@pytest.mark.distributed
+def test_cpu_optimizer_offload(tmp_path, prepared_dir):
+    """ZeRO-3 with the optimizer on the CPU (DeepSpeedCPUAdam) through its ds_configs template."""
+    cfg_path = _config(tmp_path, prepared_dir, max_steps=6)
+    _train_subprocess(
+        cfg_path, "deepspeed.template=zero3_offload_optimizer", "checkpoint.export=false"
+    )
+    records = [r for r in _records(tmp_path / "runs" / "t") if "loss" in r]
+    assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
 
 
 def test_bad_config_fails_before_any_worker(tmp_path, prepared_dir, capsys):

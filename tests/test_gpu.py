@@ -1,0 +1,53 @@
+"""GPU tier: runs only where CUDA is present (skipped on CPU machines and in CI)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sftscale.data import collate
+from sftscale.model import load_model
+
+pytestmark = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_packed_row_equals_documents_alone_bf16(attn):
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    torch.manual_seed(0)
+    model = (
+        load_model("tiny-llama", vocab_size=97, dtype=torch.bfloat16, attn_implementation=attn)
+        .cuda()
+        .eval()
+    )
+    rng = np.random.default_rng(0)
+    lens = [70, 1, 120, 50]
+    docs = [rng.integers(1, 97, n).astype(np.int32) for n in lens]
+    row = (np.concatenate(docs), np.ones(sum(lens), np.int8), np.array(lens, np.int32))
+    batch = collate([row], seq_len=256, pad_id=0).to("cuda")
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        ).logits[0]
+        start = 0
+        for d in docs:
+            alone = model(
+                input_ids=torch.from_numpy(d.astype(np.int64))[None].cuda(), use_cache=False
+            ).logits[0]
+            # bf16: kernels may reduce in a different order for different lengths
+            torch.testing.assert_close(
+                packed[start : start + len(d)].float(), alone.float(), atol=3e-2, rtol=3e-2
+            )
+            start += len(d)
+
+
+@requires_cuda
+def test_peak_table_knows_this_gpu():
+    from sftscale.flops import gpu_peak_flops
+
+    name = torch.cuda.get_device_name()
+    if not any(k in name for k in ("H100", "H200", "A100")):
+        pytest.skip(f"{name} is not in the datasheet table; MFU uses a matmul probe there")
+    assert gpu_peak_flops(name) > 1e14

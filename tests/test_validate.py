@@ -1,0 +1,97 @@
+"""Settings that cannot work fail in the driver, before any worker starts, naming the field."""
+
+import json
+
+import pytest
+
+from sftscale.config import ConfigError, load_config
+from sftscale.validate import validate_run
+
+
+def _cfg(prepared_dir, *overrides):
+    return load_config(
+        None, [f"data.path={prepared_dir}", "model.name_or_path=tiny-llama", *overrides]
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["train.micro_batch_size=100000"], "train.micro_batch_size"),
+        (["model.name_or_path=llama-3.2-1b"], None),  # fine: 1B vocab is larger than ours
+        (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
+        (["deepspeed.template=zero7"], "deepspeed.template"),
+        (["model.attn_implementation=flash_attention_2"], "flash_attention_2"),
+        (["logging.wandb=true"], "logging.wandb"),
+        (["eval.path=/nonexistent"], "eval.path"),
+        (["scale.use_gpu=true"], "scale.use_gpu"),
+    ],
+)
+def test_rejected_before_workers(prepared_dir, overrides, field):
+    import importlib.util
+
+    cfg = _cfg(prepared_dir, *overrides)
+    if field is None:
+        validate_run(cfg, world_size=1)
+        return
+    if field == "logging.wandb" and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate_run(cfg, world_size=1)
+
+
+def test_seq_len_beyond_model_positions(tmp_path, prepared_dir):
+    from transformers import AutoConfig
+
+    model_dir = tmp_path / "m"
+    AutoConfig.for_model("llama", max_position_embeddings=64, vocab_size=1000).save_pretrained(
+        model_dir
+    )
+    with pytest.raises(ConfigError, match="max_position_embeddings 64"):
+        validate_run(_cfg(prepared_dir, f"model.name_or_path={model_dir}"), world_size=1)
+
+
+def test_vocabulary_mismatch(tmp_path, prepared_dir):
+    from transformers import AutoConfig
+
+    model_dir = tmp_path / "m"
+    AutoConfig.for_model("llama", vocab_size=10).save_pretrained(model_dir)
+    with pytest.raises(ConfigError, match="vocabulary"):
+        validate_run(_cfg(prepared_dir, f"model.name_or_path={model_dir}"), world_size=1)
+
+
+@pytest.mark.parametrize(
+    "zero, message",
+    [
+        ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param needs ZeRO stage 3"),
+        ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer needs"),
+        ({"stage": 3, "offload_param": {"device": "nvme"}}, "nvme_path"),
+        ({"stage": 5}, "not 0-3"),
+    ],
+)
+def test_incompatible_zero_options(tmp_path, prepared_dir, zero, message):
+    template = tmp_path / "t.json"
+    template.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": zero,
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match=message):
+        validate_run(_cfg(prepared_dir, f"deepspeed.template={template}"), world_size=1)
+
+
+def test_eval_set_with_another_tokenizer(tmp_path, prepared_dir):
+    import shutil
+
+    other = tmp_path / "eval"
+    shutil.copytree(prepared_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        validate_run(_cfg(prepared_dir, f"eval.path={other}"), world_size=1)
