@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory, sp_tokenizer):
     return out
 
 
-def _cfg(tmp_path, prepared_dir, model_dir, name, *, micro, accum, workers):
+def _cfg(tmp_path, prepared_dir, model_dir, name, *, micro, accum, workers, checkpointing=True):
     return load_config(
         None,
         [
@@ -49,6 +49,7 @@ def _cfg(tmp_path, prepared_dir, model_dir, name, *, micro, accum, workers):
             f"logging.output_dir={tmp_path}",
             f"logging.run_name={name}",
             "logging.tensorboard=false",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
         ],
     )
 
@@ -77,6 +78,7 @@ def _assert_matches_reference(cfg, reference):
     losses = _losses(cfg)
     assert len(losses) == STEPS
     rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
+    print(f"{cfg.logging.run_name}: max relative loss difference to the reference {max(rel):.2e}")
     assert max(rel) <= 1e-5, rel
     assert losses[-1] < losses[0] - 0.3  # and it actually trained
     weights = _weights(cfg)
@@ -85,10 +87,20 @@ def _assert_matches_reference(cfg, reference):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("micro, accum", [(4, 1), (1, 4)])
-def test_local_zero3_matches_reference(tmp_path, prepared_dir, model_dir, reference, micro, accum):
+@pytest.mark.parametrize("micro, accum, checkpointing", [(4, 1, True), (1, 4, False)])
+def test_local_zero3_matches_reference(
+    tmp_path, prepared_dir, model_dir, reference, micro, accum, checkpointing
+):
+    name = f"m{micro}a{accum}"
     cfg = _cfg(
-        tmp_path, prepared_dir, model_dir, f"m{micro}a{accum}", micro=micro, accum=accum, workers=1
+        tmp_path,
+        prepared_dir,
+        model_dir,
+        name,
+        micro=micro,
+        accum=accum,
+        workers=1,
+        checkpointing=checkpointing,
     )
     train_local_subprocess(cfg)
     _assert_matches_reference(cfg, reference)
