@@ -54,6 +54,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sftscale.launch import run
 
     summary = run(cfg, local=args.local)
+    if summary.get("preempted"):
+        print(
+            f"[sftscale] stopped by SIGTERM at step {summary['step']}, checkpoint saved: rerun to resume"
+        )
+        return 143  # 128 + SIGTERM, what a scheduler expects of a preempted job
     print(f"[sftscale] done: {summary['run_dir']}")
     return 0
 

@@ -141,6 +141,9 @@ class ScaleConfig:
     # Ray cluster address; empty starts a local Ray instance (RAY_ADDRESS in the environment
     # still wins, as with every Ray program).
     ray_address: str = ""
+    # Ray Train restarts the worker group from the last checkpoint this many times after a
+    # worker dies (FailureConfig.max_failures); -1: without limit.
+    max_failures: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1")
@@ -150,11 +153,16 @@ class ScaleConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 0  # 0: only at the end
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one commits
+    # Continue from <run>/checkpoints/latest when it exists (the same command resumes a stopped
+    # run); false starts over, which needs an empty run directory.
+    resume: bool = True
     export: bool = True  # write a Hugging Face export under <run>/export at the end
     export_max_shard_mb: int = 2000
 
     def __post_init__(self) -> None:
         _check(self.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.export_max_shard_mb >= 1, "checkpoint.export_max_shard_mb", "must be >= 1")
 
 

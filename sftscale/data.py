@@ -59,23 +59,31 @@ def epoch_order(num_rows: int, *, seed: int, epoch: int, shuffle: bool) -> np.nd
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
-def steps_per_epoch(num_rows: int, rows_per_step: int) -> int:
-    return num_rows // rows_per_step
+def steps_per_epoch(num_rows: int, rows_per_step: int) -> float:
+    return num_rows / rows_per_step
 
 
-def rows_for_step(
-    step: int, *, num_rows: int, rows_per_step: int, seed: int, shuffle: bool
-) -> np.ndarray:
-    """Global row indices consumed by optimizer step `step` (0-based), across all ranks.
+def stream_rows(
+    start: int, count: int, *, num_rows: int, seed: int, shuffle: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, row indices) of positions [start, start + count) of the sample stream.
 
-    An epoch's last partial global batch is not used; the next epoch starts a new permutation.
+    The stream is epoch 0's permutation of all rows, then epoch 1's, and so on: position p is
+    row epoch_order(p // num_rows)[p % num_rows]. A global batch that runs past the end of an
+    epoch continues into the next one, so no row is dropped or repeated within an epoch, and
+    seeking to any position is O(1). Optimizer step s of a run with G rows per step consumes
+    positions [s * G, (s + 1) * G); a run resumed with another G continues from where the
+    checkpoint's position left off (elastic resume).
     """
-    per_epoch = steps_per_epoch(num_rows, rows_per_step)
-    if per_epoch == 0:
-        raise ValueError(f"{num_rows} rows cannot fill one global batch of {rows_per_step} rows")
-    epoch, k = divmod(step, per_epoch)
-    order = epoch_order(num_rows, seed=seed, epoch=epoch, shuffle=shuffle)
-    return order[k * rows_per_step : (k + 1) * rows_per_step]
+    positions = np.arange(start, start + count, dtype=np.int64)
+    epochs = positions // num_rows
+    rows = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        sel = epochs == epoch
+        rows[sel] = epoch_order(num_rows, seed=seed, epoch=int(epoch), shuffle=shuffle)[
+            positions[sel] % num_rows
+        ]
+    return epochs, rows
 
 
 def balance_ranks(

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from sftscale.config import Config, save_config
+from sftscale.config import Config, ConfigError, save_config
 from sftscale.validate import validate_run
 
 
@@ -33,6 +33,11 @@ def _worker_env(cfg: Config) -> dict[str, str]:
 
 def prepare_run_dir(cfg: Config) -> Path:
     run_dir = cfg.run_dir.resolve()
+    if not cfg.checkpoint.resume and (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(
+            f"checkpoint.resume is false but {run_dir} already holds a run; "
+            "choose another logging.run_name or remove that directory"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")  # the resolved config, overrides applied
     return run_dir
@@ -72,16 +77,39 @@ def run_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 
 def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's entry on every worker: resume from Ray's latest checkpoint (after a worker
+    failure Ray restarts the whole group) and report each committed checkpoint to Ray."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.v2.api.report_config import CheckpointUploadMode
+
     from sftscale.train import train_worker
 
-    return train_worker(config["cfg"], config["run_dir"])
+    rank = ray.train.get_context().get_world_rank()
+    latest = ray.train.get_checkpoint()
+
+    def report(tag_dir: Path, metrics: dict[str, Any]) -> None:
+        # Every worker must call report (it is a barrier); rank 0 names the checkpoint. It is
+        # already in the run directory, which is Ray's experiment directory: nothing to upload.
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(str(tag_dir)) if rank == 0 else None,
+            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+        )
+
+    return train_worker(
+        config["cfg"],
+        config["run_dir"],
+        resume_from=latest.path if latest else None,
+        on_checkpoint=report,
+    )
 
 
 def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Ray Train (V2) TorchTrainer with `scale.num_workers` workers."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # A local Ray instance (no address) starts its dashboard on 127.0.0.1; Ray Train's
@@ -100,7 +128,13 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 use_gpu=cfg.scale.use_gpu,
                 resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
             ),
-            run_config=RunConfig(storage_path=str(run_dir / "ray"), name="train"),
+            # The run directory is Ray's experiment directory, so the checkpoints the workers
+            # write there are Ray checkpoints without a copy.
+            run_config=RunConfig(
+                storage_path=str(run_dir.parent),
+                name=run_dir.name,
+                failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
+            ),
         )
         result = trainer.fit()
         if result.error is not None:

@@ -35,6 +35,7 @@ class MetricsLogger:
         run_dir: Path,
         *,
         enabled: bool,
+        resume_step: int = 0,
         tensorboard: bool,
         wandb: bool = False,
         mlflow: bool = False,
@@ -50,8 +51,16 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        # A run starts from step 0, so its metrics file starts empty (line-buffered).
-        self._file = open(run_dir / "metrics.jsonl", "w", buffering=1)  # noqa: SIM115 (closed in close())
+        path = run_dir / "metrics.jsonl"
+        # A fresh run starts an empty file. A resumed one keeps the lines up to its checkpoint
+        # and drops those of steps done after it (lost in the crash, about to be redone).
+        kept = []
+        if resume_step and path.is_file():
+            kept = [
+                x for x in path.read_text().splitlines() if json.loads(x)["step"] <= resume_step
+            ]
+        self._file = open(path, "w", buffering=1)  # noqa: SIM115 (closed in close())
+        self._file.writelines(x + "\n" for x in kept)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -17,10 +17,15 @@ and data-parallel ranks. So (micro 4, accum 1, 1 rank), (micro 1, accum 4, 1 ran
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from sftscale.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    truncate_ledger,
+    universal_checkpoint,
+)
 from sftscale.config import Config, OptimConfig
 from sftscale.data import (
     IGNORE_INDEX,
@@ -35,8 +48,8 @@ from sftscale.data import (
     PackedDataset,
     balance_ranks,
     collate,
-    rows_for_step,
     steps_per_epoch,
+    stream_rows,
 )
 from sftscale.ds_config import resolve_ds_config, zero_stage
 from sftscale.export import MODEL_META_DIR, export_from_engine, save_model_meta
@@ -93,11 +106,16 @@ class StepPlan:
     micro: list[Batch]  # this rank's micro-batches
     model_flops: float  # of the whole global batch
     imbalance: float  # max rank cost / mean rank cost - 1
-    rows: int  # global rows in the step
+    epochs: np.ndarray  # epoch of each of the step's global rows
+    step_rows: np.ndarray  # the step's global rows, in stream order
+
+    @property
+    def rows(self) -> int:
+        return len(self.step_rows)
 
 
 def plan_step(
-    step: int,
+    position: int,
     dataset: PackedDataset,
     cfg: Config,
     *,
@@ -106,12 +124,15 @@ def plan_step(
     shape: ModelShape,
     pad_id: int,
 ) -> StepPlan:
-    """This rank's micro-batches for optimizer step `step`: a pure function of the arguments."""
+    """This rank's micro-batches for the step that starts at stream `position`.
+
+    A pure function of its arguments: every rank computes the whole step's assignment.
+    """
     t = cfg.train
-    step_rows = rows_for_step(
-        step,
+    epochs, step_rows = stream_rows(
+        position,
+        cfg.global_batch_rows(world),
         num_rows=len(dataset),
-        rows_per_step=cfg.global_batch_rows(world),
         seed=cfg.data.seed,
         shuffle=cfg.data.shuffle,
     )
@@ -138,7 +159,11 @@ def plan_step(
         for rows in per_rank[rank]
     ]
     return StepPlan(
-        micro=micro, model_flops=float(costs.sum()), imbalance=imbalance, rows=len(step_rows)
+        micro=micro,
+        model_flops=float(costs.sum()),
+        imbalance=imbalance,
+        epochs=epochs,
+        step_rows=step_rows,
     )
 
 
@@ -181,8 +206,19 @@ def evaluate(
     }
 
 
-def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
-    """Run training on this worker; returns a summary (meaningful on every rank)."""
+def train_worker(
+    cfg: Config,
+    run_dir: str,
+    *,
+    resume_from: str | None = None,
+    on_checkpoint: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run training on this worker; returns a summary (meaningful on every rank).
+
+    resume_from: a checkpoint directory to continue from (Ray passes its latest); without it
+        the run continues from <run>/checkpoints/latest when checkpoint.resume is set.
+    on_checkpoint: called on every rank after each committed checkpoint (Ray reports it).
+    """
     # DeepSpeed picks its accelerator at import time.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
@@ -197,6 +233,8 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------
     rank, world = init_distributed()
     out = Path(run_dir)
+    ckpt_root = out / "checkpoints"
+    ledger_dir = out / "ledger"
     torch.manual_seed(cfg.train.seed)
     dataset = PackedDataset(cfg.data.path)
     eval_set = PackedDataset(cfg.eval.path) if cfg.eval.path else None
@@ -206,6 +244,24 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     )
     ds_config = resolve_ds_config(cfg, world_size=world)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    data_id = data_fingerprint(dataset.manifest)
+
+    resume_dir = Path(resume_from) if resume_from else None
+    if resume_dir is None and cfg.checkpoint.resume:
+        resume_dir = latest_checkpoint(ckpt_root)
+    load_dir = resume_dir
+    if resume_dir is not None:
+        saved = read_state(resume_dir)
+        if saved["data_fingerprint"] != data_id:
+            raise RuntimeError(
+                f"checkpoint {resume_dir} was trained on other data than data.path={cfg.data.path}; "
+                "point data.path at the same prepared directory or start a new run (logging.run_name)"
+            )
+        if saved["world_size"] != world:
+            # Elastic resume: ZeRO partitions depend on the world size, so the checkpoint is
+            # converted to DeepSpeed's universal (world-size-free) format first.
+            load_dir = universal_checkpoint(resume_dir, rank=rank)
+            ds_config["checkpoint"] = {"load_universal": True}
 
     # While this object lives, transformers builds/loads the model inside deepspeed.zero.Init:
     # each rank materializes only its partition of every parameter.
@@ -227,9 +283,21 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     peak_flops, peak_source = device_peak_flops(dtype)
 
     t = cfg.train
+    rows_per_step = cfg.global_batch_rows(world)
+    start_step, position = 0, 0  # optimizer steps done; stream position of the next step
+    if load_dir is not None:
+        state = load_checkpoint(engine, load_dir, rank=rank)
+        start_step, position = state["step"], state["position"]
+        if rank == 0:
+            truncate_ledger(ledger_dir, step=start_step)
+            say(
+                f"resumed from {resume_dir} at step {start_step} (position {position}; "
+                f"saved by {state['world_size']} worker(s), now {world})"
+            )
     metrics = MetricsLogger(
         out,
         enabled=rank == 0,
+        resume_step=start_step,
         tensorboard=cfg.logging.tensorboard,
         wandb=cfg.logging.wandb,
         mlflow=cfg.logging.mlflow,
@@ -241,26 +309,53 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
         say(
             f"{world} worker(s), ZeRO-{zero_stage(ds_config)} {cfg.deepspeed.precision}, "
             f"{shape.matmul_params / 1e6:.1f}M matmul params, {len(dataset)} rows of {dataset.seq_len}, "
-            f"{cfg.global_batch_rows(world)} rows/step, "
-            f"{steps_per_epoch(len(dataset), cfg.global_batch_rows(world))} steps/epoch, {t.max_steps} steps; "
-            f"peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
+            f"{rows_per_step} rows/step ({steps_per_epoch(len(dataset), rows_per_step):.1f} steps/epoch), "
+            f"{t.max_steps} steps; peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
         )
-    progress = ProgressBar(t.max_steps, enabled=rank == 0 and cfg.logging.progress_bar)
+    progress = ProgressBar(t.max_steps - start_step, enabled=rank == 0 and cfg.logging.progress_bar)
+    preemption = _PreemptionFlag()
+
+    def checkpoint(step: int) -> None:
+        """Collective: commit a checkpoint of the state after `step` steps."""
+        nonlocal ledger
+        state = {
+            "step": step,
+            "position": position,
+            "world_size": world,
+            "rows_per_step": rows_per_step,
+            "data_fingerprint": data_id,
+        }
+        tag_dir = save_checkpoint(
+            engine, ckpt_root, state=state, ledger=np.array(ledger, dtype=np.int64).reshape(-1, 3),
+            ledger_dir=ledger_dir, rank=rank, keep_last=cfg.checkpoint.keep_last,
+        )  # fmt: skip
+        ledger = []
+        if rank == 0 and not (ckpt_root / MODEL_META_DIR).is_dir():  # rank-0-only effect
+            save_model_meta(engine.module, dataset.tokenizer_dir, ckpt_root / MODEL_META_DIR)
+        if on_checkpoint is not None:
+            on_checkpoint(tag_dir, {"step": step, **({"loss": losses[-1]} if losses else {})})
 
     # ---- train -------------------------------------------------------------------------------
     engine.train()
     window = _Window()
     losses: list[float] = []
-    for step in range(t.max_steps):
+    ledger: list[tuple[int, int, int]] = []  # (step, epoch, row) since the last checkpoint
+    step = start_step
+    preempted = False
+    while step < t.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim, t.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        plan = plan_step(step, dataset, cfg, rank=rank, world=world, shape=shape, pad_id=pad_id)
+        plan = plan_step(position, dataset, cfg, rank=rank, world=world, shape=shape, pad_id=pad_id)
         # Collective: every rank needs the step's global supervised-token count before its
-        # first backward.
+        # first backward; a preemption signal on any rank rides along.
         counts = torch.tensor(
-            [sum(b.num_supervised for b in plan.micro), sum(b.num_tokens for b in plan.micro)],
+            [
+                sum(b.num_supervised for b in plan.micro),
+                sum(b.num_tokens for b in plan.micro),
+                float(preemption.requested),
+            ],
             dtype=torch.float64,
         )
         dist.all_reduce(counts)
@@ -280,6 +375,11 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
             engine.backward(loss_sum * scale)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             step_loss_sum += loss_sum.detach().to("cpu", torch.float64)
+        step += 1
+        position += plan.rows
+        ledger.extend(
+            (step, int(e), int(r)) for e, r in zip(plan.epochs, plan.step_rows, strict=True)
+        )
         window.add(
             loss_sum=step_loss_sum.item(),  # CPU-GPU sync point, once per step
             supervised=counts[0].item(),
@@ -290,15 +390,15 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
             seconds=time.perf_counter() - t0,
         )
 
-        if (step + 1) % cfg.logging.every_n_steps == 0 or step + 1 == t.max_steps:
+        if step % cfg.logging.every_n_steps == 0 or step == t.max_steps:
             loss_sum_global = torch.tensor([window.loss_sum], dtype=torch.float64)
             dist.all_reduce(loss_sum_global)  # collective
             loss = loss_sum_global.item() / max(window.supervised, 1.0)
             losses.append(loss)
             flops_per_s = window.flops / window.seconds
             record = {
-                "step": step + 1,
-                "epoch": step // max(steps_per_epoch(len(dataset), plan.rows), 1),
+                "step": step,
+                "epoch": int(plan.epochs[-1]),
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": _grad_norm(engine),
@@ -317,35 +417,36 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
             metrics.log(record)
             if rank == 0:
                 say(
-                    f"step {step + 1:>5}/{t.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                    f"step {step:>5}/{t.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
                     f"{record['tokens_per_s']:.0f} tok/s  MFU {record['mfu']:.1%}  "
                     f"{record['step_time_s']:.2f} s/step"
                 )
             window = _Window()
         progress.update(loss=f"{losses[-1]:.4f}" if losses else "-")
 
-        last = step + 1 == t.max_steps
+        last = step == t.max_steps
         if eval_set is not None and (
-            (cfg.eval.every_n_steps and (step + 1) % cfg.eval.every_n_steps == 0) or last
+            (cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0) or last
         ):
             result = evaluate(engine, eval_set, cfg, rank=rank, world=world, pad_id=pad_id)
-            metrics.log({"step": step + 1, **result}, prefix="eval")
+            metrics.log({"step": step, **result}, prefix="eval")
             if rank == 0:
                 say(
-                    f"step {step + 1:>5}  eval loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
+                    f"step {step:>5}  eval loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
                 )
-        if cfg.checkpoint.every_n_steps and (step + 1) % cfg.checkpoint.every_n_steps == 0:
-            save_checkpoint(
-                engine, out, step=step + 1, tokenizer_dir=dataset.tokenizer_dir, rank=rank
-            )
+        if counts[2].item() > 0:  # some rank was asked to stop (SIGTERM): save and leave
+            checkpoint(step)
+            preempted = True
+            if rank == 0:
+                say(f"preempted: checkpoint at step {step} saved; run the same command to resume")
+            break
+        if last or (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0):
+            checkpoint(step)
     progress.close()
+    preemption.restore()
 
-    # ---- checkpoint + export -------------------------------------------------------------------
-    if not (cfg.checkpoint.every_n_steps and t.max_steps % cfg.checkpoint.every_n_steps == 0):
-        save_checkpoint(
-            engine, out, step=t.max_steps, tokenizer_dir=dataset.tokenizer_dir, rank=rank
-        )
-    if cfg.checkpoint.export:
+    # ---- export --------------------------------------------------------------------------------
+    if cfg.checkpoint.export and not preempted:
         export_from_engine(
             engine.module,
             out_dir=out / "export",
@@ -357,7 +458,34 @@ def train_worker(cfg: Config, run_dir: str) -> dict[str, Any]:
     # ---- cleanup -------------------------------------------------------------------------------
     metrics.close()
     dist.barrier()  # collective: no rank leaves while another still writes
-    return {"rank": rank, "world_size": world, "losses": losses, "run_dir": str(out)}
+    return {"rank": rank, "world_size": world, "losses": losses, "run_dir": str(out), "preempted": preempted,
+            "step": step}  # fmt: skip
+
+
+def data_fingerprint(manifest: dict[str, Any]) -> str:
+    """What a checkpoint's stream positions refer to: the rows of this prepared directory."""
+    key = [manifest["sources"]["sha256"], manifest["tokenizer"]["fingerprint"], manifest["num_rows"],
+           manifest["seq_len"], [s["num_tokens"] for s in manifest["shards"]]]  # fmt: skip
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+class _PreemptionFlag:
+    """SIGTERM sets a flag that the loop reads at the next step boundary (then checkpoints and
+    exits). Signal handlers can only be installed from the main thread; Ray Train runs the loop
+    in another thread and handles preemption with its own restarts, so there it is a no-op."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclass
@@ -389,11 +517,3 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-def save_checkpoint(engine, run_dir: Path, *, step: int, tokenizer_dir: Path, rank: int) -> None:
-    """Collective: every rank writes its partition; DeepSpeed updates `latest` after the write."""
-    root = run_dir / "checkpoints"
-    engine.save_checkpoint(str(root), tag=f"step_{step:08d}", client_state={"step": step})
-    if rank == 0 and not (root / MODEL_META_DIR).is_dir():  # rank-0-only effect
-        save_model_meta(engine.module, tokenizer_dir, root / MODEL_META_DIR)

@@ -2,7 +2,7 @@
 
 Deliberately independent of sftscale's loop: its own optimizer (torch AdamW), clipping
 (torch.nn.utils.clip_grad_norm_) and loss normalization, one forward over the whole global
-batch per step. It shares only the data order (rows_for_step), the collation and the
+batch per step. It shares only the data order (stream_rows), the collation and the
 schedule's definition, which are what the runs are supposed to agree on.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sftscale.config import Config
-from sftscale.data import IGNORE_INDEX, PackedDataset, collate, rows_for_step
+from sftscale.data import IGNORE_INDEX, PackedDataset, collate, stream_rows
 from sftscale.train import lr_at
 
 
@@ -38,12 +38,9 @@ def reference_run(model_dir: str, cfg: Config, *, world_size: int) -> tuple[list
     )
     losses = []
     for step in range(cfg.train.max_steps):
-        rows = rows_for_step(
-            step,
-            num_rows=len(data),
-            rows_per_step=cfg.global_batch_rows(world_size),
-            seed=cfg.data.seed,
-            shuffle=cfg.data.shuffle,
+        g = cfg.global_batch_rows(world_size)
+        _, rows = stream_rows(
+            step * g, g, num_rows=len(data), seed=cfg.data.seed, shuffle=cfg.data.shuffle
         )
         batch = collate(
             [data.row(int(i)) for i in np.sort(rows)], seq_len=data.seq_len, pad_id=tok.pad_token_id

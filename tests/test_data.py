@@ -6,7 +6,7 @@ from sftscale.data import (
     PackedDataset,
     balance_ranks,
     collate,
-    rows_for_step,
+    stream_rows,
 )
 
 
@@ -28,18 +28,23 @@ def test_collate_rejects_overlong_rows():
         collate([(ids, np.ones(5, np.int8), np.array([5], np.int32))], seq_len=4, pad_id=0)
 
 
-def test_global_order_is_a_pure_function_and_ranks_partition_it():
-    kw = dict(num_rows=50, rows_per_step=12, seed=3, shuffle=True)
-    s0, s0_again = rows_for_step(0, **kw), rows_for_step(0, **kw)
-    assert np.array_equal(s0, s0_again)
-    epoch0 = np.concatenate([rows_for_step(s, **kw) for s in range(4)])  # 4 steps per epoch
-    assert len(set(epoch0.tolist())) == 48  # no row twice within an epoch
-    assert not np.array_equal(rows_for_step(4, **kw), s0)  # epoch 1 reshuffles
+def test_sample_stream_is_a_pure_function_and_ranks_partition_each_step():
+    kw = dict(num_rows=50, seed=3, shuffle=True)
+    e0, s0 = stream_rows(0, 12, **kw)
+    assert np.array_equal(s0, stream_rows(0, 12, **kw)[1])
+    # O(1) seek: a window in the middle equals the same slice of the whole stream
+    epochs, rows = stream_rows(0, 150, **kw)
+    e, r = stream_rows(37, 40, **kw)
+    assert np.array_equal(r, rows[37:77]) and np.array_equal(e, epochs[37:77])
+    # every epoch is a permutation: no row skipped or repeated, and each epoch reshuffles
+    for k in range(3):
+        assert sorted(rows[k * 50 : (k + 1) * 50].tolist()) == list(range(50))
+    assert not np.array_equal(rows[:50], rows[50:100])
+    assert epochs.tolist() == [0] * 50 + [1] * 50 + [2] * 50
+    assert stream_rows(0, 50, num_rows=50, seed=3, shuffle=False)[1].tolist() == list(range(50))
     micro, _ = balance_ranks(s0, np.ones(12), world_size=2, micro_batch_size=3, grad_accum=2)
     parts = [np.concatenate(m) for m in micro]
     assert sorted(np.concatenate(parts).tolist()) == sorted(s0.tolist())
-    with pytest.raises(ValueError, match="cannot fill"):
-        rows_for_step(0, num_rows=5, rows_per_step=6, seed=0, shuffle=True)
 
 
 def test_reader_returns_the_written_rows(prepared_dir):

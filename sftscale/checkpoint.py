@@ -1,0 +1,200 @@
+"""Checkpoints that survive crashes: atomic, complete, and resumable on another world size.
+
+Layout under <run>/checkpoints/:
+
+    step_00000040/            one checkpoint (a "tag")
+        ...                   DeepSpeed's files: ZeRO-3 partitions of weights and optimizer state
+        rng_rank{r}.pt        python / numpy / torch (CPU, CUDA) RNG states of rank r
+        sftscale_state.json   step, stream position, world size, data fingerprint (rank 0)
+    latest                    name of the newest complete checkpoint, written last
+    hf_model/                 config + tokenizer, for `sftscale export`
+<run>/ledger/upto_00000040.npy  (step, epoch, row) of every sample consumed since the previous
+                              checkpoint: the proof that no sample is skipped or repeated
+
+Atomicity: every rank writes into `.tmp-step_N/`; after a barrier rank 0 renames it to
+`step_N/`, writes the ledger segment, and only then replaces `latest` (write + rename). A crash
+at any point leaves `latest` naming the previous complete checkpoint. Old checkpoints beyond
+`keep_last` are deleted after `latest` moves.
+
+The learning-rate schedule is a pure function of the step and the data position of the step
+and the stream position, so neither needs state of its own beyond these numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "sftscale_state.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+# Fault-injection point for the crash-during-checkpoint test: when set to a step number, the
+# process kills itself after DeepSpeed has written that step's files and before the rename.
+CRASH_ENV = "SFTSCALE_FAULT_KILL_DURING_CHECKPOINT"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None. Half-written ones are invisible."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag_dir = root / pointer.read_text().strip()
+    if not (tag_dir / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {tag_dir.name}, which is incomplete or missing")
+    return tag_dir
+
+
+def read_state(tag_dir: Path) -> dict[str, Any]:
+    return json.loads((tag_dir / STATE_FILE).read_text())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def save_checkpoint(
+    engine,
+    root: Path,
+    *,
+    state: dict[str, Any],
+    ledger: np.ndarray | None,
+    ledger_dir: Path,
+    rank: int,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint directory."""
+    import torch.distributed as dist
+
+    step = state["step"]
+    tag = tag_for(step)
+    tmp_tag = TMP_PREFIX + tag
+    if rank == 0 and (root / tmp_tag).exists():  # debris of an earlier crash at this step
+        shutil.rmtree(root / tmp_tag)
+    dist.barrier()
+    engine.save_checkpoint(
+        str(root), tag=tmp_tag, client_state={"sftscale": state}, save_latest=False
+    )
+    torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
+    dist.barrier()  # collective: every rank's files are on disk
+    if os.environ.get(CRASH_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    final = root / tag
+    if rank == 0:  # rank-0-only effects: commit
+        _atomic_write(root / tmp_tag / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        (root / tmp_tag).replace(final)
+        if ledger is not None:
+            ledger_dir.mkdir(parents=True, exist_ok=True)
+            tmp = ledger_dir / f".upto_{step:08d}.npy"
+            np.save(tmp, ledger)
+            tmp.replace(ledger_dir / f"upto_{step:08d}.npy")
+        _atomic_write(root / LATEST, tag + "\n")
+        _prune(root, keep_last=keep_last)
+    dist.barrier()  # collective: nobody proceeds (or reports) before the commit
+    return final
+
+
+def _prune(root: Path, *, keep_last: int) -> None:
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in tags[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
+    """Restore weights, optimizer state and this rank's RNG; return the sftscale state."""
+    state = read_state(tag_dir)
+    load_dir, _ = engine.load_checkpoint(
+        str(tag_dir.parent),
+        tag=tag_dir.name,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )
+    if load_dir is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    rng_file = tag_dir / f"rng_rank{rank}.pt"
+    if state["world_size"] == _world_size() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def truncate_ledger(ledger_dir: Path, *, step: int) -> None:
+    """Drop ledger segments of steps after `step` (work lost in a crash, to be redone)."""
+    for f in ledger_dir.glob("upto_*.npy"):
+        if int(f.stem.split("_")[1]) > step:
+            f.unlink()
+
+
+def read_ledger(ledger_dir: Path) -> np.ndarray:
+    """All (step, epoch, row) entries of the run, in step order."""
+    parts = [np.load(f) for f in sorted(ledger_dir.glob("upto_*.npy"))]
+    return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
+
+
+def universal_checkpoint(tag_dir: Path, *, rank: int) -> Path:
+    """Collective. DeepSpeed's universal (world-size-independent) form of a checkpoint, made
+    once by rank 0 beside it; loading it needs `"checkpoint": {"load_universal": true}`."""
+    import argparse
+
+    import torch.distributed as dist
+
+    out = tag_dir.parent / f"universal-{tag_dir.name}"
+    if rank == 0 and not (out / STATE_FILE).is_file():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = tag_dir.parent / f"{TMP_PREFIX}universal-{tag_dir.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=False,
+        )  # fmt: skip
+        ds_to_universal.main(args)
+        for f in tag_dir.glob("rng_rank*.pt"):
+            shutil.copy2(f, tmp / f.name)
+        shutil.copy2(tag_dir / STATE_FILE, tmp / STATE_FILE)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+    dist.barrier()  # collective: the conversion is on disk for every rank
+    return out
