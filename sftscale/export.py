@@ -6,7 +6,7 @@ Two ways in:
   from their ZeRO-3 partitions a bounded group at a time (collective on every rank) and rank 0
   streams them into shards, so peak host memory is about one shard, never the whole model.
 * `export_from_checkpoint` — `sftscale export CHECKPOINT --out DIR`, offline, from a DeepSpeed
-  checkpoint written by training (consolidates the fp32 master weights).
+  checkpoint written by training: the fp32 master weights, streamed a shard at a time.
 
 Either way `AutoModelForCausalLM.from_pretrained(DIR)` loads the result.
 """
@@ -14,7 +14,9 @@ Either way `AutoModelForCausalLM.from_pretrained(DIR)` loads the result.
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -22,49 +24,94 @@ import torch
 MODEL_META_DIR = "hf_model"  # under the checkpoint root: config + tokenizer, written by training
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
 class ShardWriter:
-    """Streams tensors into safetensors files of at most `max_shard_bytes` (HF naming + index)."""
+    """Writes tensors straight into safetensors files (Hugging Face shard names + index).
 
-    def __init__(self, out_dir: Path, *, max_shard_bytes: int) -> None:
+    The layout — names, shapes, dtypes, in the order they will come — is known up front, so
+    each file's header is written first and every tensor is appended as it arrives: memory holds
+    one tensor at a time, whatever the shard size. Files get their final names when complete.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        max_shard_bytes: int,
+    ) -> None:
         self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._files: list[tuple[Path, list[str], int]] = []
         out_dir.mkdir(parents=True, exist_ok=True)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(shards)
+        self._files = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._shards = shards
+        self._queue = [(k, entry) for k, shard in enumerate(shards) for entry in shard]
+        self._next = 0
+        self._handle = None
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        k, (expected, shape, dtype, nbytes) = self._queue[self._next]
+        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"expected {expected} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if self._handle is None:
+            self._open(k)
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        assert data.nbytes == nbytes
+        self._handle.write(memoryview(data))
+        self._next += 1
+        if self._next == len(self._queue) or self._queue[self._next][0] != k:
+            self._handle.close()
+            self._handle = None
+            (self.out_dir / f".{self._files[k]}.tmp").replace(self.out_dir / self._files[k])
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.out_dir / f".part-{len(self._files):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._files.append((path, list(self._pending), self._pending_bytes))
-        self._pending, self._pending_bytes = {}, 0
+    def _open(self, k: int) -> None:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in self._shards[k]:
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self._handle = open(self.out_dir / f".{self._files[k]}.tmp", "wb")  # noqa: SIM115 (closed in write)
+        self._handle.write(struct.pack("<Q", len(raw)) + raw)
 
     def close(self) -> None:
-        if self._pending or not self._files:
-            self._flush()
-        n = len(self._files)
-        if n == 1:
-            self._files[0][0].replace(self.out_dir / "model.safetensors")
-            return
-        weight_map, total = {}, 0
-        for i, (path, names, size) in enumerate(self._files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.replace(self.out_dir / final)
-            weight_map.update({k: final for k in names})
-            total += size
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / "model.safetensors.index.json").write_text(
-            json.dumps(index, indent=2) + "\n"
-        )
+        if self._next != len(self._queue):
+            raise RuntimeError(f"{len(self._queue) - self._next} tensors were never written")
+        if len(self._files) > 1:
+            weight_map = {
+                name: self._files[k] for k, shard in enumerate(self._shards) for name, *_ in shard
+            }
+            total = sum(e[3] for shard in self._shards for e in shard)
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (self.out_dir / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n"
+            )
 
 
 def _full_numel(p: torch.nn.Parameter) -> int:
@@ -89,20 +136,20 @@ def export_from_engine(
     """Collective: every rank must call it. Rank 0 writes `out_dir`."""
     import deepspeed
 
-    writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes) if rank == 0 else None
     named = list(module.named_parameters())  # tied weights appear once
+    layout = [(n, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in named]
+    writer = ShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes) if rank == 0 else None
     group: list[tuple[str, torch.nn.Parameter]] = []
     group_bytes = 0
     for i, (name, p) in enumerate(named):
         group.append((name, p))
         group_bytes += _full_numel(p) * p.element_size()
-        last = i == len(named) - 1
-        if group_bytes >= max_shard_bytes // 4 or last:
+        if group_bytes >= GATHER_GROUP_BYTES or i == len(named) - 1:
             # Collective: all-gathers the group's partitions on every rank; freed on exit.
             with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
                 if writer is not None:
                     for n, q in group:
-                        writer.add(n, q.data.detach().to("cpu", copy=True))
+                        writer.write(n, q.data)
             group, group_bytes = [], 0
     if writer is not None:  # rank-0-only effect
         writer.close()
@@ -121,6 +168,30 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     )
 
 
+GATHER_GROUP_BYTES = 256 * 2**20  # parameters all-gathered at once by the in-training export
+_MADV_DONTNEED = 4  # Linux
+
+
+def _release_pages(lazy) -> None:
+    """Tell the kernel the memory-mapped pages behind a lazy tensor's slices are not needed:
+    they are clean file pages, so they are dropped (and re-read from disk if touched again)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    end_idx = lazy.offset + lazy.partitioned_numel
+    bounds = lazy.flat_groups_offset
+    for groups in lazy.flat_groups:  # one list of flat fp32 tensors per rank
+        for g, flat in enumerate(groups):
+            lo, hi = max(lazy.offset, bounds[g]), min(end_idx, bounds[g + 1])
+            if lo >= hi:
+                continue
+            start = int(flat.data_ptr() + (lo - bounds[g]) * flat.element_size())
+            aligned = start - start % mmap.PAGESIZE
+            length = int((hi - lo) * flat.element_size() + (start - aligned))
+            libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
 def export_from_checkpoint(
     checkpoint: str | Path,
     *,
@@ -128,17 +199,44 @@ def export_from_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 2_000_000_000,
 ) -> Path:
+    """Write a Hugging Face directory from a ZeRO checkpoint, one shard's worth of tensors at a
+    time: peak host memory is about one output shard, not the model.
+
+    The fp32 master weights live in every rank's optimizer-state file. DeepSpeed's lazy reader
+    memory-maps those files and assembles a parameter from its per-rank slices on demand; the
+    pages read for a parameter are handed back to the kernel right after, and the shard writer
+    streams each tensor to disk, so memory holds about one parameter at a time.
+    """
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, GenerationConfig
 
     root, tag = resolve_checkpoint(checkpoint)
     meta = root / MODEL_META_DIR
     out = Path(out_dir)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    writer = ShardWriter(out, max_shard_bytes=max_shard_bytes)
-    for name in list(state):
-        writer.add(name, state.pop(name).to(dtype))
+
+    def lazy_state() -> dict:
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints per call
+            return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, lazy_mode=True)
+
+    state = lazy_state()  # one parse; the optimizer-state files are memory-mapped
+    layout = [
+        (n, tuple(t.shape), dtype if t.dtype.is_floating_point else t.dtype)
+        for n, t in state.items()
+    ]
+    writer = ShardWriter(out, layout, max_shard_bytes=max_shard_bytes)
+    for name, t in state.items():
+        if hasattr(t, "flat_groups"):  # a lazy tensor: assemble it from every rank's slice
+            full = t.contiguous()
+            _release_pages(t)
+        else:
+            full = t
+        writer.write(name, full.to(dtype) if full.is_floating_point() else full)
+        del full
     writer.close()
+    del state
     cfg = AutoConfig.from_pretrained(str(meta))
     cfg.dtype = dtype
     cfg.save_pretrained(str(out))

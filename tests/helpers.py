@@ -64,3 +64,25 @@ def train_local_subprocess(cfg, *extra: str) -> None:
         text=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def assert_sharded_export_loads(run_dir: Path, tmp_path: Path) -> None:
+    """A small shard limit gives several safetensors files + index, loaded as one model."""
+    from transformers import AutoModelForCausalLM
+
+    from sftscale.export import export_from_checkpoint
+
+    out = export_from_checkpoint(
+        run_dir / "checkpoints",
+        out_dir=tmp_path / "sharded",
+        dtype=torch.float32,
+        max_shard_bytes=40_000,
+    )
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+    whole = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "from_checkpoint_fp32"), dtype=torch.float32
+    )
+    sharded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    for (name, a), (_, b) in zip(whole.named_parameters(), sharded.named_parameters(), strict=True):
+        assert torch.equal(a, b), name

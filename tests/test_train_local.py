@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import assert_export_matches_checkpoint
+from helpers import assert_export_matches_checkpoint, assert_sharded_export_loads
 from sftscale.cli import main
 from sftscale.config import load_config
 
@@ -75,6 +75,7 @@ def test_local_mode_trains_evaluates_checkpoints_and_exports(tmp_path, prepared_
     assert saved.optim.weight_decay == 0.01  # the resolved config, overrides applied
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
     assert_export_matches_checkpoint(run_dir, tmp_path)
+    assert_sharded_export_loads(run_dir, tmp_path)
 
 
 @pytest.mark.distributed
