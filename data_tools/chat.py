@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+from data_tools.formats import BadRecord
+
+MASK_MODES = ("assistant", "last", "all")
 
 # Built-in templates for tokenizers that ship none. Each must render a conversation prefix as a
 # textual prefix of the whole conversation (checked per record).
@@ -27,11 +29,25 @@ BUILTIN_TEMPLATES = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # Mistral instruct: a system prompt is folded into the first user turn.
+    "mistral": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' }}"
+        "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+        "{{ message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
 }
-
-
-class BadRecord(ValueError):
-    """A record that cannot be trained on; `reason` goes to the quarantine file."""
 
 
 @dataclass
@@ -42,36 +58,6 @@ class TokenizedDoc:
     @property
     def num_supervised(self) -> int:
         return sum(self.loss_mask)
-
-
-def validate_messages(record: Any) -> list[dict[str, str]]:
-    """Check a `messages` record; return its messages as plain {role, content} dicts."""
-    if not isinstance(record, dict):
-        raise BadRecord(f"record is a {type(record).__name__}, expected a JSON object")
-    if "messages" not in record:
-        raise BadRecord(f"no 'messages' field (fields: {sorted(record)[:8]})")
-    messages = record["messages"]
-    if not isinstance(messages, list):
-        raise BadRecord(f"'messages' is a {type(messages).__name__}, expected a list")
-    if not messages:
-        raise BadRecord("empty conversation")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadRecord(f"messages[{i}] is a {type(m).__name__}, expected an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise BadRecord(f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise BadRecord(
-                f"messages[{i}].content is a {type(content).__name__}, expected a string"
-            )
-        if role == "system" and i != 0:
-            raise BadRecord(f"messages[{i}] is a system message; only the first message may be one")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise BadRecord("no assistant turn: nothing to learn from")
-    return out
 
 
 def resolve_template(tokenizer: Any, name: str | None) -> str:
@@ -105,19 +91,26 @@ def _render(
 
 
 def split_supervised_text(
-    tokenizer: Any, template: str, messages: list[dict[str, str]]
+    tokenizer: Any, template: str, messages: list[dict[str, str]], *, mask: str = "assistant"
 ) -> list[tuple[str, bool]]:
     """The rendered conversation as consecutive (text, supervised) segments.
 
     An assistant turn's segment runs from the end of the generation prompt before it to the end
     of the conversation rendered through that turn, so it includes the end-of-turn token.
+    mask: "assistant" supervises every assistant turn, "last" only the last one, "all" the
+    whole conversation (prompts included).
     """
+    if mask not in MASK_MODES:
+        raise ValueError(f"mask {mask!r} is not one of {', '.join(MASK_MODES)}")
     full = _render(tokenizer, template, messages, add_generation_prompt=False)
+    if mask == "all":
+        return [(full, True)]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if mask == "last":
+        turns = turns[-1:]
     segments: list[tuple[str, bool]] = []
     pos = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+    for i in turns:
         prompt = _render(tokenizer, template, messages[:i], add_generation_prompt=True)
         through = _render(tokenizer, template, messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(through) and through.startswith(prompt) and len(prompt) >= pos):
@@ -135,12 +128,20 @@ def split_supervised_text(
 
 
 def tokenize_conversation(
-    tokenizer: Any, template: str, messages: list[dict[str, str]]
+    tokenizer: Any, template: str, messages: list[dict[str, str]], *, mask: str = "assistant"
 ) -> TokenizedDoc:
     ids: list[int] = []
-    mask: list[int] = []
-    for text, supervised in split_supervised_text(tokenizer, template, messages):
+    loss_mask: list[int] = []
+    for text, supervised in split_supervised_text(tokenizer, template, messages, mask=mask):
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
-        mask.extend([int(supervised)] * len(piece))
-    return TokenizedDoc(input_ids=ids, loss_mask=mask)
+        loss_mask.extend([int(supervised)] * len(piece))
+    return TokenizedDoc(input_ids=ids, loss_mask=loss_mask)
+
+
+def tokenize_text(tokenizer: Any, text: str) -> TokenizedDoc:
+    """Continued pretraining: every token supervised; EOS closes the document when there is one."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    return TokenizedDoc(input_ids=ids, loss_mask=[1] * len(ids))

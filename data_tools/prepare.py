@@ -1,89 +1,144 @@
-"""`sftscale prepare`: chat JSONL -> tokenized, loss-masked, packed Arrow shards + manifest.
+"""`sftscale prepare`: raw SFT records -> tokenized, loss-masked, packed Arrow shards + manifest.
 
-    sftscale prepare data/*.jsonl --tokenizer TOKDIR --seq-len 2048 --out prepared/
+    sftscale prepare data/*.jsonl more.parquet hf_dir/ --tokenizer TOK --seq-len 4096 --out prepared/ \
+        [--format auto] [--chat-template chatml] [--mask assistant|last|all] \
+        [--overflow truncate|split|quarantine] [--num-proc 8] [--engine local|ray]
 
-Pipeline: read records (line by line, remembering file and line) -> validate -> render the chat
-template -> tokenize + loss mask (data_tools.chat) -> handle over-long documents -> pack
-(best-fit decreasing) -> write shards + manifest. Bad records go to quarantine.jsonl with their
-source, line and reason; nothing is dropped silently.
+Pipeline (streaming; memory stays flat as the corpus grows):
 
-Imports neither torch, ray nor deepspeed (transformers only for the tokenizer).
+    read records (file, line) -> batches -> [workers] normalize format, render the chat
+    template, tokenize + loss mask, handle over-long documents -> in input order, a window of
+    documents -> best-fit-decreasing packing -> rows -> shards of --rows-per-shard rows
+
+Workers are local processes (--num-proc) or Ray Data tasks (--engine ray); results come back in
+input order, so the output is byte-identical for the same inputs and options whatever the
+engine or the number of workers. Bad records go to quarantine.jsonl with their source, line and
+reason as they are met; nothing is dropped silently.
+
+Imports neither torch, ray (except for --engine ray) nor deepspeed.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import itertools
 import json
 import shutil
+import sys
+import tempfile
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from data_tools import schema
-from data_tools.chat import BadRecord, resolve_template, tokenize_conversation, validate_messages
+from data_tools.chat import MASK_MODES, resolve_template, tokenize_conversation, tokenize_text
+from data_tools.formats import (
+    FORMATS,
+    BadRecord,
+    InputError,
+    expand_inputs,
+    iter_records,
+    normalize,
+)
 from data_tools.pack import pack_best_fit_decreasing
 
-OVERFLOW_MODES = ("truncate", "quarantine")
+OVERFLOW_MODES = ("truncate", "split", "quarantine")
+ENGINES = ("local", "ray")
+BATCH = 256  # records per unit of work
 
 
 class PrepareError(RuntimeError):
-    """The job as a whole cannot go on (bad arguments, too many bad rows)."""
+    """The job as a whole cannot go on (bad arguments, unreadable input, too many bad rows)."""
 
 
 @dataclass
 class PrepareOptions:
     seq_len: int
     chat_template: str | None = None
+    format: str | None = None  # None: detect per record
+    mask: str = "assistant"
     overflow: str = "truncate"
     rows_per_shard: int = 10_000
     max_bad_fraction: float = 1.0
+    num_proc: int = 1
+    engine: str = "local"
+    window: int = 50_000  # documents packed together; bounds memory
+    progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise PrepareError(f"--seq-len must be >= 2, got {self.seq_len}")
-        if self.overflow not in OVERFLOW_MODES:
-            raise PrepareError(f"--overflow must be one of {', '.join(OVERFLOW_MODES)}")
-        if self.rows_per_shard < 1:
-            raise PrepareError("--rows-per-shard must be >= 1")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise PrepareError("--max-bad-fraction must be in [0, 1]")
+        checks = [
+            (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
+            (
+                self.format is None or self.format in FORMATS,
+                f"--format must be auto or one of {', '.join(FORMATS)}",
+            ),
+            (self.mask in MASK_MODES, f"--mask must be one of {', '.join(MASK_MODES)}"),
+            (
+                self.overflow in OVERFLOW_MODES,
+                f"--overflow must be one of {', '.join(OVERFLOW_MODES)}",
+            ),
+            (self.rows_per_shard >= 1, "--rows-per-shard must be >= 1"),
+            (0 <= self.max_bad_fraction <= 1, "--max-bad-fraction must be in [0, 1]"),
+            (self.num_proc >= 1, "--num-proc must be >= 1"),
+            (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
+            (self.window >= 1, "--window must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PrepareError(message)
 
 
-@dataclass
-class _Quarantine:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    reasons: Counter = field(default_factory=Counter)
-
-    def add(self, *, source: str, line: int, reason: str, raw: str) -> None:
-        self.rows.append({"source": source, "line": line, "reason": reason, "raw": raw})
-        self.reasons[reason.split(":")[0]] += 1
-
-
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    paths: list[Path] = []
-    for item in inputs:
-        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
-        if not matches:
-            raise PrepareError(f"input {item!r} matches no file")
-        for m in matches:
-            p = Path(m)
-            if not p.is_file():
-                raise PrepareError(f"input {m} is not a file")
-            paths.append(p)
-    return paths
+# ---- tokenizer ---------------------------------------------------------------------------------
 
 
 def load_tokenizer(path: str | Path) -> Any:
+    """A local Hugging Face tokenizer directory, or a SentencePiece .model file."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if path.is_file() and path.suffix == ".model":
+        return _tokenizer_from_sentencepiece(path)
     if not path.is_dir():
         raise PrepareError(
-            f"--tokenizer {path} is not a directory holding a Hugging Face tokenizer"
+            f"--tokenizer {path} is neither a Hugging Face tokenizer directory nor a SentencePiece .model file"
         )
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def _tokenizer_from_sentencepiece(model_file: Path) -> Any:
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+
+    def piece(i: int) -> str | None:
+        return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
+
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "legacy": False,
+        "add_prefix_space": proto.normalizer_spec.add_dummy_prefix,
+        "bos_token": piece(sp.bos_id()),
+        "eos_token": piece(sp.eos_id()),
+        "unk_token": piece(sp.unk_id()),
+        "pad_token": piece(sp.pad_id()),
+    }
+    # transformers builds a working tokenizer from a .model only when loading a directory.
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy2(model_file, Path(tmp) / "tokenizer.model")
+        (Path(tmp) / "tokenizer_config.json").write_text(
+            json.dumps({k: v for k, v in config.items() if v is not None})
+        )
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
@@ -94,32 +149,200 @@ def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
     return h.hexdigest()
 
 
-def _read_records(path: Path):
-    """Yield (line number, raw text, parsed record or BadRecord) for each non-blank line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield (
-                    lineno,
-                    raw.decode("utf-8", errors="replace"),
-                    BadRecord(f"invalid UTF-8: {e}"),
+# ---- per-record work (runs in worker processes) --------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_dir: str, options: dict) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    _WORKER.update(tokenizer=tok, template=tok.chat_template, options=PrepareOptions(**options))
+
+
+def _process_batch(items: list[tuple[str, int, str, Any]]) -> list[dict]:
+    return process_records(items, _WORKER["tokenizer"], _WORKER["template"], _WORKER["options"])
+
+
+def process_records(items, tokenizer, template: str, options: PrepareOptions) -> list[dict]:
+    """Records -> documents (lists of (ids, mask) pieces) or quarantine entries, in order."""
+    out = []
+    for source, line, raw, record in items:
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            kind, value = normalize(record, options.format)
+            if kind == "text":
+                doc = tokenize_text(tokenizer, value)
+            else:
+                doc = tokenize_conversation(tokenizer, template, value, mask=options.mask)
+            n, pieces, overflow = len(doc.input_ids), [], None
+            if n <= options.seq_len:
+                pieces = [(doc.input_ids, doc.loss_mask)]
+            elif options.overflow == "quarantine":
+                raise BadRecord(f"too long: {n} tokens > seq_len {options.seq_len}")
+            elif options.overflow == "truncate":
+                pieces, overflow = (
+                    [(doc.input_ids[: options.seq_len], doc.loss_mask[: options.seq_len])],
+                    "truncated",
                 )
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield lineno, text.rstrip("\n"), json.loads(text)
-            except json.JSONDecodeError as e:
-                yield lineno, text.rstrip("\n"), BadRecord(f"malformed JSON: {e}")
+            else:  # split into consecutive documents of at most seq_len tokens
+                pieces = [
+                    (doc.input_ids[i : i + options.seq_len], doc.loss_mask[i : i + options.seq_len])
+                    for i in range(0, n, options.seq_len)
+                ]
+                overflow = "split"
+            kept = [p for p in pieces if any(p[1])]
+            if not kept:
+                raise BadRecord("zero supervised tokens (after fitting the document to seq_len)")
+            out.append({"ok": True, "format": kind if kind == "text" else (options.format or _fmt(record)),
+                        "pieces": kept, "overflow": overflow, "unsupervised_pieces": len(pieces) - len(kept)})  # fmt: skip
+        except BadRecord as e:
+            out.append({"ok": False, "source": source, "line": line, "reason": str(e), "raw": raw})
+        except Exception as e:  # a record the template or tokenizer rejects must not end the job
+            reason = f"cannot render or tokenize: {type(e).__name__}: {e}"
+            out.append({"ok": False, "source": source, "line": line, "reason": reason, "raw": raw})
+    return out
+
+
+def _fmt(record: dict) -> str:
+    from data_tools.formats import detect_format
+
+    return detect_format(record)
+
+
+# ---- engines: results in input order ----------------------------------------------------------
+
+
+def _batches(paths: list[Path], source_hashes: list[dict]) -> Iterator[list[tuple]]:
+    def items():
+        for path in paths:
+            h = hashlib.sha256()
+            for rec in iter_records(path):
+                h.update(rec.raw.encode("utf-8", "replace"))
+                h.update(b"\n")
+                yield (rec.source, rec.line, rec.raw, rec.record)
+            source_hashes.append({"path": str(path), "sha256": h.hexdigest()})
+
+    it = items()
+    while batch := list(itertools.islice(it, BATCH)):
+        yield batch
+
+
+def _run_local(
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions
+) -> Iterator[list[dict]]:
+    if options.num_proc == 1:
+        _init_worker(str(tokenizer_dir), asdict(options))
+        for batch in batches:
+            yield _process_batch(batch)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold threads (tokenizers)
+    with ctx.Pool(
+        options.num_proc, initializer=_init_worker, initargs=(str(tokenizer_dir), asdict(options))
+    ) as pool:
+        # imap keeps input order; a bounded chunk keeps memory flat.
+        yield from pool.imap(_process_batch, batches, chunksize=1)
+
+
+class _RayTokenize:
+    """Ray Data map_batches UDF: one tokenizer per actor."""
+
+    def __init__(self, tokenizer_dir: str, options: dict) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.options = PrepareOptions(**options)
+
+    def __call__(self, batch: dict) -> dict:
+        items = [json.loads(x) for x in batch["item"]]
+        items = [(s, n, raw, BadRecord(rec["__bad__"]) if isinstance(rec, dict) and "__bad__" in rec else rec)
+                 for s, n, raw, rec in items]  # fmt: skip
+        results = process_records(items, self.tok, self.tok.chat_template, self.options)
+        return {"result": [json.dumps(r) for r in results]}
+
+
+def _run_ray(
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions
+) -> Iterator[list[dict]]:
+    """The same per-record work on Ray Data (a running cluster, or a local Ray); the driver
+    streams records in windows and packs in input order."""
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    try:
+        for group in iter(lambda: list(itertools.islice(batches, options.num_proc * 8)), []):
+            encoded = [
+                json.dumps([s, n, raw, {"__bad__": str(rec)} if isinstance(rec, BadRecord) else rec])
+                for batch in group for s, n, raw, rec in batch
+            ]  # fmt: skip
+            ds = ray.data.from_items([{"item": x} for x in encoded]).map_batches(
+                _RayTokenize,
+                fn_constructor_args=(str(tokenizer_dir), asdict(options)),
+                batch_size=BATCH,
+                concurrency=options.num_proc,
+            )
+            results = [json.loads(r["result"]) for r in ds.iter_rows()]
+            for r in results:
+                if r["ok"]:
+                    r["pieces"] = [tuple(p) for p in r["pieces"]]
+            yield results
+    finally:
+        ray.shutdown()
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+
+class _Shards:
+    """Packs windows of documents and writes full shards as they fill."""
+
+    def __init__(self, out: Path, options: PrepareOptions) -> None:
+        self.out, self.options = out, options
+        self.rows: dict[str, list] = {"input_ids": [], "loss_mask": [], "doc_lens": []}
+        self.shards: list[dict] = []
+        self.num_rows = 0
+
+    def pack(self, docs: list[tuple[list[int], list[int]]]) -> None:
+        for b in pack_best_fit_decreasing([len(d[0]) for d in docs], self.options.seq_len):
+            self.rows["input_ids"].append([t for i in b for t in docs[i][0]])
+            self.rows["loss_mask"].append([m for i in b for m in docs[i][1]])
+            self.rows["doc_lens"].append([len(docs[i][0]) for i in b])
+            self.num_rows += 1
+            if len(self.rows["input_ids"]) == self.options.rows_per_shard:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.rows["input_ids"]:
+            return
+        name = schema.shard_name(len(self.shards))
+        schema.write_shard(self.out / name, self.rows)
+        self.shards.append({
+            "file": name,
+            "num_rows": len(self.rows["input_ids"]),
+            "num_tokens": sum(map(len, self.rows["input_ids"])),
+            "num_supervised_tokens": sum(map(sum, self.rows["loss_mask"])),
+        })  # fmt: skip
+        self.rows = {k: [] for k in self.rows}
 
 
 def prepare(
     inputs: list[str], *, tokenizer_path: str, out_dir: str, options: PrepareOptions
 ) -> dict:
-    """Run the pipeline; return the manifest. Same inputs and options -> byte-identical output."""
-    paths = expand_inputs(inputs)
+    """Run the pipeline; return the manifest."""
+    try:
+        paths = expand_inputs(inputs)
+    except InputError as e:
+        raise PrepareError(str(e)) from e
     tokenizer = load_tokenizer(tokenizer_path)
     try:
         template = resolve_template(tokenizer, options.chat_template)
@@ -128,116 +351,120 @@ def prepare(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    quarantine = _Quarantine()
-    docs_ids: list[list[int]] = []
-    docs_mask: list[list[int]] = []
-    num_records = 0
-    truncated = 0
-    source_hash = hashlib.sha256()
-    sources = []
-    for path in paths:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        source_hash.update(digest.encode())
-        sources.append({"path": str(path), "sha256": digest})
-        for lineno, raw, record in _read_records(path):
-            num_records += 1
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                messages = validate_messages(record)
-                doc = tokenize_conversation(tokenizer, template, messages)
-                if len(doc.input_ids) > options.seq_len:
-                    if options.overflow == "quarantine":
-                        raise BadRecord(
-                            f"too long: {len(doc.input_ids)} tokens > seq_len {options.seq_len}"
-                        )
-                    doc.input_ids = doc.input_ids[: options.seq_len]
-                    doc.loss_mask = doc.loss_mask[: options.seq_len]
-                    truncated += 1
-                if doc.num_supervised == 0:
-                    raise BadRecord("zero supervised tokens (after truncation to seq_len)")
-            except BadRecord as e:
-                quarantine.add(source=str(path), line=lineno, reason=str(e), raw=raw)
-                continue
-            docs_ids.append(doc.input_ids)
-            docs_mask.append(doc.loss_mask)
-
-    bad = len(quarantine.rows)
-    if num_records == 0:
-        raise PrepareError(f"no records in {', '.join(map(str, paths))}")
-    if bad / num_records > options.max_bad_fraction:
-        _write_quarantine(out, quarantine)
-        raise PrepareError(
-            f"{bad} of {num_records} records are bad ({bad / num_records:.1%} > --max-bad-fraction "
-            f"{options.max_bad_fraction:.1%}); see {out / schema.QUARANTINE_NAME}"
-        )
-    if not docs_ids:
-        _write_quarantine(out, quarantine)
-        raise PrepareError(f"every record was quarantined; see {out / schema.QUARANTINE_NAME}")
-
-    bins = pack_best_fit_decreasing([len(d) for d in docs_ids], options.seq_len)
-    shards = []
-    for shard_index, start in enumerate(range(0, len(bins), options.rows_per_shard)):
-        rows: dict[str, list] = {"input_ids": [], "loss_mask": [], "doc_lens": []}
-        for b in bins[start : start + options.rows_per_shard]:
-            rows["input_ids"].append([t for d in b for t in docs_ids[d]])
-            rows["loss_mask"].append([m for d in b for m in docs_mask[d]])
-            rows["doc_lens"].append([len(docs_ids[d]) for d in b])
-        name = schema.shard_name(shard_index)
-        schema.write_shard(out / name, rows)
-        shards.append(
-            {
-                "file": name,
-                "num_rows": len(rows["input_ids"]),
-                "num_tokens": sum(map(len, rows["input_ids"])),
-                "num_supervised_tokens": sum(map(sum, rows["loss_mask"])),
-            }
-        )
-    _write_quarantine(out, quarantine)
-
+    for stale in out.glob("shard-*.arrow"):  # a previous run's shards must not mix with ours
+        stale.unlink()
     # The tokenizer travels with the shards, template included, so training and export use
-    # exactly the ids the data was made with.
+    # exactly the ids the data was made with; the workers load this copy.
     tok_dir = out / schema.TOKENIZER_DIR
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
+    shutil.rmtree(tok_dir, ignore_errors=True)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(tok_dir))
 
-    num_tokens = sum(s["num_tokens"] for s in shards)
+    engine = _run_ray if options.engine == "ray" else _run_local
+    source_hashes: list[dict] = []
+    shards = _Shards(out, options)
+    counts: Counter = Counter()
+    reasons: Counter = Counter()
+    formats: Counter = Counter()
+    window: list[tuple[list[int], list[int]]] = []
+    bar = _Progress(enabled=options.progress)
+    try:
+        with open(out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
+            for results in engine(_batches(paths, source_hashes), tok_dir, options):
+                for r in results:
+                    counts["records"] += 1
+                    if not r["ok"]:
+                        counts["bad"] += 1
+                        reasons[r["reason"].split(":")[0]] += 1
+                        quarantine.write(json.dumps({k: r[k] for k in ("source", "line", "reason", "raw")},
+                                                    ensure_ascii=False) + "\n")  # fmt: skip
+                        continue
+                    formats[r["format"]] += 1
+                    counts["documents"] += len(r["pieces"])
+                    counts[r["overflow"] or "fit"] += 1
+                    counts["unsupervised_pieces"] += r["unsupervised_pieces"]
+                    window.extend(r["pieces"])
+                    bar.update(tokens=sum(len(p[0]) for p in r["pieces"]))
+                    if len(window) >= options.window:
+                        shards.pack(window)
+                        window = []
+                bar.update(records=len(results))
+            if window:
+                shards.pack(window)
+            shards.flush()
+    except InputError as e:
+        raise PrepareError(str(e)) from e
+    finally:
+        bar.close()
+
+    n, bad = counts["records"], counts["bad"]
+    if n == 0:
+        raise PrepareError(f"no records in {', '.join(map(str, paths))}")
+    if bad / n > options.max_bad_fraction:
+        raise PrepareError(
+            f"{bad} of {n} records are bad ({bad / n:.1%} > --max-bad-fraction {options.max_bad_fraction:.1%}); "
+            f"see {out / schema.QUARANTINE_NAME}"
+        )
+    if not shards.shards:
+        raise PrepareError(f"every record was quarantined; see {out / schema.QUARANTINE_NAME}")
+
+    num_tokens = sum(s["num_tokens"] for s in shards.shards)
+    source_hash = hashlib.sha256("".join(s["sha256"] for s in source_hashes).encode()).hexdigest()
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "seq_len": options.seq_len,
-        "num_rows": len(bins),
-        "num_documents": len(docs_ids),
+        "num_rows": shards.num_rows,
+        "num_documents": counts["documents"],
         "num_tokens": num_tokens,
-        "num_supervised_tokens": sum(s["num_supervised_tokens"] for s in shards),
-        "packing_efficiency": num_tokens / (len(bins) * options.seq_len),
-        "num_records": num_records,
+        "num_supervised_tokens": sum(s["num_supervised_tokens"] for s in shards.shards),
+        "packing_efficiency": num_tokens / (shards.num_rows * options.seq_len),
+        "num_records": n,
         "quarantined_rows": bad,
-        "quarantine_reasons": dict(sorted(quarantine.reasons.items())),
-        "truncated_documents": truncated,
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "formats": dict(sorted(formats.items())),
+        "overflow": {
+            "truncated": counts["truncated"],
+            "split": counts["split"],
+            "split_pieces_without_supervision": counts["unsupervised_pieces"],
+        },  # fmt: skip
         "tokenizer": {
             "fingerprint": tokenizer_fingerprint(tokenizer, template),
             "vocab_size": len(tokenizer),
             "dir": schema.TOKENIZER_DIR,
             "source": str(tokenizer_path),
         },
-        "sources": {"sha256": source_hash.hexdigest(), "files": sources},
+        "sources": {"sha256": source_hash, "files": source_hashes},
         "options": {
-            "overflow": options.overflow,
-            "chat_template": options.chat_template,
-            "rows_per_shard": options.rows_per_shard,
+            k: v for k, v in asdict(options).items() if k not in ("num_proc", "engine", "progress")
         },
-        "shards": shards,
+        "shards": shards.shards,
     }
     schema.write_manifest(out, manifest)
     return manifest
 
 
-def _write_quarantine(out: Path, quarantine: _Quarantine) -> None:
-    with open(out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as f:
-        for row in quarantine.rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+class _Progress:
+    """Records/s and tokens/s on stderr when it is a terminal."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._bar = None
+        self._tokens = 0
+        self._t0 = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc="prepare", unit=" records", dynamic_ncols=True)
+
+    def update(self, *, records: int = 0, tokens: int = 0) -> None:
+        self._tokens += tokens
+        if self._bar is not None and records:
+            self._bar.update(records)
+            elapsed = max(time.perf_counter() - self._t0, 1e-9)
+            self._bar.set_postfix(tokens_per_s=f"{self._tokens / elapsed:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def summary_line(manifest: dict) -> str:

@@ -22,9 +22,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     options = PrepareOptions(
         seq_len=args.seq_len,
         chat_template=args.chat_template,
+        format=None if args.format == "auto" else args.format,
+        mask=args.mask,
         overflow=args.overflow,
         rows_per_shard=args.rows_per_shard,
         max_bad_fraction=args.max_bad_fraction,
+        num_proc=args.num_proc,
+        engine=args.engine,
+        window=args.window,
+        progress=not args.no_progress,
     )
     manifest = prepare(
         args.inputs, tokenizer_path=args.tokenizer, out_dir=args.out, options=options
@@ -89,20 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="tokenize, mask and pack chat JSONL into Arrow shards")
-    p.add_argument("inputs", nargs="+", help="JSONL files or globs with a 'messages' list per line")
-    p.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="JSONL / JSON / Parquet files or globs, or dataset directories (save_to_disk)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="Hugging Face tokenizer directory or SentencePiece .model",
+    )
     p.add_argument("--seq-len", type=int, required=True, help="tokens per packed row")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "messages", "prompt", "alpaca", "sharegpt", "text"],
+        help="record format (auto: detected per record from its fields)",
+    )
+    p.add_argument(
         "--chat-template",
         default=None,
-        help="built-in template when the tokenizer has none (chatml)",
+        choices=["chatml", "llama3", "mistral"],
+        help="built-in template, for tokenizers without one (overrides the tokenizer's)",
+    )
+    p.add_argument(
+        "--mask",
+        default="assistant",
+        choices=["assistant", "last", "all"],
+        help="supervised tokens: every assistant turn, the last one only, or everything",
     )
     p.add_argument(
         "--overflow",
         default="truncate",
-        choices=["truncate", "quarantine"],
-        help="what to do with a conversation longer than --seq-len",
+        choices=["truncate", "split", "quarantine"],
+        help="what to do with a document longer than --seq-len",
     )
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument(
@@ -111,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="fail when more than this fraction of records is quarantined",
     )
+    p.add_argument(
+        "--num-proc", type=int, default=1, help="tokenizing processes (or Ray Data actors)"
+    )
+    p.add_argument(
+        "--engine", default="local", choices=["local", "ray"], help="local processes or Ray Data"
+    )
+    p.add_argument(
+        "--window", type=int, default=50_000, help="documents packed together (bounds memory)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("inspect", help="summarize a prepared directory and show what is supervised")

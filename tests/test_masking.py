@@ -4,12 +4,11 @@ import pytest
 
 from data_tools.chat import (
     BUILTIN_TEMPLATES,
-    BadRecord,
     resolve_template,
     split_supervised_text,
     tokenize_conversation,
-    validate_messages,
 )
+from data_tools.formats import BadRecord, normalize
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -34,7 +33,8 @@ def _spans(ids, mask):
     return runs
 
 
-def test_supervised_tokens_are_exactly_the_assistant_turns(sp_tokenizer):
+def test_supervised_tokens_are_exactly_the_assistant_turns(any_tokenizer):
+    sp_tokenizer = any_tokenizer
     template = resolve_template(sp_tokenizer, None)
     doc = tokenize_conversation(sp_tokenizer, template, CONVERSATION)
     assert len(doc.input_ids) == len(doc.loss_mask)
@@ -53,7 +53,8 @@ def test_supervised_tokens_are_exactly_the_assistant_turns(sp_tokenizer):
     assert "Be brief." in text and "capital of Peru?" in text
 
 
-def test_ids_match_inference_tokenization_of_the_prompt(sp_tokenizer):
+def test_ids_match_inference_tokenization_of_the_prompt(any_tokenizer):
+    sp_tokenizer = any_tokenizer
     """The ids before a reply are exactly what the tokenizer gives the generation prompt."""
     template = resolve_template(sp_tokenizer, None)
     doc = tokenize_conversation(sp_tokenizer, template, CONVERSATION[:3])
@@ -97,7 +98,7 @@ def test_segments_cover_the_rendered_text(sp_tokenizer):
 )
 def test_bad_records_are_rejected_with_a_reason(record, reason):
     with pytest.raises(BadRecord, match=reason):
-        validate_messages(record)
+        normalize(record, "messages")
 
 
 def test_missing_template_is_a_clear_error(sp_tokenizer):
@@ -110,3 +111,33 @@ def test_missing_template_is_a_clear_error(sp_tokenizer):
     assert resolve_template(tok, "chatml") == BUILTIN_TEMPLATES["chatml"]
     with pytest.raises(ValueError, match="not a built-in"):
         resolve_template(tok, "nope")
+
+
+@pytest.mark.parametrize("mask, expected", [
+    ("last", ["2 plus 5 is 7.<|im_end|>\n"]),
+    ("assistant", ["The capital of Peru is Lima.<|im_end|>\n", "2 plus 5 is 7.<|im_end|>\n"]),
+])  # fmt: skip
+def test_mask_modes(any_tokenizer, mask, expected):
+    template = resolve_template(any_tokenizer, None)
+    doc = tokenize_conversation(any_tokenizer, template, CONVERSATION, mask=mask)
+    assert [any_tokenizer.decode(s) for s in _spans(doc.input_ids, doc.loss_mask)] == expected
+
+
+def test_mask_all_supervises_everything(any_tokenizer):
+    template = resolve_template(any_tokenizer, None)
+    doc = tokenize_conversation(any_tokenizer, template, CONVERSATION, mask="all")
+    assert all(doc.loss_mask) and len(doc.input_ids) > 20
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "chatml"])
+def test_builtin_templates_locate_every_turn(sp_tokenizer, name):
+    template = resolve_template(sp_tokenizer, name)
+    segments = split_supervised_text(sp_tokenizer, template, CONVERSATION)
+    supervised = [t for t, s in segments if s]
+    assert len(supervised) == 2
+    assert supervised[0].startswith("The capital of Peru is Lima.")
+    assert supervised[1].startswith("2 plus 5 is 7.")
+    full = sp_tokenizer.apply_chat_template(CONVERSATION, chat_template=template, tokenize=False)
+    assert "".join(t for t, _ in segments) == full
+    if name == "mistral":  # the system prompt is folded into the first user turn
+        assert "[INST] Be brief.\n\nWhat is the capital of Peru? [/INST]" in full

@@ -134,7 +134,7 @@ def test_missing_input_and_tokenizer_errors(tmp_path, sp_tokenizer_dir):
             options=PrepareOptions(seq_len=64),
         )
     (tmp_path / "x.jsonl").write_text("{}\n")
-    with pytest.raises(PrepareError, match="not a directory"):
+    with pytest.raises(PrepareError, match="neither a Hugging Face tokenizer directory"):
         prepare(
             [str(tmp_path / "x.jsonl")],
             tokenizer_path=str(tmp_path / "nope"),
