@@ -79,19 +79,45 @@ def resolve_template(tokenizer: Any, name: str | None) -> str:
     return template
 
 
-def _render(
-    tokenizer: Any, template: str, messages: list[dict], *, add_generation_prompt: bool
-) -> str:
-    return tokenizer.apply_chat_template(
-        messages,
-        chat_template=template,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-    )
+class Renderer:
+    """Renders conversations with a chat template, compiled once.
+
+    transformers' apply_chat_template re-validates and deep-copies the conversation on every
+    call; masking renders every prefix of a conversation, so for plain {role, content} string
+    messages we call the same compiled template (transformers' own jinja environment) directly.
+    """
+
+    def __init__(self, tokenizer: Any, template: str) -> None:
+        self.tokenizer, self.template = tokenizer, template
+        self._special = {
+            k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)
+        }
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self._compiled = _compile_jinja_template(template)
+        except ImportError:  # another transformers: take the public road
+            self._compiled = None
+
+    def __call__(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        if self._compiled is None:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        return self._compiled.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self._special
+        )
 
 
 def split_supervised_text(
-    tokenizer: Any, template: str, messages: list[dict[str, str]], *, mask: str = "assistant"
+    tokenizer: Any,
+    template: str | Renderer,
+    messages: list[dict[str, str]],
+    *,
+    mask: str = "assistant",
 ) -> list[tuple[str, bool]]:
     """The rendered conversation as consecutive (text, supervised) segments.
 
@@ -102,7 +128,8 @@ def split_supervised_text(
     """
     if mask not in MASK_MODES:
         raise ValueError(f"mask {mask!r} is not one of {', '.join(MASK_MODES)}")
-    full = _render(tokenizer, template, messages, add_generation_prompt=False)
+    render = template if isinstance(template, Renderer) else Renderer(tokenizer, template)
+    full = render(messages, add_generation_prompt=False)
     if mask == "all":
         return [(full, True)]
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -111,8 +138,13 @@ def split_supervised_text(
     segments: list[tuple[str, bool]] = []
     pos = 0
     for i in turns:
-        prompt = _render(tokenizer, template, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, template, messages[: i + 1], add_generation_prompt=False)
+        prompt = render(messages[:i], add_generation_prompt=True)
+        # the conversation through its last message is `full`, already rendered
+        through = (
+            full
+            if i == len(messages) - 1
+            else render(messages[: i + 1], add_generation_prompt=False)
+        )
         if not (full.startswith(through) and through.startswith(prompt) and len(prompt) >= pos):
             raise BadRecord(
                 f"the chat template does not render messages[:{i}] as a prefix of the conversation; "
@@ -127,21 +159,57 @@ def split_supervised_text(
     return segments
 
 
+def tokenize_segments(tokenizer: Any, docs: list[list[tuple[str, bool]]]) -> list[TokenizedDoc]:
+    """Tokenize the segments of many documents in one batched call (the fast tokenizers' Rust
+    batch path), each segment on its own so no token crosses a prompt/response boundary."""
+    texts = [text for segments in docs for text, _ in segments]
+    if not texts:
+        ids_list = []
+    elif getattr(tokenizer, "is_fast", False):  # straight to Rust: same ids, no per-item wrapping
+        ids_list = [
+            e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        ]
+    else:
+        ids_list = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out, k = [], 0
+    for segments in docs:
+        ids: list[int] = []
+        loss_mask: list[int] = []
+        for _, supervised in segments:
+            piece = ids_list[k]
+            k += 1
+            ids.extend(piece)
+            loss_mask.extend([int(supervised)] * len(piece))
+        out.append(TokenizedDoc(input_ids=ids, loss_mask=loss_mask))
+    return out
+
+
 def tokenize_conversation(
-    tokenizer: Any, template: str, messages: list[dict[str, str]], *, mask: str = "assistant"
+    tokenizer: Any,
+    template: str | Renderer,
+    messages: list[dict[str, str]],
+    *,
+    mask: str = "assistant",
 ) -> TokenizedDoc:
-    ids: list[int] = []
-    loss_mask: list[int] = []
-    for text, supervised in split_supervised_text(tokenizer, template, messages, mask=mask):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids.extend(piece)
-        loss_mask.extend([int(supervised)] * len(piece))
-    return TokenizedDoc(input_ids=ids, loss_mask=loss_mask)
+    return tokenize_segments(
+        tokenizer, [split_supervised_text(tokenizer, template, messages, mask=mask)]
+    )[0]
+
+
+def text_segments(text: str) -> list[tuple[str, bool]]:
+    """Continued pretraining: the whole text supervised (EOS is appended after tokenizing)."""
+    return [(text, True)]
 
 
 def tokenize_text(tokenizer: Any, text: str) -> TokenizedDoc:
-    """Continued pretraining: every token supervised; EOS closes the document when there is one."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    doc = tokenize_segments(tokenizer, [text_segments(text)])[0]
+    return close_text_doc(tokenizer, doc)
+
+
+def close_text_doc(tokenizer: Any, doc: TokenizedDoc) -> TokenizedDoc:
+    """EOS ends a pretraining document (supervised: the model learns where documents end)."""
     if tokenizer.eos_token_id is not None:
-        ids = [*ids, tokenizer.eos_token_id]
-    return TokenizedDoc(input_ids=ids, loss_mask=[1] * len(ids))
+        return TokenizedDoc(
+            input_ids=[*doc.input_ids, tokenizer.eos_token_id], loss_mask=[*doc.loss_mask, 1]
+        )
+    return doc

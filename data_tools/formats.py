@@ -44,6 +44,10 @@ class InputError(ValueError):
     """An input path that cannot be read at all."""
 
 
+class RawJSON(str):
+    """A JSONL line not parsed yet: the worker that processes it parses it (cheaper to ship)."""
+
+
 @dataclass
 class SourceRecord:
     source: str
@@ -93,10 +97,7 @@ def _iter_jsonl(path: Path) -> Iterator[SourceRecord]:
             if not text.strip():
                 continue
             text = text.rstrip("\n")
-            try:
-                record: Any = json.loads(text)
-            except json.JSONDecodeError as e:
-                record = BadRecord(f"malformed JSON: {e}")
+            record: Any = RawJSON(text)
             yield SourceRecord(str(path), lineno, text, record)
 
 
@@ -170,6 +171,16 @@ def _string(record: dict, key: str, *, required: bool = True) -> str:
     if not isinstance(value, str):
         raise BadRecord(f"field {key!r} is a {type(value).__name__}, expected a string")
     return value
+
+
+def parse(record: Any) -> Any:
+    """The record itself; a RawJSON line parsed (BadRecord when it is not JSON)."""
+    if isinstance(record, RawJSON):
+        try:
+            return json.loads(record)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"malformed JSON: {e}") from None
+    return record
 
 
 def normalize(record: Any, fmt: str | None = None) -> tuple[str, Any]:

@@ -33,15 +33,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data_tools import schema
-from data_tools.chat import MASK_MODES, resolve_template, tokenize_conversation, tokenize_text
+from data_tools.chat import (
+    MASK_MODES,
+    Renderer,
+    close_text_doc,
+    resolve_template,
+    split_supervised_text,
+    text_segments,
+    tokenize_segments,
+)
 from data_tools.formats import (
     FORMATS,
     BadRecord,
     InputError,
+    RawJSON,
+    detect_format,
     expand_inputs,
     iter_records,
     normalize,
+    parse,
 )
 from data_tools.pack import pack_best_fit_decreasing
 
@@ -166,50 +179,72 @@ def _process_batch(items: list[tuple[str, int, str, Any]]) -> list[dict]:
 
 
 def process_records(items, tokenizer, template: str, options: PrepareOptions) -> list[dict]:
-    """Records -> documents (lists of (ids, mask) pieces) or quarantine entries, in order."""
-    out = []
+    """Records -> documents (lists of (ids, mask) pieces) or quarantine entries, in order.
+
+    Two passes: render every record into (text, supervised) segments, then tokenize all
+    segments of the batch in one call.
+    """
+    render = Renderer(tokenizer, template)
+    out: list[dict] = []
+    pending: list[tuple[int, str, list]] = []  # (index in out, kind, segments)
     for source, line, raw, record in items:
         try:
             if isinstance(record, BadRecord):
                 raise record
+            record = parse(record)
             kind, value = normalize(record, options.format)
-            if kind == "text":
-                doc = tokenize_text(tokenizer, value)
-            else:
-                doc = tokenize_conversation(tokenizer, template, value, mask=options.mask)
-            n, pieces, overflow = len(doc.input_ids), [], None
-            if n <= options.seq_len:
-                pieces = [(doc.input_ids, doc.loss_mask)]
-            elif options.overflow == "quarantine":
-                raise BadRecord(f"too long: {n} tokens > seq_len {options.seq_len}")
-            elif options.overflow == "truncate":
-                pieces, overflow = (
-                    [(doc.input_ids[: options.seq_len], doc.loss_mask[: options.seq_len])],
-                    "truncated",
-                )
-            else:  # split into consecutive documents of at most seq_len tokens
-                pieces = [
-                    (doc.input_ids[i : i + options.seq_len], doc.loss_mask[i : i + options.seq_len])
-                    for i in range(0, n, options.seq_len)
-                ]
-                overflow = "split"
-            kept = [p for p in pieces if any(p[1])]
-            if not kept:
-                raise BadRecord("zero supervised tokens (after fitting the document to seq_len)")
-            out.append({"ok": True, "format": kind if kind == "text" else (options.format or _fmt(record)),
-                        "pieces": kept, "overflow": overflow, "unsupervised_pieces": len(pieces) - len(kept)})  # fmt: skip
+            segments = text_segments(value) if kind == "text" else split_supervised_text(
+                tokenizer, render, value, mask=options.mask)  # fmt: skip
+            fmt = "text" if kind == "text" else (options.format or detect_format(record))
+            out.append({"ok": True, "format": fmt, "source": source, "line": line, "raw": raw})
+            pending.append((len(out) - 1, kind, segments))
         except BadRecord as e:
-            out.append({"ok": False, "source": source, "line": line, "reason": str(e), "raw": raw})
-        except Exception as e:  # a record the template or tokenizer rejects must not end the job
-            reason = f"cannot render or tokenize: {type(e).__name__}: {e}"
-            out.append({"ok": False, "source": source, "line": line, "reason": reason, "raw": raw})
+            out.append(_bad(source, line, raw, str(e)))
+        except Exception as e:  # a record the template rejects must not end the job
+            out.append(_bad(source, line, raw, f"cannot render: {type(e).__name__}: {e}"))
+    docs = tokenize_segments(tokenizer, [segments for _, _, segments in pending])
+    for (i, kind, _), doc in zip(pending, docs, strict=True):
+        r = out[i]
+        try:
+            if kind == "text":
+                doc = close_text_doc(tokenizer, doc)
+            r.update(_fit(doc, options))
+        except BadRecord as e:
+            out[i] = _bad(r["source"], r["line"], r["raw"], str(e))
+        for key in ("source", "line", "raw"):
+            out[i].pop(key, None) if out[i]["ok"] else None
     return out
 
 
-def _fmt(record: dict) -> str:
-    from data_tools.formats import detect_format
+def _bad(source: str, line: int, raw: str, reason: str) -> dict:
+    return {"ok": False, "source": source, "line": line, "reason": reason, "raw": raw}
 
-    return detect_format(record)
+
+def _fit(doc, options: PrepareOptions) -> dict:
+    """Fit a document to seq_len per --overflow; pieces without a supervised token are dropped
+    (and counted): they would cost compute and teach nothing."""
+    n, overflow = len(doc.input_ids), None
+    if n <= options.seq_len:
+        pieces = [(doc.input_ids, doc.loss_mask)]
+    elif options.overflow == "quarantine":
+        raise BadRecord(f"too long: {n} tokens > seq_len {options.seq_len}")
+    elif options.overflow == "truncate":
+        pieces, overflow = (
+            [(doc.input_ids[: options.seq_len], doc.loss_mask[: options.seq_len])],
+            "truncated",
+        )
+    else:  # split into consecutive documents of at most seq_len tokens
+        step = options.seq_len
+        pieces = [
+            (doc.input_ids[i : i + step], doc.loss_mask[i : i + step]) for i in range(0, n, step)
+        ]
+        overflow = "split"
+    kept = [
+        (np.asarray(i, dtype=np.int32), np.asarray(m, dtype=np.int8)) for i, m in pieces if any(m)
+    ]
+    if not kept:
+        raise BadRecord("zero supervised tokens (after fitting the document to seq_len)")
+    return {"pieces": kept, "overflow": overflow, "unsupervised_pieces": len(pieces) - len(kept)}
 
 
 # ---- engines: results in input order ----------------------------------------------------------
@@ -248,6 +283,23 @@ def _run_local(
         yield from pool.imap(_process_batch, batches, chunksize=1)
 
 
+def _encode_record(rec: Any) -> Any:
+    """JSON-safe form of a record for Ray Data (unparsed lines and read errors marked)."""
+    if isinstance(rec, BadRecord):
+        return {"__bad__": str(rec)}
+    if isinstance(rec, RawJSON):
+        return {"__raw__": str(rec)}
+    return rec
+
+
+def _decode_record(rec: Any) -> Any:
+    if isinstance(rec, dict) and set(rec) == {"__bad__"}:
+        return BadRecord(rec["__bad__"])
+    if isinstance(rec, dict) and set(rec) == {"__raw__"}:
+        return RawJSON(rec["__raw__"])
+    return rec
+
+
 class _RayTokenize:
     """Ray Data map_batches UDF: one tokenizer per actor."""
 
@@ -258,10 +310,13 @@ class _RayTokenize:
         self.options = PrepareOptions(**options)
 
     def __call__(self, batch: dict) -> dict:
-        items = [json.loads(x) for x in batch["item"]]
-        items = [(s, n, raw, BadRecord(rec["__bad__"]) if isinstance(rec, dict) and "__bad__" in rec else rec)
-                 for s, n, raw, rec in items]  # fmt: skip
+        items = [
+            (s, n, raw, _decode_record(rec)) for s, n, raw, rec in map(json.loads, batch["item"])
+        ]
         results = process_records(items, self.tok, self.tok.chat_template, self.options)
+        for r in results:
+            if r["ok"]:
+                r["pieces"] = [(i.tolist(), m.tolist()) for i, m in r["pieces"]]
         return {"result": [json.dumps(r) for r in results]}
 
 
@@ -282,7 +337,7 @@ def _run_ray(
     try:
         for group in iter(lambda: list(itertools.islice(batches, options.num_proc * 8)), []):
             encoded = [
-                json.dumps([s, n, raw, {"__bad__": str(rec)} if isinstance(rec, BadRecord) else rec])
+                json.dumps([s, n, raw, _encode_record(rec)])
                 for batch in group for s, n, raw, rec in batch
             ]  # fmt: skip
             ds = ray.data.from_items([{"item": x} for x in encoded]).map_batches(
@@ -294,7 +349,9 @@ def _run_ray(
             results = [json.loads(r["result"]) for r in ds.iter_rows()]
             for r in results:
                 if r["ok"]:
-                    r["pieces"] = [tuple(p) for p in r["pieces"]]
+                    r["pieces"] = [
+                        (np.array(i, np.int32), np.array(m, np.int8)) for i, m in r["pieces"]
+                    ]
             yield results
     finally:
         ray.shutdown()
@@ -312,11 +369,11 @@ class _Shards:
         self.shards: list[dict] = []
         self.num_rows = 0
 
-    def pack(self, docs: list[tuple[list[int], list[int]]]) -> None:
+    def pack(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         for b in pack_best_fit_decreasing([len(d[0]) for d in docs], self.options.seq_len):
-            self.rows["input_ids"].append([t for i in b for t in docs[i][0]])
-            self.rows["loss_mask"].append([m for i in b for m in docs[i][1]])
-            self.rows["doc_lens"].append([len(docs[i][0]) for i in b])
+            self.rows["input_ids"].append(np.concatenate([docs[i][0] for i in b]))
+            self.rows["loss_mask"].append(np.concatenate([docs[i][1] for i in b]))
+            self.rows["doc_lens"].append(np.array([len(docs[i][0]) for i in b], dtype=np.int32))
             self.num_rows += 1
             if len(self.rows["input_ids"]) == self.options.rows_per_shard:
                 self.flush()
@@ -329,8 +386,8 @@ class _Shards:
         self.shards.append({
             "file": name,
             "num_rows": len(self.rows["input_ids"]),
-            "num_tokens": sum(map(len, self.rows["input_ids"])),
-            "num_supervised_tokens": sum(map(sum, self.rows["loss_mask"])),
+            "num_tokens": int(sum(map(len, self.rows["input_ids"]))),
+            "num_supervised_tokens": int(sum(int(m.sum(dtype=np.int64)) for m in self.rows["loss_mask"])),
         })  # fmt: skip
         self.rows = {k: [] for k in self.rows}
 

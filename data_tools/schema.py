@@ -65,9 +65,24 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
 
+def _list_array(values: list, value_type: pa.DataType) -> pa.Array:
+    """A list<value_type> array from a list of sequences (numpy arrays or lists), built from one
+    flat buffer and offsets rather than element by element."""
+    import numpy as np
+
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(v) for v in values]) if values else np.zeros(0)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(flat.astype(value_type.to_pandas_dtype()))
+    )
+
+
 def write_shard(path: Path, rows: dict[str, list]) -> None:
     """Write one shard atomically (temp file, then rename) so a crash never leaves half a shard."""
-    table = pa.Table.from_pydict(rows, schema=SHARD_SCHEMA)
+    arrays = [_list_array(rows[f.name], f.type.value_type) for f in SHARD_SCHEMA]
+    table = pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA)
     tmp = path.with_suffix(".arrow.tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
         writer.write_table(table, max_chunksize=1024)

@@ -1,0 +1,192 @@
+"""Data preparation throughput, packing efficiency and peak memory: `sftscale prepare` against
+TRL's pipeline (`datasets.map` tokenization with the chat template + `trl.pack_dataset` BFD),
+on the same synthetic corpus and tokenizer, in one run, at two corpus sizes.
+
+    .venv/bin/pip install trl   # the baseline only
+    .venv/bin/python benchmarks/prepare_throughput.py --sizes 200000 400000 --num-proc 2
+
+Corpus: conversations of 1-4 user/assistant turns (half with a system prompt) whose turn lengths
+are lognormal (median ~40 words, sigma 1.0, capped at 1500 words). Tokenizer: a byte-level BPE
+trained on a sample of it, with a ChatML template. Peak memory: the largest sum of RSS over
+the process tree (main process + workers), sampled every 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WORDS = ["the", "of", "and", "to", "in", "is", "that", "it", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had", "not", "but", "what", "all", "were", "when", "we", "there", "can", "an", "your", "which", "their", "said", "if", "do", "will", "each", "about", "how", "up", "out", "them", "then", "she", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two", "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very", "after", "words", "called", "just", "where", "most", "know", "get", "through", "back", "much", "before", "go", "good", "new", "write", "our"]  # fmt: skip
+
+
+def make_corpus(path: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            messages = (
+                [{"role": "system", "content": "You are a helpful assistant."}]
+                if rng.random() < 0.5
+                else []
+            )
+            for _ in range(int(rng.integers(1, 5))):
+                for role in ("user", "assistant"):
+                    k = int(min(1500, max(1, rng.lognormal(mean=np.log(40), sigma=1.0))))
+                    messages.append({"role": role, "content": " ".join(rng.choice(WORDS, size=k))})
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def make_tokenizer(corpus: Path, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(HERE.parent))
+    from data_tools.chat import BUILTIN_TEMPLATES
+
+    texts = [
+        m["content"]
+        for line in open(corpus).readlines()[:2000]
+        for m in json.loads(line)["messages"]
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = BUILTIN_TEMPLATES["chatml"]
+    fast.save_pretrained(str(out))
+
+
+TRL_SCRIPT = r"""
+import json, sys
+import datasets
+from transformers import AutoTokenizer
+from trl import pack_dataset
+corpus, tok_dir, out, seq_len, num_proc = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+tok = AutoTokenizer.from_pretrained(tok_dir)
+ds = datasets.load_dataset("json", data_files=corpus, split="train")
+def tokenize(ex):  # what SFTTrainer does for conversational data
+    return {"input_ids": tok.apply_chat_template(ex["messages"], tokenize=True, return_dict=True)["input_ids"]}
+ds = ds.map(tokenize, remove_columns=ds.column_names, num_proc=num_proc)
+ds = ds.filter(lambda ex: len(ex["input_ids"]) > 0, num_proc=num_proc)
+packed = pack_dataset(ds, seq_len, strategy="bfd", map_kwargs={"num_proc": num_proc})
+packed.save_to_disk(out)
+lengths = [len(x) for x in packed["input_ids"]]
+print(json.dumps({"rows": len(lengths), "tokens": sum(lengths)}))
+"""
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Wall time, the peak of the process tree's summed RSS, and stdout."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [ps, *ps.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{err[-3000:]}")
+    return time.perf_counter() - t0, peak, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[200_000, 400_000])
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--num-proc", type=int, default=2)
+    ap.add_argument("--workdir", default="/tmp/sftscale_prepare_bench")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    results = []
+    for n in args.sizes:
+        corpus = work / f"corpus_{n}.jsonl"
+        if not corpus.is_file():
+            make_corpus(corpus, n)
+        tok = work / "tokenizer"
+        if not tok.is_dir():
+            make_tokenizer(corpus, tok)
+        row = {"conversations": n, "corpus_bytes": corpus.stat().st_size}
+        secs, peak, _ = run_measured(
+            [sys.executable, "-m", "sftscale", "prepare", str(corpus), "--tokenizer", str(tok),
+             "--seq-len", str(args.seq_len), "--out", str(work / f"ours_{n}"), "--num-proc", str(args.num_proc),
+             "--no-progress"], env=env)  # fmt: skip
+        m = json.loads((work / f"ours_{n}" / "manifest.json").read_text())
+        row["sftscale"] = {"seconds": round(secs, 1), "tokens": m["num_tokens"], "rows": m["num_rows"],
+                           "tokens_per_s": round(m["num_tokens"] / secs), "packing_efficiency": m["packing_efficiency"],
+                           "peak_rss_bytes": peak}  # fmt: skip
+        print(n, "sftscale", row["sftscale"], flush=True)
+        script = work / "trl_pipeline.py"
+        script.write_text(TRL_SCRIPT)
+        secs, peak, out = run_measured(
+            [sys.executable, str(script), str(corpus), str(tok), str(work / f"trl_{n}"), str(args.seq_len),
+             str(args.num_proc)], env={**env, "HF_DATASETS_CACHE": str(work / "hf_cache")})  # fmt: skip
+        t = json.loads(out.strip().splitlines()[-1])
+        row["trl"] = {"seconds": round(secs, 1), "tokens": t["tokens"], "rows": t["rows"],
+                      "tokens_per_s": round(t["tokens"] / secs),
+                      "packing_efficiency": t["tokens"] / (t["rows"] * args.seq_len), "peak_rss_bytes": peak}  # fmt: skip
+        print(n, "trl", row["trl"], flush=True)
+        row["throughput_ratio"] = round(
+            row["sftscale"]["tokens_per_s"] / row["trl"]["tokens_per_s"], 2
+        )
+        results.append(row)
+        import shutil
+
+        shutil.rmtree(work / "hf_cache", ignore_errors=True)
+
+    import datasets
+    import transformers
+    import trl
+
+    report = {
+        "benchmark": "SFT data preparation: tokenize + mask + pack",
+        "command": " ".join([".venv/bin/python", "benchmarks/prepare_throughput.py", *sys.argv[1:]]),
+        "device": f"CPU only: {os.cpu_count()} cores, {platform.machine()}",
+        "versions": {"transformers": transformers.__version__, "datasets": datasets.__version__,
+                     "trl": trl.__version__, "python": platform.python_version()},
+        "seq_len": args.seq_len, "num_proc": args.num_proc, "results": results,
+    }  # fmt: skip
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "prepare_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# Data preparation: sftscale vs TRL (seq_len {args.seq_len}, {args.num_proc} processes)",
+        "",
+        f"`{report['command']}` on {report['device']}; transformers {transformers.__version__}, "
+        f"datasets {datasets.__version__}, trl {trl.__version__}.",
+        "",
+        "| conversations | pipeline | tokens/s | x TRL | packing efficiency | peak RSS (tree) | time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for name in ("sftscale", "trl"):
+            x = r[name]
+            ratio = f"{r['throughput_ratio']:.2f}" if name == "sftscale" else "1.00"
+            lines.append(f"| {r['conversations']:,} | {name} | {x['tokens_per_s']:,} | {ratio} | "
+                         f"{x['packing_efficiency']:.2%} | {x['peak_rss_bytes'] / 2**20:,.0f} MiB | {x['seconds']} s |")  # fmt: skip
+    (HERE / "results" / "prepare_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
