@@ -53,7 +53,7 @@ def make_tokenizer(corpus: Path, out: Path) -> None:
 
     texts = [
         m["content"]
-        for line in open(corpus).readlines()[:2000]
+        for line in corpus.read_text().splitlines()[:2000]
         for m in json.loads(line)["messages"]
     ]
     tok = Tokenizer(models.BPE())

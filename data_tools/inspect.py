@@ -54,6 +54,8 @@ def inspect(data_dir: str, *, samples: int = 2) -> str:
         f"  packing efficiency {m['packing_efficiency']:.1%} (non-pad fraction of row capacity)",
         f"  shards {len(m['shards'])}; tokenizer {m['tokenizer']['fingerprint'][:12]} "
         f"(vocab {m['tokenizer']['vocab_size']})",
+        f"  records {m.get('num_records', '?')} by format {m.get('formats', {})}; "
+        f"over-long: {m.get('overflow', {})}",
         f"  quarantined {m['quarantined_rows']} of {m.get('num_records', '?')} records",
     ]
     for reason, count in m.get("quarantine_reasons", {}).items():
