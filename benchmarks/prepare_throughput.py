@@ -90,22 +90,27 @@ print(json.dumps({"rows": len(lengths), "tokens": sum(lengths)}))
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """Wall time, the peak of the process tree's summed RSS, and stdout."""
+    import tempfile
+
     import psutil
 
+    # stderr to a file, not a pipe: progress bars would fill a pipe nobody reads and block the child
+    err_file = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the child)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
     peak = 0
     ps = psutil.Process(proc.pid)
-    while proc.poll() is None:
+    while proc.poll() is None:  # stdout is small (one JSON line)
         try:
             tree = [ps, *ps.children(recursive=True)]
             peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
         except psutil.Error:
             pass
         time.sleep(0.05)
-    out, err = proc.communicate()
+    out, _ = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:4]} failed:\n{err[-3000:]}")
+        err_file.seek(0)
+        raise RuntimeError(f"{cmd[:4]} failed:\n{err_file.read()[-3000:]}")
     return time.perf_counter() - t0, peak, out
 
 
