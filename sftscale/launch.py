@@ -5,6 +5,7 @@ Both call the same `sftscale.train.train_worker`; nothing about training is deci
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -20,7 +21,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_env(cfg: Config) -> dict[str, str]:
+def _job_env_keys() -> set[str]:
+    """Environment variables a `ray job submit` runtime env already sets: Ray refuses a driver
+    that sets one of them again (even to the same value), and the job's setting should win."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    runtime_env = json.loads(raw).get("runtime_env") or {}
+    return set(runtime_env.get("env_vars") or {})
+
+
+def _worker_env(cfg: Config, *, exclude: set[str] = frozenset()) -> dict[str, str]:
     """Environment every worker needs before torch/deepspeed import."""
     env = {"OMP_NUM_THREADS": str(cfg.scale.cpus_per_worker)}
     if not cfg.scale.use_gpu:
@@ -28,7 +39,7 @@ def _worker_env(cfg: Config) -> dict[str, str]:
     for key in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE"):
         if key in os.environ:
             env.setdefault(key, os.environ[key])
-    return env
+    return {k: v for k, v in env.items() if k not in exclude}
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -116,7 +127,7 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
     # controller queries actor state through it.
     ray.init(
         address=cfg.scale.ray_address or None,
-        runtime_env={"env_vars": _worker_env(cfg)},
+        runtime_env={"env_vars": _worker_env(cfg, exclude=_job_env_keys())},
         log_to_driver=True,
     )
     try:
