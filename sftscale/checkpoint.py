@@ -135,6 +135,7 @@ def _prune(root: Path, *, keep_last: int) -> None:
     tags = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in tags[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(root / f"universal-{old.name}", ignore_errors=True)  # its elastic-resume copy
 
 
 def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
