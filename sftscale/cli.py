@@ -62,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = run(cfg, local=args.local)
     if summary.get("preempted"):
         print(
-            f"[sftscale] stopped by SIGTERM at step {summary['step']}, checkpoint saved: rerun to resume"
+            f"[sftscale] stopped at step {summary['step']} (SIGTERM or STOP file), checkpoint saved: rerun to resume"
         )
         return 143  # 128 + SIGTERM, what a scheduler expects of a preempted job
     print(f"[sftscale] done: {summary['run_dir']}")

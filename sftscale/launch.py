@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from sftscale.checkpoint import latest_checkpoint, read_state
 from sftscale.config import Config, ConfigError, save_config
 from sftscale.validate import validate_run
 
@@ -150,6 +151,9 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        return {"run_dir": str(run_dir), "ray_result_path": result.path}
+        # A run stopped early (STOP file) ends at its last checkpoint before max_steps.
+        latest = latest_checkpoint(run_dir / "checkpoints")
+        step = read_state(latest)["step"] if latest else 0
+        return {"run_dir": str(run_dir), "preempted": step < cfg.train.max_steps, "step": step}
     finally:
         ray.shutdown()

@@ -313,7 +313,7 @@ def train_worker(
             f"{t.max_steps} steps; peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
         )
     progress = ProgressBar(t.max_steps - start_step, enabled=rank == 0 and cfg.logging.progress_bar)
-    preemption = _PreemptionFlag()
+    preemption = _PreemptionFlag(stop_file=out / STOP_FILE if rank == 0 else None)
 
     def checkpoint(step: int) -> None:
         """Collective: commit a checkpoint of the state after `step` steps."""
@@ -354,7 +354,7 @@ def train_worker(
             [
                 sum(b.num_supervised for b in plan.micro),
                 sum(b.num_tokens for b in plan.micro),
-                float(preemption.requested),
+                float(preemption.requested()),
             ],
             dtype=torch.float64,
         )
@@ -469,19 +469,29 @@ def data_fingerprint(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
-class _PreemptionFlag:
-    """SIGTERM sets a flag that the loop reads at the next step boundary (then checkpoints and
-    exits). Signal handlers can only be installed from the main thread; Ray Train runs the loop
-    in another thread and handles preemption with its own restarts, so there it is a no-op."""
+STOP_FILE = (
+    "STOP"  # `touch <run>/STOP`: checkpoint at the next step and stop (SLURM's trap uses it)
+)
 
-    def __init__(self) -> None:
-        self.requested = False
+
+class _PreemptionFlag:
+    """A request to checkpoint and stop at the next step boundary: SIGTERM, or the run
+    directory's STOP file (polled by rank 0). Every rank learns of it through the step's first
+    all-reduce. Signal handlers can only be installed from the main thread; Ray Train runs the
+    loop in another thread, so there the STOP file is the way in (launchers/slurm uses it)."""
+
+    def __init__(self, *, stop_file: Path | None) -> None:
+        self._signalled = False
+        self._stop_file = stop_file
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self._signalled = True
+
+    def requested(self) -> bool:
+        return self._signalled or (self._stop_file is not None and self._stop_file.exists())
 
     def restore(self) -> None:
         if self._previous is not None:
