@@ -140,12 +140,14 @@ def test_sbatch_preemption_requeue_and_resume(slurm, tmp_path, prepared_dir):
         )
         stopped = trained_steps()
         assert stopped < steps
-        _sh(f"scontrol update JobId={job} StartTime=now")  # a requeued job otherwise waits minutes
-        _wait(
-            lambda: _job_state(job).get("JobState") == "COMPLETED",
-            timeout=600,
-            what="the job to complete",
-        )
+
+        def completed():
+            state = _job_state(job).get("JobState")
+            if state == "PENDING":  # a requeued job otherwise waits ~2.5 min to start again
+                _sh(f"scontrol update JobId={job} StartTime=now")
+            return state == "COMPLETED"
+
+        _wait(completed, timeout=600, what="the job to start again and complete")
     finally:
         _sh(f"scancel {job}")
     text = log.read_text()
