@@ -434,10 +434,11 @@ def train_worker(
                 say(
                     f"step {step:>5}  eval loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
                 )
-        if counts[2].item() > 0:  # some rank was asked to stop (SIGTERM): save and leave
+        if counts[2].item() > 0:  # a rank was asked to stop (SIGTERM or STOP): save and leave
             checkpoint(step)
             preempted = True
             if rank == 0:
+                (out / STOP_FILE).unlink(missing_ok=True)  # the request is served; a rerun resumes
                 say(f"preempted: checkpoint at step {step} saved; run the same command to resume")
             break
         if last or (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0):

@@ -106,15 +106,20 @@ def uninterrupted(tmp_path_factory, prepared_dir):
 
 
 @pytest.mark.distributed
-def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, prepared_dir, uninterrupted):
+@pytest.mark.parametrize("how", ["sigterm", "stop-file"])
+def test_stop_request_checkpoints_and_resume_is_exact(tmp_path, prepared_dir, uninterrupted, how):
     cfg = _cfg(tmp_path, prepared_dir, "preempted")
     proc = subprocess.Popen(_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while _last_step(cfg) < 6 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)  # preemption, as a scheduler sends it
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)  # preemption, as a scheduler sends it
+    else:
+        (cfg.run_dir / "STOP").touch()  # what the SLURM trap does
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, out[-3000:]
+    assert not (cfg.run_dir / "STOP").exists()  # served, so the rerun does not stop again
     stopped = _last_step(cfg)
     assert 6 <= stopped < STEPS
     assert (cfg.run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
