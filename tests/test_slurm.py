@@ -94,6 +94,8 @@ SlurmdPidFile=/run/slurmd.pid
         )
     yield host
     _sh("scancel --user=root; sleep 1; pkill -x slurmd; pkill -x slurmctld; pkill -x munged")
+    # No Ray cluster of the job may outlive the test: later tests start their own local Ray.
+    _sh(f"{Path(sys.executable).parent / 'ray'} stop --force; rm -f /tmp/ray/ray_current_cluster")
 
 
 @pytest.mark.distributed
