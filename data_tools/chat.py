@@ -201,11 +201,6 @@ def text_segments(text: str) -> list[tuple[str, bool]]:
     return [(text, True)]
 
 
-def tokenize_text(tokenizer: Any, text: str) -> TokenizedDoc:
-    doc = tokenize_segments(tokenizer, [text_segments(text)])[0]
-    return close_text_doc(tokenizer, doc)
-
-
 def close_text_doc(tokenizer: Any, doc: TokenizedDoc) -> TokenizedDoc:
     """EOS ends a pretraining document (supervised: the model learns where documents end)."""
     if tokenizer.eos_token_id is not None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from sftscale.model import full_numel
+
 MODEL_META_DIR = "hf_model"  # under the checkpoint root: config + tokenizer, written by training
 
 
@@ -114,10 +116,6 @@ class ShardWriter:
             )
 
 
-def _full_numel(p: torch.nn.Parameter) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 params hold only a partition
-
-
 def save_model_meta(module: torch.nn.Module, tokenizer_dir: Path, out_dir: Path) -> None:
     """config.json, generation_config.json and the tokenizer: everything but the weights."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +141,7 @@ def export_from_engine(
     group_bytes = 0
     for i, (name, p) in enumerate(named):
         group.append((name, p))
-        group_bytes += _full_numel(p) * p.element_size()
+        group_bytes += full_numel(p) * p.element_size()
         if group_bytes >= GATHER_GROUP_BYTES or i == len(named) - 1:
             # Collective: all-gathers the group's partitions on every rank; freed on exit.
             with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sftscale.model import full_numel
+
 # Dense (no sparsity) bf16 peak, FLOP/s, from NVIDIA datasheets (SXM parts).
 GPU_PEAK_BF16 = {
     "H200": 989.4e12,
@@ -50,11 +52,8 @@ class ModelShape:
         """From a (possibly ZeRO-3 partitioned) Hugging Face causal LM."""
         cfg = model.config
 
-        def numel(p):
-            return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 params hold a partition
-
-        total = sum(numel(p) for p in model.parameters())
-        embed = numel(model.get_input_embeddings().weight)
+        total = sum(full_numel(p) for p in model.parameters())
+        embed = full_numel(model.get_input_embeddings().weight)
         head = model.get_output_embeddings()
         tied = head is not None and head.weight is model.get_input_embeddings().weight
         n = total - embed + (embed if tied else 0)

@@ -114,6 +114,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def full_numel(p: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 keeps only a partition on this rank."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def is_preset(name_or_path: str) -> bool:
     return name_or_path in PRESETS
 
