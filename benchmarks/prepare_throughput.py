@@ -22,53 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from benchmarks.corpus import make_corpus, make_tokenizer
 
 HERE = Path(__file__).resolve().parent
-WORDS = ["the", "of", "and", "to", "in", "is", "that", "it", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had", "not", "but", "what", "all", "were", "when", "we", "there", "can", "an", "your", "which", "their", "said", "if", "do", "will", "each", "about", "how", "up", "out", "them", "then", "she", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two", "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very", "after", "words", "called", "just", "where", "most", "know", "get", "through", "back", "much", "before", "go", "good", "new", "write", "our"]  # fmt: skip
-
-
-def make_corpus(path: Path, n: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            messages = (
-                [{"role": "system", "content": "You are a helpful assistant."}]
-                if rng.random() < 0.5
-                else []
-            )
-            for _ in range(int(rng.integers(1, 5))):
-                for role in ("user", "assistant"):
-                    k = int(min(1500, max(1, rng.lognormal(mean=np.log(40), sigma=1.0))))
-                    messages.append({"role": role, "content": " ".join(rng.choice(WORDS, size=k))})
-            f.write(json.dumps({"messages": messages}) + "\n")
-
-
-def make_tokenizer(corpus: Path, out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    sys.path.insert(0, str(HERE.parent))
-    from data_tools.chat import BUILTIN_TEMPLATES
-
-    texts = [
-        m["content"]
-        for line in corpus.read_text().splitlines()[:2000]
-        for m in json.loads(line)["messages"]
-    ]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.chat_template = BUILTIN_TEMPLATES["chatml"]
-    fast.save_pretrained(str(out))
-
-
 TRL_SCRIPT = r"""
 import json, sys
 import datasets

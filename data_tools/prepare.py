@@ -60,6 +60,7 @@ from data_tools.pack import pack_best_fit_decreasing
 
 OVERFLOW_MODES = ("truncate", "split", "quarantine")
 ENGINES = ("local", "ray")
+PACKING_MODES = ("bfd", "none")
 BATCH = 256  # records per unit of work
 
 
@@ -79,6 +80,7 @@ class PrepareOptions:
     num_proc: int = 1
     engine: str = "local"
     window: int = 50_000  # documents packed together; bounds memory
+    packing: str = "bfd"  # bfd: best-fit decreasing; none: one document per row (padding baselines)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -98,6 +100,7 @@ class PrepareOptions:
             (self.num_proc >= 1, "--num-proc must be >= 1"),
             (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
             (self.window >= 1, "--window must be >= 1"),
+            (self.packing in PACKING_MODES, f"--packing must be one of {', '.join(PACKING_MODES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -370,7 +373,11 @@ class _Shards:
         self.num_rows = 0
 
     def pack(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        for b in pack_best_fit_decreasing([len(d[0]) for d in docs], self.options.seq_len):
+        if self.options.packing == "none":
+            bins = [[i] for i in range(len(docs))]
+        else:
+            bins = pack_best_fit_decreasing([len(d[0]) for d in docs], self.options.seq_len)
+        for b in bins:
             self.rows["input_ids"].append(np.concatenate([docs[i][0] for i in b]))
             self.rows["loss_mask"].append(np.concatenate([docs[i][1] for i in b]))
             self.rows["doc_lens"].append(np.array([len(docs[i][0]) for i in b], dtype=np.int32))

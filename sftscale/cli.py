@@ -4,12 +4,13 @@ sftscale prepare data/*.jsonl --tokenizer TOKDIR --seq-len 2048 --out prepared/
 sftscale inspect prepared/
 sftscale train configs/tiny-cpu.yaml [section.key=value ...] [--local] [--output-dir D] [--max-steps N]
 sftscale export runs/x/checkpoints --out runs/x/hf
-sftscale bench
+sftscale bench --grid cpu [--set gradient_checkpointing=on,off ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # Heavy imports (torch, transformers, deepspeed, ray) happen inside the commands, so
@@ -30,6 +31,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         num_proc=args.num_proc,
         engine=args.engine,
         window=args.window,
+        packing=args.packing,
         progress=not args.no_progress,
     )
     manifest = prepare(
@@ -59,7 +61,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from sftscale.launch import run
 
-    summary = run(cfg, local=args.local)
+    # A process started by torchrun (or another launcher that sets the torch.distributed
+    # environment) is one rank of a job: local mode, never a Ray driver. torchrun's own parser
+    # would also take a `--local` after `-m sftscale train` as an abbreviation of its options.
+    started_as_rank = "TORCHELASTIC_RUN_ID" in os.environ or (
+        "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    )
+    summary = run(cfg, local=args.local or started_as_rank)
     if summary.get("preempted"):
         print(
             f"[sftscale] stopped at step {summary['step']} (SIGTERM or STOP file), checkpoint saved: rerun to resume"
@@ -86,8 +94,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    print("sftscale bench: not yet implemented (see the benchmark-suite issue)", file=sys.stderr)
-    return 2
+    from benchmarks.suite import main as bench
+
+    return bench(args, args.argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window", type=int, default=50_000, help="documents packed together (bounds memory)"
     )
+    p.add_argument(
+        "--packing",
+        default="bfd",
+        choices=["bfd", "none"],
+        help="bfd: best-fit decreasing into rows of --seq-len; none: one document per row",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
 
@@ -172,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-mb", type=int, default=2000)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("bench", help="throughput/memory benchmarks (not yet implemented)")
+    p = sub.add_parser(
+        "bench", help="training throughput and memory over a grid, against the HF Trainer"
+    )
+    from benchmarks.suite import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=_cmd_bench)
     return parser
 
@@ -185,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (`train c.yaml --local optim.lr=1e-3`), which argparse
     # does not collect into a positional list once an option has been seen.
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # after the command name
     if extra:
         if args.command != "train" or not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

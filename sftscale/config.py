@@ -157,6 +157,7 @@ class CheckpointConfig:
     # Continue from <run>/checkpoints/latest when it exists (the same command resumes a stopped
     # run); false starts over, which needs an empty run directory.
     resume: bool = True
+    at_end: bool = True  # save a checkpoint after the last step (benchmarks turn it off)
     export: bool = True  # write a Hugging Face export under <run>/export at the end
     export_max_shard_mb: int = 2000
 

@@ -146,9 +146,17 @@ class Batch:
 
 
 def collate(
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, seq_len: int, pad_id: int
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    seq_len: int,
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
 ) -> Batch:
-    """Pad packed rows to `seq_len` and build position ids and shifted targets.
+    """Pad packed rows and build position ids and shifted targets.
+
+    Rows are padded to `seq_len`, or, with `pad_to_multiple_of`, to the longest row of the
+    batch rounded up to that multiple (at most `seq_len`): what the training loop does, so
+    unpacked data (`prepare --packing none`) does not pay for padding up to `seq_len`.
 
     Position ids restart at every document (and for the padding tail), which is what makes
     Hugging Face models keep attention inside each document for packed rows (see
@@ -156,6 +164,9 @@ def collate(
     target: it must not learn to predict the first token of the next document.
     """
     b = len(rows)
+    if pad_to_multiple_of:
+        longest = max(len(r[0]) for r in rows)
+        seq_len = min(seq_len, -(-longest // pad_to_multiple_of) * pad_to_multiple_of)
     input_ids = np.full((b, seq_len), pad_id, dtype=np.int64)
     position_ids = np.zeros((b, seq_len), dtype=np.int64)
     targets = np.full((b, seq_len), IGNORE_INDEX, dtype=np.int64)

@@ -20,6 +20,14 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
+def peak_reserved_bytes() -> int:
+    """Memory the CUDA caching allocator has held at most (what nvidia-smi sees, minus the
+    context); on CPU the same as peak_memory_bytes (there is no caching allocator)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_reserved())
+    return peak_memory_bytes()
+
+
 def say(message: str) -> None:
     """Progress line on stdout. Not `print`: Ray Train patches print and, with Ray's wrapped
     stdout, every printed line would show twice in the driver's log."""

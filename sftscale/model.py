@@ -39,6 +39,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
         rope_theta=10000.0,
     ),
+    # ~100M parameters with a small (tokenizer-sized) vocabulary: the CPU benchmark's larger model.
+    "llama-100m": dict(
+        model_type="llama",
+        hidden_size=768,
+        intermediate_size=2560,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        vocab_size=None,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    ),
     "tiny-qwen2": dict(
         model_type="qwen2",
         hidden_size=64,

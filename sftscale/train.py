@@ -4,7 +4,7 @@ The same function runs in every launch mode; only how the processes start differ
 
     sftscale train configs/tiny-cpu.yaml            # Ray Train TorchTrainer, N workers
     sftscale train configs/tiny-cpu.yaml --local    # this process, no Ray (debugger-friendly)
-    torchrun --nproc-per-node 8 -m sftscale train configs/x.yaml --local   # one rank per process
+    torchrun --nproc-per-node 8 -m sftscale train configs/x.yaml   # one rank per process (local mode)
 
 Rank and world size come from torch.distributed (never from Ray), so the loop does not know
 which launcher started it.
@@ -54,7 +54,13 @@ from sftscale.data import (
 from sftscale.ds_config import resolve_ds_config, zero_stage
 from sftscale.export import MODEL_META_DIR, export_from_engine, save_model_meta
 from sftscale.flops import ModelShape, device_peak_flops, doc_flops, hardware_flops
-from sftscale.metrics import MetricsLogger, ProgressBar, peak_memory_bytes, say
+from sftscale.metrics import (
+    MetricsLogger,
+    ProgressBar,
+    peak_memory_bytes,
+    peak_reserved_bytes,
+    say,
+)
 from sftscale.model import enable_gradient_checkpointing, load_model
 
 
@@ -99,6 +105,11 @@ def init_distributed() -> tuple[int, int]:
     else:
         deepspeed.init_distributed()  # wraps the existing group
     return dist.get_rank(), dist.get_world_size()
+
+
+# Micro-batches are padded to their longest row rounded up to this (packed rows are nearly
+# full anyway; unpacked rows would otherwise pay for padding up to seq_len).
+PAD_MULTIPLE = 64
 
 
 @dataclass
@@ -155,7 +166,12 @@ def plan_step(
         loads = [float(costs[np.concatenate(rank_slots)].sum()) for rank_slots in slots]
         imbalance = max(loads) / (sum(loads) / world) - 1 if sum(loads) else 0.0
     micro = [
-        collate([dataset.row(int(i)) for i in rows], seq_len=dataset.seq_len, pad_id=pad_id)
+        collate(
+            [dataset.row(int(i)) for i in rows],
+            seq_len=dataset.seq_len,
+            pad_id=pad_id,
+            pad_to_multiple_of=PAD_MULTIPLE,
+        )
         for rows in per_rank[rank]
     ]
     return StepPlan(
@@ -187,7 +203,10 @@ def evaluate(
         for b in range(n_batches):
             rows = mine[b * m : (b + 1) * m]
             batch = collate(
-                [eval_set.row(i) for i in (rows or [0])], seq_len=eval_set.seq_len, pad_id=pad_id
+                [eval_set.row(i) for i in (rows or [0])],
+                seq_len=eval_set.seq_len,
+                pad_id=pad_id,
+                pad_to_multiple_of=PAD_MULTIPLE,
             )
             batch = batch.to(engine.device)
             logits = engine(
@@ -396,6 +415,8 @@ def train_worker(
             loss = loss_sum_global.item() / max(window.supervised, 1.0)
             losses.append(loss)
             flops_per_s = window.flops / window.seconds
+            memory = torch.tensor([peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64)
+            dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # collective: the worst rank
             record = {
                 "step": step,
                 "epoch": int(plan.epochs[-1]),
@@ -412,7 +433,8 @@ def train_worker(
                 / (world * peak_flops),
                 "rank_imbalance": window.max_imbalance,
                 "step_time_s": window.seconds / window.steps,
-                "peak_memory_bytes": peak_memory_bytes(),
+                "peak_memory_bytes": int(memory[0].item()),
+                "peak_reserved_bytes": int(memory[1].item()),
             }
             metrics.log(record)
             if rank == 0:
@@ -441,7 +463,9 @@ def train_worker(
                 (out / STOP_FILE).unlink(missing_ok=True)  # the request is served; a rerun resumes
                 say(f"preempted: checkpoint at step {step} saved; run the same command to resume")
             break
-        if last or (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0):
+        if (last and cfg.checkpoint.at_end) or (
+            cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0
+        ):
             checkpoint(step)
     progress.close()
     preemption.restore()

@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks (`sftscale bench`) and the data-preparation benchmark."""
