@@ -11,7 +11,10 @@ directory, one document each, from the same corpus and tokenizer), the DeepSpeed
 (ZeRO stage, buckets, offload, AdamW; its "auto" fields filled by Trainer from the same values),
 the micro-batch size and the number of steps. Trainer's own: its data order (a seeded random
 sampler), its default padding collator for labelled data (`DataCollatorForSeq2Seq`: pad to the
-longest document of the micro-batch, labels padded with -100) and its loss.
+longest document of the micro-batch, labels padded with -100) and its loss. The documents are
+handed to Trainer in sftscale's stream order (seeded permutation, `sftscale.data.stream_rows`)
+and read sequentially, so its step s consumes the same documents as step s of sftscale's run on
+the same unpacked directory: the padded comparison is on identical batches.
 
 Throughput is measured like sftscale's: wall time from the end of the last warm-up step to
 the end of the last step, tokens counted from the batches those steps consumed (all ranks).
@@ -41,7 +44,7 @@ def main(spec_path: str) -> int:
         TrainingArguments,
     )
 
-    from sftscale.data import IGNORE_INDEX, PackedDataset
+    from sftscale.data import IGNORE_INDEX, PackedDataset, stream_rows
     from sftscale.flops import ModelShape, device_peak_flops, doc_flops, hardware_flops
     from sftscale.metrics import peak_memory_bytes, peak_reserved_bytes
     from sftscale.model import enable_gradient_checkpointing, load_model
@@ -79,6 +82,7 @@ def main(spec_path: str) -> int:
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        train_sampling_strategy="sequential",  # Documents below is already in stream order
         use_cpu=not use_gpu,
     )
     # After TrainingArguments: its DeepSpeed config makes transformers build the model inside
@@ -94,12 +98,16 @@ def main(spec_path: str) -> int:
         enable_gradient_checkpointing(model)  # the same call sftscale makes
     shape = ModelShape.of(model)
 
+    _, order = stream_rows(
+        0, len(data), num_rows=len(data), seed=spec["data_seed"], shuffle=spec["shuffle"]
+    )
+
     class Documents(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return len(data)
 
         def __getitem__(self, i: int) -> dict:
-            ids, mask, _ = data.row(i)
+            ids, mask, _ = data.row(int(order[i]))
             labels = np.where(mask == 1, ids, IGNORE_INDEX)  # the model shifts labels itself
             return {"input_ids": ids.tolist(), "labels": labels.tolist()}
 
@@ -166,6 +174,8 @@ def main(spec_path: str) -> int:
             "peak_flops_source": peak_source,
             "world_size": world,
             "measured_steps": n,
+            "tokens": int(totals[0].item()),
+            "supervised_tokens": int(totals[1].item()),
             "zero_stage": engine.zero_optimization_stage(),
             "engine": type(engine).__name__,
         }

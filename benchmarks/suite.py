@@ -101,11 +101,11 @@ class Grid:
 GRIDS = {
     "smoke": Grid(  # CI: that the suite runs end to end and writes every output
         base=Point("tiny-llama", seq_len=256, micro_batch_size=2),
-        variations=(),
+        variations=({"packing": "padded"},),
         warmup_steps=1,
         steps=2,
         conversations=400,
-        description="1 point + baseline, 3 steps; checks the machinery, not performance",
+        description="packed and padded + baseline, 3 steps; checks the machinery, not performance",
     ),
     "cpu": Grid(
         base=Point("tiny-llama", seq_len=1024, micro_batch_size=2),
@@ -353,6 +353,8 @@ class Bench:
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in steps),
             "peak_reserved_bytes": max(r["peak_reserved_bytes"] for r in steps),
             "measured_steps": len(steps),
+            "tokens": round(total("tokens_per_s")),
+            "supervised_tokens": round(total("supervised_tokens_per_s")),
             "final_loss": steps[-1]["loss"],
             "wall_s": wall,
         }
@@ -373,6 +375,8 @@ class Bench:
             "warmup_steps": self.grid.warmup_steps,
             "steps": self.grid.steps,
             "seed": cfg.train.seed,
+            "data_seed": cfg.data.seed,
+            "shuffle": cfg.data.shuffle,
             "lr": o.lr, "weight_decay": o.weight_decay, "betas": list(o.betas), "eps": o.eps,
             "max_grad_norm": o.max_grad_norm,
             "out_dir": str(self.work / "runs" / f"{point.id}.hf"),

@@ -97,11 +97,15 @@ class TrainConfig:
     # Assign each step's rows to ranks by token cost (FLOPs, attention included) instead of by
     # position, so no rank waits on another; the global batch of every step is the same either way.
     balance_ranks: bool = True
+    # Cross-entropy over this many positions at a time, recomputed in backward: the fp32
+    # logits and log-softmax of a whole micro-batch are never held at once. 0: in one piece.
+    loss_chunk_tokens: int = 1024
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = off)")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from sftscale.data import (
     IGNORE_INDEX,
@@ -78,3 +79,21 @@ def test_balance_ranks_by_cost():
         for m, n in zip(micro, again, strict=True)
         for a, b in zip(m, n, strict=True)
     )
+
+
+def test_collate_pads_to_the_longest_row_rounded_up():
+    rows = [
+        (np.arange(1, 6, dtype=np.int32), np.ones(5, np.int8), np.array([5], np.int32)),
+        (np.arange(1, 12, dtype=np.int32), np.ones(11, np.int8), np.array([11], np.int32)),
+    ]
+    b = collate(rows, seq_len=64, pad_id=0, pad_to_multiple_of=8)
+    assert b.input_ids.shape == (2, 16)  # longest row 11 -> 16
+    full = collate(rows, seq_len=64, pad_id=0)
+    assert full.input_ids.shape == (2, 64)
+    # the same tokens, positions and targets, only less padding
+    assert torch.equal(full.input_ids[:, :16], b.input_ids)
+    assert torch.equal(full.targets[:, :16], b.targets)
+    assert (full.targets[:, 16:] == IGNORE_INDEX).all()
+    assert (b.num_tokens, b.num_supervised) == (full.num_tokens, full.num_supervised)
+    # never beyond seq_len
+    assert collate(rows, seq_len=12, pad_id=0, pad_to_multiple_of=8).input_ids.shape == (2, 12)

@@ -141,3 +141,25 @@ def test_missing_input_and_tokenizer_errors(tmp_path, sp_tokenizer_dir):
             out_dir=str(tmp_path / "o"),
             options=PrepareOptions(seq_len=64),
         )
+
+
+def test_packing_none_keeps_one_document_per_row(
+    tmp_path, corpus_path, prepared_dir, sp_tokenizer_dir
+):
+    out = tmp_path / "unpacked"
+    m = prepare(
+        [str(corpus_path)],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(out),
+        options=PrepareOptions(seq_len=128, rows_per_shard=40, packing="none"),
+    )
+    packed = schema.read_manifest(prepared_dir)
+    assert m["options"]["packing"] == "none" and packed["options"]["packing"] == "bfd"
+    assert m["num_rows"] == m["num_documents"] == packed["num_documents"]
+    for key in ("num_tokens", "num_supervised_tokens"):
+        assert m[key] == packed[key]
+    rows = [r for s in m["shards"] for r in schema.open_shard(out / s["file"]).to_pylist()]
+    assert all(len(r["doc_lens"]) == 1 for r in rows)
+    assert m["packing_efficiency"] < packed["packing_efficiency"]
+    with pytest.raises(ValueError, match="--packing"):
+        PrepareOptions(seq_len=128, packing="first-fit")
