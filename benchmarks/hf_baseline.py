@@ -148,8 +148,13 @@ def main(spec_path: str) -> int:
     if len(step_ends) != steps or len(batches) < steps:
         raise RuntimeError(f"expected {steps} steps, saw {len(step_ends)} ({len(batches)} batches)")
     measured = np.array(batches[w:steps], dtype=np.float64).sum(axis=0)
-    totals = torch.tensor([*measured, step_ends[-1] - step_ends[w - 1]], dtype=torch.float64)
-    memory = torch.tensor([peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64)
+    dev = engine.device  # NCCL reduces only CUDA tensors
+    totals = torch.tensor(
+        [*measured, step_ends[-1] - step_ends[w - 1]], dtype=torch.float64, device=dev
+    )
+    memory = torch.tensor(
+        [peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64, device=dev
+    )
     seconds = totals[3].clone()
     dist.all_reduce(totals)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)

@@ -6,13 +6,19 @@ on its own. No token can straddle a prompt/response boundary, so a BPE merge acr
 never shift the mask by a token — and the ids are exactly what the model sees at inference,
 where the prompt (ending in the generation header) is tokenized before the reply is generated.
 The boundaries come from rendering prefixes of the conversation with the template, so no
-`{% generation %}` markers are needed in it.
+`{% generation %}` markers are needed in it. Rendering every prefix of every record is the
+costly part, so it is done once per *sequence of roles* with placeholder contents (a
+skeleton); a record then costs one rendering, and its boundaries are read off the skeleton
+when filling in its contents reproduces that rendering exactly. Templates that edit contents
+(trim, reformat) fail that check and fall back to rendering the record's prefixes.
 
 Imports neither torch, ray nor deepspeed.
 """
 
 from __future__ import annotations
 
+import bisect
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +104,65 @@ class Renderer:
             self._compiled = _compile_jinja_template(template)
         except ImportError:  # another transformers: take the public road
             self._compiled = None
+        self._skeletons: dict[tuple[str, ...], _Skeleton | None] = {}
+
+    def turn_bounds(
+        self, messages: list[dict], turns: list[int], full: str
+    ) -> list[tuple[int, int]] | None:
+        """(end of the prompt before, end of the conversation through) each assistant turn in
+        `turns`, as offsets into `full`, from the template's skeleton for this sequence of
+        roles; None when the shortcut does not apply (the caller renders the prefixes).
+
+        The skeleton is the template rendered, prefixes included, with a placeholder for every
+        message's content; it is rendered once per sequence of roles. It applies when the
+        template inserts contents verbatim, which is checked on every record: the skeleton
+        with this record's contents filled in must equal `full`, the record's own rendering.
+        """
+        if not all(len(m) == 2 and isinstance(m.get("content"), str) for m in messages):
+            return None
+        roles = tuple(m["role"] for m in messages)
+        if roles not in self._skeletons:
+            if len(self._skeletons) >= 4096:  # bounded: unusual data falls back to prefixes
+                return None
+            self._skeletons[roles] = _Skeleton.build(self, roles)
+        sk = self._skeletons[roles]
+        if sk is None:
+            return None
+        contents = [m["content"] for m in messages]
+        if any(_PH_OPEN in c for c in contents):
+            return None
+        actual_starts, parts, at = [], [], 0
+        for literal, slot in sk.pieces:
+            actual_starts.append(at)
+            parts.append(literal)
+            at += len(literal)
+            if slot is not None:
+                parts.append(contents[slot])
+                at += len(contents[slot])
+        if "".join(parts) != full:
+            return None
+        bounds = []
+        for i in turns:
+            prompt_end = sk.locate(sk.prompt_end[i], actual_starts)
+            turn_end = sk.locate(sk.turn_end[i], actual_starts)
+            if prompt_end is None or turn_end is None:
+                return None
+            bounds.append((prompt_end, turn_end))
+        return bounds
+
+    _shared: dict[tuple, Renderer] = {}
+
+    @classmethod
+    def shared(cls, tokenizer: Any, template: str) -> Renderer:
+        """One renderer per (template, special tokens) in this process, so that its skeletons
+        are built once and not per batch."""
+        special = tuple(
+            sorted((k, v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str))
+        )
+        key = (template, special)
+        if key not in cls._shared:
+            cls._shared[key] = cls(tokenizer, template)
+        return cls._shared[key]
 
     def __call__(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
         if self._compiled is None:
@@ -110,6 +175,58 @@ class Renderer:
         return self._compiled.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self._special
         )
+
+
+_PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"  # private-use characters around placeholder numbers
+
+
+@dataclass
+class _Skeleton:
+    """A template's rendering of one sequence of roles with placeholder contents."""
+
+    pieces: list[tuple[str, int | None]]  # literal text, then the content of message `slot`
+    literal_starts: list[int]  # skeleton offset of each piece's literal
+    prompt_end: dict[int, int]  # assistant index -> skeleton offset where its prompt ends
+    turn_end: dict[int, int]  # assistant index -> skeleton offset where its turn ends
+
+    def locate(self, offset: int, actual_starts: list[int]) -> int | None:
+        """The record's offset for a skeleton offset; None inside a placeholder."""
+        k = bisect.bisect_right(self.literal_starts, offset) - 1
+        within = offset - self.literal_starts[k]
+        if within > len(self.pieces[k][0]):
+            return None
+        return actual_starts[k] + within
+
+    @classmethod
+    def build(cls, render: Renderer, roles: tuple[str, ...]) -> _Skeleton | None:
+        messages = [
+            {"role": r, "content": f"{_PH_OPEN}{k}{_PH_CLOSE}"} for k, r in enumerate(roles)
+        ]
+        try:
+            full = render(messages, add_generation_prompt=False)
+            prompt_end, turn_end = {}, {}
+            for i, r in enumerate(roles):
+                if r == "assistant":
+                    prompt = render(messages[:i], add_generation_prompt=True)
+                    through = render(messages[: i + 1], add_generation_prompt=False)
+                    if not (full.startswith(through) and through.startswith(prompt)):
+                        return None
+                    prompt_end[i], turn_end[i] = len(prompt), len(through)
+        except Exception:  # the template rejects this shape: the prefix path will say why
+            return None
+        split = re.split(f"{_PH_OPEN}(\\d+){_PH_CLOSE}", full)
+        pieces: list[tuple[str, int | None]] = []
+        literal_starts: list[int] = []
+        at = 0
+        for n in range(0, len(split), 2):
+            literal = split[n]
+            slot = int(split[n + 1]) if n + 1 < len(split) else None
+            if slot is not None and slot >= len(roles):
+                return None
+            pieces.append((literal, slot))
+            literal_starts.append(at)
+            at += len(literal) + (len(f"{_PH_OPEN}{slot}{_PH_CLOSE}") if slot is not None else 0)
+        return cls(pieces, literal_starts, prompt_end, turn_end)
 
 
 def split_supervised_text(
@@ -135,25 +252,35 @@ def split_supervised_text(
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if mask == "last":
         turns = turns[-1:]
+    bounds = render.turn_bounds(messages, turns, full)
+    if bounds is None:  # render every prefix
+        bounds = []
+        for i in turns:
+            prompt = render(messages[:i], add_generation_prompt=True)
+            # the conversation through its last message is `full`, already rendered
+            through = (
+                full
+                if i == len(messages) - 1
+                else render(messages[: i + 1], add_generation_prompt=False)
+            )
+            if not (full.startswith(through) and through.startswith(prompt)):
+                raise BadRecord(
+                    f"the chat template does not render messages[:{i}] as a prefix of the conversation; "
+                    "cannot locate the assistant turn"
+                )
+            bounds.append((len(prompt), len(through)))
     segments: list[tuple[str, bool]] = []
     pos = 0
-    for i in turns:
-        prompt = render(messages[:i], add_generation_prompt=True)
-        # the conversation through its last message is `full`, already rendered
-        through = (
-            full
-            if i == len(messages) - 1
-            else render(messages[: i + 1], add_generation_prompt=False)
-        )
-        if not (full.startswith(through) and through.startswith(prompt) and len(prompt) >= pos):
+    for i, (prompt_end, turn_end) in zip(turns, bounds, strict=True):
+        if prompt_end < pos:
             raise BadRecord(
-                f"the chat template does not render messages[:{i}] as a prefix of the conversation; "
+                f"the chat template renders messages[:{i}] before the end of the previous turn; "
                 "cannot locate the assistant turn"
             )
-        if len(prompt) > pos:
-            segments.append((full[pos : len(prompt)], False))
-        segments.append((full[len(prompt) : len(through)], True))
-        pos = len(through)
+        if prompt_end > pos:
+            segments.append((full[pos:prompt_end], False))
+        segments.append((full[prompt_end:turn_end], True))
+        pos = turn_end
     if pos < len(full):
         segments.append((full[pos:], False))
     return segments
@@ -166,9 +293,10 @@ def tokenize_segments(tokenizer: Any, docs: list[list[tuple[str, bool]]]) -> lis
     if not texts:
         ids_list = []
     elif getattr(tokenizer, "is_fast", False):  # straight to Rust: same ids, no per-item wrapping
-        ids_list = [
-            e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-        ]
+        backend = tokenizer.backend_tokenizer
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        ids_list = [e.ids for e in encode(texts, add_special_tokens=False)]
     else:
         ids_list = tokenizer(texts, add_special_tokens=False)["input_ids"]
     out, k = [], 0

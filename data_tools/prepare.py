@@ -187,7 +187,7 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
     Two passes: render every record into (text, supervised) segments, then tokenize all
     segments of the batch in one call.
     """
-    render = Renderer(tokenizer, template)
+    render = Renderer.shared(tokenizer, template)
     out: list[dict] = []
     pending: list[tuple[int, str, list]] = []  # (index in out, kind, segments)
     for source, line, raw, record in items:

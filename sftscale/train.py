@@ -220,7 +220,8 @@ def evaluate(
     mine = list(range(rank, n, world))
     m = cfg.eval.micro_batch_size
     n_batches = math.ceil(math.ceil(n / world) / m)
-    sums = torch.zeros(2, dtype=torch.float64)  # loss sum, supervised tokens
+    # On the engine's device: NCCL (the GPU backend) reduces only CUDA tensors.
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, supervised tokens
     engine.eval()
     with torch.no_grad():
         for b in range(n_batches):
@@ -236,7 +237,7 @@ def evaluate(
                 input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
             ).logits
             if rows:
-                sums[0] += token_loss_sum(logits, batch.targets).double().cpu()
+                sums[0] += token_loss_sum(logits, batch.targets).double()
                 sums[1] += batch.num_supervised
     engine.train()
     dist.all_reduce(sums)  # collective
@@ -399,13 +400,15 @@ def train_worker(
                 float(preemption.requested()),
             ],
             dtype=torch.float64,
+            device=device,  # NCCL reduces only CUDA tensors
         )
         dist.all_reduce(counts)
-        global_supervised = max(counts[0].item(), 1.0)
+        counts = counts.tolist()  # one device-to-host copy
+        global_supervised = max(counts[0], 1.0)
         # DeepSpeed divides each micro-step's gradient by grad_accum and averages over ranks;
         # scaling by (grad_accum * world) undoes both so gradients are sum / global_supervised.
         scale = t.grad_accum * world / global_supervised
-        step_loss_sum = torch.zeros((), dtype=torch.float64)
+        step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in plan.micro:
             batch = batch.to(device)
             # use_cache=False is load-bearing: with a KV cache, transformers does not detect
@@ -416,7 +419,7 @@ def train_worker(
             loss_sum = token_loss_sum(logits, batch.targets, chunk_tokens=t.loss_chunk_tokens)
             engine.backward(loss_sum * scale)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            step_loss_sum += loss_sum.detach().to("cpu", torch.float64)
+            step_loss_sum += loss_sum.detach().double()  # stays on the device: no sync here
         step += 1
         position += plan.rows
         ledger.extend(
@@ -424,8 +427,8 @@ def train_worker(
         )
         window.add(
             loss_sum=step_loss_sum.item(),  # CPU-GPU sync point, once per step
-            supervised=counts[0].item(),
-            tokens=counts[1].item(),
+            supervised=counts[0],
+            tokens=counts[1],
             capacity=plan.rows * dataset.seq_len,
             flops=plan.model_flops,
             imbalance=plan.imbalance,
@@ -433,12 +436,14 @@ def train_worker(
         )
 
         if step % cfg.logging.every_n_steps == 0 or step == t.max_steps:
-            loss_sum_global = torch.tensor([window.loss_sum], dtype=torch.float64)
+            loss_sum_global = torch.tensor([window.loss_sum], dtype=torch.float64, device=device)
             dist.all_reduce(loss_sum_global)  # collective
             loss = loss_sum_global.item() / max(window.supervised, 1.0)
             losses.append(loss)
             flops_per_s = window.flops / window.seconds
-            memory = torch.tensor([peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64)
+            memory = torch.tensor(
+                [peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64, device=device
+            )
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # collective: the worst rank
             record = {
                 "step": step,
@@ -479,7 +484,7 @@ def train_worker(
                 say(
                     f"step {step:>5}  eval loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
                 )
-        if counts[2].item() > 0:  # a rank was asked to stop (SIGTERM or STOP): save and leave
+        if counts[2] > 0:  # a rank was asked to stop (SIGTERM or STOP): save and leave
             checkpoint(step)
             preempted = True
             if rank == 0:

@@ -1,9 +1,12 @@
 """The loss mask, checked token by token against what each assistant turn should teach."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_tools.chat import (
     BUILTIN_TEMPLATES,
+    Renderer,
     resolve_template,
     split_supervised_text,
     tokenize_conversation,
@@ -141,3 +144,60 @@ def test_builtin_templates_locate_every_turn(sp_tokenizer, name):
     assert "".join(t for t, _ in segments) == full
     if name == "mistral":  # the system prompt is folded into the first user turn
         assert "[INST] Be brief.\n\nWhat is the capital of Peru? [/INST]" in full
+
+
+class _PrefixOnly(Renderer):
+    """The reference path: every prefix rendered, no skeleton."""
+
+    def turn_bounds(self, messages, turns, full):
+        return None
+
+
+TRIMMING = (  # a template that edits contents: the skeleton check must refuse it
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, "trimming"])
+@given(
+    system=st.booleans(),
+    turns=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=20)), min_size=1, max_size=4),
+    mask=st.sampled_from(["assistant", "last"]),
+)
+@settings(max_examples=40, deadline=None)
+def test_skeleton_shortcut_gives_the_segments_of_rendering_every_prefix(
+    sp_tokenizer, name, system, turns, mask
+):
+    template = TRIMMING if name == "trimming" else BUILTIN_TEMPLATES[name]
+    messages = [{"role": "system", "content": "Be brief. "}] if system else []
+    for user, reply in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    fast = Renderer(sp_tokenizer, template)
+    try:
+        expected = split_supervised_text(
+            sp_tokenizer, _PrefixOnly(sp_tokenizer, template), messages, mask=mask
+        )
+    except BadRecord:
+        with pytest.raises(BadRecord):
+            split_supervised_text(sp_tokenizer, fast, messages, mask=mask)
+        return
+    assert split_supervised_text(sp_tokenizer, fast, messages, mask=mask) == expected
+
+
+def test_skeleton_shortcut_is_taken_for_verbatim_templates_only(sp_tokenizer):
+    messages = CONVERSATION
+    turns = [2, 4]
+    chatml = Renderer(sp_tokenizer, BUILTIN_TEMPLATES["chatml"])
+    full = chatml(messages, add_generation_prompt=False)
+    assert chatml.turn_bounds(messages, turns, full) is not None
+    trimming = Renderer(sp_tokenizer, TRIMMING)
+    padded = [{**m, "content": f" {m['content']} "} for m in messages]
+    assert (
+        trimming.turn_bounds(padded, turns, trimming(padded, add_generation_prompt=False)) is None
+    )
+    # contents that contain the placeholder characters never take the shortcut
+    odd = [{**m, "content": m["content"] + "\ue000"} for m in messages]
+    assert chatml.turn_bounds(odd, turns, chatml(odd, add_generation_prompt=False)) is None

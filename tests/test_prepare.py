@@ -161,5 +161,5 @@ def test_packing_none_keeps_one_document_per_row(
     rows = [r for s in m["shards"] for r in schema.open_shard(out / s["file"]).to_pylist()]
     assert all(len(r["doc_lens"]) == 1 for r in rows)
     assert m["packing_efficiency"] < packed["packing_efficiency"]
-    with pytest.raises(ValueError, match="--packing"):
+    with pytest.raises(PrepareError, match="--packing"):
         PrepareOptions(seq_len=128, packing="first-fit")
