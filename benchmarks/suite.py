@@ -312,6 +312,7 @@ class Bench:
             "train": {"micro_batch_size": point.micro_batch_size, "grad_accum": 1,
                       "max_steps": self.grid.warmup_steps + self.grid.steps, "seed": 0},
             "deepspeed": {"template": point.template, "precision": "bf16"},
+            "scale": {"use_gpu": self.device["kind"] == "gpu"},  # else local mode pins DeepSpeed to CPU
             "checkpoint": {"at_end": False, "export": False, "resume": False},
             "logging": {"output_dir": str(run_dir.parent), "run_name": run_dir.name,
                         "every_n_steps": 1, "tensorboard": False, "progress_bar": False},

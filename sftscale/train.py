@@ -123,6 +123,10 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    if torch.cuda.is_available():
+        # Before any CUDA allocation (zero.Init places partitions on the current device): one
+        # GPU per rank. A launcher that shows each rank only its own GPU gets device 0.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     else:
