@@ -32,7 +32,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sftscale.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -301,7 +304,7 @@ class Bench:
             ).returncode
         return rc, time.perf_counter() - t0
 
-    def run_config(self, point: Point, run_dir: Path) -> dict[str, Any]:
+    def run_config(self, point: Point, run_dir: Path) -> Config:
         from sftscale.config import Config, from_dict
 
         cfg = from_dict(Config, {
@@ -341,7 +344,7 @@ class Bench:
         steps = [r for r in records if "tokens_per_s" in r and r["step"] > self.grid.warmup_steps]
         seconds = sum(r["step_time_s"] for r in steps)
 
-        def total(key: str) -> float:  # noqa: E306
+        def total(key: str) -> float:  # a per-step rate times that step's seconds, summed
             return sum(r[key] * r["step_time_s"] for r in steps)
 
         return {

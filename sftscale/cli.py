@@ -61,20 +61,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from sftscale.launch import run
 
-    # A process started by torchrun (or another launcher that sets the torch.distributed
-    # environment) is one rank of a job: local mode, never a Ray driver. torchrun's own parser
-    # would also take a `--local` after `-m sftscale train` as an abbreviation of its options.
-    started_as_rank = "TORCHELASTIC_RUN_ID" in os.environ or (
-        "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-    )
-    summary = run(cfg, local=args.local or started_as_rank)
+    # A process started by torchrun is one rank of a job: local mode, never a Ray driver.
+    # (torchrun's own parser would also take a `--local` after `-m sftscale train` as an
+    # abbreviation of one of its options.)
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    summary = run(cfg, local=args.local or under_torchrun)
     if summary.get("preempted"):
         print(
             f"[sftscale] stopped at step {summary['step']} (SIGTERM or STOP file), checkpoint saved: rerun to resume"
         )
-        return 143  # 128 + SIGTERM, what a scheduler expects of a preempted job
-    print(f"[sftscale] done: {summary['run_dir']}")
-    return 0
+        code = 143  # 128 + SIGTERM, what a scheduler expects of a preempted job
+    else:
+        print(f"[sftscale] done: {summary['run_dir']}")
+        code = 0
+    if under_torchrun:
+        # Everything is written and the process group is gone. Leave without the interpreter's
+        # teardown: on the CPU/gloo backend about one run in seven had a rank abort there
+        # ("terminate called without an active exception": a C++ thread still joinable at
+        # exit), and torchrun then reports a finished run as failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
