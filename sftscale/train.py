@@ -135,8 +135,9 @@ def init_distributed() -> tuple[int, int]:
 
 
 # Micro-batches are padded to their longest row rounded up to this (packed rows are nearly
-# full anyway; unpacked rows would otherwise pay for padding up to seq_len).
-PAD_MULTIPLE = 64
+# full anyway; unpacked rows would otherwise pay for padding up to seq_len). 64 cost ~9% extra
+# compute on single unpacked documents (bench: llama-100m, micro 1); 8 keeps tensor-core shapes.
+PAD_MULTIPLE = 8
 
 
 @dataclass
