@@ -199,3 +199,42 @@ def universal_checkpoint(tag_dir: Path, *, rank: int) -> Path:
         tmp.replace(out)
     dist.barrier()  # collective: the conversion is on disk for every rank
     return out
+
+
+def make_adam_resumable(optimizer) -> None:
+    """Make DeepSpeed's CPU Adam kernels resume bitwise (a no-op for other optimizers).
+
+    DeepSpeedCPUAdam (optimizer offload) and FusedAdam under the CPU accelerator keep beta1^t and
+    beta2^t between steps and advance them by one multiplication per step, but compute them with
+    pow() when the step number does not follow the previous one -- as the first step after a
+    resume does. The two differ in the last bit, so a resumed run would drift from an
+    uninterrupted one. Before every step this resets the kernel's cache to step 0, so that every
+    step takes the pow() path and its update is a function of the saved step number alone.
+    """
+    import deepspeed
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    basic = getattr(optimizer, "optimizer", optimizer)  # the ZeRO wrapper holds the torch optimizer
+    empty = torch.empty(0)
+    if isinstance(basic, DeepSpeedCPUAdam):
+
+        def reset(opt, *_):
+            g = opt.param_groups[0]
+            opt.ds_opt_adam.adam_update(
+                opt.opt_id, 0, g["lr"], *g["betas"], g["eps"], g["weight_decay"],
+                g["bias_correction"], empty, empty, empty, empty,
+            )  # fmt: skip
+
+    elif isinstance(basic, FusedAdam) and deepspeed.get_accelerator().device_name() == "cpu":
+        from deepspeed.ops.adam.multi_tensor_apply import MultiTensorApply
+
+        def reset(opt, *_):
+            g = opt.param_groups[0]
+            MultiTensorApply(1)(
+                opt.multi_tensor_adam, opt._dummy_overflow_buf, [[empty]] * 4, g["lr"], *g["betas"],
+                g["eps"], 0, int(opt.adam_w_mode), int(g["bias_correction"]), g["weight_decay"],
+            )  # fmt: skip
+
+    else:
+        return
+    basic.register_step_pre_hook(reset)

@@ -36,6 +36,7 @@ import torch
 from sftscale.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    make_adam_resumable,
     read_state,
     save_checkpoint,
     truncate_ledger,
@@ -327,6 +328,7 @@ def train_worker(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )
     del hf_ds
+    make_adam_resumable(optimizer)  # DeepSpeed's CPU Adam kernels: bitwise-exact resume
     device = engine.device
     peak_flops, peak_source = device_peak_flops(dtype)
 
