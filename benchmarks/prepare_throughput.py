@@ -70,12 +70,42 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
     return time.perf_counter() - t0, peak, out
 
 
+def encode_floor(corpus: Path, tok_dir: Path, *, records: int) -> dict:
+    """CPU seconds that the Hugging Face Rust encoder alone spends on exactly the text segments
+    `sftscale prepare` tokenizes for the first `records` conversations (reading, rendering and
+    everything else untimed). Any pipeline that tokenizes with this tokenizer pays at least this
+    much, so TRL's time over (this / processes) bounds the ratio any such pipeline can reach."""
+    import itertools
+
+    from transformers import AutoTokenizer
+
+    from data_tools.chat import Renderer, split_supervised_text
+    from data_tools.formats import iter_records, normalize, parse
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    render = Renderer.shared(tok, tok.chat_template)
+    encode = tok.backend_tokenizer.encode_batch_fast
+    cpu, tokens = 0.0, 0
+    it = itertools.islice(iter_records(corpus), records)
+    while batch := list(itertools.islice(it, 256)):
+        texts = [text for rec in batch
+                 for text, _ in split_supervised_text(tok, render, normalize(parse(rec.record))[1])]  # fmt: skip
+        t0 = time.process_time()
+        encoded = encode(texts, add_special_tokens=False)
+        cpu += time.process_time() - t0
+        tokens += sum(len(e) for e in encoded)
+    return {"records": records, "tokens": tokens, "encode_cpu_seconds": round(cpu, 1),
+            "tokens_per_cpu_second": round(tokens / cpu)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[200_000, 400_000])
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/sftscale_prepare_bench")
+    ap.add_argument("--floor-records", type=int, default=50_000,
+                    help="conversations whose Rust encode time is measured alone")  # fmt: skip
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -111,6 +141,11 @@ def main() -> None:
         row["throughput_ratio"] = round(
             row["sftscale"]["tokens_per_s"] / row["trl"]["tokens_per_s"], 2
         )
+        floor = encode_floor(corpus, tok, records=min(n, args.floor_records))
+        floor_seconds = row["sftscale"]["tokens"] / floor["tokens_per_cpu_second"] / args.num_proc
+        row["encode_floor"] = {**floor, "seconds_at_num_proc": round(floor_seconds, 1),
+                               "max_ratio": round(row["trl"]["seconds"] / floor_seconds, 2)}  # fmt: skip
+        print(n, "encode floor", row["encode_floor"], flush=True)
         results.append(row)
         import shutil
 
@@ -145,6 +180,20 @@ def main() -> None:
             ratio = f"{r['throughput_ratio']:.2f}" if name == "sftscale" else "1.00"
             lines.append(f"| {r['conversations']:,} | {name} | {x['tokens_per_s']:,} | {ratio} | "
                          f"{x['packing_efficiency']:.2%} | {x['peak_rss_bytes'] / 2**20:,.0f} MiB | {x['seconds']} s |")  # fmt: skip
+    lines += [
+        "",
+        "Encode floor: the CPU time of the Hugging Face Rust encoder alone on exactly the segments "
+        "sftscale tokenizes (first `--floor-records` conversations, rendering untimed), scaled to the "
+        "corpus and divided by the processes. Every pipeline that tokenizes with this tokenizer pays "
+        "it, so TRL's time over it is the largest ratio any such pipeline can reach.",
+        "",
+        "| conversations | encode tokens/CPU-s | floor | TRL | largest possible x TRL |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        f = r["encode_floor"]
+        lines.append(f"| {r['conversations']:,} | {f['tokens_per_cpu_second']:,} | {f['seconds_at_num_proc']} s | "
+                     f"{r['trl']['seconds']} s | {f['max_ratio']:.2f} |")  # fmt: skip
     (HERE / "results" / "prepare_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -104,29 +104,29 @@ def plot(rows: list[tuple[dict, dict | None]], out: Path) -> None:
     ours = [o for o, _ in rows]
     theirs = [t for _, t in rows]
     width = 0.38
-    fig_w = max(7.0, 0.9 * len(labels) + 3)
 
-    fig, ax = plt.subplots(figsize=(fig_w, 5))
-    ax.bar(x - width / 2, values(ours, "supervised_tokens_per_s"), width, label="sftscale")
-    ax.bar(x + width / 2, values(theirs, "supervised_tokens_per_s"), width, label="HF Trainer")
-    ax.set_ylabel("supervised tokens / s (all ranks)")
-    ax.set_title("Training throughput by configuration")
-    ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
-    ax.legend(fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(out / "tokens_per_s.png", dpi=110)
-    plt.close(fig)
+    def bars(key, scale, names, ylabel, title, file, extra=None):
+        """sftscale's and the Trainer's `key` side by side per grid point, saved as `file`."""
+        fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(labels) + 3), 5))
+        ax.bar(x - width / 2, values(ours, key, scale), width, label=names[0])
+        ax.bar(x + width / 2, values(theirs, key, scale), width, label=names[1])
+        if extra is not None:
+            extra(ax)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+        ax.legend(fontsize=8, framealpha=0.9)
+        fig.tight_layout()
+        fig.savefig(out / file, dpi=110)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(fig_w, 5))
-    ax.bar(x - width / 2, values(ours, "peak_memory_bytes", GIB), width, label="sftscale peak")
-    ax.bar(x + width / 2, values(theirs, "peak_memory_bytes", GIB), width, label="HF Trainer peak")
-    est = [o["ds_memory_estimate"]["device_bytes"] / GIB for o in ours]
-    ax.scatter(x, est, marker="_", s=400, color="black", zorder=3,
-               label="DeepSpeed estimate (model states)")  # fmt: skip
-    ax.set_ylabel("GiB per device (peak RSS per rank on CPU)")
-    ax.set_title("Peak memory by configuration")
-    ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
-    ax.legend(fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=110)
-    plt.close(fig)
+    def estimate(ax):
+        est = [o["ds_memory_estimate"]["device_bytes"] / GIB for o in ours]
+        ax.scatter(x, est, marker="_", s=400, color="black", zorder=3,
+                   label="DeepSpeed estimate (model states)")  # fmt: skip
+
+    bars("supervised_tokens_per_s", 1.0, ("sftscale", "HF Trainer"),
+         "supervised tokens / s (all ranks)", "Training throughput by configuration", "tokens_per_s.png")  # fmt: skip
+    bars("peak_memory_bytes", GIB, ("sftscale peak", "HF Trainer peak"),
+         "GiB per device (peak RSS per rank on CPU)", "Peak memory by configuration", "memory.png",
+         extra=estimate)  # fmt: skip

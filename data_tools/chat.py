@@ -18,9 +18,12 @@ Imports neither torch, ray nor deepspeed.
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from data_tools.formats import BadRecord
 
@@ -58,12 +61,12 @@ BUILTIN_TEMPLATES = {
 
 @dataclass
 class TokenizedDoc:
-    input_ids: list[int]
-    loss_mask: list[int]
+    input_ids: np.ndarray  # int32
+    loss_mask: np.ndarray  # int8, 1 = supervised
 
     @property
     def num_supervised(self) -> int:
-        return sum(self.loss_mask)
+        return int(self.loss_mask.sum(dtype=np.int64))
 
 
 def resolve_template(tokenizer: Any, name: str | None) -> str:
@@ -288,7 +291,9 @@ def split_supervised_text(
 
 def tokenize_segments(tokenizer: Any, docs: list[list[tuple[str, bool]]]) -> list[TokenizedDoc]:
     """Tokenize the segments of many documents in one batched call (the fast tokenizers' Rust
-    batch path), each segment on its own so no token crosses a prompt/response boundary."""
+    batch path), each segment on its own so no token crosses a prompt/response boundary.
+
+    The batch's ids and mask are built as two flat arrays; each document gets views of them."""
     texts = [text for segments in docs for text, _ in segments]
     if not texts:
         ids_list = []
@@ -299,17 +304,21 @@ def tokenize_segments(tokenizer: Any, docs: list[list[tuple[str, bool]]]) -> lis
         ids_list = [e.ids for e in encode(texts, add_special_tokens=False)]
     else:
         ids_list = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    out, k = [], 0
-    for segments in docs:
-        ids: list[int] = []
-        loss_mask: list[int] = []
-        for _, supervised in segments:
-            piece = ids_list[k]
-            k += 1
-            ids.extend(piece)
-            loss_mask.extend([int(supervised)] * len(piece))
-        out.append(TokenizedDoc(input_ids=ids, loss_mask=loss_mask))
-    return out
+    lengths = np.fromiter(map(len, ids_list), dtype=np.int64, count=len(ids_list))
+    ids = np.fromiter(
+        itertools.chain.from_iterable(ids_list), dtype=np.int32, count=int(lengths.sum())
+    )
+    supervised = np.fromiter(
+        (s for segments in docs for _, s in segments), dtype=np.int8, count=len(texts)
+    )
+    mask = np.repeat(supervised, lengths)
+    # token offset of each segment's start (and of the end), then of each document's
+    token_at = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=token_at[1:])
+    segment_at = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum([len(segments) for segments in docs], out=segment_at[1:])
+    bounds = token_at[segment_at].tolist()
+    return [TokenizedDoc(ids[a:b], mask[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def tokenize_conversation(
@@ -333,6 +342,7 @@ def close_text_doc(tokenizer: Any, doc: TokenizedDoc) -> TokenizedDoc:
     """EOS ends a pretraining document (supervised: the model learns where documents end)."""
     if tokenizer.eos_token_id is not None:
         return TokenizedDoc(
-            input_ids=[*doc.input_ids, tokenizer.eos_token_id], loss_mask=[*doc.loss_mask, 1]
+            input_ids=np.append(doc.input_ids, np.int32(tokenizer.eos_token_id)),
+            loss_mask=np.append(doc.loss_mask, np.int8(1)),
         )
     return doc

@@ -242,9 +242,7 @@ def _fit(doc, options: PrepareOptions) -> dict:
             (doc.input_ids[i : i + step], doc.loss_mask[i : i + step]) for i in range(0, n, step)
         ]
         overflow = "split"
-    kept = [
-        (np.asarray(i, dtype=np.int32), np.asarray(m, dtype=np.int8)) for i, m in pieces if any(m)
-    ]
+    kept = [(i, m) for i, m in pieces if m.any()]
     if not kept:
         raise BadRecord("zero supervised tokens (after fitting the document to seq_len)")
     return {"pieces": kept, "overflow": overflow, "unsupervised_pieces": len(pieces) - len(kept)}

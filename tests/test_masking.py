@@ -65,8 +65,8 @@ def test_ids_match_inference_tokenization_of_the_prompt(any_tokenizer):
         CONVERSATION[:2], chat_template=template, tokenize=False, add_generation_prompt=True
     )
     prompt_ids = sp_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    first_supervised = doc.loss_mask.index(1)
-    assert doc.input_ids[:first_supervised] == prompt_ids
+    first_supervised = doc.loss_mask.tolist().index(1)
+    assert doc.input_ids[:first_supervised].tolist() == prompt_ids
 
 
 def test_segments_cover_the_rendered_text(sp_tokenizer):
