@@ -170,10 +170,22 @@ def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, options: dict) -> None:
+def worker_tokenizer(tokenizer_dir: str | Path) -> Any:
+    """The tokenizer a worker loads from the copy saved beside the shards. A fast tokenizer
+    (tokenizer.json) loads as the generic fast class: ids from the same Rust tokenizer, template
+    and special tokens from the same files, and no model-class import (which pulls in torch:
+    ~2 s per worker). Anything else loads as the main process loaded it."""
+    if (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def _init_worker(tokenizer_dir: str, options: dict) -> None:
+    tok = worker_tokenizer(tokenizer_dir)
     _WORKER.update(tokenizer=tok, template=tok.chat_template, options=PrepareOptions(**options))
 
 
@@ -305,9 +317,7 @@ class _RayTokenize:
     """Ray Data map_batches UDF: one tokenizer per actor."""
 
     def __init__(self, tokenizer_dir: str, options: dict) -> None:
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.tok = worker_tokenizer(tokenizer_dir)
         self.options = PrepareOptions(**options)
 
     def __call__(self, batch: dict) -> dict:

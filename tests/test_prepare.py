@@ -163,3 +163,30 @@ def test_packing_none_keeps_one_document_per_row(
     assert m["packing_efficiency"] < packed["packing_efficiency"]
     with pytest.raises(PrepareError, match="--packing"):
         PrepareOptions(seq_len=128, packing="first-fit")
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "byte-level-bpe"])
+def test_workers_tokenizer_gives_the_main_process_results(
+    tmp_path, which, sp_tokenizer_dir, bpe_tokenizer_dir, corpus_records
+):
+    """Workers load the saved copy as the generic fast class; same template, special tokens,
+    vocabulary and processed records as the tokenizer the main process loaded."""
+    from data_tools.chat import resolve_template
+    from data_tools.prepare import load_tokenizer, process_records, worker_tokenizer
+
+    main = load_tokenizer(sp_tokenizer_dir if which == "sentencepiece" else bpe_tokenizer_dir)
+    main.chat_template = resolve_template(main, None)
+    main.save_pretrained(str(tmp_path / "tok"))
+    worker = worker_tokenizer(tmp_path / "tok")
+    assert worker.special_tokens_map == main.special_tokens_map
+    assert worker.chat_template == main.chat_template and worker.get_vocab() == main.get_vocab()
+    items = [("chat.jsonl", i + 1, json.dumps(r), r) for i, r in enumerate(corpus_records)]
+    options = PrepareOptions(seq_len=128)
+    ours = process_records(items, worker, worker.chat_template, options)
+    theirs = process_records(items, main, main.chat_template, options)
+    assert len(ours) == len(theirs) == len(items)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.keys() == b.keys() and a["ok"] and b["ok"]
+        assert [(i.tolist(), m.tolist()) for i, m in a["pieces"]] == [
+            (i.tolist(), m.tolist()) for i, m in b["pieces"]
+        ]
