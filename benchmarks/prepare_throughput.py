@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -98,19 +99,41 @@ def encode_floor(corpus: Path, tok_dir: Path, *, records: int) -> dict:
             "tokens_per_cpu_second": round(tokens / cpu)}  # fmt: skip
 
 
+def run_sftscale(corpus: Path, tok: Path, out: Path, *, args, env: dict) -> tuple[float, int, dict]:
+    secs, peak, _ = run_measured(
+        [sys.executable, "-m", "sftscale", "prepare", str(corpus), "--tokenizer", str(tok),
+         "--seq-len", str(args.seq_len), "--out", str(out), "--num-proc", str(args.num_proc),
+         "--no-progress"], env=env)  # fmt: skip
+    m = json.loads((out / "manifest.json").read_text())
+    return secs, peak, {"tokens": m["num_tokens"], "rows": m["num_rows"]}
+
+
+def run_trl(corpus: Path, tok: Path, out: Path, *, args, env: dict) -> tuple[float, int, dict]:
+    script, cache = out.parent / "trl_pipeline.py", out.parent / "hf_cache"
+    script.write_text(TRL_SCRIPT)
+    shutil.rmtree(cache, ignore_errors=True)  # no cached map results from an earlier run
+    secs, peak, stdout = run_measured(
+        [sys.executable, str(script), str(corpus), str(tok), str(out), str(args.seq_len),
+         str(args.num_proc)], env={**env, "HF_DATASETS_CACHE": str(cache)})  # fmt: skip
+    shutil.rmtree(cache, ignore_errors=True)
+    return secs, peak, json.loads(stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[200_000, 400_000])
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/sftscale_prepare_bench")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each pipeline per size, alternating; the median is reported")  # fmt: skip
     ap.add_argument("--floor-records", type=int, default=50_000,
                     help="conversations whose Rust encode time is measured alone")  # fmt: skip
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    results = []
+    results, floor = [], None
     for n in args.sizes:
         corpus = work / f"corpus_{n}.jsonl"
         if not corpus.is_file():
@@ -119,37 +142,29 @@ def main() -> None:
         if not tok.is_dir():
             make_tokenizer(corpus, tok)
         row = {"conversations": n, "corpus_bytes": corpus.stat().st_size}
-        secs, peak, _ = run_measured(
-            [sys.executable, "-m", "sftscale", "prepare", str(corpus), "--tokenizer", str(tok),
-             "--seq-len", str(args.seq_len), "--out", str(work / f"ours_{n}"), "--num-proc", str(args.num_proc),
-             "--no-progress"], env=env)  # fmt: skip
-        m = json.loads((work / f"ours_{n}" / "manifest.json").read_text())
-        row["sftscale"] = {"seconds": round(secs, 1), "tokens": m["num_tokens"], "rows": m["num_rows"],
-                           "tokens_per_s": round(m["num_tokens"] / secs), "packing_efficiency": m["packing_efficiency"],
-                           "peak_rss_bytes": peak}  # fmt: skip
-        print(n, "sftscale", row["sftscale"], flush=True)
-        script = work / "trl_pipeline.py"
-        script.write_text(TRL_SCRIPT)
-        secs, peak, out = run_measured(
-            [sys.executable, str(script), str(corpus), str(tok), str(work / f"trl_{n}"), str(args.seq_len),
-             str(args.num_proc)], env={**env, "HF_DATASETS_CACHE": str(work / "hf_cache")})  # fmt: skip
-        t = json.loads(out.strip().splitlines()[-1])
-        row["trl"] = {"seconds": round(secs, 1), "tokens": t["tokens"], "rows": t["rows"],
-                      "tokens_per_s": round(t["tokens"] / secs),
-                      "packing_efficiency": t["tokens"] / (t["rows"] * args.seq_len), "peak_rss_bytes": peak}  # fmt: skip
-        print(n, "trl", row["trl"], flush=True)
+        runs: dict[str, list] = {"sftscale": [], "trl": []}
+        for _ in range(args.repeats):  # alternating, so drifts of the machine hit both alike
+            for name, fn in (("sftscale", run_sftscale), ("trl", run_trl)):
+                runs[name].append(fn(corpus, tok, work / f"{name}_{n}", args=args, env=env))
+                print(n, name, f"{runs[name][-1][0]:.1f} s", flush=True)
+        for name, measured in runs.items():
+            seconds = sorted(secs for secs, _, _ in measured)
+            secs = seconds[len(seconds) // 2]  # the median; of two runs, the slower
+            counts = measured[0][2]
+            row[name] = {"seconds": round(secs, 1), "all_seconds": [round(x, 1) for x in seconds],
+                         "tokens": counts["tokens"], "rows": counts["rows"],
+                         "tokens_per_s": round(counts["tokens"] / secs),
+                         "packing_efficiency": counts["tokens"] / (counts["rows"] * args.seq_len),
+                         "peak_rss_bytes": max(peak for _, peak, _ in measured)}  # fmt: skip
         row["throughput_ratio"] = round(
             row["sftscale"]["tokens_per_s"] / row["trl"]["tokens_per_s"], 2
         )
-        floor = encode_floor(corpus, tok, records=min(n, args.floor_records))
+        floor = floor or encode_floor(corpus, tok, records=min(n, args.floor_records))
         floor_seconds = row["sftscale"]["tokens"] / floor["tokens_per_cpu_second"] / args.num_proc
         row["encode_floor"] = {**floor, "seconds_at_num_proc": round(floor_seconds, 1),
                                "max_ratio": round(row["trl"]["seconds"] / floor_seconds, 2)}  # fmt: skip
         print(n, "encode floor", row["encode_floor"], flush=True)
         results.append(row)
-        import shutil
-
-        shutil.rmtree(work / "hf_cache", ignore_errors=True)
 
     import datasets
     import transformers
@@ -171,15 +186,16 @@ def main() -> None:
         f"`{report['command']}` on {report['device']}; transformers {transformers.__version__}, "
         f"datasets {datasets.__version__}, trl {trl.__version__}.",
         "",
-        "| conversations | pipeline | tokens/s | x TRL | packing efficiency | peak RSS (tree) | time |",
-        "|---|---|---|---|---|---|---|",
+        "| conversations | pipeline | tokens/s | x TRL | packing efficiency | peak RSS (tree) | time (median) | all runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for name in ("sftscale", "trl"):
             x = r[name]
             ratio = f"{r['throughput_ratio']:.2f}" if name == "sftscale" else "1.00"
             lines.append(f"| {r['conversations']:,} | {name} | {x['tokens_per_s']:,} | {ratio} | "
-                         f"{x['packing_efficiency']:.2%} | {x['peak_rss_bytes'] / 2**20:,.0f} MiB | {x['seconds']} s |")  # fmt: skip
+                         f"{x['packing_efficiency']:.2%} | {x['peak_rss_bytes'] / 2**20:,.0f} MiB | {x['seconds']} s | "
+                         f"{', '.join(map(str, x['all_seconds']))} |")  # fmt: skip
     lines += [
         "",
         "Encode floor: the CPU time of the Hugging Face Rust encoder alone on exactly the segments "
