@@ -61,11 +61,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from sftscale.launch import run
 
-    # A process started by torchrun is one rank of a job: local mode, never a Ray driver.
-    # (torchrun's own parser would also take a `--local` after `-m sftscale train` as an
-    # abbreviation of one of its options.)
-    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-    summary = run(cfg, local=args.local or under_torchrun)
+    launched = started_by_launcher(os.environ, args.local_rank)
+    summary = run(cfg, local=args.local or launched)
     if summary.get("preempted"):
         print(
             f"[sftscale] stopped at step {summary['step']} (SIGTERM or STOP file), checkpoint saved: rerun to resume"
@@ -74,7 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"[sftscale] done: {summary['run_dir']}")
         code = 0
-    if under_torchrun:
+    if launched:
         # Everything is written and the process group is gone. Leave without the interpreter's
         # teardown: on the CPU/gloo backend about one run in seven had a rank abort there
         # ("terminate called without an active exception": a C++ thread still joinable at
@@ -83,6 +80,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def started_by_launcher(env, local_rank: int | None) -> bool:
+    """Whether this process is one rank of a job that a launcher started: torchrun (it sets
+    TORCHELASTIC_RUN_ID) or the deepspeed launcher (it passes --local_rank). Such a process runs
+    the local mode, never a Ray driver. (torchrun's own parser would take a `--local` after
+    `-m sftscale train` as an abbreviation of one of its options, so it cannot be passed.)"""
+    return "TORCHELASTIC_RUN_ID" in env or local_rank is not None
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -109,6 +114,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftscale", description=__doc__.split("\n")[0])
+    # The deepspeed launcher puts it right after the module name (`-m sftscale --local_rank=N
+    # train ...`); the rank itself comes from LOCAL_RANK, which it sets too.
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="tokenize, mask and pack chat JSONL into Arrow shards")

@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -76,6 +78,34 @@ def test_local_mode_trains_evaluates_checkpoints_and_exports(tmp_path, prepared_
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
     assert_export_matches_checkpoint(run_dir, tmp_path)
     assert_sharded_export_loads(run_dir, tmp_path)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_launched_ranks_run_the_local_mode(tmp_path, prepared_dir, launcher):
+    """`torchrun ... -m sftscale train` and `deepspeed --module sftscale train` (which passes
+    --local_rank before the command): each rank runs the local mode, no Ray and no --local."""
+    cfg_path = _config(tmp_path, prepared_dir, max_steps=4)
+    args = [str(cfg_path), "checkpoint.export=false"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()), "-m", "sftscale", "train", *args]  # fmt: skip
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+               str(_free_port()), "--module", "sftscale", "train", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert "2 worker(s)" in proc.stdout and proc.stdout.count("[sftscale] done") == 2
+    assert [r["step"] for r in _records(tmp_path / "runs" / "t") if "loss" in r] == [1, 2, 3, 4]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
