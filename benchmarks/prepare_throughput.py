@@ -14,6 +14,7 @@ the process tree (main process + workers), sampled every 50 ms.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -31,17 +32,27 @@ import json, sys
 import datasets
 from transformers import AutoTokenizer
 from trl import pack_dataset
-corpus, tok_dir, out, seq_len, num_proc = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+corpus, tok_dir, out, seq_len, num_proc, masked = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 tok = AutoTokenizer.from_pretrained(tok_dir)
-ds = datasets.load_dataset("json", data_files=corpus, split="train")
-def tokenize(ex):  # what SFTTrainer does for conversational data
+# assistant_only_loss=True needs {% generation %} markers: ChatML with the reply and its end marked
+MARKED = ("{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+          "{% generation %}{{ message['content'] + '<|im_end|>\n' }}{% endgeneration %}{% else %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+def tokenize(ex):  # what SFTTrainer does for conversational data (assistant_only_loss=masked)
+    if masked:
+        out = tok.apply_chat_template(ex["messages"], chat_template=MARKED, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        return {"input_ids": out["input_ids"], "assistant_masks": out["assistant_masks"]}
     return {"input_ids": tok.apply_chat_template(ex["messages"], tokenize=True, return_dict=True)["input_ids"]}
+ds = datasets.load_dataset("json", data_files=corpus, split="train")
 ds = ds.map(tokenize, remove_columns=ds.column_names, num_proc=num_proc)
 ds = ds.filter(lambda ex: len(ex["input_ids"]) > 0, num_proc=num_proc)
 packed = pack_dataset(ds, seq_len, strategy="bfd", map_kwargs={"num_proc": num_proc})
 packed.save_to_disk(out)
 lengths = [len(x) for x in packed["input_ids"]]
-print(json.dumps({"rows": len(lengths), "tokens": sum(lengths)}))
+supervised = sum(map(sum, packed["assistant_masks"])) if masked else None
+print(json.dumps({"rows": len(lengths), "tokens": sum(lengths), "supervised": supervised}))
 """
 
 
@@ -105,16 +116,19 @@ def run_sftscale(corpus: Path, tok: Path, out: Path, *, args, env: dict) -> tupl
          "--seq-len", str(args.seq_len), "--out", str(out), "--num-proc", str(args.num_proc),
          "--no-progress"], env=env)  # fmt: skip
     m = json.loads((out / "manifest.json").read_text())
-    return secs, peak, {"tokens": m["num_tokens"], "rows": m["num_rows"]}
+    return secs, peak, {"tokens": m["num_tokens"], "rows": m["num_rows"],
+                        "supervised": m["num_supervised_tokens"]}  # fmt: skip
 
 
-def run_trl(corpus: Path, tok: Path, out: Path, *, args, env: dict) -> tuple[float, int, dict]:
+def run_trl(
+    corpus: Path, tok: Path, out: Path, *, args, env: dict, masked: bool = False
+) -> tuple[float, int, dict]:
     script, cache = out.parent / "trl_pipeline.py", out.parent / "hf_cache"
     script.write_text(TRL_SCRIPT)
     shutil.rmtree(cache, ignore_errors=True)  # no cached map results from an earlier run
     secs, peak, stdout = run_measured(
         [sys.executable, str(script), str(corpus), str(tok), str(out), str(args.seq_len),
-         str(args.num_proc)], env={**env, "HF_DATASETS_CACHE": str(cache)})  # fmt: skip
+         str(args.num_proc), str(int(masked))], env={**env, "HF_DATASETS_CACHE": str(cache)})  # fmt: skip
     shutil.rmtree(cache, ignore_errors=True)
     return secs, peak, json.loads(stdout.strip().splitlines()[-1])
 
@@ -127,6 +141,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sftscale_prepare_bench")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each pipeline per size, alternating; the median is reported")  # fmt: skip
+    ap.add_argument("--trl-masked", action="store_true",
+                    help="also run TRL with assistant-only loss masks (assistant_only_loss=True)")  # fmt: skip
     ap.add_argument("--floor-records", type=int, default=50_000,
                     help="conversations whose Rust encode time is measured alone")  # fmt: skip
     args = ap.parse_args()
@@ -142,9 +158,12 @@ def main() -> None:
         if not tok.is_dir():
             make_tokenizer(corpus, tok)
         row = {"conversations": n, "corpus_bytes": corpus.stat().st_size}
-        runs: dict[str, list] = {"sftscale": [], "trl": []}
-        for _ in range(args.repeats):  # alternating, so drifts of the machine hit both alike
-            for name, fn in (("sftscale", run_sftscale), ("trl", run_trl)):
+        pipelines = {"sftscale": run_sftscale, "trl": run_trl}
+        if args.trl_masked:  # TRL doing the same job: assistant-only loss masks
+            pipelines["trl-masked"] = functools.partial(run_trl, masked=True)
+        runs: dict[str, list] = {name: [] for name in pipelines}
+        for _ in range(args.repeats):  # alternating, so drifts of the machine hit all alike
+            for name, fn in pipelines.items():
                 runs[name].append(fn(corpus, tok, work / f"{name}_{n}", args=args, env=env))
                 print(n, name, f"{runs[name][-1][0]:.1f} s", flush=True)
         for name, measured in runs.items():
@@ -153,12 +172,17 @@ def main() -> None:
             counts = measured[0][2]
             row[name] = {"seconds": round(secs, 1), "all_seconds": [round(x, 1) for x in seconds],
                          "tokens": counts["tokens"], "rows": counts["rows"],
+                         "supervised_tokens": counts.get("supervised"),
                          "tokens_per_s": round(counts["tokens"] / secs),
                          "packing_efficiency": counts["tokens"] / (counts["rows"] * args.seq_len),
                          "peak_rss_bytes": max(peak for _, peak, _ in measured)}  # fmt: skip
         row["throughput_ratio"] = round(
             row["sftscale"]["tokens_per_s"] / row["trl"]["tokens_per_s"], 2
         )
+        if "trl-masked" in row:
+            row["throughput_ratio_masked"] = round(
+                row["sftscale"]["tokens_per_s"] / row["trl-masked"]["tokens_per_s"], 2
+            )
         floor = floor or encode_floor(corpus, tok, records=min(n, args.floor_records))
         floor_seconds = row["sftscale"]["tokens"] / floor["tokens_per_cpu_second"] / args.num_proc
         row["encode_floor"] = {**floor, "seconds_at_num_proc": round(floor_seconds, 1),
@@ -190,12 +214,27 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for name in ("sftscale", "trl"):
+        for name in ("sftscale", "trl", "trl-masked"):
+            if name not in r:
+                continue
             x = r[name]
-            ratio = f"{r['throughput_ratio']:.2f}" if name == "sftscale" else "1.00"
+            ratio = {"sftscale": f"{r['throughput_ratio']:.2f}", "trl": "1.00",
+                     "trl-masked": f"{r['trl']['seconds'] / x['seconds']:.2f}"}[name]  # fmt: skip
             lines.append(f"| {r['conversations']:,} | {name} | {x['tokens_per_s']:,} | {ratio} | "
                          f"{x['packing_efficiency']:.2%} | {x['peak_rss_bytes'] / 2**20:,.0f} MiB | {x['seconds']} s | "
                          f"{', '.join(map(str, x['all_seconds']))} |")  # fmt: skip
+    if any("trl-masked" in r for r in results):
+        lines += [
+            "",
+            "`trl` is TRL's pipeline as SFTTrainer runs it for conversational data by default "
+            "(full-sequence loss: no mask computed); `trl-masked` does the job sftscale does, "
+            "assistant-only loss masks (`assistant_only_loss=True`: `return_assistant_tokens_mask` "
+            "with a ChatML template carrying `{% generation %}` markers). sftscale over `trl-masked`: "
+            + ", ".join(
+                f"{r['throughput_ratio_masked']:.2f}x ({r['conversations']:,})" for r in results
+            )
+            + ". The `x TRL` column is against the unmasked `trl`.",
+        ]
     lines += [
         "",
         "Encode floor: the CPU time of the Hugging Face Rust encoder alone on exactly the segments "

@@ -113,7 +113,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sftscale", description=__doc__.split("\n")[0])
+    # No abbreviations here: `train ... --local` must not read as a prefix of --local_rank.
+    parser = argparse.ArgumentParser(
+        prog="sftscale", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     # The deepspeed launcher puts it right after the module name (`-m sftscale --local_rank=N
     # train ...`); the rank itself comes from LOCAL_RANK, which it sets too.
     parser.add_argument(

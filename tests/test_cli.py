@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from sftscale.cli import main
+from sftscale.cli import build_parser, main, started_by_launcher
 
 
 def test_help_lists_every_command():
@@ -15,6 +15,17 @@ def test_help_lists_every_command():
             [sys.executable, "-m", "sftscale", cmd, "--help"], capture_output=True, text=True
         )
         assert sub.returncode == 0 and "usage" in sub.stdout
+
+
+def test_train_flags_and_launcher_detection():
+    """`--local` stays itself beside the deepspeed launcher's --local_rank (no prefix match)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(["train", "c.yaml", "--local", "optim.lr=1e-3"])
+    assert args.local and args.local_rank is None and extra == ["optim.lr=1e-3"]
+    assert not started_by_launcher({}, args.local_rank)
+    args, _ = parser.parse_known_args(["--local_rank=1", "train", "c.yaml"])
+    assert args.local_rank == 1 and not args.local and started_by_launcher({}, args.local_rank)
+    assert started_by_launcher({"TORCHELASTIC_RUN_ID": "x"}, None)
 
 
 def test_prepare_and_inspect_from_the_command_line(tmp_path, corpus_path, sp_tokenizer_dir, capsys):
