@@ -16,7 +16,7 @@ from sftscale.config import Config, ConfigError, save_config
 from sftscale.validate import validate_run
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -74,7 +74,7 @@ def run_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }.items():
         os.environ.setdefault(key, value)
     import torch.distributed as dist

@@ -13,6 +13,7 @@ import yaml
 from helpers import assert_export_matches_checkpoint, assert_sharded_export_loads
 from sftscale.cli import main
 from sftscale.config import load_config
+from sftscale.launch import free_port
 
 
 def _config(tmp_path, prepared_dir, **train):
@@ -89,23 +90,15 @@ def test_launched_ranks_run_the_local_mode(tmp_path, prepared_dir, launcher):
     args = [str(cfg_path), "checkpoint.export=false"]
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()), "-m", "sftscale", "train", *args]  # fmt: skip
+               "--master-port", str(free_port()), "-m", "sftscale", "train", *args]  # fmt: skip
     else:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-               str(_free_port()), "--module", "sftscale", "train", *args]  # fmt: skip
+               str(free_port()), "--module", "sftscale", "train", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert "2 worker(s)" in proc.stdout and proc.stdout.count("[sftscale] done") == 2
     assert [r["step"] for r in _records(tmp_path / "runs" / "t") if "loss" in r] == [1, 2, 3, 4]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
