@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from data_tools.encode import Encoder
 from data_tools.formats import BadRecord
 
 MASK_MODES = ("assistant", "last", "all")
@@ -290,18 +291,15 @@ def split_supervised_text(
 
 
 def tokenize_segments(tokenizer: Any, docs: list[list[tuple[str, bool]]]) -> list[TokenizedDoc]:
-    """Tokenize the segments of many documents in one batched call (the fast tokenizers' Rust
-    batch path), each segment on its own so no token crosses a prompt/response boundary.
+    """Tokenize the segments of many documents in one batched call (data_tools.encode for fast
+    tokenizers), each segment on its own so no token crosses a prompt/response boundary.
 
     The batch's ids and mask are built as two flat arrays; each document gets views of them."""
     texts = [text for segments in docs for text, _ in segments]
     if not texts:
         ids_list = []
-    elif getattr(tokenizer, "is_fast", False):  # straight to Rust: same ids, no per-item wrapping
-        backend = tokenizer.backend_tokenizer
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use.
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        ids_list = [e.ids for e in encode(texts, add_special_tokens=False)]
+    elif getattr(tokenizer, "is_fast", False):  # the fast tokenizer's own ids, sooner
+        ids_list = Encoder.of(tokenizer)(texts)
     else:
         ids_list = tokenizer(texts, add_special_tokens=False)["input_ids"]
     lengths = np.fromiter(map(len, ids_list), dtype=np.int64, count=len(ids_list))
