@@ -58,21 +58,6 @@ _INERT_POST_PROCESSORS = (
 _WORD_CACHE_SIZE = 1 << 18  # distinct pieces memoized per process (~40 MB at most)
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which ByteLevel applies to every piece."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_BYTE_CHAR = _byte_alphabet()
-
-
 def ascii_pattern(config: dict) -> str | None:
     """The ASCII pre-tokenizer regex equivalent to a tokenizer.json's pipeline, or None when
     the fast path cannot reproduce it."""
@@ -113,21 +98,26 @@ class _Pieces(dict):
     pieces are computed each time)."""
 
     def __init__(self, model: Any) -> None:
+        # GPT-2's byte -> printable character table, which ByteLevel applies to every piece
+        # (transformers' copy; imported by every fast tokenizer already)
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
         super().__init__()
         self.model = model
+        self.byte_char = bytes_to_unicode()
+
+    def to_bytes_alphabet(self, piece: str) -> str:
+        return "".join(map(self.byte_char.__getitem__, piece.encode()))
 
     def __missing__(self, piece: str) -> tuple[int, ...]:
-        ids = tuple(
-            t.id for t in self.model.tokenize("".join(map(_BYTE_CHAR.__getitem__, piece.encode())))
-        )
+        ids = tuple(t.id for t in self.model.tokenize(self.to_bytes_alphabet(piece)))
         if len(self) < _WORD_CACHE_SIZE:
             self[piece] = ids
         return ids
 
 
 class _AsciiPath:
-    def __init__(self, backend: Any, pattern: str) -> None:
-        added = backend.get_added_tokens_decoder()
+    def __init__(self, backend: Any, pattern: str, added: dict[int, Any]) -> None:
         self.added = {t.content: i for i, t in added.items()}
         raw = [t.content for t in added.values() if not t.normalized]
         normalized = [t.content for t in added.values() if t.normalized]
@@ -147,10 +137,10 @@ class _AsciiPath:
         pattern = ascii_pattern(json.loads(backend.to_str()))
         if pattern is None:
             return None
-        tokens = backend.get_added_tokens_decoder().values()
-        if any(t.lstrip or t.rstrip or t.single_word or not t.content for t in tokens):
+        added = backend.get_added_tokens_decoder()
+        if any(t.lstrip or t.rstrip or t.single_word or not t.content for t in added.values()):
             return None
-        return cls(backend, pattern)
+        return cls(backend, pattern, added)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []

@@ -89,10 +89,8 @@ def _rust_pieces(tok: Tokenizer, text: str) -> list[str]:
 
 
 def _our_pieces(tok: Tokenizer, text: str) -> list[str]:
-    return [
-        "".join(map(encode._BYTE_CHAR.__getitem__, p.encode()))
-        for p in Encoder(tok).ascii.split(text)
-    ]
+    path = Encoder(tok).ascii
+    return [path.pieces.to_bytes_alphabet(p) for p in path.split(text)]
 
 
 def test_pre_tokenization_is_the_same(tokenizer):
