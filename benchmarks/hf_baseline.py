@@ -161,7 +161,10 @@ def main(spec_path: str) -> int:
     dist.all_reduce(memory, op=dist.ReduceOp.MAX)
     world = dist.get_world_size()
     if dist.get_rank() == 0:
-        peak, peak_source = device_peak_flops(torch.bfloat16 if bf16 else torch.float32)
+        peak, peak_source = device_peak_flops(
+            shape, rows=spec["micro_batch_size"] * data.seq_len,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+        )  # fmt: skip
         s = seconds.item()
         flops_per_s = totals[2].item() / s
         result = {

@@ -127,13 +127,15 @@ class DeepSpeedConfig:
     # A template name in ds_configs/ (without .json) or a path to a JSON file; its "auto"
     # fields are filled from this config by sftscale.ds_config.resolve_ds_config.
     template: str = "zero3"
-    precision: str = "bf16"  # bf16 | fp32
+    # auto: bf16 where the device computes it natively, fp32 elsewhere (sftscale.precision);
+    # bf16 or fp32 force one (bf16 on a CPU without native bf16 runs, with a warning).
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         _check(
-            self.precision in ("bf16", "fp32"),
+            self.precision in ("auto", "bf16", "fp32"),
             "deepspeed.precision",
-            f"{self.precision!r} is not one of bf16, fp32",
+            f"{self.precision!r} is not one of auto, bf16, fp32",
         )
 
 

@@ -1,7 +1,7 @@
 """The one resolver for DeepSpeed settings: a checked-in template from ds_configs/ with its
 "auto" fields filled from the run config.
 
-    resolve_ds_config(cfg, world_size=8)  ->  dict for deepspeed.initialize
+    resolve_ds_config(cfg, world_size=8, precision="bf16")  ->  dict for deepspeed.initialize
 
 Any "auto" left unfilled is an error, and the batch arithmetic is asserted:
 train_batch_size == micro_batch_size * grad_accum * world_size.
@@ -38,15 +38,18 @@ def load_template(template: str) -> dict[str, Any]:
     return json.loads(template_path(template).read_text())
 
 
-def auto_values(cfg: Config, world_size: int) -> dict[str, Any]:
-    """Values for every "auto" field a template may hold, keyed by dotted path."""
+def auto_values(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
+    """Values for every "auto" field a template may hold, keyed by dotted path.
+
+    precision: bf16 or fp32, what the run computes in (`deepspeed.precision` resolved by
+    sftscale.precision on the workers' device)."""
     o, t = cfg.optim, cfg.train
     return {
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": o.max_grad_norm,
-        "bf16.enabled": cfg.deepspeed.precision == "bf16",
+        "bf16.enabled": precision == "bf16",
         "optimizer.params.lr": o.lr,
         "optimizer.params.betas": list(o.betas),
         "optimizer.params.eps": o.eps,
@@ -68,10 +71,16 @@ def _fill(node: Any, values: dict[str, Any], path: str, template: str) -> Any:
     return node
 
 
-def resolve_ds_config(cfg: Config, *, world_size: int) -> dict[str, Any]:
+def resolve_ds_config(cfg: Config, *, world_size: int, precision: str) -> dict[str, Any]:
+    """The template filled for `world_size` ranks computing in `precision` (bf16 | fp32)."""
     template = load_template(cfg.deepspeed.template)
+    if template.get("bf16", {}).get("enabled") is True and cfg.deepspeed.precision != "bf16":
+        raise ConfigError(
+            f"deepspeed.precision is {cfg.deepspeed.precision} but the template enables bf16; "
+            'set bf16.enabled to "auto"'
+        )
     resolved = _fill(
-        copy.deepcopy(template), auto_values(cfg, world_size), "", cfg.deepspeed.template
+        copy.deepcopy(template), auto_values(cfg, world_size, precision), "", cfg.deepspeed.template
     )
     t = cfg.train
     if resolved["train_batch_size"] != t.micro_batch_size * t.grad_accum * world_size:
@@ -79,10 +88,6 @@ def resolve_ds_config(cfg: Config, *, world_size: int) -> dict[str, Any]:
             f"deepspeed.template {cfg.deepspeed.template}: train_batch_size {resolved['train_batch_size']} != "
             f"train.micro_batch_size {t.micro_batch_size} * train.grad_accum {t.grad_accum} * "
             f'world size {world_size}; leave these fields "auto"'
-        )
-    if cfg.deepspeed.precision == "fp32" and resolved.get("bf16", {}).get("enabled"):
-        raise ConfigError(
-            'deepspeed.precision is fp32 but the template enables bf16; set bf16.enabled to "auto"'
         )
     if resolved.get("fp16", {}).get("enabled"):
         raise ConfigError("deepspeed.template: fp16 is not supported (use bf16)")

@@ -194,7 +194,7 @@ def export_from_checkpoint(
     checkpoint: str | Path,
     *,
     out_dir: str | Path,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2_000_000_000,
 ) -> Path:
     """Write a Hugging Face directory from a ZeRO checkpoint, one shard's worth of tensors at a
@@ -204,6 +204,8 @@ def export_from_checkpoint(
     memory-maps those files and assembles a parameter from its per-rank slices on demand; the
     pages read for a parameter are handed back to the kernel right after, and the shard writer
     streams each tensor to disk, so memory holds about one parameter at a time.
+
+    dtype: of the written weights; None writes them in the dtype the run trained in.
     """
     import contextlib
     import io
@@ -214,6 +216,9 @@ def export_from_checkpoint(
     root, tag = resolve_checkpoint(checkpoint)
     meta = root / MODEL_META_DIR
     out = Path(out_dir)
+    if dtype is None:  # the dtype the run trained in (bf16 or fp32), as its own export has
+        trained = json.loads((meta / "config.json").read_text()).get("dtype")
+        dtype = torch.float32 if trained == "float32" else torch.bfloat16
 
     def lazy_state() -> dict:
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints per call

@@ -16,8 +16,16 @@ Hardware FLOPs (HFU) add what activation checkpointing recomputes: one more forw
 4x forward instead of 3x.
 
 MFU = model FLOPs per second / (world_size * peak FLOP/s of one device).
-Peak: the dense bf16 tensor-core figure from the vendor's datasheet for known GPUs (table
-below); on a CPU (or an unknown GPU) a matmul probe measures it in the process that uses it.
+Peak: the dense bf16 tensor-core figure from the vendor's datasheet for known GPUs in bf16
+(table below). Anywhere else (CPUs, fp32, unknown GPUs) the peak is *measured* once per run, in
+the process that trains, on what the step itself computes: the GEMMs of the model's own weight
+shapes, forward (x W^T) and both backward products (g W, g^T x), with the step's rows, dtype and
+this rank's threads; the peak is the best rate any of them reaches. The step runs those same
+GEMMs plus work that is slower (attention, norms, communication), so its hardware FLOP rate
+cannot exceed that peak: MFU <= HFU <= 1. (A probe of a square fp32 matmul on one thread, as
+before, gave HFU 1.22 on an AVX2 CPU in bf16, where torch's bf16 linear runs 8x faster than its
+bf16 matmul.) Should a step still beat the probe (a noisy neighbour during the probe), the loop
+raises the peak to the rate it saw and says so.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ class ModelShape:
     matmul_params: int  # N above
     n_layers: int
     hidden: int
+    # (out_features, in_features) of every distinct weight matrix a matmul uses
+    weights: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelShape:
@@ -57,7 +67,18 @@ class ModelShape:
         head = model.get_output_embeddings()
         tied = head is not None and head.weight is model.get_input_embeddings().weight
         n = total - embed + (embed if tied else 0)
-        return cls(matmul_params=n, n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size)
+        embedding = model.get_input_embeddings().weight
+        weights = {
+            tuple(getattr(p, "ds_shape", p.shape))
+            for p in model.parameters()
+            if len(getattr(p, "ds_shape", p.shape)) == 2 and (p is not embedding or tied)
+        }
+        return cls(
+            matmul_params=n,
+            n_layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+            weights=tuple(sorted(weights)),
+        )
 
 
 def doc_flops(lengths, shape: ModelShape) -> float:
@@ -81,34 +102,62 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return None
 
 
-def measure_matmul_peak(
-    dtype: torch.dtype, device: str = "cpu", *, n: int = 512, seconds: float = 0.3
-) -> float:
-    """Best observed FLOP/s of an n x n matmul in `dtype` on `device` (this process's threads)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+def _best_rate(op, *, flops: float, device: str, seconds: float) -> float:
+    """Best FLOP/s of `op` over repeats within `seconds` (at least two timed runs)."""
+
+    def sync() -> None:
         if device != "cpu":
             torch.cuda.synchronize()
+
+    op()  # warm-up: kernel selection, allocation
+    sync()
+    best, runs, deadline = 0.0, 0, time.perf_counter() + seconds
+    while runs < 2 or time.perf_counter() < deadline:
         t0 = time.perf_counter()
-        for _ in range(4):
-            torch.matmul(a, b)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+        op()
+        sync()
+        best = max(best, flops / (time.perf_counter() - t0))
+        runs += 1
     return best
 
 
-def device_peak_flops(dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+def measure_gemm_peak(
+    weights: tuple[tuple[int, int], ...],
+    *,
+    rows: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    max_flop: float = 1e9,
+    seconds: float = 0.05,
+) -> float:
+    """Best FLOP/s over the GEMMs a training step runs for these weight shapes, in `dtype` with
+    this process's threads: forward x W^T, backward g W and g^T x, with `rows` token rows
+    (fewer for a weight so large that one GEMM would exceed `max_flop`, never under 256)."""
+    import torch.nn.functional as F
+
+    best = 0.0
+    gen = torch.Generator(device=device).manual_seed(0)
+    for out_f, in_f in weights:
+        t = max(min(rows, 256), min(rows, int(max_flop / (2 * in_f * out_f))))
+        x = torch.randn(t, in_f, generator=gen, device=device).to(dtype)
+        w = torch.randn(out_f, in_f, generator=gen, device=device).to(dtype)
+        g = torch.randn(t, out_f, generator=gen, device=device).to(dtype)
+        for op in (lambda: F.linear(x, w), lambda: g @ w, lambda: g.t() @ x):  # noqa: B023
+            best = max(best, _best_rate(op, flops=2.0 * t * in_f * out_f, device=device,
+                                        seconds=seconds))  # fmt: skip
+    return best
+
+
+def device_peak_flops(shape: ModelShape, *, rows: int, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s of one device for this model's step, where the figure comes from)."""
+    threads = torch.get_num_threads()
+    what = f"{len(shape.weights)} weight shapes x 3 GEMMs, {rows} rows, {str(dtype).split('.')[-1]}"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        peak = gpu_peak_flops(name)
+        peak = gpu_peak_flops(name) if dtype == torch.bfloat16 else None
         if peak is not None:
             return peak, f"datasheet bf16 peak of {name}"
-        return measure_matmul_peak(dtype, "cuda", n=4096), f"matmul probe on {name}"
-    return measure_matmul_peak(
-        dtype
-    ), f"matmul probe ({dtype}, {torch.get_num_threads()} CPU threads)"
+        peak = measure_gemm_peak(shape.weights, rows=rows, dtype=dtype, device="cuda")
+        return peak, f"measured on {name}: {what}"
+    peak = measure_gemm_peak(shape.weights, rows=rows, dtype=dtype)
+    return peak, f"measured: {what}, {threads} CPU thread(s)"

@@ -63,6 +63,7 @@ from sftscale.metrics import (
     say,
 )
 from sftscale.model import enable_gradient_checkpointing, load_model
+from sftscale.precision import Precision, agree, choose, device_native_bf16
 
 
 def lr_at(step: int, o: OptimConfig, max_steps: int) -> float:
@@ -117,6 +118,20 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def choose_precision(requested: str, *, world: int) -> Precision:
+    """`deepspeed.precision` resolved on this device, the same on every rank. Collective."""
+    import torch.distributed as dist
+
+    native, why = device_native_bf16(cuda=torch.cuda.is_available())
+    chosen = choose(requested, native_bf16=native, why=why)
+    if world > 1:
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([float(native)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # collective: bf16 only if every rank has it
+        chosen = agree(chosen, native_everywhere=bool(flag.item()))
+    return chosen
 
 
 def init_distributed() -> tuple[int, int]:
@@ -291,8 +306,13 @@ def train_worker(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    ds_config = resolve_ds_config(cfg, world_size=world)
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    precision = choose_precision(cfg.deepspeed.precision, world=world)
+    if rank == 0:  # the run's first line: what it computes in, and why
+        say(f"precision {precision.name} ({precision.reason})")
+        if precision.warning:
+            say(f"warning: {precision.warning}")
+    ds_config = resolve_ds_config(cfg, world_size=world, precision=precision.name)
+    dtype = precision.dtype
     data_id = data_fingerprint(dataset.manifest)
 
     resume_dir = Path(resume_from) if resume_from else None
@@ -330,7 +350,10 @@ def train_worker(
     del hf_ds
     make_adam_resumable(optimizer)  # DeepSpeed's CPU Adam kernels: bitwise-exact resume
     device = engine.device
-    peak_flops, peak_source = device_peak_flops(dtype)
+    # Measured once per run, on this model's GEMMs with this rank's rows, dtype and threads.
+    peak_flops, peak_source = device_peak_flops(
+        shape, rows=cfg.train.micro_batch_size * dataset.seq_len, dtype=dtype
+    )
 
     t = cfg.train
     rows_per_step = cfg.global_batch_rows(world)
@@ -357,7 +380,7 @@ def train_worker(
     )
     if rank == 0:
         say(
-            f"{world} worker(s), ZeRO-{zero_stage(ds_config)} {cfg.deepspeed.precision}, "
+            f"{world} worker(s), ZeRO-{zero_stage(ds_config)} {precision.name}, "
             f"{shape.matmul_params / 1e6:.1f}M matmul params, {len(dataset)} rows of {dataset.seq_len}, "
             f"{rows_per_step} rows/step ({steps_per_epoch(len(dataset), rows_per_step):.1f} steps/epoch), "
             f"{t.max_steps} steps; peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
@@ -448,6 +471,15 @@ def train_worker(
             loss = loss_sum_global.item() / max(window.supervised, 1.0)
             losses.append(loss)
             flops_per_s = window.flops / window.seconds
+            hw_per_device = hardware_flops(
+                flops_per_s, gradient_checkpointing=cfg.model.gradient_checkpointing
+            ) / world  # fmt: skip
+            if hw_per_device > peak_flops:  # the probe ran slow (a noisy moment): HFU stays <= 1
+                if rank == 0:
+                    say(f"peak raised from {peak_flops / 1e12:.4f} to {hw_per_device / 1e12:.4f} "
+                        f"TFLOP/s per device: step {step} ran faster than the probe measured")  # fmt: skip
+                peak_flops = hw_per_device
+                peak_source += f"; raised at step {step} to the rate the step reached"
             memory = torch.tensor(
                 [peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64, device=device
             )
@@ -462,10 +494,8 @@ def train_worker(
                 "supervised_tokens_per_s": window.supervised / window.seconds,
                 "padding_fraction": 1.0 - window.tokens / window.capacity,
                 "mfu": flops_per_s / (world * peak_flops),
-                "hfu": hardware_flops(
-                    flops_per_s, gradient_checkpointing=cfg.model.gradient_checkpointing
-                )
-                / (world * peak_flops),
+                "hfu": hw_per_device / peak_flops,
+                "peak_flops_per_device": peak_flops,
                 "rank_imbalance": window.max_imbalance,
                 "step_time_s": window.seconds / window.steps,
                 "peak_memory_bytes": int(memory[0].item()),

@@ -79,7 +79,10 @@ def validate_run(cfg: Config, *, world_size: int) -> dict:
             )
     if cfg.eval.path:
         _check_eval_set(cfg, manifest, positions)
-    ds_config = resolve_ds_config(cfg, world_size=world_size)  # bad template / batch arithmetic
+    # Bad template / batch arithmetic. An auto precision is chosen on the workers' device;
+    # the template's checks do not depend on which.
+    precision = "bf16" if cfg.deepspeed.precision == "bf16" else "fp32"
+    ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision)
     _check_zero_options(ds_config, cfg)
     return manifest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,10 +26,12 @@ def assert_export_matches_checkpoint(run_dir: Path, tmp_path: Path) -> None:
     master = AutoModelForCausalLM.from_pretrained(str(fp32_dir), dtype=torch.float32).eval()
 
     # bf16 training keeps bf16 copies of the fp32 master weights: rounding the master gives
-    # exactly the exported tensors.
+    # exactly the exported tensors. fp32 training exports the master weights themselves.
+    bf16 = json.loads((export / "config.json").read_text()).get("dtype") == "bfloat16"
     exported = dict(reloaded.named_parameters())
     for name, p in master.named_parameters():
-        torch.testing.assert_close(exported[name], p.to(torch.bfloat16).float(), atol=0, rtol=0)
+        expected = p.to(torch.bfloat16).float() if bf16 else p
+        torch.testing.assert_close(exported[name], expected, atol=0, rtol=0)
 
     ids = torch.randint(
         0, reloaded.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
@@ -39,10 +42,14 @@ def assert_export_matches_checkpoint(run_dir: Path, tmp_path: Path) -> None:
     # bf16 weight rounding (rel. 2^-8) bounds the logit difference
     torch.testing.assert_close(a, b, atol=5e-2, rtol=2e-2)
 
-    # The offline bf16 export from the checkpoint equals the one written at the end of training.
-    bf16_dir = tmp_path / "from_checkpoint_bf16"
-    assert main(["export", str(run_dir / "checkpoints"), "--out", str(bf16_dir)]) == 0
-    offline = AutoModelForCausalLM.from_pretrained(str(bf16_dir), dtype=torch.float32)
+    # The offline export from the checkpoint (in the training dtype by default) equals the one
+    # written at the end of training.
+    default_dir = tmp_path / "from_checkpoint_default"
+    assert main(["export", str(run_dir / "checkpoints"), "--out", str(default_dir)]) == 0
+    assert json.loads((default_dir / "config.json").read_text())["dtype"] == (
+        "bfloat16" if bf16 else "float32"
+    )
+    offline = AutoModelForCausalLM.from_pretrained(str(default_dir), dtype=torch.float32)
     for name, p in offline.named_parameters():
         torch.testing.assert_close(exported[name], p, atol=0, rtol=0)
 

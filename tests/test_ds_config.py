@@ -11,18 +11,33 @@ def _cfg(**sections):
 @pytest.mark.parametrize("template", sorted(p.stem for p in TEMPLATE_DIR.glob("*.json")))
 def test_every_template_resolves_without_auto(template):
     cfg = _cfg(deepspeed={"template": template}, train={"micro_batch_size": 2, "grad_accum": 3})
-    resolved = resolve_ds_config(cfg, world_size=4)
+    resolved = resolve_ds_config(cfg, world_size=4, precision="bf16")
     assert "auto" not in str(resolved)
     assert resolved["train_batch_size"] == 2 * 3 * 4
     assert resolved["train_micro_batch_size_per_gpu"] == 2
     assert resolved["gradient_accumulation_steps"] == 3
 
 
-def test_precision_and_optimizer_fields():
-    cfg = _cfg(deepspeed={"precision": "fp32"}, optim={"lr": 0.01, "weight_decay": 0.1})
-    resolved = resolve_ds_config(cfg, world_size=1)
-    assert resolved["bf16"]["enabled"] is False
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_precision_and_optimizer_fields(precision):
+    cfg = _cfg(optim={"lr": 0.01, "weight_decay": 0.1})  # deepspeed.precision: auto
+    resolved = resolve_ds_config(cfg, world_size=1, precision=precision)
+    assert resolved["bf16"]["enabled"] is (precision == "bf16")
     assert resolved["optimizer"]["params"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("requested", ["auto", "fp32"])
+def test_template_that_forces_bf16_needs_precision_bf16(tmp_path, requested):
+    import json
+
+    forced = tmp_path / "t.json"
+    forced.write_text(json.dumps({**json.loads((TEMPLATE_DIR / "zero3.json").read_text()),
+                                  "bf16": {"enabled": True}}))  # fmt: skip
+    cfg = _cfg(deepspeed={"template": str(forced), "precision": requested})
+    with pytest.raises(ConfigError, match='bf16.enabled to "auto"'):
+        resolve_ds_config(cfg, world_size=1, precision="fp32")
+    ok = _cfg(deepspeed={"template": str(forced), "precision": "bf16"})
+    assert resolve_ds_config(ok, world_size=1, precision="bf16")["bf16"]["enabled"] is True
 
 
 def test_fixed_batch_in_template_must_match(tmp_path):
@@ -39,9 +54,9 @@ def test_fixed_batch_in_template_must_match(tmp_path):
         )
     )
     with pytest.raises(ConfigError, match="train_batch_size 64"):
-        resolve_ds_config(_cfg(deepspeed={"template": str(bad)}), world_size=2)
+        resolve_ds_config(_cfg(deepspeed={"template": str(bad)}), world_size=2, precision="fp32")
 
 
 def test_unknown_template():
     with pytest.raises(ConfigError, match="deepspeed.template"):
-        resolve_ds_config(_cfg(deepspeed={"template": "zero9"}), world_size=1)
+        resolve_ds_config(_cfg(deepspeed={"template": "zero9"}), world_size=1, precision="fp32")

@@ -1,4 +1,5 @@
-"""Local (single-process, no Ray) mode runs the real loop: DeepSpeed ZeRO-3 bf16 on CPU."""
+"""Local (single-process, no Ray) mode runs the real loop: DeepSpeed ZeRO-3 on CPU, in the
+precision `auto` picks (bf16 where the CPU has it natively, else fp32)."""
 
 import json
 import math
@@ -34,27 +35,50 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train_subprocess(cfg_path, *args):
+# ONEDNN_MAX_CPU_ISA=AVX2 makes any x86 CPU compute as one without native bf16 does: oneDNN
+# stops using AVX512-BF16/AMX (bf16 matmuls become ~50x slower than fp32, as on AVX2-only CPUs).
+NO_NATIVE_BF16 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _train_subprocess(cfg_path, *args, env=None):
     # in a fresh process, as a user runs it (DeepSpeed keeps process-global state)
     proc = subprocess.run(
         [sys.executable, "-m", "sftscale", "train", str(cfg_path), "--local", *args],
         capture_output=True,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
 
 
+def _ours(stdout: str) -> list[str]:
+    """Our lines (DeepSpeed prints its own, e.g. when it builds an op)."""
+    return [line for line in stdout.splitlines() if line.startswith("[sftscale]")]
+
+
+def _native_bf16() -> bool:
+    from sftscale.precision import cpu_native_bf16
+
+    return cpu_native_bf16()[0]
+
+
 @pytest.mark.distributed
-def test_local_mode_trains_evaluates_checkpoints_and_exports(tmp_path, prepared_dir):
+@pytest.mark.parametrize("cpu", ["this-cpu", "no-native-bf16"])
+def test_local_mode_trains_evaluates_checkpoints_and_exports(tmp_path, prepared_dir, cpu):
     cfg_path = _config(tmp_path, prepared_dir)
-    _train_subprocess(
+    proc = _train_subprocess(
         cfg_path,
         "optim.weight_decay=0.01",
         f"eval.path={prepared_dir}",
         "eval.every_n_steps=6",
         "eval.max_rows=9",
+        env=NO_NATIVE_BF16 if cpu == "no-native-bf16" else {},
     )
+    # the run's first line says what auto chose and why
+    first = _ours(proc.stdout)[0]
+    expected = "bf16" if cpu == "this-cpu" and _native_bf16() else "fp32"
+    assert first.startswith(f"[sftscale] precision {expected} (auto: "), first
     run_dir = tmp_path / "runs" / "t"
     records = [r for r in _records(run_dir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))
@@ -64,7 +88,9 @@ def test_local_mode_trains_evaluates_checkpoints_and_exports(tmp_path, prepared_
     )  # fmt: skip
     for key in keys:
         assert records[-1][key] is not None, key
-    assert 0 < records[-1]["mfu"] < records[-1]["hfu"] < 1  # checkpointing recomputes the forward
+    for r in records:  # checkpointing recomputes the forward: HFU = 4/3 MFU
+        assert 0 < r["mfu"] < r["hfu"] <= 1, r
+        assert r["hfu"] == pytest.approx(r["mfu"] * 4 / 3)
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 0.5, [r["loss"] for r in records]
 
@@ -99,6 +125,22 @@ def test_launched_ranks_run_the_local_mode(tmp_path, prepared_dir, launcher):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert "2 worker(s)" in proc.stdout and proc.stdout.count("[sftscale] done") == 2
     assert [r["step"] for r in _records(tmp_path / "runs" / "t") if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.distributed
+def test_bf16_forced_on_a_cpu_without_it_warns_and_mfu_stays_below_one(tmp_path, prepared_dir):
+    """The reported defect: bf16 on an AVX2 CPU gave HFU 122% (a square-matmul peak probe;
+    torch's bf16 linear is ~8x faster there than its bf16 matmul)."""
+    cfg_path = _config(tmp_path, prepared_dir, max_steps=3)
+    proc = _train_subprocess(cfg_path, "deepspeed.precision=bf16", "checkpoint.export=false",
+                             "checkpoint.at_end=false", env=NO_NATIVE_BF16)  # fmt: skip
+    lines = _ours(proc.stdout)
+    assert lines[0] == "[sftscale] precision bf16 (deepspeed.precision=bf16)"
+    assert lines[1].startswith("[sftscale] warning: deepspeed.precision=bf16 on a device without")
+    records = [r for r in _records(tmp_path / "runs" / "t") if "loss" in r]
+    assert len(records) == 3
+    for r in records:
+        assert 0 < r["mfu"] < r["hfu"] <= 1, r
 
 
 @pytest.mark.distributed
