@@ -60,6 +60,69 @@ BUILTIN_TEMPLATES = {
 }
 
 
+# Marker strings of the built-in templates that must each be one token: a tokenizer that lacks
+# one gets it as a special token at prepare time (else `<|im_end|>` is spelled as six text
+# pieces, and nothing stops generation). Mistral's turn ends with the tokenizer's own EOS.
+TEMPLATE_MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "mistral": (),
+}
+
+
+def add_template_tokens(tokenizer: Any, name: str | None) -> list[str]:
+    """Add the markers of built-in template `name` that are not single tokens of `tokenizer`
+    as special tokens (new ids at the end of the vocabulary); return those added."""
+    missing = [m for m in TEMPLATE_MARKERS.get(name or "", ()) if not _is_one_token(tokenizer, m)]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
+
+
+def _is_one_token(tokenizer: Any, text: str) -> bool:
+    vocab = tokenizer.get_vocab()
+    return text in vocab and tokenizer.encode(text, add_special_tokens=False) == [vocab[text]]
+
+
+@dataclass(frozen=True)
+class EndOfTurn:
+    text: str  # what the template writes after an assistant reply, through the end of the turn
+    token_id: int  # the single (special) token the reply ends with: the stop token
+
+
+def end_of_turn(tokenizer: Any, template: str) -> EndOfTurn:
+    """The token an assistant turn ends with under `template`, found the way masking sees it:
+    the turn's segment (reply + closing text) tokenized on its own. ValueError when the closing
+    text does not begin with one special token: a model trained on it could not stop."""
+    render = Renderer(tokenizer, template)
+    reply = "Sure."
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
+    try:
+        prompt = render(messages[:1], add_generation_prompt=True)
+        through = render(messages, add_generation_prompt=False)
+    except Exception as e:
+        raise ValueError(f"the chat template cannot render a user/assistant exchange: {e}") from e
+    segment = through[len(prompt) :] if through.startswith(prompt) else ""
+    if not segment.startswith(reply):
+        raise ValueError("the chat template does not write an assistant reply verbatim after its "
+                         "generation prompt; cannot find where a turn ends")  # fmt: skip
+    closing = segment[len(reply) :]
+    content_ids = tokenizer.encode(reply, add_special_tokens=False)
+    ids = tokenizer.encode(segment, add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    if (closing and ids[: len(content_ids)] == content_ids and len(ids) > len(content_ids)
+            and ids[len(content_ids)] in special):  # fmt: skip
+        return EndOfTurn(closing, ids[len(content_ids)])
+    pieces = tokenizer.convert_ids_to_tokens(ids[len(content_ids) :]) if closing else []
+    raise ValueError(
+        f"the chat template ends an assistant turn with {closing!r}, which this tokenizer encodes "
+        f"as {pieces} rather than one special token: a model trained on it learns to spell the "
+        "end of its turn and nothing stops generation. Use a tokenizer that has the end-of-turn "
+        f"marker as a special token, or --chat-template ({', '.join(TEMPLATE_MARKERS)}): their "
+        "markers are added as special tokens when missing"
+    )
+
+
 @dataclass
 class TokenizedDoc:
     input_ids: np.ndarray  # int32

@@ -79,13 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        out = model.generate(
-            ids,
-            max_new_tokens=24,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        # plain generate(): the export's generation_config.json lists the end-of-turn id as
+        # EOS, so the reply stops at the end of its turn
+        out = model.generate(ids, max_new_tokens=48, do_sample=False)
         reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         print(f"user: {question}\nassistant (reloaded export): {reply}")
     print(f"run directory: {cfg.run_dir}")

@@ -143,8 +143,8 @@ def model_config(name_or_path: str, *, vocab_size: int, attn_implementation: str
     if is_preset(name_or_path):
         spec = dict(PRESETS[name_or_path])
         model_type = spec.pop("model_type")
-        if spec["vocab_size"] is None:
-            spec["vocab_size"] = vocab_size
+        # random init: room for every token of the tokenizer (template markers included)
+        spec["vocab_size"] = max(spec["vocab_size"] or 0, vocab_size)
         cfg = AutoConfig.for_model(model_type, **spec)
     else:
         path = Path(name_or_path)
@@ -159,9 +159,14 @@ def model_config(name_or_path: str, *, vocab_size: int, attn_implementation: str
 
 
 def load_model(
-    name_or_path: str, *, vocab_size: int, dtype: torch.dtype, attn_implementation: str = "sdpa"
+    name_or_path: str,
+    *,
+    vocab_size: int,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
 ) -> torch.nn.Module:
-    """A preset with random init (seeded by the caller), or weights from a local directory."""
+    """A preset with random init (seeded by the caller), or weights from a local directory.
+    A directory's vocabulary may be smaller than the tokenizer's (`grow_vocabulary`)."""
     from transformers import AutoModelForCausalLM
 
     cfg = model_config(name_or_path, vocab_size=vocab_size, attn_implementation=attn_implementation)
@@ -174,6 +179,44 @@ def load_model(
             name_or_path, config=cfg, dtype=dtype, attn_implementation=attn_implementation
         )
     return model
+
+
+def model_vocab_size(model: torch.nn.Module) -> int:
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def grow_vocabulary(model: torch.nn.Module, vocab_size: int) -> list[torch.nn.Parameter]:
+    """Resize input embeddings and LM head to `vocab_size` rows; returns the weights whose rows
+    from the old size on are new, for `fill_new_rows`. transformers' resize gathers ZeRO-3
+    partitions itself while a HfDeepSpeedConfig is alive."""
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    weights = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not weights[0]:
+        weights.append(head.weight)
+    return weights
+
+
+def fill_new_rows(weights: list[torch.Tensor], *, old_rows: int) -> None:
+    """Each row from `old_rows` on becomes the mean of the rows before it: a new token starts as
+    an average token, so the first losses stay sane. (transformers' `mean_resizing` draws
+    them from N(mean, 1e-9 * covariance) instead.) The caller holds the whole tensors."""
+    with torch.no_grad():
+        for w in weights:
+            w[old_rows:] = w[:old_rows].float().mean(dim=0).to(w.dtype)
+
+
+def set_special_token_ids(
+    model: torch.nn.Module, *, bos: int | None, eos: list[int], pad: int | None
+) -> None:
+    """The ids generation starts, stops and pads with, in the model's config and generation
+    config (saved with every export). `eos` is every id a turn may end with: plain
+    `model.generate()` stops at any of them."""
+    value = eos[0] if len(eos) == 1 else list(eos)
+    for c in (model.config, getattr(model, "generation_config", None)):
+        if c is not None:
+            c.bos_token_id, c.eos_token_id, c.pad_token_id = bos, value, pad
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -17,6 +17,7 @@ and data-parallel ranks. So (micro 4, accum 1, 1 rank), (micro 1, accum 4, 1 ran
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -62,7 +63,14 @@ from sftscale.metrics import (
     peak_reserved_bytes,
     say,
 )
-from sftscale.model import enable_gradient_checkpointing, load_model
+from sftscale.model import (
+    enable_gradient_checkpointing,
+    fill_new_rows,
+    grow_vocabulary,
+    load_model,
+    model_vocab_size,
+    set_special_token_ids,
+)
 from sftscale.precision import Precision, agree, choose, device_native_bf16
 
 
@@ -340,6 +348,24 @@ def train_worker(
         vocab_size=len(tokenizer),
         dtype=dtype,
         attn_implementation=cfg.model.attn_implementation,
+    )
+    if model_vocab_size(model) < len(tokenizer):  # tokens prepare added (template markers)
+        old_rows = model_vocab_size(model)
+        weights = grow_vocabulary(model, len(tokenizer))
+        # Collective under ZeRO-3: gathers the partitions; rank 0's rows are kept.
+        gathered = (deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+                    if hf_ds is not None else contextlib.nullcontext())  # fmt: skip
+        with gathered:
+            fill_new_rows(weights, old_rows=old_rows)
+        if rank == 0:
+            say(f"model vocabulary grown from {old_rows} to {len(tokenizer)} tokens for the "
+                "tokenizer's added tokens (new rows: the mean of the old ones)")  # fmt: skip
+    tok_info = dataset.manifest["tokenizer"]
+    set_special_token_ids(
+        model,
+        bos=tokenizer.bos_token_id,
+        eos=tok_info.get("eos_token_ids") or [tokenizer.eos_token_id],
+        pad=pad_id,
     )
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)

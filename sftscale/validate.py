@@ -51,10 +51,14 @@ def validate_run(cfg: Config, *, world_size: int) -> dict:
             f"data.path: seq_len {manifest['seq_len']} exceeds the model's max_position_embeddings "
             f"{positions}; prepare the data with a shorter --seq-len"
         )
-    if vocab > model_vocab:
+    # Added tokens (the chat template's markers that prepare adds, a user's own) beyond the
+    # model's vocabulary are grown at load time, and the worker says so. A base vocabulary
+    # larger than the model's is another tokenizer than the model's.
+    base = manifest["tokenizer"].get("base_vocab_size", vocab)
+    if base > model_vocab:
         raise ConfigError(
-            f"model.name_or_path: the data's tokenizer has {vocab} tokens but the model's vocabulary "
-            f"has {model_vocab}; use the tokenizer the model was trained with"
+            f"model.name_or_path: the data's tokenizer has {base} tokens before added ones but the "
+            f"model's vocabulary has {model_vocab}; use the tokenizer the model was trained with"
         )
     if cfg.scale.use_gpu:
         import torch
