@@ -44,11 +44,11 @@ def main(spec_path: str) -> int:
         TrainingArguments,
     )
 
-    from sftscale.data import IGNORE_INDEX, PackedDataset, stream_rows
-    from sftscale.flops import ModelShape, device_peak_flops, doc_flops, hardware_flops
-    from sftscale.metrics import peak_memory_bytes, peak_reserved_bytes
+    from sftscale.data import IGNORE_INDEX, PackedDataset, pad_token_id, stream_rows
+    from sftscale.engine import init_distributed
+    from sftscale.flops import ModelShape, device_peak_flops, doc_flops
+    from sftscale.metrics import peak_memory_bytes, peak_reserved_bytes, throughput
     from sftscale.model import enable_gradient_checkpointing, load_model
-    from sftscale.train import init_distributed
 
     init_distributed()  # the same process group as sftscale's (gloo on CPU, NCCL on GPU)
 
@@ -111,10 +111,7 @@ def main(spec_path: str) -> int:
             labels = np.where(mask == 1, ids, IGNORE_INDEX)  # the model shifts labels itself
             return {"input_ids": ids.tolist(), "labels": labels.tolist()}
 
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    tokenizer.pad_token_id = pad_id
+    tokenizer.pad_token_id = pad_token_id(tokenizer)
     default_collator = DataCollatorForSeq2Seq(tokenizer, padding="longest")
     batches: list[tuple[int, int, float]] = []  # (tokens, supervised tokens, model FLOPs)
 
@@ -166,19 +163,19 @@ def main(spec_path: str) -> int:
             dtype=torch.bfloat16 if bf16 else torch.float32,
         )  # fmt: skip
         s = seconds.item()
-        flops_per_s = totals[2].item() / s
         result = {
-            "tokens_per_s": totals[0].item() / s,
-            "supervised_tokens_per_s": totals[1].item() / s,
+            **throughput(
+                tokens=totals[0].item(),
+                supervised=totals[1].item(),
+                model_flops=totals[2].item(),
+                seconds=s,
+                world=world,
+                peak_flops=peak,
+                gradient_checkpointing=spec["gradient_checkpointing"],
+            ),
             "step_time_s": s / n,
-            "mfu": flops_per_s / (world * peak),
-            "hfu": hardware_flops(
-                flops_per_s, gradient_checkpointing=spec["gradient_checkpointing"]
-            )
-            / (world * peak),
             "peak_memory_bytes": int(memory[0].item()),
             "peak_reserved_bytes": int(memory[1].item()),
-            "peak_flops_per_device": peak,
             "peak_flops_source": peak_source,
             "world_size": world,
             "measured_steps": n,

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from sftscale.train import token_loss_sum
+from sftscale.loss import token_loss_sum
 seq, vocab, chunk = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cuda = torch.cuda.is_available()
 dev = "cuda" if cuda else "cpu"

@@ -10,6 +10,8 @@ Imports only numpy, pyarrow and torch (no ray, no deepspeed).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -125,6 +127,43 @@ def balance_ranks(
     ]
     mean = sum(load) / world_size
     return micro, (max(load) / mean - 1.0) if mean > 0 else 0.0
+
+
+def positional_ranks(
+    step_rows: np.ndarray,
+    costs: np.ndarray,
+    *,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+) -> tuple[list[list[np.ndarray]], float]:
+    """The split `balance_ranks` replaces (train.balance_ranks=false): micro-step a on rank r
+    takes the (a * world_size + r)-th slice of micro_batch_size rows. Same return value."""
+    m = micro_batch_size
+    slots = [
+        [
+            np.arange((a * world_size + r) * m, (a * world_size + r + 1) * m)
+            for a in range(grad_accum)
+        ]
+        for r in range(world_size)
+    ]
+    micro = [[step_rows[i] for i in rank_slots] for rank_slots in slots]
+    loads = [float(costs[np.concatenate(rank_slots)].sum()) for rank_slots in slots]
+    mean = sum(loads) / world_size
+    return micro, (max(loads) / mean - 1.0) if mean > 0 else 0.0
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS (padding is never
+    supervised nor attended to, so any id would do; these two are what a reader expects)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def data_fingerprint(manifest: dict) -> str:
+    """What a checkpoint's stream positions refer to: the rows of this prepared directory."""
+    key = [manifest["sources"]["sha256"], manifest["tokenizer"]["fingerprint"], manifest["num_rows"],
+           manifest["seq_len"], [s["num_tokens"] for s in manifest["shards"]]]  # fmt: skip
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
 @dataclass

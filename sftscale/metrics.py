@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sftscale.flops import hardware_flops
 
 
 def peak_memory_bytes() -> int:
@@ -26,6 +29,53 @@ def peak_reserved_bytes() -> int:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_reserved())
     return peak_memory_bytes()
+
+
+def throughput(
+    *,
+    tokens: float,
+    supervised: float,
+    model_flops: float,
+    seconds: float,
+    world: int,
+    peak_flops: float,
+    gradient_checkpointing: bool,
+) -> dict[str, float]:
+    """Tokens/s, supervised tokens/s, MFU and HFU of `seconds` of training on `world` devices
+    whose peak is `peak_flops` each (sftscale.flops). The training loop and the Hugging Face
+    baseline of the benchmarks report the same numbers through this."""
+    hw = hardware_flops(model_flops, gradient_checkpointing=gradient_checkpointing)
+    return {
+        "tokens_per_s": tokens / seconds,
+        "supervised_tokens_per_s": supervised / seconds,
+        "mfu": model_flops / seconds / (world * peak_flops),
+        "hfu": hw / seconds / (world * peak_flops),
+        "peak_flops_per_device": peak_flops,
+    }
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+
+    loss_sum: float = 0.0
+    supervised: float = 0.0
+    tokens: float = 0.0
+    capacity: float = 0.0
+    flops: float = 0.0
+    max_imbalance: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, *, loss_sum, supervised, tokens, capacity, flops, imbalance, seconds) -> None:
+        self.loss_sum += loss_sum
+        self.supervised += supervised
+        self.tokens += tokens
+        self.capacity += capacity
+        self.flops += flops
+        self.max_imbalance = max(self.max_imbalance, imbalance)
+        self.seconds += seconds
+        self.steps += 1
 
 
 def say(message: str) -> None:

@@ -17,17 +17,12 @@ and data-parallel ranks. So (micro 4, accum 1, 1 rank), (micro 1, accum 4, 1 ran
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
 import os
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,126 +32,39 @@ import torch
 from sftscale.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    make_adam_resumable,
     read_state,
     save_checkpoint,
     truncate_ledger,
     universal_checkpoint,
 )
-from sftscale.config import Config, OptimConfig
+from sftscale.config import Config
 from sftscale.data import (
-    IGNORE_INDEX,
     Batch,
     PackedDataset,
     balance_ranks,
     collate,
+    data_fingerprint,
+    pad_token_id,
+    positional_ranks,
     steps_per_epoch,
     stream_rows,
 )
 from sftscale.ds_config import resolve_ds_config, zero_stage
+from sftscale.engine import build_engine, choose_precision, init_distributed
 from sftscale.export import MODEL_META_DIR, export_from_engine, save_model_meta
-from sftscale.flops import ModelShape, device_peak_flops, doc_flops, hardware_flops
+from sftscale.flops import ModelShape, device_peak_flops, doc_flops
+from sftscale.loss import token_loss_sum
 from sftscale.metrics import (
     MetricsLogger,
     ProgressBar,
+    Window,
     peak_memory_bytes,
     peak_reserved_bytes,
     say,
+    throughput,
 )
-from sftscale.model import (
-    enable_gradient_checkpointing,
-    fill_new_rows,
-    grow_vocabulary,
-    load_model,
-    model_vocab_size,
-    set_special_token_ids,
-)
-from sftscale.precision import Precision, agree, choose, device_native_bf16
-
-
-def lr_at(step: int, o: OptimConfig, max_steps: int) -> float:
-    """Linear warmup to `o.lr`, then cosine/linear decay to `o.lr * o.min_lr_ratio` at the end."""
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return o.lr
-    span = max(1, max_steps - o.warmup_steps - 1)
-    progress = min(1.0, (step - o.warmup_steps) / span)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * decay)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms and biases (1-D tensors). ZeRO-3 keeps the real shape in ds_shape."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def token_loss_sum(
-    logits: torch.Tensor, targets: torch.Tensor, *, chunk_tokens: int = 0
-) -> torch.Tensor:
-    """Summed cross-entropy over supervised positions, in fp32 whatever the logits' dtype.
-
-    With `chunk_tokens`, positions are taken that many at a time and each chunk's fp32 work is
-    recomputed in backward instead of kept: the fp32 copy of the logits and the fp32
-    log-softmax autograd would save (8 bytes per logit, 4 GiB for one 4096-token row of a
-    128k vocabulary) become one chunk's worth. The logits tensor itself stays.
-    """
-    flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten()
-    n = flat_targets.numel()
-    if not chunk_tokens or n <= chunk_tokens or not torch.is_grad_enabled():
-        return _ce_sum(flat_logits, flat_targets)
-    from torch.utils.checkpoint import checkpoint
-
-    parts = [
-        checkpoint(_ce_sum, flat_logits[i : i + chunk_tokens], flat_targets[i : i + chunk_tokens],
-                   use_reentrant=False)
-        for i in range(0, n, chunk_tokens)
-    ]  # fmt: skip
-    return torch.stack(parts).sum()
-
-
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(
-        logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def choose_precision(requested: str, *, world: int) -> Precision:
-    """`deepspeed.precision` resolved on this device, the same on every rank. Collective."""
-    import torch.distributed as dist
-
-    native, why = device_native_bf16(cuda=torch.cuda.is_available())
-    chosen = choose(requested, native_bf16=native, why=why)
-    if world > 1:
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        flag = torch.tensor([float(native)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # collective: bf16 only if every rank has it
-        chosen = agree(chosen, native_everywhere=bool(flag.item()))
-    return chosen
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group (Ray Train has already created it; local mode creates it here)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if torch.cuda.is_available():
-        # Before any CUDA allocation (zero.Init places partitions on the current device): one
-        # GPU per rank. A launcher that shows each rank only its own GPU gets device 0.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    else:
-        deepspeed.init_distributed()  # wraps the existing group
-    return dist.get_rank(), dist.get_world_size()
-
+from sftscale.optim import lr_at
+from sftscale.preemption import STOP_FILE, PreemptionFlag
 
 # Micro-batches are padded to their longest row rounded up to this (packed rows are nearly
 # full anyway; unpacked rows would otherwise pay for padding up to seq_len). 64 cost ~9% extra
@@ -200,23 +108,9 @@ def plan_step(
         shuffle=cfg.data.shuffle,
     )
     costs = np.array([doc_flops(dataset.doc_lens(int(i)), shape) for i in step_rows])
-    if t.balance_ranks:
-        per_rank, imbalance = balance_ranks(
-            step_rows,
-            costs,
-            world_size=world,
-            micro_batch_size=t.micro_batch_size,
-            grad_accum=t.grad_accum,
-        )
-    else:  # positional: micro-step a on rank r takes slice (a * world + r)
-        m = t.micro_batch_size
-        slots = [
-            [np.arange((a * world + r) * m, (a * world + r + 1) * m) for a in range(t.grad_accum)]
-            for r in range(world)
-        ]
-        per_rank = [[step_rows[i] for i in rank_slots] for rank_slots in slots]
-        loads = [float(costs[np.concatenate(rank_slots)].sum()) for rank_slots in slots]
-        imbalance = max(loads) / (sum(loads) / world) - 1 if sum(loads) else 0.0
+    split = balance_ranks if t.balance_ranks else positional_ranks
+    per_rank, imbalance = split(step_rows, costs, world_size=world,
+                                micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum)  # fmt: skip
     micro = [
         collate(
             [dataset.row(int(i)) for i in rows],
@@ -278,6 +172,209 @@ def evaluate(
     }
 
 
+@dataclass
+class Run:
+    """What setup() builds and the loop uses; `step` and `position` advance with training."""
+
+    cfg: Config
+    out: Path
+    rank: int
+    world: int
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    dataset: PackedDataset
+    eval_set: PackedDataset | None
+    pad_id: int
+    shape: ModelShape
+    data_id: str
+    peak_flops: float
+    peak_source: str
+    step: int = 0  # optimizer steps done
+    position: int = 0  # stream position of the next step's first row
+    ledger: list[tuple[int, int, int]] = field(default_factory=list)  # (step, epoch, row)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.cfg.global_batch_rows(self.world)
+
+
+def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
+    """Process group, precision, data, model under ZeRO-3, engine, resume. Collective."""
+    from transformers import AutoTokenizer
+
+    rank, world = init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    dataset = PackedDataset(cfg.data.path)
+    eval_set = PackedDataset(cfg.eval.path) if cfg.eval.path else None
+    tokenizer = AutoTokenizer.from_pretrained(str(dataset.tokenizer_dir))
+    precision = choose_precision(cfg.deepspeed.precision, world=world)  # collective
+    if rank == 0:  # the run's first line: what it computes in, and why
+        say(f"precision {precision.name} ({precision.reason})")
+        if precision.warning:
+            say(f"warning: {precision.warning}")
+    ds_config = resolve_ds_config(cfg, world_size=world, precision=precision.name)
+
+    resume_dir = Path(resume_from) if resume_from else None
+    if resume_dir is None and cfg.checkpoint.resume:
+        resume_dir = latest_checkpoint(out / "checkpoints")
+    load_dir = resume_dir
+    if resume_dir is not None and read_state(resume_dir)["world_size"] != world:
+        # Elastic resume: ZeRO partitions depend on the world size, so the checkpoint is
+        # converted to DeepSpeed's universal (world-size-free) format first.
+        load_dir = universal_checkpoint(resume_dir, rank=rank)
+        ds_config["checkpoint"] = {"load_universal": True}
+
+    pad_id = pad_token_id(tokenizer)
+    eos_ids = dataset.manifest["tokenizer"].get("eos_token_ids") or [tokenizer.eos_token_id]
+    built = build_engine(cfg, ds_config=ds_config, dtype=precision.dtype, tokenizer=tokenizer,
+                         eos_ids=eos_ids, pad_id=pad_id,
+                         log=say if rank == 0 else lambda _: None)  # fmt: skip
+    # Measured once per run, on this model's GEMMs with this rank's rows, dtype and threads.
+    peak_flops, peak_source = device_peak_flops(
+        built.shape, rows=cfg.train.micro_batch_size * dataset.seq_len, dtype=precision.dtype
+    )
+    run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=built.engine,
+              optimizer=built.optimizer, dataset=dataset, eval_set=eval_set, pad_id=pad_id,
+              shape=built.shape, data_id=data_fingerprint(dataset.manifest),
+              peak_flops=peak_flops, peak_source=peak_source)  # fmt: skip
+    if load_dir is not None:
+        state = load_checkpoint(run.engine, load_dir, rank=rank)
+        run.step, run.position = state["step"], state["position"]
+        if rank == 0:
+            truncate_ledger(out / "ledger", step=run.step)
+            say(f"resumed from {resume_dir} at step {run.step} (position {run.position}; "
+                f"saved by {state['world_size']} worker(s), now {world})")  # fmt: skip
+    if rank == 0:
+        t = cfg.train
+        say(
+            f"{world} worker(s), ZeRO-{zero_stage(ds_config)} {precision.name}, "
+            f"{run.shape.matmul_params / 1e6:.1f}M matmul params, {len(dataset)} rows of {dataset.seq_len}, "
+            f"{run.rows_per_step} rows/step ({steps_per_epoch(len(dataset), run.rows_per_step):.1f} steps/epoch), "
+            f"{t.max_steps} steps; peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
+        )
+    return run
+
+
+@dataclass
+class StepResult:
+    plan: StepPlan
+    lr: float
+    loss_sum: float  # this rank's summed token loss
+    supervised: float  # the step's supervised tokens, all ranks
+    tokens: float  # the step's non-pad tokens, all ranks
+    stop_requested: bool  # some rank was asked to checkpoint and stop
+    seconds: float
+
+
+def train_step(run: Run, *, preemption: PreemptionFlag) -> StepResult:
+    """One optimizer step over the global batch at `run.position`; advances step and position."""
+    import torch.distributed as dist
+
+    t, device = run.cfg.train, run.engine.device
+    t0 = time.perf_counter()
+    lr = lr_at(run.step, run.cfg.optim, t.max_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    plan = plan_step(run.position, run.dataset, run.cfg, rank=run.rank, world=run.world,
+                     shape=run.shape, pad_id=run.pad_id)  # fmt: skip
+    # Collective: every rank needs the step's global supervised-token count before its first
+    # backward; a preemption request on any rank rides along.
+    counts = torch.tensor(
+        [sum(b.num_supervised for b in plan.micro), sum(b.num_tokens for b in plan.micro),
+         float(preemption.requested())],
+        dtype=torch.float64, device=device,  # NCCL reduces only CUDA tensors
+    )  # fmt: skip
+    dist.all_reduce(counts)
+    supervised, tokens, stop_votes = counts.tolist()  # one device-to-host copy
+    # DeepSpeed divides each micro-step's gradient by grad_accum and averages over ranks;
+    # scaling by (grad_accum * world) undoes both so gradients are sum / global supervised.
+    scale = t.grad_accum * run.world / max(supervised, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in plan.micro:
+        loss_sum += micro_step(run, batch.to(device), scale=scale)  # stays on device: no sync
+    run.step += 1
+    run.position += plan.rows
+    run.ledger.extend(
+        (run.step, int(e), int(r)) for e, r in zip(plan.epochs, plan.step_rows, strict=True)
+    )
+    return StepResult(plan=plan, lr=lr, loss_sum=loss_sum.item(),  # CPU-GPU sync, once a step
+                      supervised=supervised, tokens=tokens, stop_requested=stop_votes > 0,
+                      seconds=time.perf_counter() - t0)  # fmt: skip
+
+
+def micro_step(run: Run, batch: Batch, *, scale: float) -> torch.Tensor:
+    """Forward + backward of one micro-batch; returns its summed token loss (detached)."""
+    # use_cache=False is load-bearing: with a KV cache, transformers does not detect the
+    # packed rows from position_ids and attention would cross document boundaries.
+    logits = run.engine(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+    ).logits
+    loss_sum = token_loss_sum(logits, batch.targets, chunk_tokens=run.cfg.train.loss_chunk_tokens)
+    run.engine.backward(loss_sum * scale)
+    run.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+    return loss_sum.detach().double()
+
+
+def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -> None:
+    """Collective: commit a checkpoint of the state after `run.step` steps."""
+    state = {"step": run.step, "position": run.position, "world_size": run.world,
+             "rows_per_step": run.rows_per_step, "data_fingerprint": run.data_id}  # fmt: skip
+    ckpt_root = run.out / "checkpoints"
+    tag_dir = save_checkpoint(
+        run.engine, ckpt_root, state=state,
+        ledger=np.array(run.ledger, dtype=np.int64).reshape(-1, 3), ledger_dir=run.out / "ledger",
+        rank=run.rank, keep_last=run.cfg.checkpoint.keep_last,
+    )  # fmt: skip
+    run.ledger = []
+    if run.rank == 0 and not (ckpt_root / MODEL_META_DIR).is_dir():  # rank-0-only effect
+        save_model_meta(run.engine.module, run.dataset.tokenizer_dir, ckpt_root / MODEL_META_DIR)
+    if on_checkpoint is not None:
+        on_checkpoint(
+            tag_dir, {"step": run.step, **({"loss": last_loss} if last_loss is not None else {})}
+        )
+
+
+def log_window(run: Run, window: Window, *, lr: float, epoch: int) -> dict[str, Any]:
+    """The metrics record of the steps in `window`. Collective (loss sum, memory)."""
+    import torch.distributed as dist
+
+    device = run.engine.device
+    loss_sum = torch.tensor([window.loss_sum], dtype=torch.float64, device=device)
+    dist.all_reduce(loss_sum)  # collective
+    memory = torch.tensor(
+        [peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # collective: the worst rank
+    rates = _throughput(run, window)
+    if rates["hfu"] > 1:  # the probe ran slow (a noisy moment): raise the peak, HFU stays <= 1
+        raised = rates["hfu"] * run.peak_flops
+        if run.rank == 0:
+            say(f"peak raised from {run.peak_flops / 1e12:.4f} to {raised / 1e12:.4f} TFLOP/s "
+                f"per device: step {run.step} ran faster than the probe measured")  # fmt: skip
+        run.peak_flops = raised
+        run.peak_source += f"; raised at step {run.step} to the rate the step reached"
+        rates = _throughput(run, window)
+    return {
+        "step": run.step,
+        "epoch": epoch,
+        "loss": loss_sum.item() / max(window.supervised, 1.0),
+        "lr": lr,
+        "grad_norm": _grad_norm(run.engine),
+        **rates,
+        "padding_fraction": 1.0 - window.tokens / window.capacity,
+        "rank_imbalance": window.max_imbalance,
+        "step_time_s": window.seconds / window.steps,
+        "peak_memory_bytes": int(memory[0].item()),
+        "peak_reserved_bytes": int(memory[1].item()),
+    }
+
+
+def _throughput(run: Run, window: Window) -> dict[str, float]:
+    return throughput(tokens=window.tokens, supervised=window.supervised, model_flops=window.flops,
+                      seconds=window.seconds, world=run.world, peak_flops=run.peak_flops,
+                      gradient_checkpointing=run.cfg.model.gradient_checkpointing)  # fmt: skip
+
+
 def train_worker(
     cfg: Config,
     run_dir: str,
@@ -293,349 +390,71 @@ def train_worker(
     """
     # DeepSpeed picks its accelerator at import time.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
     import torch.distributed as dist
-    from transformers import AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
 
     # DeepSpeed calls torch.distributed collectives that torch has renamed; the warning is
     # DeepSpeed's to fix and would repeat on every step.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*")
 
-    # ---- setup -------------------------------------------------------------------------------
-    rank, world = init_distributed()
-    out = Path(run_dir)
-    ckpt_root = out / "checkpoints"
-    ledger_dir = out / "ledger"
-    torch.manual_seed(cfg.train.seed)
-    dataset = PackedDataset(cfg.data.path)
-    eval_set = PackedDataset(cfg.eval.path) if cfg.eval.path else None
-    tokenizer = AutoTokenizer.from_pretrained(str(dataset.tokenizer_dir))
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    precision = choose_precision(cfg.deepspeed.precision, world=world)
-    if rank == 0:  # the run's first line: what it computes in, and why
-        say(f"precision {precision.name} ({precision.reason})")
-        if precision.warning:
-            say(f"warning: {precision.warning}")
-    ds_config = resolve_ds_config(cfg, world_size=world, precision=precision.name)
-    dtype = precision.dtype
-    data_id = data_fingerprint(dataset.manifest)
-
-    resume_dir = Path(resume_from) if resume_from else None
-    if resume_dir is None and cfg.checkpoint.resume:
-        resume_dir = latest_checkpoint(ckpt_root)
-    load_dir = resume_dir
-    if resume_dir is not None:
-        saved = read_state(resume_dir)
-        if saved["data_fingerprint"] != data_id:
-            raise RuntimeError(
-                f"checkpoint {resume_dir} was trained on other data than data.path={cfg.data.path}; "
-                "point data.path at the same prepared directory or start a new run (logging.run_name)"
-            )
-        if saved["world_size"] != world:
-            # Elastic resume: ZeRO partitions depend on the world size, so the checkpoint is
-            # converted to DeepSpeed's universal (world-size-free) format first.
-            load_dir = universal_checkpoint(resume_dir, rank=rank)
-            ds_config["checkpoint"] = {"load_universal": True}
-
-    # While this object lives, transformers builds/loads the model inside deepspeed.zero.Init:
-    # each rank materializes only its partition of every parameter.
-    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
-    model = load_model(
-        cfg.model.name_or_path,
-        vocab_size=len(tokenizer),
-        dtype=dtype,
-        attn_implementation=cfg.model.attn_implementation,
-    )
-    if model_vocab_size(model) < len(tokenizer):  # tokens prepare added (template markers)
-        old_rows = model_vocab_size(model)
-        weights = grow_vocabulary(model, len(tokenizer))
-        # Collective under ZeRO-3: gathers the partitions; rank 0's rows are kept.
-        gathered = (deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
-                    if hf_ds is not None else contextlib.nullcontext())  # fmt: skip
-        with gathered:
-            fill_new_rows(weights, old_rows=old_rows)
-        if rank == 0:
-            say(f"model vocabulary grown from {old_rows} to {len(tokenizer)} tokens for the "
-                "tokenizer's added tokens (new rows: the mean of the old ones)")  # fmt: skip
-    tok_info = dataset.manifest["tokenizer"]
-    set_special_token_ids(
-        model,
-        bos=tokenizer.bos_token_id,
-        eos=tok_info.get("eos_token_ids") or [tokenizer.eos_token_id],
-        pad=pad_id,
-    )
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    shape = ModelShape.of(model)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
-    )
-    del hf_ds
-    make_adam_resumable(optimizer)  # DeepSpeed's CPU Adam kernels: bitwise-exact resume
-    device = engine.device
-    # Measured once per run, on this model's GEMMs with this rank's rows, dtype and threads.
-    peak_flops, peak_source = device_peak_flops(
-        shape, rows=cfg.train.micro_batch_size * dataset.seq_len, dtype=dtype
-    )
-
-    t = cfg.train
-    rows_per_step = cfg.global_batch_rows(world)
-    start_step, position = 0, 0  # optimizer steps done; stream position of the next step
-    if load_dir is not None:
-        state = load_checkpoint(engine, load_dir, rank=rank)
-        start_step, position = state["step"], state["position"]
-        if rank == 0:
-            truncate_ledger(ledger_dir, step=start_step)
-            say(
-                f"resumed from {resume_dir} at step {start_step} (position {position}; "
-                f"saved by {state['world_size']} worker(s), now {world})"
-            )
-    metrics = MetricsLogger(
-        out,
-        enabled=rank == 0,
-        resume_step=start_step,
-        tensorboard=cfg.logging.tensorboard,
-        wandb=cfg.logging.wandb,
-        mlflow=cfg.logging.mlflow,
-        project=cfg.logging.wandb_project,
-        run_name=cfg.logging.run_name,
-        config=cfg.to_dict(),
-    )
-    if rank == 0:
-        say(
-            f"{world} worker(s), ZeRO-{zero_stage(ds_config)} {precision.name}, "
-            f"{shape.matmul_params / 1e6:.1f}M matmul params, {len(dataset)} rows of {dataset.seq_len}, "
-            f"{rows_per_step} rows/step ({steps_per_epoch(len(dataset), rows_per_step):.1f} steps/epoch), "
-            f"{t.max_steps} steps; peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
-        )
-    progress = ProgressBar(t.max_steps - start_step, enabled=rank == 0 and cfg.logging.progress_bar)
-    preemption = _PreemptionFlag(stop_file=out / STOP_FILE if rank == 0 else None)
-
-    def checkpoint(step: int) -> None:
-        """Collective: commit a checkpoint of the state after `step` steps."""
-        nonlocal ledger
-        state = {
-            "step": step,
-            "position": position,
-            "world_size": world,
-            "rows_per_step": rows_per_step,
-            "data_fingerprint": data_id,
-        }
-        tag_dir = save_checkpoint(
-            engine, ckpt_root, state=state, ledger=np.array(ledger, dtype=np.int64).reshape(-1, 3),
-            ledger_dir=ledger_dir, rank=rank, keep_last=cfg.checkpoint.keep_last,
-        )  # fmt: skip
-        ledger = []
-        if rank == 0 and not (ckpt_root / MODEL_META_DIR).is_dir():  # rank-0-only effect
-            save_model_meta(engine.module, dataset.tokenizer_dir, ckpt_root / MODEL_META_DIR)
-        if on_checkpoint is not None:
-            on_checkpoint(tag_dir, {"step": step, **({"loss": losses[-1]} if losses else {})})
-
-    # ---- train -------------------------------------------------------------------------------
-    engine.train()
-    window = _Window()
-    losses: list[float] = []
-    ledger: list[tuple[int, int, int]] = []  # (step, epoch, row) since the last checkpoint
-    step = start_step
-    preempted = False
-    while step < t.max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.optim, t.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        plan = plan_step(position, dataset, cfg, rank=rank, world=world, shape=shape, pad_id=pad_id)
-        # Collective: every rank needs the step's global supervised-token count before its
-        # first backward; a preemption signal on any rank rides along.
-        counts = torch.tensor(
-            [
-                sum(b.num_supervised for b in plan.micro),
-                sum(b.num_tokens for b in plan.micro),
-                float(preemption.requested()),
-            ],
-            dtype=torch.float64,
-            device=device,  # NCCL reduces only CUDA tensors
-        )
-        dist.all_reduce(counts)
-        counts = counts.tolist()  # one device-to-host copy
-        global_supervised = max(counts[0], 1.0)
-        # DeepSpeed divides each micro-step's gradient by grad_accum and averages over ranks;
-        # scaling by (grad_accum * world) undoes both so gradients are sum / global_supervised.
-        scale = t.grad_accum * world / global_supervised
-        step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for batch in plan.micro:
-            batch = batch.to(device)
-            # use_cache=False is load-bearing: with a KV cache, transformers does not detect
-            # the packed rows from position_ids and attention would cross document boundaries.
-            logits = engine(
-                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-            ).logits
-            loss_sum = token_loss_sum(logits, batch.targets, chunk_tokens=t.loss_chunk_tokens)
-            engine.backward(loss_sum * scale)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            step_loss_sum += loss_sum.detach().double()  # stays on the device: no sync here
-        step += 1
-        position += plan.rows
-        ledger.extend(
-            (step, int(e), int(r)) for e, r in zip(plan.epochs, plan.step_rows, strict=True)
-        )
-        window.add(
-            loss_sum=step_loss_sum.item(),  # CPU-GPU sync point, once per step
-            supervised=counts[0],
-            tokens=counts[1],
-            capacity=plan.rows * dataset.seq_len,
-            flops=plan.model_flops,
-            imbalance=plan.imbalance,
-            seconds=time.perf_counter() - t0,
-        )
-
-        if step % cfg.logging.every_n_steps == 0 or step == t.max_steps:
-            loss_sum_global = torch.tensor([window.loss_sum], dtype=torch.float64, device=device)
-            dist.all_reduce(loss_sum_global)  # collective
-            loss = loss_sum_global.item() / max(window.supervised, 1.0)
-            losses.append(loss)
-            flops_per_s = window.flops / window.seconds
-            hw_per_device = hardware_flops(
-                flops_per_s, gradient_checkpointing=cfg.model.gradient_checkpointing
-            ) / world  # fmt: skip
-            if hw_per_device > peak_flops:  # the probe ran slow (a noisy moment): HFU stays <= 1
-                if rank == 0:
-                    say(f"peak raised from {peak_flops / 1e12:.4f} to {hw_per_device / 1e12:.4f} "
-                        f"TFLOP/s per device: step {step} ran faster than the probe measured")  # fmt: skip
-                peak_flops = hw_per_device
-                peak_source += f"; raised at step {step} to the rate the step reached"
-            memory = torch.tensor(
-                [peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64, device=device
-            )
-            dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # collective: the worst rank
-            record = {
-                "step": step,
-                "epoch": int(plan.epochs[-1]),
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": _grad_norm(engine),
-                "tokens_per_s": window.tokens / window.seconds,
-                "supervised_tokens_per_s": window.supervised / window.seconds,
-                "padding_fraction": 1.0 - window.tokens / window.capacity,
-                "mfu": flops_per_s / (world * peak_flops),
-                "hfu": hw_per_device / peak_flops,
-                "peak_flops_per_device": peak_flops,
-                "rank_imbalance": window.max_imbalance,
-                "step_time_s": window.seconds / window.steps,
-                "peak_memory_bytes": int(memory[0].item()),
-                "peak_reserved_bytes": int(memory[1].item()),
-            }
+    run = setup(cfg, Path(run_dir), resume_from=resume_from)
+    rank0, t = run.rank == 0, cfg.train
+    metrics = MetricsLogger(run.out, enabled=rank0, resume_step=run.step,
+                            tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                            mlflow=cfg.logging.mlflow, project=cfg.logging.wandb_project,
+                            run_name=cfg.logging.run_name, config=cfg.to_dict())  # fmt: skip
+    progress = ProgressBar(t.max_steps - run.step, enabled=rank0 and cfg.logging.progress_bar)
+    preemption = PreemptionFlag(stop_file=run.out / STOP_FILE if rank0 else None)
+    run.engine.train()
+    window, losses, preempted = Window(), [], False
+    while run.step < t.max_steps:
+        r = train_step(run, preemption=preemption)
+        window.add(loss_sum=r.loss_sum, supervised=r.supervised, tokens=r.tokens,
+                   capacity=r.plan.rows * run.dataset.seq_len, flops=r.plan.model_flops,
+                   imbalance=r.plan.imbalance, seconds=r.seconds)  # fmt: skip
+        last = run.step == t.max_steps
+        if run.step % cfg.logging.every_n_steps == 0 or last:
+            record = log_window(run, window, lr=r.lr, epoch=int(r.plan.epochs[-1]))  # collective
+            losses.append(record["loss"])
             metrics.log(record)
-            if rank == 0:
-                say(
-                    f"step {step:>5}/{t.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+            if rank0:
+                say(f"step {run.step:>5}/{t.max_steps}  loss {record['loss']:.4f}  lr {r.lr:.2e}  "
                     f"{record['tokens_per_s']:.0f} tok/s  MFU {record['mfu']:.1%}  "
-                    f"{record['step_time_s']:.2f} s/step"
-                )
-            window = _Window()
+                    f"{record['step_time_s']:.2f} s/step")  # fmt: skip
+            window = Window()
         progress.update(loss=f"{losses[-1]:.4f}" if losses else "-")
-
-        last = step == t.max_steps
-        if eval_set is not None and (
-            (cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0) or last
-        ):
-            result = evaluate(engine, eval_set, cfg, rank=rank, world=world, pad_id=pad_id)
-            metrics.log({"step": step, **result}, prefix="eval")
-            if rank == 0:
+        if run.eval_set is not None and (last or (cfg.eval.every_n_steps
+                                                 and run.step % cfg.eval.every_n_steps == 0)):  # fmt: skip
+            result = evaluate(run.engine, run.eval_set, cfg, rank=run.rank, world=run.world,
+                              pad_id=run.pad_id)  # collective  # fmt: skip
+            metrics.log({"step": run.step, **result}, prefix="eval")
+            if rank0:
                 say(
-                    f"step {step:>5}  eval loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
+                    f"step {run.step:>5}  eval loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
                 )
-        if counts[2] > 0:  # a rank was asked to stop (SIGTERM or STOP): save and leave
-            checkpoint(step)
+        if r.stop_requested:  # a rank was asked to stop (SIGTERM or STOP): save and leave
+            save(run, on_checkpoint, last_loss=losses[-1] if losses else None)
             preempted = True
-            if rank == 0:
-                (out / STOP_FILE).unlink(missing_ok=True)  # the request is served; a rerun resumes
-                say(f"preempted: checkpoint at step {step} saved; run the same command to resume")
+            if rank0:
+                preemption.served()  # a rerun resumes
+                say(
+                    f"preempted: checkpoint at step {run.step} saved; run the same command to resume"
+                )
             break
-        if (last and cfg.checkpoint.at_end) or (
-            cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0
-        ):
-            checkpoint(step)
+        every = cfg.checkpoint.every_n_steps
+        if (last and cfg.checkpoint.at_end) or (every and run.step % every == 0):
+            save(run, on_checkpoint, last_loss=losses[-1] if losses else None)
     progress.close()
     preemption.restore()
 
-    # ---- export --------------------------------------------------------------------------------
-    if cfg.checkpoint.export and not preempted:
-        export_from_engine(
-            engine.module,
-            out_dir=out / "export",
-            tokenizer_dir=dataset.tokenizer_dir,
-            max_shard_bytes=cfg.checkpoint.export_max_shard_mb * 1024 * 1024,
-            rank=rank,
-        )
-
-    # ---- cleanup -------------------------------------------------------------------------------
+    if cfg.checkpoint.export and not preempted:  # collective
+        export_from_engine(run.engine.module, out_dir=run.out / "export",
+                           tokenizer_dir=run.dataset.tokenizer_dir,
+                           max_shard_bytes=cfg.checkpoint.export_max_shard_mb * 1024 * 1024,
+                           rank=run.rank)  # fmt: skip
     metrics.close()
     dist.barrier()  # collective: no rank leaves while another still writes
-    return {"rank": rank, "world_size": world, "losses": losses, "run_dir": str(out), "preempted": preempted,
-            "step": step}  # fmt: skip
-
-
-def data_fingerprint(manifest: dict[str, Any]) -> str:
-    """What a checkpoint's stream positions refer to: the rows of this prepared directory."""
-    key = [manifest["sources"]["sha256"], manifest["tokenizer"]["fingerprint"], manifest["num_rows"],
-           manifest["seq_len"], [s["num_tokens"] for s in manifest["shards"]]]  # fmt: skip
-    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
-
-
-STOP_FILE = (
-    "STOP"  # `touch <run>/STOP`: checkpoint at the next step and stop (SLURM's trap uses it)
-)
-
-
-class _PreemptionFlag:
-    """A request to checkpoint and stop at the next step boundary: SIGTERM, or the run
-    directory's STOP file (polled by rank 0). Every rank learns of it through the step's first
-    all-reduce. Signal handlers can only be installed from the main thread; Ray Train runs the
-    loop in another thread, so there the STOP file is the way in (launchers/slurm uses it)."""
-
-    def __init__(self, *, stop_file: Path | None) -> None:
-        self._signalled = False
-        self._stop_file = stop_file
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self._signalled = True
-
-    def requested(self) -> bool:
-        return self._signalled or (self._stop_file is not None and self._stop_file.exists())
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-@dataclass
-class _Window:
-    """Sums over the steps since the last log line."""
-
-    loss_sum: float = 0.0
-    supervised: float = 0.0
-    tokens: float = 0.0
-    capacity: float = 0.0
-    flops: float = 0.0
-    max_imbalance: float = 0.0
-    seconds: float = 0.0
-    steps: int = 0
-
-    def add(self, *, loss_sum, supervised, tokens, capacity, flops, imbalance, seconds) -> None:
-        self.loss_sum += loss_sum
-        self.supervised += supervised
-        self.tokens += tokens
-        self.capacity += capacity
-        self.flops += flops
-        self.max_imbalance = max(self.max_imbalance, imbalance)
-        self.seconds += seconds
-        self.steps += 1
+    return {"rank": run.rank, "world_size": run.world, "losses": losses, "run_dir": str(run.out),
+            "preempted": preempted, "step": run.step}  # fmt: skip
 
 
 def _grad_norm(engine) -> float | None:

@@ -10,7 +10,9 @@ import importlib.util
 from pathlib import Path
 
 from data_tools.schema import ShardFormatError, read_manifest
+from sftscale.checkpoint import latest_checkpoint, read_state
 from sftscale.config import Config, ConfigError
+from sftscale.data import data_fingerprint
 from sftscale.ds_config import resolve_ds_config
 from sftscale.model import PRESETS, is_preset
 
@@ -83,12 +85,23 @@ def validate_run(cfg: Config, *, world_size: int) -> dict:
             )
     if cfg.eval.path:
         _check_eval_set(cfg, manifest, positions)
+    _check_resume_data(cfg, manifest)
     # Bad template / batch arithmetic. An auto precision is chosen on the workers' device;
     # the template's checks do not depend on which.
     precision = "bf16" if cfg.deepspeed.precision == "bf16" else "fp32"
     ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision)
     _check_zero_options(ds_config, cfg)
     return manifest
+
+
+def _check_resume_data(cfg: Config, manifest: dict) -> None:
+    """A run that will resume must read the rows its checkpoint's stream positions refer to."""
+    latest = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if latest is not None and read_state(latest)["data_fingerprint"] != data_fingerprint(manifest):
+        raise ConfigError(
+            f"data.path: checkpoint {latest} was trained on other data than {cfg.data.path}; "
+            "point data.path at the same prepared directory or start a new run (logging.run_name)"
+        )
 
 
 def _check_eval_set(cfg: Config, manifest: dict, positions: int) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from sftscale.config import Config
 from sftscale.data import IGNORE_INDEX, PackedDataset, collate, stream_rows
-from sftscale.train import lr_at
+from sftscale.optim import lr_at
 
 
 def reference_run(model_dir: str, cfg: Config, *, world_size: int) -> tuple[list[float], dict]:

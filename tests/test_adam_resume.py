@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from sftscale.checkpoint import make_adam_resumable
+from sftscale.engine import make_adam_resumable
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 STEPS, STOP = 12, 7

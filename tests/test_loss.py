@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sftscale.data import IGNORE_INDEX
-from sftscale.train import token_loss_sum
+from sftscale.loss import token_loss_sum
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 99, 100, 1000])

@@ -95,3 +95,23 @@ def test_eval_set_with_another_tokenizer(tmp_path, prepared_dir):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="another tokenizer"):
         validate_run(_cfg(prepared_dir, f"eval.path={other}"), world_size=1)
+
+
+def test_resume_on_other_data_fails_in_the_driver(tmp_path, prepared_dir):
+    """A checkpoint's stream positions refer to the rows it was trained on."""
+    from data_tools.schema import read_manifest
+    from sftscale.checkpoint import LATEST, STATE_FILE
+    from sftscale.data import data_fingerprint
+
+    cfg = _cfg(prepared_dir, f"logging.output_dir={tmp_path}", "logging.run_name=r")
+    tag = cfg.run_dir / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    (tag.parent / LATEST).write_text(tag.name)
+    fingerprint = data_fingerprint(read_manifest(prepared_dir))
+    (tag / STATE_FILE).write_text(json.dumps({"data_fingerprint": fingerprint}))
+    validate_run(cfg, world_size=1)  # the same data: fine
+    (tag / STATE_FILE).write_text(json.dumps({"data_fingerprint": "another"}))
+    with pytest.raises(ConfigError, match=r"data\.path: checkpoint .* other data"):
+        validate_run(cfg, world_size=1)
+    validate_run(_cfg(prepared_dir, f"logging.output_dir={tmp_path}", "logging.run_name=r",
+                      "checkpoint.resume=false"), world_size=1)  # fmt: skip

@@ -1,0 +1,156 @@
+"""DeepSpeed lives here: the process group, the precision every rank agrees on, and the engine.
+
+    rank, world = init_distributed()
+    precision = choose_precision(cfg.deepspeed.precision, world=world)      # collective
+    built = build_engine(cfg, ds_config=..., dtype=precision.dtype, ...)    # ZeRO-3 load + initialize
+
+Model code (sftscale.model) stays free of distributed code: ZeRO-3 partitioning is applied from
+here, by keeping a HfDeepSpeedConfig alive while transformers builds or loads the model, so
+every parameter is created inside deepspeed.zero.Init and each rank holds only its partition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sftscale.config import Config
+from sftscale.ds_config import zero_stage
+from sftscale.flops import ModelShape
+from sftscale.model import (
+    enable_gradient_checkpointing,
+    fill_new_rows,
+    grow_vocabulary,
+    load_model,
+    model_vocab_size,
+    set_special_token_ids,
+)
+from sftscale.optim import param_groups
+from sftscale.precision import Precision, agree, choose, device_native_bf16
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group (Ray Train has already created it; local mode creates it here)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        # Before any CUDA allocation (zero.Init places partitions on the current device): one
+        # GPU per rank. A launcher that shows each rank only its own GPU gets device 0.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    else:
+        deepspeed.init_distributed()  # wraps the existing group
+    return dist.get_rank(), dist.get_world_size()
+
+
+def choose_precision(requested: str, *, world: int) -> Precision:
+    """`deepspeed.precision` resolved on this device, the same on every rank. Collective."""
+    import torch.distributed as dist
+
+    native, why = device_native_bf16(cuda=torch.cuda.is_available())
+    chosen = choose(requested, native_bf16=native, why=why)
+    if world > 1:
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([float(native)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # collective: bf16 only if every rank has it
+        chosen = agree(chosen, native_everywhere=bool(flag.item()))
+    return chosen
+
+
+@dataclass
+class Built:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    shape: ModelShape
+
+
+def build_engine(
+    cfg: Config,
+    *,
+    ds_config: dict[str, Any],
+    dtype: torch.dtype,
+    tokenizer: Any,
+    eos_ids: list[int],
+    pad_id: int | None,
+    log: Callable[[str], None],
+) -> Built:
+    """Load the model partitioned (ZeRO-3) or whole, fit its vocabulary to the tokenizer, and
+    wrap it in a DeepSpeed engine. Collective."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # While this object lives, transformers builds/loads the model inside deepspeed.zero.Init:
+    # each rank materializes only its partition of every parameter.
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    model = load_model(
+        cfg.model.name_or_path,
+        vocab_size=len(tokenizer),
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    if model_vocab_size(model) < len(tokenizer):  # tokens prepare added (template markers)
+        old_rows = model_vocab_size(model)
+        weights = grow_vocabulary(model, len(tokenizer))
+        # Collective under ZeRO-3: gathers the partitions; rank 0's rows are kept.
+        gathered = (deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+                    if hf_ds is not None else contextlib.nullcontext())  # fmt: skip
+        with gathered:
+            fill_new_rows(weights, old_rows=old_rows)
+        log(f"model vocabulary grown from {old_rows} to {len(tokenizer)} tokens for the "
+            "tokenizer's added tokens (new rows: the mean of the old ones)")  # fmt: skip
+    set_special_token_ids(model, bos=tokenizer.bos_token_id, eos=eos_ids, pad=pad_id)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    shape = ModelShape.of(model)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
+    )
+    del hf_ds
+    make_adam_resumable(optimizer)  # DeepSpeed's CPU Adam kernels: bitwise-exact resume
+    return Built(engine=engine, optimizer=optimizer, shape=shape)
+
+
+def make_adam_resumable(optimizer) -> None:
+    """Make DeepSpeed's CPU Adam kernels resume bitwise (a no-op for other optimizers).
+
+    DeepSpeedCPUAdam (optimizer offload) and FusedAdam under the CPU accelerator keep beta1^t and
+    beta2^t between steps and advance them by one multiplication per step, but compute them with
+    pow() when the step number does not follow the previous one -- as the first step after a
+    resume does. The two differ in the last bit, so a resumed run would drift from an
+    uninterrupted one. Before every step this resets the kernel's cache to step 0, so that every
+    step takes the pow() path and its update is a function of the saved step number alone.
+    """
+    import deepspeed
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    basic = getattr(optimizer, "optimizer", optimizer)  # the ZeRO wrapper holds the torch optimizer
+    empty = torch.empty(0)
+    if isinstance(basic, DeepSpeedCPUAdam):
+
+        def reset(opt, *_):
+            g = opt.param_groups[0]
+            opt.ds_opt_adam.adam_update(
+                opt.opt_id, 0, g["lr"], *g["betas"], g["eps"], g["weight_decay"],
+                g["bias_correction"], empty, empty, empty, empty,
+            )  # fmt: skip
+
+    elif isinstance(basic, FusedAdam) and deepspeed.get_accelerator().device_name() == "cpu":
+        from deepspeed.ops.adam.multi_tensor_apply import MultiTensorApply
+
+        def reset(opt, *_):
+            g = opt.param_groups[0]
+            MultiTensorApply(1)(
+                opt.multi_tensor_adam, opt._dummy_overflow_buf, [[empty]] * 4, g["lr"], *g["betas"],
+                g["eps"], 0, int(opt.adam_w_mode), int(g["bias_correction"]), g["weight_decay"],
+            )  # fmt: skip
+
+    else:
+        return
+    basic.register_step_pre_hook(reset)
