@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.corpus import make_corpus, make_tokenizer
+from sftscale.bench.corpus import make_corpus, make_tokenizer
 
 HERE = Path(__file__).resolve().parent
 TRL_SCRIPT = r"""

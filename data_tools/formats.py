@@ -13,6 +13,11 @@ Formats, auto-detected per record from its keys (or forced with --format):
     text       {"text": str}   (continued pretraining: every token supervised)
 
 Normalized: ("messages", [{"role", "content"}, ...]) or ("text", str).
+
+Whatever a record holds (bytes that are not UTF-8, lone surrogates, nesting deeper than json
+reads, wrong types, an empty reply), it is a BadRecord whose message is the quarantine reason,
+never an exception that ends the job; only a file that cannot be read at all (a .json file that
+is not JSON, a Parquet file pyarrow refuses) is an InputError naming it.
 Imports neither torch, ray nor deepspeed.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +108,18 @@ def _iter_jsonl(path: Path) -> Iterator[SourceRecord]:
 
 
 def _iter_json(path: Path) -> Iterator[SourceRecord]:
+    # surrogateescape: an undecodable byte inside a string spoils only the record holding it
+    # (normalize rejects the string); outside a string it is not JSON, and the file is refused.
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise InputError(
             f"{path}: not a JSON document ({e}); for one record per line name it .jsonl"
         ) from e
+    except (RecursionError, ValueError):  # one record json cannot read: it alone is bad
+        yield from _iter_json_by_record(path, text)
+        return
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -116,19 +128,125 @@ def _iter_json(path: Path) -> Iterator[SourceRecord]:
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a list of records")
     for i, record in enumerate(data, start=1):
-        yield SourceRecord(str(path), i, json.dumps(record, ensure_ascii=False), record)
+        yield _json_record(path, i, record)
+
+
+def _json_record(path: Path, line: int, value: Any, *, text: str = "") -> SourceRecord:
+    """A record of a .json document, shipped to the workers as its JSON text as a JSONL line
+    is: a string pickles cheaply and at any depth (pickle fails on lists ~500 deep). `text`,
+    its source text, stands in for it in the quarantine when json cannot write it back."""
+    try:
+        raw = json.dumps(value, ensure_ascii=False)
+    except RecursionError as e:
+        return SourceRecord(str(path), line, text, _unreadable_json(e))
+    return SourceRecord(str(path), line, raw, RawJSON(raw))
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_MEMBER = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"[ \t\n\r]*:[ \t\n\r]*', re.S)  # "key":
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)  # a string, or a bracket
+_SCALAR = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^,\]}\s]*', re.S)  # a string, number or literal
+
+
+def _iter_json_by_record(path: Path, text: str) -> Iterator[SourceRecord]:
+    """The records of a .json document that json.loads cannot read whole (a record nested too
+    deeply, a number of more than 4300 digits), parsed one by one: only that record is bad."""
+    decoder = json.JSONDecoder()
+    at, line = _skip_space(text, _records_list_at(path, text) + 1), 0
+    while not text.startswith("]", at):
+        line += 1
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not a JSON document ({e})") from e
+        except (RecursionError, ValueError) as e:
+            end = _value_end(path, text, at)
+            yield SourceRecord(str(path), line, text[at:end], _unreadable_json(e))
+        else:
+            yield _json_record(path, line, value, text=text[at:end])
+        at = _skip_space(text, end)
+        if text.startswith(",", at):
+            at = _skip_space(text, at + 1)
+        elif not text.startswith("]", at):
+            raise InputError(f"{path}: not a JSON document (expected ',' or ']' at offset {at})")
+
+
+def _records_list_at(path: Path, text: str) -> int:
+    """Offset of the list of records: the document, or the one list an object holds."""
+    at = _skip_space(text, 0)
+    if text.startswith("[", at):
+        return at
+    if not text.startswith("{", at):
+        raise InputError(f"{path}: expected a list of records")
+    lists, at = [], _skip_space(text, at + 1)
+    while not text.startswith("}", at):
+        member = _MEMBER.match(text, at)
+        if member is None:
+            raise InputError(f"{path}: not a JSON document (expected a key at offset {at})")
+        if text.startswith("[", member.end()):
+            lists.append(member.end())
+        at = _skip_space(text, _value_end(path, text, member.end()))
+        if text.startswith(",", at):
+            at = _skip_space(text, at + 1)
+    if len(lists) != 1:
+        raise InputError(f"{path}: a JSON object must hold exactly one list of records")
+    return lists[0]
+
+
+def _value_end(path: Path, text: str, at: int) -> int:
+    """Where the JSON value at `at` ends, found by counting brackets (no recursion, so at any
+    depth); strings are skipped whole, so brackets inside them do not count."""
+    if not text.startswith(("[", "{"), at):
+        return _SCALAR.match(text, at).end()
+    depth = 0
+    for token in _TOKEN.finditer(text, at):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(text[token.start()], 0)
+        if depth == 0:
+            return token.end()
+    raise InputError(f"{path}: not a JSON document (a bracket at offset {at} is never closed)")
+
+
+def _skip_space(text: str, at: int) -> int:
+    return _SPACE.match(text, at).end()
 
 
 def _iter_parquet(path: Path) -> Iterator[SourceRecord]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            row += 1
-            yield SourceRecord(
-                str(path), row, json.dumps(record, ensure_ascii=False, default=str), record
-            )
+    try:  # Parquet nests at most ~50 lists deep: a deeper schema is refused here, file and all
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        for batch in batches:
+            for record, bad in _parquet_rows(batch):
+                row += 1
+                raw = json.dumps(record, ensure_ascii=False, default=str)
+                yield SourceRecord(str(path), row, raw, bad or record)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path}: cannot read Parquet ({row} rows read): {e}") from e
+
+
+def _parquet_rows(batch: Any) -> Iterator[tuple[dict, BadRecord | None]]:
+    """A batch's rows, each with the reason it is bad (None: it is not). Arrow does not check
+    that a string column written by another tool holds UTF-8; one that does not makes its row
+    bad, and only its row."""
+    try:
+        rows = batch.to_pylist()
+    except UnicodeDecodeError:
+        rows = None
+    if rows is not None:
+        yield from ((r, None) for r in rows)
+        return
+    for i in range(batch.num_rows):  # find the rows: field by field
+        row, bad = {}, []
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            try:
+                row[name] = column[i].as_py()
+            except UnicodeDecodeError:
+                row[name] = "<not UTF-8>"
+                bad.append(name)
+        reason = f"invalid UTF-8: bytes that are not UTF-8 in {', '.join(bad)}"
+        yield row, BadRecord(reason) if bad else None
 
 
 def _iter_hf_dataset(path: Path) -> Iterator[SourceRecord]:
@@ -170,7 +288,30 @@ def _string(record: dict, key: str, *, required: bool = True) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise BadRecord(f"field {key!r} is a {type(value).__name__}, expected a string")
-    return value
+    return _utf8(value, key)
+
+
+def _utf8(text: str, where: str) -> str:
+    """`text`, when UTF-8 can encode it. A lone surrogate (a JSON escape such as \\ud800, or a
+    byte of a .json file that is not UTF-8) cannot be, and the tokenizer would reject the whole
+    batch holding it."""
+    if not text.isascii():  # isascii is O(1); encoding copies, so only non-ASCII text pays
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRecord(
+                f"invalid UTF-8: lone surrogate (a \\udXXX escape or a non-UTF-8 byte) in {where}"
+            ) from None
+    return text
+
+
+def _shown(value: Any) -> str:
+    """A short form of a value for a reason (a container may be huge, or too deep to repr)."""
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def parse(record: Any) -> Any:
@@ -180,11 +321,23 @@ def parse(record: Any) -> Any:
             return json.loads(record)
         except json.JSONDecodeError as e:
             raise BadRecord(f"malformed JSON: {e}") from None
+        except (RecursionError, ValueError) as e:
+            raise _unreadable_json(e) from None
     return record
 
 
-def normalize(record: Any, fmt: str | None = None) -> tuple[str, Any]:
-    """("messages", messages) or ("text", text) for a record of `fmt` (detected when None)."""
+def _unreadable_json(e: Exception) -> BadRecord:
+    """The reason for valid JSON that json cannot read (or write back)."""
+    if isinstance(e, RecursionError):
+        return BadRecord("nested too deeply: more levels of lists/objects than json can read")
+    return BadRecord(f"unreadable JSON: {e}")  # e.g. an integer of more than 4300 digits
+
+
+def normalize(
+    record: Any, fmt: str | None = None, *, keep_empty_replies: bool = False
+) -> tuple[str, Any]:
+    """("messages", messages) or ("text", text) for a record of `fmt` (detected when None).
+    An assistant turn that is empty or whitespace only is bad unless `keep_empty_replies`."""
     if not isinstance(record, dict):
         raise BadRecord(f"record is a {type(record).__name__}, expected a JSON object")
     fmt = fmt or detect_format(record)
@@ -217,7 +370,7 @@ def normalize(record: Any, fmt: str | None = None) -> tuple[str, Any]:
                     {"role": "assistant", "content": _string(record, "output")}]  # fmt: skip
     else:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    _check_conversation(messages)
+    _check_conversation(messages, keep_empty_replies=keep_empty_replies)
     return "messages", messages
 
 
@@ -234,16 +387,18 @@ def _messages(
         if roles is not None:
             role = roles.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
-            raise BadRecord(f"{field}[{i}].{role_key} {m.get(role_key)!r} is not a known role")
+            raise BadRecord(
+                f"{field}[{i}].{role_key} {_shown(m.get(role_key))} is not a known role"
+            )
         if not isinstance(content, str):
             raise BadRecord(
                 f"{field}[{i}].{content_key} is a {type(content).__name__}, expected a string"
             )
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _utf8(content, f"{field}[{i}].{content_key}")})
     return out
 
 
-def _check_conversation(messages: list[dict]) -> None:
+def _check_conversation(messages: list[dict], *, keep_empty_replies: bool) -> None:
     if not messages:
         raise BadRecord("empty conversation")
     for i, m in enumerate(messages):
@@ -254,3 +409,11 @@ def _check_conversation(messages: list[dict]) -> None:
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if not any(m["role"] == "user" for m in messages[:first]):
         raise BadRecord("the first assistant turn answers no user message")
+    if keep_empty_replies:
+        return
+    for i, m in enumerate(messages):
+        # An empty reply trains only the end-of-turn token: the model learns to say nothing.
+        if m["role"] == "assistant" and not m["content"].strip():
+            what = "whitespace only" if m["content"] else "empty"
+            raise BadRecord(f"empty assistant turn: message {i} is {what} "
+                            "(--keep-empty-replies keeps such records)")  # fmt: skip

@@ -39,7 +39,9 @@ from data_tools import schema
 from data_tools.chat import (
     MASK_MODES,
     Renderer,
+    add_template_tokens,
     close_text_doc,
+    end_of_turn,
     resolve_template,
     split_supervised_text,
     text_segments,
@@ -77,6 +79,7 @@ class PrepareOptions:
     overflow: str = "truncate"
     rows_per_shard: int = 10_000
     max_bad_fraction: float = 1.0
+    keep_empty_replies: bool = False  # False: an empty/whitespace assistant turn is quarantined
     num_proc: int = 1
     engine: str = "local"
     window: int = 50_000  # documents packed together; bounds memory
@@ -157,6 +160,25 @@ def _tokenizer_from_sentencepiece(model_file: Path) -> Any:
         return AutoTokenizer.from_pretrained(tmp)
 
 
+def stop_tokens(tokenizer: Any, template: str, name: str | None) -> dict[str, Any]:
+    """Make the template's end of turn one special token and the tokenizer's EOS.
+
+    A built-in template's markers that the tokenizer lacks become special tokens (TRL's
+    clone_chat_template and Axolotl do the same; training grows the model's embeddings to fit).
+    The token a turn ends with becomes the tokenizer's eos_token, and the EOS ids a model
+    should stop at are the end-of-turn token then the tokenizer's own EOS (a list, as Llama 3
+    lists them); training writes them to the export's generation_config.json. ValueError
+    when a turn would not end in one special token.
+    """
+    added = add_template_tokens(tokenizer, name)
+    eot = end_of_turn(tokenizer, template)
+    eos = [eot.token_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != eot.token_id:
+        eos.append(tokenizer.eos_token_id)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eot.token_id)
+    return {"added_tokens": added, "end_of_turn_id": eot.token_id, "eos_token_ids": eos}
+
+
 def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
     """Hash of vocabulary (token -> id, added tokens included) and chat template."""
     h = hashlib.sha256()
@@ -197,7 +219,8 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
     """Records -> documents (lists of (ids, mask) pieces) or quarantine entries, in order.
 
     Two passes: render every record into (text, supervised) segments, then tokenize all
-    segments of the batch in one call.
+    segments of the batch in one call (record by record if that call fails, so a text the
+    tokenizer rejects costs only its own record).
     """
     render = Renderer.shared(tokenizer, template)
     out: list[dict] = []
@@ -207,7 +230,9 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
             if isinstance(record, BadRecord):
                 raise record
             record = parse(record)
-            kind, value = normalize(record, options.format)
+            kind, value = normalize(
+                record, options.format, keep_empty_replies=options.keep_empty_replies
+            )
             segments = text_segments(value) if kind == "text" else split_supervised_text(
                 tokenizer, render, value, mask=options.mask)  # fmt: skip
             fmt = "text" if kind == "text" else (options.format or detect_format(record))
@@ -217,10 +242,21 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
             out.append(_bad(source, line, raw, str(e)))
         except Exception as e:  # a record the template rejects must not end the job
             out.append(_bad(source, line, raw, f"cannot render: {type(e).__name__}: {e}"))
-    docs = tokenize_segments(tokenizer, [segments for _, _, segments in pending])
+    batch = [segments for _, _, segments in pending]
+    try:
+        docs: list = tokenize_segments(tokenizer, batch)
+    except Exception:  # e.g. tokenizers' TypeError on a string UTF-8 cannot encode
+        docs = []
+        for segments in batch:
+            try:
+                docs += tokenize_segments(tokenizer, [segments])
+            except Exception as e:
+                docs.append(BadRecord(f"cannot tokenize: {type(e).__name__}: {e}"))
     for (i, kind, _), doc in zip(pending, docs, strict=True):
         r = out[i]
         try:
+            if isinstance(doc, BadRecord):
+                raise doc
             if kind == "text":
                 doc = close_text_doc(tokenizer, doc)
             r.update(_fit(doc, options))
@@ -233,6 +269,19 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
 
 def _bad(source: str, line: int, raw: str, reason: str) -> dict:
     return {"ok": False, "source": source, "line": line, "reason": reason, "raw": raw}
+
+
+def _quarantine_line(r: dict) -> str:
+    """A quarantine.jsonl line, readable UTF-8 when it can be; a line holding a lone surrogate
+    (a \\ud800 escape, a byte that is not UTF-8) is written with JSON escapes instead, which
+    read back to the same strings, since a UTF-8 file cannot hold it."""
+    entry = {k: r[k] for k in ("source", "line", "reason", "raw")}
+    line = json.dumps(entry, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(entry)
+    return line + "\n"
 
 
 def _fit(doc, options: PrepareOptions) -> dict:
@@ -418,6 +467,7 @@ def prepare(
     tokenizer = load_tokenizer(tokenizer_path)
     try:
         template = resolve_template(tokenizer, options.chat_template)
+        tokens = stop_tokens(tokenizer, template, options.chat_template)
     except ValueError as e:
         raise PrepareError(str(e)) from e
 
@@ -448,8 +498,7 @@ def prepare(
                     if not r["ok"]:
                         counts["bad"] += 1
                         reasons[r["reason"].split(":")[0]] += 1
-                        quarantine.write(json.dumps({k: r[k] for k in ("source", "line", "reason", "raw")},
-                                                    ensure_ascii=False) + "\n")  # fmt: skip
+                        quarantine.write(_quarantine_line(r))
                         continue
                     formats[r["format"]] += 1
                     counts["documents"] += len(r["pieces"])
@@ -502,6 +551,8 @@ def prepare(
         "tokenizer": {
             "fingerprint": tokenizer_fingerprint(tokenizer, template),
             "vocab_size": len(tokenizer),
+            "base_vocab_size": tokenizer.vocab_size,  # without added tokens
+            **tokens,
             "dir": schema.TOKENIZER_DIR,
             "source": str(tokenizer_path),
         },
@@ -540,10 +591,13 @@ class _Progress:
 
 
 def summary_line(manifest: dict) -> str:
+    tok = manifest["tokenizer"]
     return (
         f"{manifest['num_documents']} documents -> {manifest['num_rows']} rows of {manifest['seq_len']} "
         f"({manifest['num_tokens']} tokens, {manifest['num_supervised_tokens']} supervised, "
         f"packing efficiency {manifest['packing_efficiency']:.1%}); "
         f"quarantined {manifest['quarantined_rows']} of {manifest['num_records']} records"
         + (f" {manifest['quarantine_reasons']}" if manifest["quarantined_rows"] else "")
+        + (f"; added special tokens {tok['added_tokens']}" if tok.get("added_tokens") else "")
+        + (f"; a turn ends with token {tok['end_of_turn_id']}" if "end_of_turn_id" in tok else "")
     )

@@ -125,6 +125,31 @@ def train_sentencepiece_tokenizer(
     return out_dir
 
 
+def train_bpe_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int) -> Path:
+    """Train a byte-level BPE (GPT-2 / Llama 3 style) on `texts`; save it as a Hugging Face
+    tokenizer directory with ChatML special tokens and template (`<|im_end|>` is EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_tools.chat import BUILTIN_TEMPLATES
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", *CHATML_SPECIALS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    )
+    fast.chat_template = BUILTIN_TEMPLATES["chatml"]
+    fast.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
 def conversation_texts(records: list[dict]) -> list[str]:
     return [m["content"] for r in records for m in r["messages"]] + [
         "<|im_start|>system\n",

@@ -28,6 +28,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         overflow=args.overflow,
         rows_per_shard=args.rows_per_shard,
         max_bad_fraction=args.max_bad_fraction,
+        keep_empty_replies=args.keep_empty_replies,
         num_proc=args.num_proc,
         engine=args.engine,
         window=args.window,
@@ -95,7 +96,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from sftscale.export import export_from_checkpoint
 
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     out = export_from_checkpoint(
         args.checkpoint,
         out_dir=args.out,
@@ -107,7 +108,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.suite import main as bench
+    from sftscale.bench.suite import main as bench
 
     return bench(args, args.argv)
 
@@ -169,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail when more than this fraction of records is quarantined",
     )
     p.add_argument(
+        "--keep-empty-replies",
+        action="store_true",
+        help="train on records with an empty or whitespace-only assistant turn "
+        "(default: quarantined; such a turn teaches only the end-of-turn token)",
+    )
+    p.add_argument(
         "--num-proc", type=int, default=1, help="tokenizing processes (or Ray Data actors)"
     )
     p.add_argument(
@@ -204,14 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
     p.add_argument("checkpoint", help="<run>/checkpoints (latest) or <run>/checkpoints/<tag>")
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: the dtype the run trained in",
+    )
     p.add_argument("--max-shard-mb", type=int, default=2000)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "bench", help="training throughput and memory over a grid, against the HF Trainer"
     )
-    from benchmarks.suite import add_arguments
+    from sftscale.bench.suite import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=_cmd_bench)

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument(
-        "--config", default=str(Path(__file__).resolve().parent.parent / "configs/tiny-cpu.yaml")
+        "--config", default=str(Path(__file__).resolve().parent / "configs" / "tiny-cpu.yaml")
     )
     parser.add_argument("--conversations", type=int, default=800)
     parser.add_argument(

@@ -16,7 +16,9 @@ from typing import Any
 
 from sftscale.config import Config, ConfigError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# Shipped inside the package (package data), so a non-editable `pip install` finds them too;
+# the repository's top-level ds_configs/ is a link to this folder.
+TEMPLATE_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
 def template_path(template: str) -> Path:

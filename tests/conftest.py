@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 from data_tools.synthetic import (  # noqa: E402
     conversation_texts,
     make_conversations,
+    train_bpe_tokenizer,
     train_sentencepiece_tokenizer,
     write_jsonl,
 )
@@ -67,28 +68,8 @@ def prepared_dir(tmp_path_factory, corpus_path, sp_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def bpe_tokenizer_dir(tmp_path_factory, corpus_records) -> Path:
     """A byte-level BPE tokenizer trained here (GPT-2/Llama-3 style), with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from data_tools.chat import BUILTIN_TEMPLATES
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(conversation_texts(corpus_records), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
-    )
-    fast.chat_template = BUILTIN_TEMPLATES["chatml"]
     out = tmp_path_factory.mktemp("tok") / "bpe"
-    fast.save_pretrained(str(out))
-    return out
+    return train_bpe_tokenizer(conversation_texts(corpus_records), out, vocab_size=600)
 
 
 @pytest.fixture(scope="session", params=["sentencepiece", "byte-level-bpe"])

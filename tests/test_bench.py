@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.suite import GRIDS, Point, grid_with_sets, parse_sets
+from sftscale.bench.suite import GRIDS, Point, grid_with_sets, parse_sets
 
 
 def test_grid_points_and_sets():

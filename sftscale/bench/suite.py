@@ -1,5 +1,5 @@
 """`sftscale bench`: training throughput and memory over a grid of configurations, each point
-run by sftscale and by the Hugging Face Trainer baseline (benchmarks/hf_baseline.py) in the
+run by sftscale and by the Hugging Face Trainer baseline (sftscale/bench/hf_baseline.py) in the
 same invocation, on the same model, data and DeepSpeed template.
 
     sftscale bench --grid cpu                      # tiny + ~100M presets, 2 ranks, minutes
@@ -37,8 +37,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sftscale.config import Config
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+# The checkout this module lives in, when it is one (git commit of the results).
+SOURCE = Path(__file__).resolve().parent.parent.parent
+
+
+def default_out(grid: str) -> Path:
+    """benchmarks/results/bench-<grid> in a checkout of this repository (the working
+    directory), else bench-<grid> in the working directory."""
+    results = Path("benchmarks") / "results"
+    return (results if results.is_dir() else Path(".")) / f"bench-{grid}"
+
 
 TEMPLATES = {  # (ZeRO stage, offload) -> ds_configs template
     (2, "none"): "zero2",
@@ -217,9 +225,9 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SOURCE, capture_output=True,
                                 text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE,
                                capture_output=True, text=True).stdout.strip()  # fmt: skip
         out["sftscale_commit"] = commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -267,16 +275,12 @@ class Bench:
         if self.device["kind"] == "cpu":
             self.env["DS_ACCELERATOR"] = "cpu"
             self.env["OMP_NUM_THREADS"] = str(max(1, self.device["count"] // nproc))
-        self.env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(ROOT), self.env.get("PYTHONPATH")])
-        )
 
     # data ----------------------------------------------------------------------------------------
     def data_dir(self, seq_len: int, packing: str) -> Path:
         """A prepared directory of the shared corpus: packed rows, or one document per row."""
-        from benchmarks.corpus import make_corpus, make_tokenizer
         from data_tools.prepare import PrepareOptions, prepare
+        from sftscale.bench.corpus import make_corpus, make_tokenizer
 
         corpus = self.work / f"corpus-{self.grid.conversations}.jsonl"
         tok = self.work / "tokenizer"
@@ -391,7 +395,7 @@ class Bench:
         spec_path.write_text(json.dumps(spec, indent=2))
         Path(spec["result"]).unlink(missing_ok=True)
         log = self.work / "logs" / f"{point.id}.hf_trainer.log"
-        rc, wall = self.torchrun(["-m", "benchmarks.hf_baseline", str(spec_path)], log)
+        rc, wall = self.torchrun(["-m", "sftscale.bench.hf_baseline", str(spec_path)], log)
         if rc != 0 or not Path(spec["result"]).is_file():
             return {"error": _tail(log)}
         return {**json.loads(Path(spec["result"]).read_text()), "wall_s": wall}
@@ -445,7 +449,7 @@ class Bench:
                 done[base] = self.run_baseline(base)
                 records.append(self.record("hf_trainer", base, done[base], estimate))
                 _say("    " + _brief(done[base]))
-        from benchmarks.report import write_report
+        from sftscale.bench.report import write_report
 
         write_report(records, self.out, grid=self.grid, device=self.device, command=self.command)
         return records
@@ -470,7 +474,10 @@ def _say(msg: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--grid", default="cpu", choices=sorted(GRIDS), help="which grid (see benchmarks/suite.py)"
+        "--grid",
+        default="cpu",
+        choices=sorted(GRIDS),
+        help="which grid (see sftscale/bench/suite.py)",
     )
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="cartesian product over these settings instead of the grid's variations")  # fmt: skip
@@ -515,7 +522,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     bench = Bench(
         grid,
-        out=Path(args.out) if args.out else RESULTS / f"bench-{args.grid}",
+        out=Path(args.out) if args.out else default_out(args.grid),
         workdir=Path(args.workdir or "/tmp/sftscale-bench").resolve(),
         nproc=nproc,
         baseline=not args.no_baseline,

@@ -1,1 +1,0 @@
-"""Throughput and memory benchmarks (`sftscale bench`) and the data-preparation benchmark."""
