@@ -24,9 +24,6 @@ import hashlib
 import itertools
 import json
 import shutil
-import sys
-import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -47,6 +44,7 @@ from data_tools.chat import (
     text_segments,
     tokenize_segments,
 )
+from data_tools.console import ProgressBar
 from data_tools.formats import (
     FORMATS,
     BadRecord,
@@ -59,6 +57,7 @@ from data_tools.formats import (
     parse,
 )
 from data_tools.pack import pack_best_fit_decreasing
+from data_tools.tokenizer import load_tokenizer
 
 OVERFLOW_MODES = ("truncate", "split", "quarantine")
 ENGINES = ("local", "ray")
@@ -111,53 +110,6 @@ class PrepareOptions:
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """A local Hugging Face tokenizer directory, or a SentencePiece .model file."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if path.is_file() and path.suffix == ".model":
-        return _tokenizer_from_sentencepiece(path)
-    if not path.is_dir():
-        raise PrepareError(
-            f"--tokenizer {path} is neither a Hugging Face tokenizer directory nor a SentencePiece .model file"
-        )
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def _tokenizer_from_sentencepiece(model_file: Path) -> Any:
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-
-    def piece(i: int) -> str | None:
-        return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
-
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_file.read_bytes())
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "legacy": False,
-        "add_prefix_space": proto.normalizer_spec.add_dummy_prefix,
-        "bos_token": piece(sp.bos_id()),
-        "eos_token": piece(sp.eos_id()),
-        "unk_token": piece(sp.unk_id()),
-        "pad_token": piece(sp.pad_id()),
-    }
-    # transformers builds a working tokenizer from a .model only when loading a directory.
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy2(model_file, Path(tmp) / "tokenizer.model")
-        (Path(tmp) / "tokenizer_config.json").write_text(
-            json.dumps({k: v for k, v in config.items() if v is not None})
-        )
-        return AutoTokenizer.from_pretrained(tmp)
 
 
 def stop_tokens(tokenizer: Any, template: str, name: str | None) -> dict[str, Any]:
@@ -464,8 +416,8 @@ def prepare(
         paths = expand_inputs(inputs)
     except InputError as e:
         raise PrepareError(str(e)) from e
-    tokenizer = load_tokenizer(tokenizer_path)
     try:
+        tokenizer = load_tokenizer(tokenizer_path)
         template = resolve_template(tokenizer, options.chat_template)
         tokens = stop_tokens(tokenizer, template, options.chat_template)
     except ValueError as e:
@@ -489,7 +441,7 @@ def prepare(
     reasons: Counter = Counter()
     formats: Counter = Counter()
     window: list[tuple[list[int], list[int]]] = []
-    bar = _Progress(enabled=options.progress)
+    bar = ProgressBar(desc="prepare", unit=" records", enabled=options.progress, rate="tokens")
     try:
         with open(out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
             for results in engine(_batches(paths, source_hashes), tok_dir, options):
@@ -505,11 +457,11 @@ def prepare(
                     counts[r["overflow"] or "fit"] += 1
                     counts["unsupervised_pieces"] += r["unsupervised_pieces"]
                     window.extend(r["pieces"])
-                    bar.update(tokens=sum(len(p[0]) for p in r["pieces"]))
+                    bar.update(0, counted=sum(len(p[0]) for p in r["pieces"]))
                     if len(window) >= options.window:
                         shards.pack(window)
                         window = []
-                bar.update(records=len(results))
+                bar.update(len(results))
             if window:
                 shards.pack(window)
             shards.flush()
@@ -564,30 +516,6 @@ def prepare(
     }
     schema.write_manifest(out, manifest)
     return manifest
-
-
-class _Progress:
-    """Records/s and tokens/s on stderr when it is a terminal."""
-
-    def __init__(self, *, enabled: bool) -> None:
-        self._bar = None
-        self._tokens = 0
-        self._t0 = time.perf_counter()
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(desc="prepare", unit=" records", dynamic_ncols=True)
-
-    def update(self, *, records: int = 0, tokens: int = 0) -> None:
-        self._tokens += tokens
-        if self._bar is not None and records:
-            self._bar.update(records)
-            elapsed = max(time.perf_counter() - self._t0, 1e-9)
-            self._bar.set_postfix(tokens_per_s=f"{self._tokens / elapsed:,.0f}", refresh=False)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def summary_line(manifest: dict) -> str:

@@ -74,9 +74,9 @@ def train_sentencepiece_tokenizer(
     """Train a SentencePiece BPE model on `texts`; save it as a Hugging Face tokenizer directory
     with a ChatML template (`<|im_end|>` is EOS, so generation stops at the end of a turn)."""
     import sentencepiece as spm
-    from transformers import AutoTokenizer
 
     from data_tools.chat import BUILTIN_TEMPLATES
+    from data_tools.tokenizer import tokenizer_from_sentencepiece
 
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".spm")
@@ -100,26 +100,7 @@ def train_sentencepiece_tokenizer(
         num_threads=1,
         minloglevel=2,
     )
-    # transformers 5 builds a working tokenizer only when loading from a directory.
-    raw = work / "hf"
-    raw.mkdir(exist_ok=True)
-    (raw / "tokenizer.model").write_bytes((work / "sp.model").read_bytes())
-    (raw / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "add_bos_token": False,
-                "add_eos_token": False,
-                "bos_token": "<s>",
-                "eos_token": "<|im_end|>",
-                "pad_token": "<pad>",
-                "unk_token": "<unk>",
-                "legacy": False,
-                "add_prefix_space": False,
-            }
-        )
-    )
-    tok = AutoTokenizer.from_pretrained(str(raw))
+    tok = tokenizer_from_sentencepiece(work / "sp.model", eos_token="<|im_end|>")
     tok.chat_template = BUILTIN_TEMPLATES["chatml"]
     tok.save_pretrained(str(out_dir))
     return out_dir

@@ -51,6 +51,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from data_tools.console import say
     from sftscale.config import load_config
 
     overrides = list(args.overrides)
@@ -65,12 +66,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     launched = started_by_launcher(os.environ, args.local_rank)
     summary = run(cfg, local=args.local or launched)
     if summary.get("preempted"):
-        print(
-            f"[sftscale] stopped at step {summary['step']} (SIGTERM or STOP file), checkpoint saved: rerun to resume"
+        say(
+            f"stopped at step {summary['step']} (SIGTERM or STOP file), checkpoint saved: rerun to resume"
         )
         code = 143  # 128 + SIGTERM, what a scheduler expects of a preempted job
     else:
-        print(f"[sftscale] done: {summary['run_dir']}")
+        say(f"done: {summary['run_dir']}")
         code = 0
     if launched:
         # Everything is written and the process group is gone. Leave without the interpreter's

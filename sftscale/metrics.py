@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from data_tools.console import ProgressBar, say  # noqa: F401 (the loop's printers)
 from sftscale.flops import hardware_flops
 
 
@@ -76,13 +77,6 @@ class Window:
         self.max_imbalance = max(self.max_imbalance, imbalance)
         self.seconds += seconds
         self.steps += 1
-
-
-def say(message: str) -> None:
-    """Progress line on stdout. Not `print`: Ray Train patches print and, with Ray's wrapped
-    stdout, every printed line would show twice in the driver's log."""
-    sys.stdout.write(f"[sftscale] {message}\n")
-    sys.stdout.flush()
 
 
 class MetricsLogger:
@@ -176,24 +170,3 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-class ProgressBar:
-    """tqdm on rank 0 when stderr is a terminal; the logged step lines serve everywhere else
-    (Ray worker output is not a terminal and carriage returns would garble its log)."""
-
-    def __init__(self, total: int, *, enabled: bool) -> None:
-        self._bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(self, **postfix: Any) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix(postfix, refresh=False)
-            self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()

@@ -402,7 +402,8 @@ def train_worker(
                             tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                             mlflow=cfg.logging.mlflow, project=cfg.logging.wandb_project,
                             run_name=cfg.logging.run_name, config=cfg.to_dict())  # fmt: skip
-    progress = ProgressBar(t.max_steps - run.step, enabled=rank0 and cfg.logging.progress_bar)
+    progress = ProgressBar(desc="train", unit="step", total=t.max_steps - run.step,
+                           enabled=rank0 and cfg.logging.progress_bar)  # fmt: skip
     preemption = PreemptionFlag(stop_file=run.out / STOP_FILE if rank0 else None)
     run.engine.train()
     window, losses, preempted = Window(), [], False

@@ -7,14 +7,13 @@ that names the field and the fix, not minutes later inside a Ray worker.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from data_tools.schema import ShardFormatError, read_manifest
 from sftscale.checkpoint import latest_checkpoint, read_state
 from sftscale.config import Config, ConfigError
 from sftscale.data import data_fingerprint
 from sftscale.ds_config import resolve_ds_config
-from sftscale.model import PRESETS, is_preset
+from sftscale.model import model_config
 
 
 def validate_run(cfg: Config, *, world_size: int) -> dict:
@@ -33,21 +32,12 @@ def validate_run(cfg: Config, *, world_size: int) -> dict:
         )
 
     vocab = manifest["tokenizer"]["vocab_size"]
-    name = cfg.model.name_or_path
-    if is_preset(name):
-        positions = PRESETS[name]["max_position_embeddings"]
-        model_vocab = PRESETS[name]["vocab_size"] or vocab
-    else:
-        from transformers import AutoConfig
-
-        if not (Path(name) / "config.json").is_file():
-            raise ConfigError(
-                f"model.name_or_path: {name!r} is neither a preset ({', '.join(PRESETS)}) "
-                "nor a local directory with a config.json"
-            )
-        mcfg = AutoConfig.from_pretrained(name)
-        positions = getattr(mcfg, "max_position_embeddings", None) or manifest["seq_len"]
-        model_vocab = mcfg.vocab_size
+    try:
+        mcfg = model_config(cfg.model.name_or_path, vocab_size=vocab)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.name_or_path: {e}") from e
+    positions = getattr(mcfg, "max_position_embeddings", None) or manifest["seq_len"]
+    model_vocab = mcfg.vocab_size
     if manifest["seq_len"] > positions:
         raise ConfigError(
             f"data.path: seq_len {manifest['seq_len']} exceeds the model's max_position_embeddings "

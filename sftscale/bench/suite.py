@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_tools.console import say
+
 if TYPE_CHECKING:
     from sftscale.config import Config
 
@@ -468,8 +470,7 @@ def _brief(fig: dict) -> str:
 
 
 def _say(msg: str) -> None:
-    sys.stdout.write(f"[bench] {msg}\n")
-    sys.stdout.flush()
+    say(msg, prefix="bench")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
