@@ -88,13 +88,14 @@ def stream_rows(
     return epochs, rows
 
 
-def balance_ranks(
+def assign_ranks(
     step_rows: np.ndarray,
     costs: np.ndarray,
     *,
     world_size: int,
     micro_batch_size: int,
     grad_accum: int,
+    by_cost: bool = True,
 ) -> tuple[list[list[np.ndarray]], float]:
     """Split a step's global rows into `grad_accum` micro-batches per rank, balancing cost.
 
@@ -102,12 +103,22 @@ def balance_ranks(
     to the least-loaded rank that still has room (longest-processing-time greedy), so no rank
     waits long on another at the step's collectives. `costs` are per-row (FLOPs, including
     the quadratic attention term of each document). A pure function of its inputs: every rank
-    computes the same assignment without communicating.
+    computes the same assignment without communicating. by_cost=False (train.balance_ranks
+    false) assigns by position instead: micro-step a on rank r takes the (a * world_size + r)-th
+    slice of micro_batch_size rows.
 
     Returns (micro-batches per rank, imbalance), imbalance = max rank cost / mean rank cost - 1.
     """
     per_rank = micro_batch_size * grad_accum
     assert len(step_rows) == per_rank * world_size == len(costs)
+    if not by_cost:
+        m = micro_batch_size
+        slots = [[np.arange((a * world_size + r) * m, (a * world_size + r + 1) * m)
+                  for a in range(grad_accum)] for r in range(world_size)]  # fmt: skip
+        loads = [float(costs[np.concatenate(rank_slots)].sum()) for rank_slots in slots]
+        mean = sum(loads) / world_size
+        micro = [[step_rows[i] for i in rank_slots] for rank_slots in slots]
+        return micro, (max(loads) / mean - 1.0) if mean > 0 else 0.0
     order = sorted(range(len(step_rows)), key=lambda i: (-float(costs[i]), int(step_rows[i])))
     load = [0.0] * world_size
     assigned: list[list[int]] = [[] for _ in range(world_size)]
@@ -127,30 +138,6 @@ def balance_ranks(
     ]
     mean = sum(load) / world_size
     return micro, (max(load) / mean - 1.0) if mean > 0 else 0.0
-
-
-def positional_ranks(
-    step_rows: np.ndarray,
-    costs: np.ndarray,
-    *,
-    world_size: int,
-    micro_batch_size: int,
-    grad_accum: int,
-) -> tuple[list[list[np.ndarray]], float]:
-    """The split `balance_ranks` replaces (train.balance_ranks=false): micro-step a on rank r
-    takes the (a * world_size + r)-th slice of micro_batch_size rows. Same return value."""
-    m = micro_batch_size
-    slots = [
-        [
-            np.arange((a * world_size + r) * m, (a * world_size + r + 1) * m)
-            for a in range(grad_accum)
-        ]
-        for r in range(world_size)
-    ]
-    micro = [[step_rows[i] for i in rank_slots] for rank_slots in slots]
-    loads = [float(costs[np.concatenate(rank_slots)].sum()) for rank_slots in slots]
-    mean = sum(loads) / world_size
-    return micro, (max(loads) / mean - 1.0) if mean > 0 else 0.0
 
 
 def pad_token_id(tokenizer) -> int:

@@ -41,11 +41,10 @@ from sftscale.config import Config
 from sftscale.data import (
     Batch,
     PackedDataset,
-    balance_ranks,
+    assign_ranks,
     collate,
     data_fingerprint,
     pad_token_id,
-    positional_ranks,
     steps_per_epoch,
     stream_rows,
 )
@@ -108,9 +107,8 @@ def plan_step(
         shuffle=cfg.data.shuffle,
     )
     costs = np.array([doc_flops(dataset.doc_lens(int(i)), shape) for i in step_rows])
-    split = balance_ranks if t.balance_ranks else positional_ranks
-    per_rank, imbalance = split(step_rows, costs, world_size=world,
-                                micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum)  # fmt: skip
+    per_rank, imbalance = assign_ranks(step_rows, costs, world_size=world, by_cost=t.balance_ranks,
+                                       micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum)  # fmt: skip
     micro = [
         collate(
             [dataset.row(int(i)) for i in rows],

@@ -5,7 +5,7 @@ import torch
 from sftscale.data import (
     IGNORE_INDEX,
     PackedDataset,
-    balance_ranks,
+    assign_ranks,
     collate,
     stream_rows,
 )
@@ -43,7 +43,7 @@ def test_sample_stream_is_a_pure_function_and_ranks_partition_each_step():
     assert not np.array_equal(rows[:50], rows[50:100])
     assert epochs.tolist() == [0] * 50 + [1] * 50 + [2] * 50
     assert stream_rows(0, 50, num_rows=50, seed=3, shuffle=False)[1].tolist() == list(range(50))
-    micro, _ = balance_ranks(s0, np.ones(12), world_size=2, micro_batch_size=3, grad_accum=2)
+    micro, _ = assign_ranks(s0, np.ones(12), world_size=2, micro_batch_size=3, grad_accum=2)
     parts = [np.concatenate(m) for m in micro]
     assert sorted(np.concatenate(parts).tolist()) == sorted(s0.tolist())
 
@@ -64,16 +64,16 @@ def test_reader_returns_the_written_rows(prepared_dir):
         assert doc_lens.tolist() == written[i]["doc_lens"]
 
 
-def test_balance_ranks_by_cost():
+def test_assign_ranks_by_cost():
     rows = np.arange(8)
     costs = np.array([100, 1, 1, 1, 50, 50, 1, 1], dtype=float)
-    micro, imbalance = balance_ranks(rows, costs, world_size=2, micro_batch_size=2, grad_accum=2)
+    micro, imbalance = assign_ranks(rows, costs, world_size=2, micro_batch_size=2, grad_accum=2)
     assert [len(m) for m in micro] == [2, 2] and all(len(b) == 2 for m in micro for b in m)
     loads = [sum(costs[np.concatenate(m)]) for m in micro]
     assert sorted(loads) == [102.0, 103.0]  # 100 alone with cheap rows; the two 50s together
     assert imbalance == pytest.approx(103 / 102.5 - 1)
     # a contiguous split would have put 100+1+1+1 on rank 0 and 50+50+1+1 on rank 1
-    again, _ = balance_ranks(rows, costs, world_size=2, micro_batch_size=2, grad_accum=2)
+    again, _ = assign_ranks(rows, costs, world_size=2, micro_batch_size=2, grad_accum=2)
     assert all(
         np.array_equal(a, b)
         for m, n in zip(micro, again, strict=True)
