@@ -48,23 +48,22 @@ def inspect(data_dir: str, *, samples: int = 2) -> str:
     data_dir_p = Path(data_dir)
     m = schema.read_manifest(data_dir_p)
     lines = [
-        f"{data_dir}: schema v{m['schema_version']}, seq_len {m['seq_len']}",
-        f"  rows {m['num_rows']}, documents {m['num_documents']}, tokens {m['num_tokens']}, "
-        f"supervised {m['num_supervised_tokens']} ({m['num_supervised_tokens'] / max(m['num_tokens'], 1):.1%})",
-        f"  packing efficiency {m['packing_efficiency']:.1%} (non-pad fraction of row capacity)",
-        f"  shards {len(m['shards'])}; tokenizer {m['tokenizer']['fingerprint'][:12]} "
-        f"(vocab {m['tokenizer']['vocab_size']})",
-        f"  records {m.get('num_records', '?')} by format {m.get('formats', {})}; "
-        f"over-long: {m.get('overflow', {})}",
-        f"  quarantined {m['quarantined_rows']} of {m.get('num_records', '?')} records",
+        f"{data_dir}: schema v{m.schema_version}, seq_len {m.seq_len}",
+        f"  rows {m.num_rows}, documents {m.num_documents}, tokens {m.num_tokens}, "
+        f"supervised {m.num_supervised_tokens} ({m.num_supervised_tokens / max(m.num_tokens, 1):.1%})",
+        f"  packing efficiency {m.packing_efficiency:.1%} (non-pad fraction of row capacity)",
+        f"  shards {len(m.shards)}; tokenizer {m.tokenizer.fingerprint[:12]} "
+        f"(vocab {m.tokenizer.vocab_size}; a turn ends with {m.tokenizer.end_of_turn_id})",
+        f"  records {m.num_records} by format {m.formats}; over-long: {m.overflow}",
+        f"  quarantined {m.quarantined_rows} of {m.num_records} records",
     ]
-    for reason, count in m.get("quarantine_reasons", {}).items():
+    for reason, count in m.quarantine_reasons.items():
         lines.append(f"    {count:>7}  {reason}")
-    tables = [schema.open_shard(data_dir_p / s["file"]) for s in m["shards"]]
+    tables = [schema.open_shard(data_dir_p / s.file) for s in m.shards]
     doc_lengths = [n for t in tables for row in t.column("doc_lens").to_pylist() for n in row]
     lines.append("document lengths (tokens):")
-    lines.extend(_histogram(doc_lengths, m["seq_len"]))
-    tokenizer = AutoTokenizer.from_pretrained(str(data_dir_p / m["tokenizer"]["dir"]))
+    lines.extend(_histogram(doc_lengths, m.seq_len))
+    tokenizer = AutoTokenizer.from_pretrained(str(data_dir_p / m.tokenizer.dir))
     first = tables[0]
     for r in range(min(samples, first.num_rows)):
         row = {c: first.column(c)[r].as_py() for c in ("input_ids", "loss_mask", "doc_lens")}

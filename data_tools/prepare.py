@@ -378,7 +378,7 @@ class _Shards:
     def __init__(self, out: Path, options: PrepareOptions) -> None:
         self.out, self.options = out, options
         self.rows: dict[str, list] = {"input_ids": [], "loss_mask": [], "doc_lens": []}
-        self.shards: list[dict] = []
+        self.shards: list[schema.ShardInfo] = []
         self.num_rows = 0
 
     def pack(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -399,18 +399,18 @@ class _Shards:
             return
         name = schema.shard_name(len(self.shards))
         schema.write_shard(self.out / name, self.rows)
-        self.shards.append({
-            "file": name,
-            "num_rows": len(self.rows["input_ids"]),
-            "num_tokens": int(sum(map(len, self.rows["input_ids"]))),
-            "num_supervised_tokens": int(sum(int(m.sum(dtype=np.int64)) for m in self.rows["loss_mask"])),
-        })  # fmt: skip
+        self.shards.append(schema.ShardInfo(
+            file=name,
+            num_rows=len(self.rows["input_ids"]),
+            num_tokens=int(sum(map(len, self.rows["input_ids"]))),
+            num_supervised_tokens=int(sum(int(m.sum(dtype=np.int64)) for m in self.rows["loss_mask"])),
+        ))  # fmt: skip
         self.rows = {k: [] for k in self.rows}
 
 
 def prepare(
     inputs: list[str], *, tokenizer_path: str, out_dir: str, options: PrepareOptions
-) -> dict:
+) -> schema.Manifest:
     """Run the pipeline; return the manifest."""
     try:
         paths = expand_inputs(inputs)
@@ -481,51 +481,55 @@ def prepare(
     if not shards.shards:
         raise PrepareError(f"every record was quarantined; see {out / schema.QUARANTINE_NAME}")
 
-    num_tokens = sum(s["num_tokens"] for s in shards.shards)
+    num_tokens = sum(s.num_tokens for s in shards.shards)
     source_hash = hashlib.sha256("".join(s["sha256"] for s in source_hashes).encode()).hexdigest()
-    manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "seq_len": options.seq_len,
-        "num_rows": shards.num_rows,
-        "num_documents": counts["documents"],
-        "num_tokens": num_tokens,
-        "num_supervised_tokens": sum(s["num_supervised_tokens"] for s in shards.shards),
-        "packing_efficiency": num_tokens / (shards.num_rows * options.seq_len),
-        "num_records": n,
-        "quarantined_rows": bad,
-        "quarantine_reasons": dict(sorted(reasons.items())),
-        "formats": dict(sorted(formats.items())),
-        "overflow": {
+    manifest = schema.Manifest(
+        schema_version=schema.SCHEMA_VERSION,
+        seq_len=options.seq_len,
+        num_rows=shards.num_rows,
+        num_documents=counts["documents"],
+        num_tokens=num_tokens,
+        num_supervised_tokens=sum(s.num_supervised_tokens for s in shards.shards),
+        packing_efficiency=num_tokens / (shards.num_rows * options.seq_len),
+        num_records=n,
+        quarantined_rows=bad,
+        quarantine_reasons=dict(sorted(reasons.items())),
+        formats=dict(sorted(formats.items())),
+        overflow={
             "truncated": counts["truncated"],
             "split": counts["split"],
             "split_pieces_without_supervision": counts["unsupervised_pieces"],
-        },  # fmt: skip
-        "tokenizer": {
-            "fingerprint": tokenizer_fingerprint(tokenizer, template),
-            "vocab_size": len(tokenizer),
-            "base_vocab_size": tokenizer.vocab_size,  # without added tokens
+        },
+        tokenizer=schema.TokenizerInfo(
+            fingerprint=tokenizer_fingerprint(tokenizer, template),
+            vocab_size=len(tokenizer),
+            base_vocab_size=tokenizer.vocab_size,
+            dir=schema.TOKENIZER_DIR,
+            source=str(tokenizer_path),
             **tokens,
-            "dir": schema.TOKENIZER_DIR,
-            "source": str(tokenizer_path),
-        },
-        "sources": {"sha256": source_hash, "files": source_hashes},
-        "options": {
+        ),
+        sources={"sha256": source_hash, "files": source_hashes},
+        options={
             k: v for k, v in asdict(options).items() if k not in ("num_proc", "engine", "progress")
-        },
-        "shards": shards.shards,
-    }
+        },  # fmt: skip
+        shards=shards.shards,
+    )
     schema.write_manifest(out, manifest)
     return manifest
 
 
-def summary_line(manifest: dict) -> str:
-    tok = manifest["tokenizer"]
+def summary_line(m: schema.Manifest) -> str:
+    tok = m.tokenizer
     return (
-        f"{manifest['num_documents']} documents -> {manifest['num_rows']} rows of {manifest['seq_len']} "
-        f"({manifest['num_tokens']} tokens, {manifest['num_supervised_tokens']} supervised, "
-        f"packing efficiency {manifest['packing_efficiency']:.1%}); "
-        f"quarantined {manifest['quarantined_rows']} of {manifest['num_records']} records"
-        + (f" {manifest['quarantine_reasons']}" if manifest["quarantined_rows"] else "")
-        + (f"; added special tokens {tok['added_tokens']}" if tok.get("added_tokens") else "")
-        + (f"; a turn ends with token {tok['end_of_turn_id']}" if "end_of_turn_id" in tok else "")
+        f"{m.num_documents} documents -> {m.num_rows} rows of {m.seq_len} "
+        f"({m.num_tokens} tokens, {m.num_supervised_tokens} supervised, "
+        f"packing efficiency {m.packing_efficiency:.1%}); "
+        f"quarantined {m.quarantined_rows} of {m.num_records} records"
+        + (f" {m.quarantine_reasons}" if m.quarantined_rows else "")
+        + (f"; added special tokens {tok.added_tokens}" if tok.added_tokens else "")
+        + (
+            f"; a turn ends with token {tok.end_of_turn_id}"
+            if tok.end_of_turn_id is not None
+            else ""
+        )
     )

@@ -2,7 +2,7 @@
 
 A prepared directory holds:
 
-    manifest.json            counts, fingerprints, per-shard stats (see MANIFEST_KEYS)
+    manifest.json            counts, fingerprints, per-shard stats (the Manifest dataclass)
     shard-00000.arrow ...    Arrow IPC *file* format, one row per packed training row
     quarantine.jsonl         records that could not be used, with source, line and reason
     tokenizer/               the tokenizer (with its chat template) the ids were made with
@@ -22,7 +22,9 @@ Only pyarrow here: this module must stay importable without torch, ray or deepsp
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +44,60 @@ SHARD_SCHEMA = pa.schema(
     metadata={"sftscale_schema_version": str(SCHEMA_VERSION)},
 )
 
-MANIFEST_KEYS = (
-    "schema_version",
-    "seq_len",
-    "num_rows",
-    "num_documents",
-    "num_tokens",
-    "num_supervised_tokens",
-    "packing_efficiency",
-    "quarantined_rows",
-    "tokenizer",
-    "sources",
-    "shards",
-)
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # e.g. shard-00000.arrow, relative to the prepared directory
+    num_rows: int
+    num_tokens: int
+    num_supervised_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    fingerprint: str  # sha256 of the vocabulary (added tokens included) and the chat template
+    vocab_size: int  # len(tokenizer): the ids the shards may hold
+    dir: str  # the tokenizer saved beside the shards (TOKENIZER_DIR)
+    source: str  # what --tokenizer named
+    base_vocab_size: int | None = None  # without added tokens; None in older manifests
+    added_tokens: list[str] = field(default_factory=list)  # added by prepare (template markers)
+    end_of_turn_id: int | None = None  # the token an assistant turn ends with
+    eos_token_ids: list[int] = field(default_factory=list)  # where generation stops, in order
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, typed: what `sftscale prepare` wrote and every reader reads."""
+
+    schema_version: int
+    seq_len: int
+    num_rows: int
+    num_documents: int
+    num_tokens: int
+    num_supervised_tokens: int
+    packing_efficiency: float  # non-pad fraction of the rows' capacity
+    quarantined_rows: int  # records sent to quarantine.jsonl
+    tokenizer: TokenizerInfo
+    sources: dict[str, Any]  # {"sha256": of all inputs, "files": [{"path", "sha256"}, ...]}
+    shards: list[ShardInfo]
+    num_records: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, int] = field(default_factory=dict)  # records per input format
+    overflow: dict[str, int] = field(default_factory=dict)  # truncated / split documents
+    options: dict[str, Any] = field(default_factory=dict)  # the prepare options that shape rows
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        known = {f.name for f in dataclasses.fields(cls)}
+        tok_known = {f.name for f in dataclasses.fields(TokenizerInfo)}
+        return cls(**{
+            **{k: v for k, v in d.items() if k in known},
+            "tokenizer": TokenizerInfo(**{k: v for k, v in d["tokenizer"].items() if k in tok_known}),
+            "shards": [ShardInfo(**s) for s in d["shards"]],
+        })  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class ShardFormatError(ValueError):
@@ -98,32 +141,35 @@ def open_shard(path: Path) -> pa.Table:
     return table
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise ValueError(f"manifest is missing {missing}")
+def write_manifest(out_dir: Path, manifest: Manifest) -> None:
     tmp = out_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
     tmp.replace(out_dir / MANIFEST_NAME)
 
 
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+def read_manifest(data_dir: str | Path) -> Manifest:
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST_NAME
     if not path.is_file():
         raise ShardFormatError(
             f"{data_dir} has no {MANIFEST_NAME}: point data.path at a directory written by `sftscale prepare`"
         )
-    manifest = json.loads(path.read_text())
-    version = manifest.get("schema_version")
+    raw = json.loads(path.read_text())
+    version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardFormatError(
             f"{path}: schema_version {version} but this sftscale reads {SCHEMA_VERSION}; "
             "re-run `sftscale prepare` with this version"
         )
-    for shard in manifest["shards"]:
-        if not (data_dir / shard["file"]).is_file():
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise ShardFormatError(
+            f"{path}: not a complete sftscale manifest ({e}); re-run `sftscale prepare`"
+        ) from e
+    for shard in manifest.shards:
+        if not (data_dir / shard.file).is_file():
             raise ShardFormatError(
-                f"{data_dir}: shard {shard['file']} listed in the manifest is missing"
+                f"{data_dir}: shard {shard.file} listed in the manifest is missing"
             )
     return manifest

@@ -30,8 +30,8 @@ class PackedDataset:
     def __init__(self, data_dir: str | Path) -> None:
         self.dir = Path(data_dir)
         self.manifest = schema.read_manifest(self.dir)
-        self.seq_len: int = self.manifest["seq_len"]
-        self._tables = [schema.open_shard(self.dir / s["file"]) for s in self.manifest["shards"]]
+        self.seq_len: int = self.manifest.seq_len
+        self._tables = [schema.open_shard(self.dir / s.file) for s in self.manifest.shards]
         self._offsets = np.cumsum([0] + [t.num_rows for t in self._tables])
 
     def __len__(self) -> int:
@@ -39,7 +39,7 @@ class PackedDataset:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.dir / self.manifest["tokenizer"]["dir"]
+        return self.dir / self.manifest.tokenizer.dir
 
     def doc_lens(self, index: int) -> np.ndarray:
         return self.row(index)[2]
@@ -146,10 +146,10 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def data_fingerprint(manifest: dict) -> str:
+def data_fingerprint(m: schema.Manifest) -> str:
     """What a checkpoint's stream positions refer to: the rows of this prepared directory."""
-    key = [manifest["sources"]["sha256"], manifest["tokenizer"]["fingerprint"], manifest["num_rows"],
-           manifest["seq_len"], [s["num_tokens"] for s in manifest["shards"]]]  # fmt: skip
+    key = [m.sources["sha256"], m.tokenizer.fingerprint, m.num_rows, m.seq_len,
+           [s.num_tokens for s in m.shards]]  # fmt: skip
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 

@@ -223,7 +223,7 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
         ds_config["checkpoint"] = {"load_universal": True}
 
     pad_id = pad_token_id(tokenizer)
-    eos_ids = dataset.manifest["tokenizer"].get("eos_token_ids") or [tokenizer.eos_token_id]
+    eos_ids = dataset.manifest.tokenizer.eos_token_ids or [tokenizer.eos_token_id]
     built = build_engine(cfg, ds_config=ds_config, dtype=precision.dtype, tokenizer=tokenizer,
                          eos_ids=eos_ids, pad_id=pad_id,
                          log=say if rank == 0 else lambda _: None)  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from data_tools.schema import ShardFormatError, read_manifest
+from data_tools.schema import Manifest, ShardFormatError, read_manifest
 from sftscale.checkpoint import latest_checkpoint, read_state
 from sftscale.config import Config, ConfigError
 from sftscale.data import data_fingerprint
@@ -16,14 +16,14 @@ from sftscale.ds_config import resolve_ds_config
 from sftscale.model import model_config
 
 
-def validate_run(cfg: Config, *, world_size: int) -> dict:
+def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     """Raise ConfigError for any setting that cannot work; return the data manifest."""
     try:
         manifest = read_manifest(cfg.data.path)
     except ShardFormatError as e:
         raise ConfigError(f"data.path: {e}") from e
 
-    rows = manifest["num_rows"]
+    rows = manifest.num_rows
     need = cfg.global_batch_rows(world_size)
     if rows < need:
         raise ConfigError(
@@ -31,22 +31,22 @@ def validate_run(cfg: Config, *, world_size: int) -> dict:
             f"but data.path holds only {rows} rows; lower the batch or prepare more data"
         )
 
-    vocab = manifest["tokenizer"]["vocab_size"]
+    vocab = manifest.tokenizer.vocab_size
     try:
         mcfg = model_config(cfg.model.name_or_path, vocab_size=vocab)
     except FileNotFoundError as e:
         raise ConfigError(f"model.name_or_path: {e}") from e
-    positions = getattr(mcfg, "max_position_embeddings", None) or manifest["seq_len"]
+    positions = getattr(mcfg, "max_position_embeddings", None) or manifest.seq_len
     model_vocab = mcfg.vocab_size
-    if manifest["seq_len"] > positions:
+    if manifest.seq_len > positions:
         raise ConfigError(
-            f"data.path: seq_len {manifest['seq_len']} exceeds the model's max_position_embeddings "
+            f"data.path: seq_len {manifest.seq_len} exceeds the model's max_position_embeddings "
             f"{positions}; prepare the data with a shorter --seq-len"
         )
     # Added tokens (the chat template's markers that prepare adds, a user's own) beyond the
     # model's vocabulary are grown at load time, and the worker says so. A base vocabulary
     # larger than the model's is another tokenizer than the model's.
-    base = manifest["tokenizer"].get("base_vocab_size", vocab)
+    base = manifest.tokenizer.base_vocab_size or vocab
     if base > model_vocab:
         raise ConfigError(
             f"model.name_or_path: the data's tokenizer has {base} tokens before added ones but the "
@@ -84,7 +84,7 @@ def validate_run(cfg: Config, *, world_size: int) -> dict:
     return manifest
 
 
-def _check_resume_data(cfg: Config, manifest: dict) -> None:
+def _check_resume_data(cfg: Config, manifest: Manifest) -> None:
     """A run that will resume must read the rows its checkpoint's stream positions refer to."""
     latest = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.checkpoint.resume else None
     if latest is not None and read_state(latest)["data_fingerprint"] != data_fingerprint(manifest):
@@ -94,19 +94,19 @@ def _check_resume_data(cfg: Config, manifest: dict) -> None:
         )
 
 
-def _check_eval_set(cfg: Config, manifest: dict, positions: int) -> None:
+def _check_eval_set(cfg: Config, manifest: Manifest, positions: int) -> None:
     try:
         ev = read_manifest(cfg.eval.path)
     except ShardFormatError as e:
         raise ConfigError(f"eval.path: {e}") from e
-    if ev["tokenizer"]["fingerprint"] != manifest["tokenizer"]["fingerprint"]:
+    if ev.tokenizer.fingerprint != manifest.tokenizer.fingerprint:
         raise ConfigError(
             "eval.path was prepared with another tokenizer or chat template than data.path; "
             "prepare both with the same --tokenizer and --chat-template"
         )
-    if ev["seq_len"] > positions:
+    if ev.seq_len > positions:
         raise ConfigError(
-            f"eval.path: seq_len {ev['seq_len']} exceeds the model's max_position_embeddings {positions}"
+            f"eval.path: seq_len {ev.seq_len} exceeds the model's max_position_embeddings {positions}"
         )
 
 

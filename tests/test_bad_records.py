@@ -241,8 +241,8 @@ def test_fuzzed_records_are_trained_or_quarantined_never_crash(
     for r in q:
         assert r["reason"] and r["reason"].startswith(reasons[r["source"], r["line"]]), r["reason"]
     records = sum(len(es) for _, es in files)
-    assert m["num_records"] == records and m["quarantined_rows"] == len(q)
-    assert m["num_documents"] == records - len(q)  # each good record is one document
+    assert m.num_records == records and m.quarantined_rows == len(q)
+    assert m.num_documents == records - len(q)  # each good record is one document
 
 
 def _nested(depth: int, inner: str = "[]") -> str:
@@ -295,7 +295,7 @@ def test_huge_and_deep_records_in_jsonl_and_json(tmp_path, sp_tokenizer_dir):
     for r, (_, _, reason) in zip(q, expected, strict=True):
         assert r["reason"].startswith(reason), r["reason"]
     assert q[0]["raw"] == json.dumps({"messages": big})  # the quarantine holds the record itself
-    assert m["num_documents"] == m["num_records"] - len(q) == 3 + 3 + 3
+    assert m.num_documents == m.num_records - len(q) == 3 + 3 + 3
 
 
 def test_json_records_nested_deep_reach_worker_processes(tmp_path, sp_tokenizer_dir):
@@ -307,7 +307,7 @@ def test_json_records_nested_deep_reach_worker_processes(tmp_path, sp_tokenizer_
         (2, "record is a list, expected a JSON object"),
         (3, "field 'completion' is a list, expected a string"),
     ]
-    assert m["num_documents"] == 1
+    assert m.num_documents == 1
 
 
 def test_parquet_strings_that_are_not_utf8_and_nested_lists(tmp_path, sp_tokenizer_dir):
@@ -334,7 +334,7 @@ def test_parquet_strings_that_are_not_utf8_and_nested_lists(tmp_path, sp_tokeniz
         ("b.parquet", 2, "messages[0] is a list, expected an object"),
     ]
     assert json.loads(q[0]["raw"]) == {"prompt": "<not UTF-8>", "completion": "x"}
-    assert m["num_documents"] == 2
+    assert m.num_documents == 2
     for _ in range(20):
         deep = [deep]
     pq.write_table(pa.Table.from_pylist([{"messages": deep}]), tmp_path / "c.parquet")
@@ -366,9 +366,9 @@ def test_a_text_the_tokenizer_rejects_costs_only_its_record(tmp_path, sp_tokeniz
     assert [(r["line"], r["reason"].split(":")[0]) for r in q] == [(4, "cannot tokenize")]
     assert "TypeError" in q[0]["reason"]
     m = schema.read_manifest(tmp_path / "a")
-    assert m["num_documents"] == 6
-    for shard in m["shards"]:  # the other records' ids are the batched call's, to the byte
-        a, ref = (tmp_path / name / shard["file"] for name in ("a", "ref"))
+    assert m.num_documents == 6
+    for shard in m.shards:  # the other records' ids are the batched call's, to the byte
+        a, ref = (tmp_path / name / shard.file for name in ("a", "ref"))
         assert a.read_bytes() == ref.read_bytes()
 
 
@@ -411,13 +411,13 @@ def test_empty_replies_are_quarantined_unless_kept(tmp_path, sp_tokenizer_dir):
         "message 3 is whitespace only" in q[3]["reason"]
         and "--keep-empty-replies" in q[0]["reason"]
     )
-    assert m["quarantine_reasons"] == {"empty assistant turn": 5} and m["num_documents"] == 1
+    assert m.quarantine_reasons == {"empty assistant turn": 5} and m.num_documents == 1
 
     m, q = _run(tmp_path / "kept", [src], sp_tokenizer_dir, keep_empty_replies=True)
-    assert q == [] and m["num_documents"] == 6 and m["options"]["keep_empty_replies"] is True
+    assert q == [] and m.num_documents == 6 and m.options["keep_empty_replies"] is True
     # from the command line
     out = tmp_path / "cli"
     argv = ["prepare", str(src), "--tokenizer", str(sp_tokenizer_dir), "--seq-len", "64", "--out", str(out), "--no-progress"]  # fmt: skip
-    assert main(argv) == 0 and schema.read_manifest(out)["num_documents"] == 1
+    assert main(argv) == 0 and schema.read_manifest(out).num_documents == 1
     assert main([*argv, "--keep-empty-replies"]) == 0
-    assert schema.read_manifest(out)["num_documents"] == 6
+    assert schema.read_manifest(out).num_documents == 6

@@ -53,10 +53,8 @@ def test_reader_returns_the_written_rows(prepared_dir):
 
     ds = PackedDataset(prepared_dir)
     m = schema.read_manifest(prepared_dir)
-    assert len(ds) == m["num_rows"]
-    written = [
-        r for s in m["shards"] for r in schema.open_shard(prepared_dir / s["file"]).to_pylist()
-    ]
+    assert len(ds) == m.num_rows
+    written = [r for s in m.shards for r in schema.open_shard(prepared_dir / s.file).to_pylist()]
     for i in (0, 39, 40, len(ds) - 1):  # across a shard boundary
         ids, mask, doc_lens = ds.row(i)
         assert ids.tolist() == written[i]["input_ids"]

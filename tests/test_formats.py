@@ -23,7 +23,7 @@ RECORDS = {
 
 def _rows(out):
     m = schema.read_manifest(out)
-    return m, [r for s in m["shards"] for r in schema.open_shard(out / s["file"]).to_pylist()]
+    return m, [r for s in m.shards for r in schema.open_shard(out / s.file).to_pylist()]
 
 
 def _supervised_text(tokenizer, row):
@@ -42,7 +42,7 @@ def test_chat_formats_become_the_same_conversation(tmp_path, sp_tokenizer_dir, s
     src.write_text(json.dumps(RECORDS[fmt]) + "\n")
     for forced in (None, fmt):  # auto-detected and forced give the same
         m, rows = _rows_of(tmp_path / f"o-{forced}", src, sp_tokenizer_dir, format=forced)
-        assert m["formats"] == {fmt: 1} and m["num_documents"] == 1
+        assert m.formats == {fmt: 1} and m.num_documents == 1
         assert _supervised_text(sp_tokenizer, rows[0]) == A + "<|im_end|>\n"
         assert Q in sp_tokenizer.decode(rows[0]["input_ids"])
 
@@ -68,7 +68,7 @@ def test_text_format_supervises_every_token(tmp_path, sp_tokenizer_dir, sp_token
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"text": "The sky is blue. The grass is green."}) + "\n")
     m, rows = _rows_of(tmp_path / "o", src, sp_tokenizer_dir)
-    assert m["formats"] == {"text": 1}
+    assert m.formats == {"text": 1}
     assert all(rows[0]["loss_mask"]) and rows[0]["input_ids"][-1] == sp_tokenizer.eos_token_id
 
 
@@ -82,8 +82,8 @@ def test_json_parquet_and_dataset_directory_inputs(tmp_path, sp_tokenizer_dir):
     out = tmp_path / "o"
     m = prepare([str(tmp_path / "a.json"), str(tmp_path / "*.parquet"), str(tmp_path / "hf")],
                 tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out), options=_opts())  # fmt: skip
-    assert m["num_records"] == 7 and m["num_documents"] == 7 and m["quarantined_rows"] == 0
-    assert [f["path"] for f in m["sources"]["files"]] == [
+    assert m.num_records == 7 and m.num_documents == 7 and m.quarantined_rows == 0
+    assert [f["path"] for f in m.sources["files"]] == [
         str(tmp_path / p) for p in ("a.json", "b.parquet", "hf")
     ]
 
@@ -113,9 +113,9 @@ def test_overflow_split_keeps_every_supervised_piece(tmp_path, sp_tokenizer_dir)
     src.write_text(json.dumps(long) + "\n")
     m, rows = _rows_of(tmp_path / "o", src, sp_tokenizer_dir, seq_len=32, overflow="split")
     whole, _ = _rows_of(tmp_path / "w", src, sp_tokenizer_dir, seq_len=4096)
-    assert m["overflow"]["split"] == 1 and m["num_documents"] > 3
+    assert m.overflow["split"] == 1 and m.num_documents > 3
     assert all(n <= 32 for r in rows for n in r["doc_lens"])
-    assert m["num_supervised_tokens"] == whole["num_supervised_tokens"]  # nothing supervised lost
+    assert m.num_supervised_tokens == whole.num_supervised_tokens  # nothing supervised lost
 
 
 def test_small_window_and_many_workers_give_identical_output(
@@ -141,8 +141,8 @@ def test_small_window_and_many_workers_give_identical_output(
         out_dir=str(small),
         options=_opts(window=7),
     )
-    assert m["num_documents"] == schema.read_manifest(ref)["num_documents"]
-    assert m["num_tokens"] == schema.read_manifest(ref)["num_tokens"]
+    assert m.num_documents == schema.read_manifest(ref).num_documents
+    assert m.num_tokens == schema.read_manifest(ref).num_tokens
 
 
 @pytest.mark.distributed
@@ -195,7 +195,7 @@ def test_fuzzed_records_are_packed_or_quarantined_never_crash(
             out_dir=str(tmp / "o"),
             options=_opts(),
         )
-        good = m["num_records"] - m["quarantined_rows"]
+        good = m.num_records - m.quarantined_rows
     except (
         PrepareError
     ) as e:  # every record bad (or none): a clear error, the quarantine still written

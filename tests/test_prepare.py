@@ -8,23 +8,22 @@ from data_tools.prepare import PrepareError, PrepareOptions, prepare
 
 def test_manifest_and_shards_agree(prepared_dir, corpus_records):
     m = schema.read_manifest(prepared_dir)
-    for key in schema.MANIFEST_KEYS:
-        assert key in m
-    assert m["num_documents"] == len(corpus_records) and m["quarantined_rows"] == 0
-    tables = [schema.open_shard(prepared_dir / s["file"]) for s in m["shards"]]
+    # the file on disk round-trips through the typed Manifest, key for key
+    on_disk = json.loads((prepared_dir / schema.MANIFEST_NAME).read_text())
+    assert m.to_dict() == on_disk
+    assert m.num_documents == len(corpus_records) and m.quarantined_rows == 0
+    tables = [schema.open_shard(prepared_dir / s.file) for s in m.shards]
     assert len(tables) > 1  # rows_per_shard=40 splits the corpus
     rows = [r for t in tables for r in t.to_pylist()]
-    assert len(rows) == m["num_rows"]
-    assert sum(len(r["input_ids"]) for r in rows) == m["num_tokens"]
-    assert sum(sum(r["loss_mask"]) for r in rows) == m["num_supervised_tokens"]
-    assert sum(len(r["doc_lens"]) for r in rows) == m["num_documents"]
+    assert len(rows) == m.num_rows
+    assert sum(len(r["input_ids"]) for r in rows) == m.num_tokens
+    assert sum(sum(r["loss_mask"]) for r in rows) == m.num_supervised_tokens
+    assert sum(len(r["doc_lens"]) for r in rows) == m.num_documents
     for r in rows:
-        assert len(r["input_ids"]) == len(r["loss_mask"]) == sum(r["doc_lens"]) <= m["seq_len"]
-    assert m["packing_efficiency"] == pytest.approx(
-        m["num_tokens"] / (m["num_rows"] * m["seq_len"])
-    )
-    for s, t in zip(m["shards"], tables, strict=True):
-        assert s["num_rows"] == t.num_rows
+        assert len(r["input_ids"]) == len(r["loss_mask"]) == sum(r["doc_lens"]) <= m.seq_len
+    assert m.packing_efficiency == pytest.approx(m.num_tokens / (m.num_rows * m.seq_len))
+    for s, t in zip(m.shards, tables, strict=True):
+        assert s.num_rows == t.num_rows
 
 
 def test_shards_load_with_datasets(prepared_dir):
@@ -34,7 +33,7 @@ def test_shards_load_with_datasets(prepared_dir):
         "arrow", data_files=str(prepared_dir / "shard-*.arrow"), split="train"
     )
     m = schema.read_manifest(prepared_dir)
-    assert len(ds) == m["num_rows"]
+    assert len(ds) == m.num_rows
     assert set(ds.column_names) == {"input_ids", "loss_mask", "doc_lens"}
 
 
@@ -63,7 +62,7 @@ def test_bad_lines_are_quarantined_not_dropped(tmp_path, sp_tokenizer_dir):
         out_dir=str(out),
         options=PrepareOptions(seq_len=64),
     )
-    assert m["num_records"] == 6 and m["num_documents"] == 2 and m["quarantined_rows"] == 4
+    assert m.num_records == 6 and m.num_documents == 2 and m.quarantined_rows == 4
     q = [json.loads(line) for line in (out / schema.QUARANTINE_NAME).read_text().splitlines()]
     assert [row["line"] for row in q] == [2, 3, 4, 5]
     assert all(row["source"] == str(src) for row in q)
@@ -154,13 +153,13 @@ def test_packing_none_keeps_one_document_per_row(
         options=PrepareOptions(seq_len=128, rows_per_shard=40, packing="none"),
     )
     packed = schema.read_manifest(prepared_dir)
-    assert m["options"]["packing"] == "none" and packed["options"]["packing"] == "bfd"
-    assert m["num_rows"] == m["num_documents"] == packed["num_documents"]
+    assert m.options["packing"] == "none" and packed.options["packing"] == "bfd"
+    assert m.num_rows == m.num_documents == packed.num_documents
     for key in ("num_tokens", "num_supervised_tokens"):
-        assert m[key] == packed[key]
-    rows = [r for s in m["shards"] for r in schema.open_shard(out / s["file"]).to_pylist()]
+        assert getattr(m, key) == getattr(packed, key)
+    rows = [r for s in m.shards for r in schema.open_shard(out / s.file).to_pylist()]
     assert all(len(r["doc_lens"]) == 1 for r in rows)
-    assert m["packing_efficiency"] < packed["packing_efficiency"]
+    assert m.packing_efficiency < packed.packing_efficiency
     with pytest.raises(PrepareError, match="--packing"):
         PrepareOptions(seq_len=128, packing="first-fit")
 

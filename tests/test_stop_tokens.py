@@ -38,11 +38,11 @@ def test_chatml_on_a_real_tokenizer_without_its_markers(tmp_path, corpus_records
     out = tmp_path / "prepared"
     manifest = prepare([str(write_jsonl(records, tmp_path / "c.jsonl"))], tokenizer_path=str(tok_dir),
                        out_dir=str(out), options=PrepareOptions(seq_len=512, chat_template="chatml"))  # fmt: skip
-    tok = manifest["tokenizer"]
-    assert tok["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
-    assert tok["vocab_size"] == len(original) + 2 and tok["base_vocab_size"] == original.vocab_size
-    eot = tok["end_of_turn_id"]
-    assert tok["eos_token_ids"] == [eot, original.eos_token_id]
+    tok = manifest.tokenizer
+    assert tok.added_tokens == ["<|im_start|>", "<|im_end|>"]
+    assert tok.vocab_size == len(original) + 2 and tok.base_vocab_size == original.vocab_size
+    eot = tok.end_of_turn_id
+    assert tok.eos_token_ids == [eot, original.eos_token_id]
 
     saved = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     assert saved.eos_token == "<|im_end|>" and saved.eos_token_id == eot
@@ -115,13 +115,13 @@ def test_export_generate_stops_at_the_end_of_the_first_turn(
     out = tmp_path / "prepared"
     manifest = prepare([str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out),
                        options=PrepareOptions(seq_len=256, chat_template="llama3"))  # fmt: skip
-    tok = manifest["tokenizer"]
-    assert tok["added_tokens"] == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = manifest.tokenizer
+    assert tok.added_tokens == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
     model_dir = tmp_path / "base-model"  # a "pretrained" model that knows no template markers
     spec = {k: v for k, v in PRESETS["tiny-llama"].items() if k != "model_type"}
     torch.manual_seed(0)
-    base_vocab = tok["vocab_size"] - 3
+    base_vocab = tok.vocab_size - 3
     AutoModelForCausalLM.from_config(
         AutoConfig.for_model("llama", **{**spec, "vocab_size": base_vocab})
     ).save_pretrained(str(model_dir))
@@ -138,12 +138,9 @@ def test_export_generate_stops_at_the_end_of_the_first_turn(
 
     export = cfg.run_dir / "export"
     gen = json.loads((export / "generation_config.json").read_text())
-    assert (
-        gen["eos_token_id"] == tok["eos_token_ids"]
-        and tok["eos_token_ids"][0] == tok["end_of_turn_id"]
-    )
+    assert gen["eos_token_id"] == tok.eos_token_ids and tok.eos_token_ids[0] == tok.end_of_turn_id
     model = AutoModelForCausalLM.from_pretrained(str(export)).eval()
-    assert model.get_input_embeddings().weight.shape[0] == tok["vocab_size"]
+    assert model.get_input_embeddings().weight.shape[0] == tok.vocab_size
     tokenizer = AutoTokenizer.from_pretrained(str(export))
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of Italy?"}],
@@ -152,8 +149,6 @@ def test_export_generate_stops_at_the_end_of_the_first_turn(
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         new = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
-    assert tok["end_of_turn_id"] in new, tokenizer.decode(new)
-    assert new[-1] == tok["end_of_turn_id"] and len(new) < 40, tokenizer.decode(
-        new
-    )  # stopped there
+    assert tok.end_of_turn_id in new, tokenizer.decode(new)
+    assert new[-1] == tok.end_of_turn_id and len(new) < 40, tokenizer.decode(new)  # stopped there
     assert "<|start_header_id|>" not in tokenizer.decode(new)  # no second turn

@@ -53,7 +53,7 @@ def main(spec_path: str) -> int:
     init_distributed()  # the same process group as sftscale's (gloo on CPU, NCCL on GPU)
 
     data = PackedDataset(spec["data_dir"])
-    if data.manifest["options"].get("packing") != "none":
+    if data.manifest.options.get("packing") != "none":
         raise SystemExit(
             f"{spec['data_dir']}: the baseline needs unpacked rows (prepare --packing none)"
         )
