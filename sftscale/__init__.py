@@ -1,3 +1,28 @@
-"""sftscale: supervised fine-tuning of causal LMs on packed shards with Ray Train + DeepSpeed ZeRO-3."""
+"""sftscale: supervised fine-tuning of causal LMs on packed shards with Ray Train + DeepSpeed ZeRO-3.
+
+Module map (data preparation lives in data_tools/: formats, chat, encode, tokenizer, pack,
+schema, prepare, inspect, console, synthetic):
+
+    cli          the `sftscale` command: prepare, inspect, train, export, bench
+    config       typed, strict run configuration (YAML + section.key=value overrides)
+    validate     checks that need the manifest, the model or a checkpoint; before any worker
+    launch       how workers start: Ray Train TorchTrainer, or this process (local / torchrun)
+    train        the per-worker loop: setup -> train_step -> log / eval / save -> export
+    engine       DeepSpeed in one place: process group, precision agreement, ZeRO-3 load,
+                 deepspeed.initialize, bitwise-resumable CPU Adam
+    precision    deepspeed.precision=auto: bf16 where the device computes it natively
+    model        Hugging Face models unmodified: presets, loading, vocabulary growth
+    data         the shard reader: global order, rank assignment, collation, fingerprint
+    loss         summed token cross-entropy in fp32, chunked
+    optim        learning-rate schedule and parameter groups
+    flops        model / hardware FLOPs and the measured device peak (MFU, HFU)
+    metrics      metrics.jsonl / TensorBoard / W&B / MLflow, the throughput record
+    checkpoint   atomic checkpoints, sample ledger, universal (elastic) conversion
+    preemption   SIGTERM and the STOP file: checkpoint and stop at a step boundary
+    export       streaming safetensors export, from the engine or a checkpoint
+    ds_config    the one resolver of ds_configs/ templates (shipped in the package)
+    demo         `make demo`: corpus -> tokenizer -> shards -> train -> reload -> generate
+    bench        `sftscale bench`: throughput and memory against the Hugging Face Trainer
+"""
 
 __version__ = "0.1.0"
