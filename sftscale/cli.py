@@ -4,6 +4,7 @@ sftscale prepare data/*.jsonl --tokenizer TOKDIR --seq-len 2048 --out prepared/
 sftscale inspect prepared/
 sftscale train configs/tiny-cpu.yaml [section.key=value ...] [--local] [--output-dir D] [--max-steps N]
 sftscale export runs/x/checkpoints --out runs/x/hf
+sftscale status runs/x                       # last step, its age, each rank's phase: slow or stuck?
 sftscale bench --grid cpu [--set gradient_checkpointing=on,off ...]
 """
 
@@ -90,6 +91,15 @@ def started_by_launcher(env, local_rank: int | None) -> bool:
     the local mode, never a Ray driver. (torchrun's own parser would take a `--local` after
     `-m sftscale train` as an abbreviation of one of its options, so it cannot be passed.)"""
     return "TORCHELASTIC_RUN_ID" in env or local_rank is not None
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sftscale.heartbeat import status
+
+    print(status(Path(args.run_dir)))
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -208,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="sets logging.output_dir")
     p.add_argument("--max-steps", type=int, default=None, help="sets train.max_steps")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("status", help="a run's last step, its age and each rank's state")
+    p.add_argument("run_dir", help="the run directory (<logging.output_dir>/<logging.run_name>)")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
     p.add_argument("checkpoint", help="<run>/checkpoints (latest) or <run>/checkpoints/<tag>")

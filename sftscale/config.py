@@ -150,9 +150,15 @@ class ScaleConfig:
     # Ray Train restarts the worker group from the last checkpoint this many times after a
     # worker dies (FailureConfig.max_failures); -1: without limit.
     max_failures: int = 0
+    # A collective (or the rendezvous) that waits longer than this fails with an error naming
+    # what it waited for and the ranks that did not arrive, instead of waiting forever.
+    collective_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1")
+        _check(
+            self.collective_timeout_s >= 10, "scale.collective_timeout_s", "must be >= 10 (seconds)"
+        )
         _check(self.cpus_per_worker >= 1, "scale.cpus_per_worker", "must be >= 1")
 
 

@@ -34,8 +34,11 @@ from sftscale.optim import param_groups
 from sftscale.precision import Precision, agree, choose, device_native_bf16
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group (Ray Train has already created it; local mode creates it here)."""
+def init_distributed(*, timeout_s: int = 1800) -> tuple[int, int]:
+    """Join the process group (Ray Train has already created it, with its TorchConfig timeout;
+    local mode creates it here). A collective waiting longer than `timeout_s` raises."""
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
 
@@ -44,7 +47,8 @@ def init_distributed() -> tuple[int, int]:
         # GPU per rank. A launcher that shows each rank only its own GPU gets device 0.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=timeout_s))  # fmt: skip
     else:
         deepspeed.init_distributed()  # wraps the existing group
     return dist.get_rank(), dist.get_world_size()

@@ -122,7 +122,7 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     # A local Ray instance (no address) starts its dashboard on 127.0.0.1; Ray Train's
     # controller queries actor state through it.
@@ -134,6 +134,7 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
     try:
         trainer = TorchTrainer(
             _ray_train_loop,
+            torch_config=TorchConfig(timeout_s=cfg.scale.collective_timeout_s),
             train_loop_config={"cfg": cfg, "run_dir": str(run_dir)},
             scaling_config=ScalingConfig(
                 num_workers=cfg.scale.num_workers,

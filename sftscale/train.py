@@ -52,6 +52,8 @@ from sftscale.ds_config import resolve_ds_config, zero_stage
 from sftscale.engine import build_engine, choose_precision, init_distributed
 from sftscale.export import MODEL_META_DIR, export_from_engine, save_model_meta
 from sftscale.flops import ModelShape, device_peak_flops, doc_flops
+from sftscale.heartbeat import Heartbeat, awaited
+from sftscale.jit_locks import watch_build_locks
 from sftscale.loss import token_loss_sum
 from sftscale.metrics import (
     MetricsLogger,
@@ -187,6 +189,7 @@ class Run:
     data_id: str
     peak_flops: float
     peak_source: str
+    heartbeat: Heartbeat
     step: int = 0  # optimizer steps done
     position: int = 0  # stream position of the next step's first row
     ledger: list[tuple[int, int, int]] = field(default_factory=list)  # (step, epoch, row)
@@ -195,12 +198,20 @@ class Run:
     def rows_per_step(self) -> int:
         return self.cfg.global_batch_rows(self.world)
 
+    @property
+    def where(self) -> dict[str, Any]:
+        """Who waits where, for `heartbeat.awaited`."""
+        return {"run_dir": self.out, "rank": self.rank, "step": self.step, "world": self.world,
+                "timeout_s": self.cfg.scale.collective_timeout_s}  # fmt: skip
+
 
 def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
     """Process group, precision, data, model under ZeRO-3, engine, resume. Collective."""
     from transformers import AutoTokenizer
 
-    rank, world = init_distributed()
+    rank, world = init_distributed(timeout_s=cfg.scale.collective_timeout_s)
+    heartbeat = Heartbeat(out, rank=rank)
+    heartbeat.beat(step=0, phase="setup")
     torch.manual_seed(cfg.train.seed)
     dataset = PackedDataset(cfg.data.path)
     eval_set = PackedDataset(cfg.eval.path) if cfg.eval.path else None
@@ -234,7 +245,7 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
     run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=built.engine,
               optimizer=built.optimizer, dataset=dataset, eval_set=eval_set, pad_id=pad_id,
               shape=built.shape, data_id=data_fingerprint(dataset.manifest),
-              peak_flops=peak_flops, peak_source=peak_source)  # fmt: skip
+              peak_flops=peak_flops, peak_source=peak_source, heartbeat=heartbeat)  # fmt: skip
     if load_dir is not None:
         state = load_checkpoint(run.engine, load_dir, rank=rank)
         run.step, run.position = state["step"], state["position"]
@@ -264,12 +275,13 @@ class StepResult:
     seconds: float
 
 
-def train_step(run: Run, *, preemption: PreemptionFlag) -> StepResult:
+def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.0) -> StepResult:
     """One optimizer step over the global batch at `run.position`; advances step and position."""
     import torch.distributed as dist
 
     t, device = run.cfg.train, run.engine.device
     t0 = time.perf_counter()
+    run.heartbeat.beat(step=run.step, phase="train", step_time_s=last_seconds)
     lr = lr_at(run.step, run.cfg.optim, t.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -282,14 +294,17 @@ def train_step(run: Run, *, preemption: PreemptionFlag) -> StepResult:
          float(preemption.requested())],
         dtype=torch.float64, device=device,  # NCCL reduces only CUDA tensors
     )  # fmt: skip
-    dist.all_reduce(counts)
+    with awaited("the all-reduce of the step's token counts", **run.where):
+        dist.all_reduce(counts)
     supervised, tokens, stop_votes = counts.tolist()  # one device-to-host copy
     # DeepSpeed divides each micro-step's gradient by grad_accum and averages over ranks;
     # scaling by (grad_accum * world) undoes both so gradients are sum / global supervised.
     scale = t.grad_accum * run.world / max(supervised, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in plan.micro:
-        loss_sum += micro_step(run, batch.to(device), scale=scale)  # stays on device: no sync
+    with awaited("the step's forward/backward collectives (ZeRO parameter gathers, gradient "
+                 "reductions)", **run.where):  # fmt: skip
+        for batch in plan.micro:
+            loss_sum += micro_step(run, batch.to(device), scale=scale)  # on device: no sync
     run.step += 1
     run.position += plan.rows
     run.ledger.extend(
@@ -315,6 +330,7 @@ def micro_step(run: Run, batch: Batch, *, scale: float) -> torch.Tensor:
 
 def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -> None:
     """Collective: commit a checkpoint of the state after `run.step` steps."""
+    run.heartbeat.beat(step=run.step, phase="checkpoint")
     state = {"step": run.step, "position": run.position, "world_size": run.world,
              "rows_per_step": run.rows_per_step, "data_fingerprint": run.data_id}  # fmt: skip
     ckpt_root = run.out / "checkpoints"
@@ -394,7 +410,8 @@ def train_worker(
     # DeepSpeed's to fix and would repeat on every step.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*")
 
-    run = setup(cfg, Path(run_dir), resume_from=resume_from)
+    with watch_build_locks(log=say):  # DeepSpeed builds or loads its JIT ops during setup
+        run = setup(cfg, Path(run_dir), resume_from=resume_from)
     rank0, t = run.rank == 0, cfg.train
     metrics = MetricsLogger(run.out, enabled=rank0, resume_step=run.step,
                             tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -404,9 +421,10 @@ def train_worker(
                            enabled=rank0 and cfg.logging.progress_bar)  # fmt: skip
     preemption = PreemptionFlag(stop_file=run.out / STOP_FILE if rank0 else None)
     run.engine.train()
-    window, losses, preempted = Window(), [], False
+    window, losses, preempted, seconds = Window(), [], False, 0.0
     while run.step < t.max_steps:
-        r = train_step(run, preemption=preemption)
+        r = train_step(run, preemption=preemption, last_seconds=seconds)
+        seconds = r.seconds
         window.add(loss_sum=r.loss_sum, supervised=r.supervised, tokens=r.tokens,
                    capacity=r.plan.rows * run.dataset.seq_len, flops=r.plan.model_flops,
                    imbalance=r.plan.imbalance, seconds=r.seconds)  # fmt: skip
@@ -446,12 +464,14 @@ def train_worker(
     preemption.restore()
 
     if cfg.checkpoint.export and not preempted:  # collective
+        run.heartbeat.beat(step=run.step, phase="export")
         export_from_engine(run.engine.module, out_dir=run.out / "export",
                            tokenizer_dir=run.dataset.tokenizer_dir,
                            max_shard_bytes=cfg.checkpoint.export_max_shard_mb * 1024 * 1024,
                            rank=run.rank)  # fmt: skip
     metrics.close()
     dist.barrier()  # collective: no rank leaves while another still writes
+    run.heartbeat.beat(step=run.step, phase="done")
     return {"rank": run.rank, "world_size": run.world, "losses": losses, "run_dir": str(run.out),
             "preempted": preempted, "step": run.step}  # fmt: skip
 
