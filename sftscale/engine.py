@@ -99,8 +99,8 @@ def build_engine(
         dtype=dtype,
         attn_implementation=cfg.model.attn_implementation,
     )
-    if model_vocab_size(model) < len(tokenizer):  # tokens prepare added (template markers)
-        old_rows = model_vocab_size(model)
+    old_rows = model_vocab_size(model)
+    if old_rows < len(tokenizer):  # tokens prepare added (template markers)
         weights = grow_vocabulary(model, len(tokenizer))
         # Collective under ZeRO-3: gathers the partitions; rank 0's rows are kept.
         gathered = (deepspeed.zero.GatheredParameters(weights, modifier_rank=0)

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from data_tools.console import ProgressBar, say  # noqa: F401 (the loop's printers)
 from sftscale.flops import hardware_flops
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_tools.console import ProgressBar, say
 from sftscale.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -57,11 +58,9 @@ from sftscale.jit_locks import watch_build_locks
 from sftscale.loss import token_loss_sum
 from sftscale.metrics import (
     MetricsLogger,
-    ProgressBar,
     Window,
     peak_memory_bytes,
     peak_reserved_bytes,
-    say,
     throughput,
 )
 from sftscale.optim import lr_at
