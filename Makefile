@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install torch==2.13.0
 	# deepspeed after torch: its setup inspects the installed torch.
 	$(BIN)/pip install -e ".[test]"
+	# DeepSpeed's JIT ops, built once into TORCH_EXTENSIONS_DIR: runs load them, never compile.
+	$(BIN)/python -m sftscale build-ops
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,6 +5,7 @@ sftscale inspect prepared/
 sftscale train configs/tiny-cpu.yaml [section.key=value ...] [--local] [--output-dir D] [--max-steps N]
 sftscale export runs/x/checkpoints --out runs/x/hf
 sftscale status runs/x                       # last step, its age, each rank's phase: slow or stuck?
+sftscale build-ops                           # DeepSpeed's JIT ops, once (make install runs it)
 sftscale bench --grid cpu [--set gradient_checkpointing=on,off ...]
 """
 
@@ -100,6 +101,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     print(status(Path(args.run_dir)))
     return 0
+
+
+def _cmd_build_ops(args: argparse.Namespace) -> int:
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from data_tools.console import say
+    from sftscale.jit_locks import prebuild_ops
+
+    return 1 if prebuild_ops(log=say) else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -222,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="a run's last step, its age and each rank's state")
     p.add_argument("run_dir", help="the run directory (<logging.output_dir>/<logging.run_name>)")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "build-ops",
+        help="build DeepSpeed's JIT ops once (make install does), so runs never compile",
+    )
+    p.set_defaults(func=_cmd_build_ops)
 
     p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
     p.add_argument("checkpoint", help="<run>/checkpoints (latest) or <run>/checkpoints/<tag>")

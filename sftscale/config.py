@@ -153,11 +153,22 @@ class ScaleConfig:
     # A collective (or the rendezvous) that waits longer than this fails with an error naming
     # what it waited for and the ranks that did not arrive, instead of waiting forever.
     collective_timeout_s: int = 1800
+    # A rank whose heartbeat has not moved for this long (stuck without a deadline of its own:
+    # I/O, a deadlock) prints its threads' stacks and exits 75, which Ray treats as a dead
+    # worker (max_failures). Longer than collective_timeout_s, so a rank waiting on a stopped
+    # peer reports the peer first. 0: off.
+    stall_timeout_s: int = 3600
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1")
         _check(
             self.collective_timeout_s >= 10, "scale.collective_timeout_s", "must be >= 10 (seconds)"
+        )
+        _check(
+            self.stall_timeout_s == 0 or self.stall_timeout_s > self.collective_timeout_s,
+            "scale.stall_timeout_s",
+            f"must be 0 (off) or longer than scale.collective_timeout_s "
+            f"({self.collective_timeout_s} s), so that a rank waiting on a stopped peer names it first",
         )
         _check(self.cpus_per_worker >= 1, "scale.cpus_per_worker", "must be >= 1")
 

@@ -17,10 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def use_environment_ninja() -> None:
+    """Build with the ninja of this Python environment (the `ninja` wheel DeepSpeed depends on),
+    whatever PATH says. Two ninja versions hash a build command differently (1.11 and 1.13 do),
+    so a run whose PATH found the other one rebuilt every op (minutes) although nothing changed."""
+    bindir = Path(sys.executable).parent
+    if (bindir / "ninja").is_file() and not os.environ.get("PATH", "").startswith(
+        f"{bindir}{os.pathsep}"
+    ):
+        os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def extensions_root() -> Path:
@@ -102,3 +114,37 @@ def watch_build_locks(*, log: Callable[[str], None], poll_s: float = 5.0,
     finally:
         stop.set()
         thread.join(timeout=poll_s)
+
+
+# The ops a run loads: the optimizer (fused Adam; CPU Adam with offload), the CPU accelerator's
+# shared-memory all-reduce, and the async-I/O op of NVMe offload (needs libaio).
+RUN_OPS = ("FusedAdamBuilder", "CPUAdamBuilder", "ShareMemCommBuilder", "AsyncIOBuilder")
+
+
+def prebuild_ops(*, log: Callable[[str], None], names: tuple[str, ...] = RUN_OPS) -> int:
+    """Build (or load) DeepSpeed's JIT ops into the extensions directory now, as DeepSpeed
+    recommends for clusters, so that no run compiles or meets a build lock. Returns how many
+    ops could not be built although this machine supports them (0: all good)."""
+    from deepspeed.accelerator import get_accelerator
+
+    use_environment_ninja()
+    failed = 0
+    locks = BuildLockWatch(extensions_root(), log=log)
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None or not builder.is_compatible(verbose=False):
+            log(f"{name}: not available on this machine ({get_accelerator().device_name()}); "
+                "skipped (a run that needs it says what to install)")  # fmt: skip
+            continue
+        # Once per op, no thread: a lock a killed build left is removed, a live one is said;
+        # the build below holds its own lock while it works.
+        locks.scan()
+        t0 = time.perf_counter()
+        try:
+            builder.load(verbose=False)
+        except Exception as e:  # a compiler error: say it, build the rest
+            failed += 1
+            log(f"{name}: build failed: {(str(e) or type(e).__name__).splitlines()[0]}")
+            continue
+        log(f"{name}: ready in {extensions_root()} ({time.perf_counter() - t0:.1f} s)")
+    return failed

@@ -11,8 +11,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from data_tools.console import say
 from sftscale.checkpoint import latest_checkpoint, read_state
 from sftscale.config import Config, ConfigError, save_config
+from sftscale.heartbeat import StallReporter
 from sftscale.validate import validate_run
 
 
@@ -149,7 +151,8 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
             ),
         )
-        result = trainer.fit()
+        with StallReporter(run_dir, log=say):  # the driver sees the run directory
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
         # A run stopped early (STOP file) ends at its last checkpoint before max_steps.

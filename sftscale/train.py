@@ -54,7 +54,7 @@ from sftscale.engine import build_engine, choose_precision, init_distributed
 from sftscale.export import MODEL_META_DIR, export_from_engine, save_model_meta
 from sftscale.flops import ModelShape, device_peak_flops, doc_flops
 from sftscale.heartbeat import Heartbeat, awaited
-from sftscale.jit_locks import watch_build_locks
+from sftscale.jit_locks import use_environment_ninja, watch_build_locks
 from sftscale.loss import token_loss_sum
 from sftscale.metrics import (
     MetricsLogger,
@@ -209,7 +209,7 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
     from transformers import AutoTokenizer
 
     rank, world = init_distributed(timeout_s=cfg.scale.collective_timeout_s)
-    heartbeat = Heartbeat(out, rank=rank)
+    heartbeat = Heartbeat(out, rank=rank, stall_timeout_s=cfg.scale.stall_timeout_s)
     heartbeat.beat(step=0, phase="setup")
     torch.manual_seed(cfg.train.seed)
     dataset = PackedDataset(cfg.data.path)
@@ -409,6 +409,7 @@ def train_worker(
     # DeepSpeed's to fix and would repeat on every step.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*")
 
+    use_environment_ninja()  # the ninja `sftscale build-ops` used: no rebuild
     with watch_build_locks(log=say):  # DeepSpeed builds or loads its JIT ops during setup
         run = setup(cfg, Path(run_dir), resume_from=resume_from)
     rank0, t = run.rank == 0, cfg.train

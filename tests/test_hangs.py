@@ -79,3 +79,63 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path, prepared_dir):
     assert waited < 15 + 120, waited  # the timeout, plus torchrun stopping the other rank
     beat0 = json.loads((run_dir / "heartbeat" / "rank0.json").read_text())
     assert beat0["phase"] == "train"
+
+
+def test_a_rank_without_progress_prints_its_stacks_and_exits(tmp_path):
+    """The stall watchdog: no heartbeat for scale.stall_timeout_s ends the process with 75, after
+    printing where each thread was (here: a function that never returns)."""
+    script = f"""
+import time
+from sftscale.heartbeat import Heartbeat
+hb = Heartbeat({str(tmp_path)!r}, rank=3, stall_timeout_s=1)
+hb.beat(step=5, phase="train")
+def reading_a_shard_that_never_comes():
+    time.sleep(60)
+reading_a_shard_that_never_comes()
+"""
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 75, p.stderr
+    assert time.time() - t0 < 30
+    assert "rank 3: no progress for 1 s (phase train, 5 steps done)" in p.stderr
+    assert "scale.stall_timeout_s=1" in p.stderr
+    assert "reading_a_shard_that_never_comes" in p.stderr  # the stuck frame
+
+
+def test_a_rank_that_beats_or_finishes_is_left_alone(tmp_path):
+    script = f"""
+import time
+from sftscale.heartbeat import Heartbeat
+hb = Heartbeat({str(tmp_path)!r}, rank=0, stall_timeout_s=1)
+for step in range(8):
+    hb.beat(step=step, phase="train")
+    time.sleep(0.4)
+hb.beat(step=8, phase="done")
+time.sleep(2)  # after "done" the watchdog is off
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+
+
+def test_the_driver_reports_a_stopped_rank_once(tmp_path):
+    from sftscale.heartbeat import StallReporter
+
+    Heartbeat(tmp_path, rank=0).beat(step=4, phase="train", step_time_s=0.5)
+    gone = Heartbeat(tmp_path, rank=1)
+    gone.base["pid"] = 2**22 + 12345  # no such process
+    gone.beat(step=4, phase="checkpoint", step_time_s=0.5)
+    said = []
+    reporter = StallReporter(tmp_path, log=said.append)
+    assert len(reporter.check()) == 1 and reporter.check() == []
+    assert "rank 1" in said[0] and "phase checkpoint after 4 steps" in said[0]
+    assert "process gone or stopped" in said[0]
+    # rank 0 running but silent for far longer than 20 typical steps: reported too
+    assert "rank 0" in reporter.check(now=time.time() + 120)[0]
+
+
+def test_stall_timeout_must_outlast_the_collective_timeout():
+    from sftscale.config import ConfigError, ScaleConfig
+
+    with pytest.raises(ConfigError, match="scale.stall_timeout_s: must be 0 .off. or longer"):
+        ScaleConfig(collective_timeout_s=600, stall_timeout_s=300)
+    assert ScaleConfig(stall_timeout_s=0).stall_timeout_s == 0

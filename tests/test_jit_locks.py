@@ -74,3 +74,26 @@ def test_run_proceeds_past_a_lock_a_killed_run_left(tmp_path, prepared_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"removed a stale JIT build lock {lock}" in proc.stdout
     assert "step     2/2" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_build_ops_fills_the_cache_past_a_stale_lock(tmp_path):
+    """`sftscale build-ops` (make install runs it): every op a run loads is built or loaded into
+    TORCH_EXTENSIONS_DIR, past a lock that a killed build left there, with the environment's
+    ninja whatever PATH says (another ninja version would rebuild every op)."""
+    cache = tmp_path / "torch_extensions"
+    built = ROOT / ".cache" / "torch_extensions"
+    if built.is_dir():  # built by make install: loaded, not rebuilt
+        shutil.copytree(built, cache, ignore=shutil.ignore_patterns("lock"))
+    lock = _plant(cache, "cpu_adam", age_s=3600)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "DS_ACCELERATOR": "cpu",
+           "PATH": "/usr/bin:/bin"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "sftscale", "build-ops"], capture_output=True,
+                          text=True, timeout=900, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"removed a stale JIT build lock {lock}" in proc.stdout
+    for op in ("FusedAdamBuilder", "CPUAdamBuilder", "ShareMemCommBuilder"):
+        assert f"{op}: ready in {cache}" in proc.stdout, proc.stdout
+    assert not lock.exists()
+    names = {p.name for p in cache.glob("*/*.so")}
+    assert {"cpu_adam.so", "deepspeed_shm_comm.so", "fused_adam.so"} <= names

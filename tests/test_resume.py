@@ -3,6 +3,7 @@ writing a checkpoint, after SIGKILL of a Ray worker; elastic resume on another w
 Every interrupted run is compared with an uninterrupted one, and its sample ledger shows no
 sample skipped or repeated."""
 
+import contextlib
 import json
 import os
 import signal
@@ -163,36 +164,59 @@ def _ray_worker_pids():
     return pids
 
 
-@pytest.mark.distributed
-def test_ray_restarts_after_a_worker_is_killed(tmp_path, prepared_dir):
+@pytest.fixture(scope="module")
+def ray_uninterrupted(tmp_path_factory, prepared_dir):
     from sftscale.launch import run
 
-    base = _cfg(tmp_path, prepared_dir, "ray_base", "scale.num_workers=2", "train.grad_accum=1")
-    run(base, local=False)
-    cfg = _cfg(tmp_path, prepared_dir, "ray_killed", "scale.num_workers=2", "train.grad_accum=1",
-               "scale.max_failures=2")  # fmt: skip
-    killed = []
+    cfg = _cfg(tmp_path_factory.mktemp("ray_base"), prepared_dir, "ray_base",
+               "scale.num_workers=2", "train.grad_accum=1")  # fmt: skip
+    run(cfg, local=False)
+    return cfg
 
-    def kill_a_worker():
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_ray_restarts_a_dead_or_stopped_worker(
+    tmp_path, prepared_dir, ray_uninterrupted, sig, capfd
+):
+    """SIGKILL: Ray sees a dead worker. SIGSTOP: the worker is alive but makes no progress; the
+    other rank's collective times out naming it, the driver reports it, Ray restarts the group
+    (killing the stopped process) and the run ends as if nothing happened."""
+    from sftscale.launch import run
+
+    stopped = ["scale.collective_timeout_s=15"] if sig == "SIGSTOP" else []
+    cfg = _cfg(tmp_path, prepared_dir, "ray_" + sig, "scale.num_workers=2", "train.grad_accum=1",
+               "scale.max_failures=2", *stopped)  # fmt: skip
+    hit = []
+
+    def signal_a_worker():
         deadline = time.time() + 300
         while _last_step(cfg) < 7 and time.time() < deadline:
             time.sleep(0.02)
         pids = _ray_worker_pids()
         if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
+            os.kill(pids[-1], getattr(signal, sig))
+            hit.append(pids[-1])
 
-    killer = threading.Thread(target=kill_a_worker)
-    killer.start()
-    run(cfg, local=False)
-    killer.join()
-    assert killed, "no Ray worker was found to kill"
-    assert (
-        not psutil.pid_exists(killed[0])
-        or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
-    )
-    _assert_same_run(base, cfg)
+    signaller = threading.Thread(target=signal_a_worker)
+    signaller.start()
+    try:
+        run(cfg, local=False)
+    finally:
+        signaller.join()
+        for pid in hit:  # never leave a stopped process behind, whatever happened
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+    assert hit, "no Ray worker was found to signal"
+    assert not psutil.pid_exists(hit[0]) or psutil.Process(hit[0]).status() == psutil.STATUS_ZOMBIE
+    _assert_same_run(ray_uninterrupted, cfg)
     _assert_ledger_complete(cfg, rows_per_step=2)
+    if sig == "SIGSTOP":
+        out = "".join(capfd.readouterr())
+        assert "did not complete within scale.collective_timeout_s=15 s; rank(s) " in out, out[
+            -4000:
+        ]
+        assert "process gone or stopped" in out  # the driver's report
 
 
 @pytest.mark.distributed
