@@ -9,6 +9,9 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+# The environment's tools first: its ninja is the one the JIT ops were built with (another
+# ninja version hashes build commands differently and would rebuild every op).
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: demo test lint install clean
 

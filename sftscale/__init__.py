@@ -3,7 +3,7 @@
 Module map (data preparation lives in data_tools/: formats, chat, encode, tokenizer, pack,
 schema, prepare, inspect, console, synthetic):
 
-    cli          the `sftscale` command: prepare, inspect, train, export, bench
+    cli          the `sftscale` command: prepare, inspect, train, status, export, bench, build-ops
     config       typed, strict run configuration (YAML + section.key=value overrides)
     validate     checks that need the manifest, the model or a checkpoint; before any worker
     launch       how workers start: Ray Train TorchTrainer, or this process (local / torchrun)
@@ -12,6 +12,7 @@ schema, prepare, inspect, console, synthetic):
                  deepspeed.initialize, bitwise-resumable CPU Adam
     precision    deepspeed.precision=auto: bf16 where the device computes it natively
     model        Hugging Face models unmodified: presets, loading, vocabulary growth
+    lora         peft LoRA adapters on a ZeRO-3 base: init, gathered adapter export, merge
     data         the shard reader: global order, rank assignment, collation, fingerprint
     loss         summed token cross-entropy in fp32, chunked
     optim        learning-rate schedule and parameter groups
@@ -19,6 +20,8 @@ schema, prepare, inspect, console, synthetic):
     metrics      metrics.jsonl / TensorBoard / W&B / MLflow, the throughput record
     checkpoint   atomic checkpoints, sample ledger, universal (elastic) conversion
     preemption   SIGTERM and the STOP file: checkpoint and stop at a step boundary
+    heartbeat    per-rank heartbeats, `sftscale status`, stall watchdog, named collective timeouts
+    jit_locks    DeepSpeed's JIT ops: prebuilt once, stale build locks removed
     export       streaming safetensors export, from the engine or a checkpoint
     ds_config    the one resolver of ds_configs/ templates (shipped in the package)
     demo         `make demo`: corpus -> tokenizer -> shards -> train -> reload -> generate

@@ -107,9 +107,10 @@ def save_checkpoint(
     if rank == 0 and (root / tmp_tag).exists():  # debris of an earlier crash at this step
         shutil.rmtree(root / tmp_tag)
     dist.barrier()
-    engine.save_checkpoint(
-        str(root), tag=tmp_tag, client_state={"sftscale": state}, save_latest=False
-    )
+    # Frozen weights (LoRA's base) are not saved: they are reloaded from model.name_or_path,
+    # so a LoRA checkpoint is about the adapters' size.
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"sftscale": state},
+                           save_latest=False, exclude_frozen_parameters=True)  # fmt: skip
     torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
     dist.barrier()  # collective: every rank's files are on disk
     if os.environ.get(CRASH_ENV) == str(step):
@@ -146,6 +147,7 @@ def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
         tag=tag_dir.name,
         load_optimizer_states=True,
         load_lr_scheduler_states=False,
+        load_module_strict=not has_frozen(engine.module),  # frozen weights were not saved
     )
     if load_dir is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
@@ -153,6 +155,10 @@ def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
     if state["world_size"] == _world_size() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def has_frozen(module: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in module.parameters())
 
 
 def _world_size() -> int:

@@ -29,6 +29,30 @@ def _check(ok: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft): W x + (alpha / r) B A x on every target Linear, base frozen."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # Linear layers by their attribute name (Llama/Qwen/Mistral: the attention and MLP ones).
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # A 4-bit base (QLoRA) needs bitsandbytes on CUDA; not built yet (sftscale.validate says so).
+    qlora: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
+        _check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(
+            0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}"
+        )
+        _check(bool(self.target_modules), "model.lora.target_modules", "name at least one Linear")
+
+
 @dataclass
 class ModelConfig:
     # A local Hugging Face model directory, or a preset name (see sftscale.model.PRESETS)
@@ -36,6 +60,9 @@ class ModelConfig:
     name_or_path: str = "tiny-llama"
     gradient_checkpointing: bool = True
     attn_implementation: str = "sdpa"
+    # Train LoRA adapters instead of every weight (`model.lora={}` for the defaults, or
+    # `model.lora.r=8`); null: full fine-tuning.
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -183,6 +210,8 @@ class CheckpointConfig:
     at_end: bool = True  # save a checkpoint after the last step (benchmarks turn it off)
     export: bool = True  # write a Hugging Face export under <run>/export at the end
     export_max_shard_mb: int = 2000
+    # LoRA runs: also write the merged model (W + s·B·A) to <run>/export/merged (streamed).
+    export_merged: bool = False
 
     def __post_init__(self) -> None:
         _check(self.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
@@ -321,14 +350,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r}: expected section.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) < 2 or not all(parts):
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. optim.lr=3e-4)")
-        section, name = parts
         value = yaml.safe_load(raw) if raw.strip() else ""
-        out.setdefault(section, {})
-        if not isinstance(out[section], dict):
-            raise ConfigError(f"override {item!r}: {section} is not a section")
-        out[section][name] = value
+        node = out
+        for depth, part in enumerate(parts[:-1]):  # model.lora.r=8 reaches into model.lora
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section"
+                )
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
     return out
 
 

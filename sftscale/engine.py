@@ -73,6 +73,7 @@ class Built:
     engine: Any  # deepspeed.DeepSpeedEngine
     optimizer: Any
     shape: ModelShape
+    vocab_grown: bool = False  # rows added for the tokenizer's added tokens
 
 
 def build_engine(
@@ -112,13 +113,19 @@ def build_engine(
     set_special_token_ids(model, bos=tokenizer.bos_token_id, eos=eos_ids, pad=pad_id)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.model.lora is not None:  # adapters whole on every rank; initialize partitions them
+        from sftscale.lora import add_adapters, describe
+
+        model = add_adapters(model, cfg.model.lora, seed=cfg.train.seed)
+        log(describe(model, cfg.model.lora))
     shape = ModelShape.of(model)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )
     del hf_ds
     make_adam_resumable(optimizer)  # DeepSpeed's CPU Adam kernels: bitwise-exact resume
-    return Built(engine=engine, optimizer=optimizer, shape=shape)
+    return Built(engine=engine, optimizer=optimizer, shape=shape,
+                 vocab_grown=old_rows < len(tokenizer))  # fmt: skip
 
 
 def make_adam_resumable(optimizer) -> None:

@@ -216,6 +216,8 @@ def export_from_checkpoint(
     root, tag = resolve_checkpoint(checkpoint)
     meta = root / MODEL_META_DIR
     out = Path(out_dir)
+    if (meta / "adapter_config.json").is_file():  # a LoRA run: its checkpoints hold the adapter
+        return _adapter_from_checkpoint(root, tag, meta=meta, out=out)
     if dtype is None:  # the dtype the run trained in (bf16 or fp32), as its own export has
         trained = json.loads((meta / "config.json").read_text()).get("dtype")
         dtype = torch.float32 if trained == "float32" else torch.bfloat16
@@ -245,6 +247,28 @@ def export_from_checkpoint(
     cfg.save_pretrained(str(out))
     if (meta / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(str(meta)).save_pretrained(str(out))
+    for f in meta.iterdir():
+        if f.is_file() and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+def _adapter_from_checkpoint(root: Path, tag: str, *, meta: Path, out: Path) -> Path:
+    """A LoRA checkpoint holds only the adapters (the base is model.name_or_path): write them
+    in peft's format, fp32, with the run's adapter_config.json and tokenizer."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    from sftscale.lora import peft_key
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {peft_key(n): t.contiguous() for n, t in state.items()}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     for f in meta.iterdir():
         if f.is_file() and f.name not in ("config.json", "generation_config.json"):
             shutil.copy2(f, out / f.name)

@@ -56,6 +56,9 @@ class ModelShape:
     hidden: int
     # (out_features, in_features) of every distinct weight matrix a matmul uses
     weights: tuple[tuple[int, int], ...] = ()
+    # Of N, the frozen ones (LoRA's base): their weight gradients are never computed, so a
+    # token costs 6N - 2 * frozen, not 6N.
+    frozen_matmul_params: int = 0
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelShape:
@@ -68,12 +71,11 @@ class ModelShape:
         tied = head is not None and head.weight is model.get_input_embeddings().weight
         n = total - embed + (embed if tied else 0)
         embedding = model.get_input_embeddings().weight
-        weights = {
-            tuple(getattr(p, "ds_shape", p.shape))
-            for p in model.parameters()
-            if len(getattr(p, "ds_shape", p.shape)) == 2 and (p is not embedding or tied)
-        }
+        matmul = [p for p in model.parameters()
+                  if len(getattr(p, "ds_shape", p.shape)) == 2 and (p is not embedding or tied)]  # fmt: skip
+        weights = {tuple(getattr(p, "ds_shape", p.shape)) for p in matmul}
         return cls(
+            frozen_matmul_params=sum(full_numel(p) for p in matmul if not p.requires_grad),
             matmul_params=n,
             n_layers=cfg.num_hidden_layers,
             hidden=cfg.hidden_size,
@@ -86,7 +88,8 @@ def doc_flops(lengths, shape: ModelShape) -> float:
     total = 0.0
     for n in lengths:
         n = float(n)
-        total += 6.0 * shape.matmul_params * n + 6.0 * shape.n_layers * shape.hidden * n * n
+        total += (6.0 * shape.matmul_params - 2.0 * shape.frozen_matmul_params) * n
+        total += 6.0 * shape.n_layers * shape.hidden * n * n
     return total
 
 

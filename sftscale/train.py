@@ -55,6 +55,7 @@ from sftscale.export import MODEL_META_DIR, export_from_engine, save_model_meta
 from sftscale.flops import ModelShape, device_peak_flops, doc_flops
 from sftscale.heartbeat import Heartbeat, awaited
 from sftscale.jit_locks import use_environment_ninja, watch_build_locks
+from sftscale.lora import ADAPTER_NAME
 from sftscale.loss import token_loss_sum
 from sftscale.metrics import (
     MetricsLogger,
@@ -63,8 +64,10 @@ from sftscale.metrics import (
     peak_reserved_bytes,
     throughput,
 )
+from sftscale.model import is_preset
 from sftscale.optim import lr_at
 from sftscale.preemption import STOP_FILE, PreemptionFlag
+from sftscale.validate import lora_state
 
 # Micro-batches are padded to their longest row rounded up to this (packed rows are nearly
 # full anyway; unpacked rows would otherwise pay for padding up to seq_len). 64 cost ~9% extra
@@ -189,6 +192,7 @@ class Run:
     peak_flops: float
     peak_source: str
     heartbeat: Heartbeat
+    vocab_grown: bool = False
     step: int = 0  # optimizer steps done
     position: int = 0  # stream position of the next step's first row
     ledger: list[tuple[int, int, int]] = field(default_factory=list)  # (step, epoch, row)
@@ -244,7 +248,8 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
     run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=built.engine,
               optimizer=built.optimizer, dataset=dataset, eval_set=eval_set, pad_id=pad_id,
               shape=built.shape, data_id=data_fingerprint(dataset.manifest),
-              peak_flops=peak_flops, peak_source=peak_source, heartbeat=heartbeat)  # fmt: skip
+              peak_flops=peak_flops, peak_source=peak_source, heartbeat=heartbeat,
+              vocab_grown=built.vocab_grown)  # fmt: skip
     if load_dir is not None:
         state = load_checkpoint(run.engine, load_dir, rank=rank)
         run.step, run.position = state["step"], state["position"]
@@ -331,7 +336,8 @@ def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -
     """Collective: commit a checkpoint of the state after `run.step` steps."""
     run.heartbeat.beat(step=run.step, phase="checkpoint")
     state = {"step": run.step, "position": run.position, "world_size": run.world,
-             "rows_per_step": run.rows_per_step, "data_fingerprint": run.data_id}  # fmt: skip
+             "rows_per_step": run.rows_per_step, "data_fingerprint": run.data_id,
+             "lora": lora_state(run.cfg)}  # fmt: skip
     ckpt_root = run.out / "checkpoints"
     tag_dir = save_checkpoint(
         run.engine, ckpt_root, state=state,
@@ -341,10 +347,42 @@ def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -
     run.ledger = []
     if run.rank == 0 and not (ckpt_root / MODEL_META_DIR).is_dir():  # rank-0-only effect
         save_model_meta(run.engine.module, run.dataset.tokenizer_dir, ckpt_root / MODEL_META_DIR)
+        if run.cfg.model.lora is not None:  # `sftscale export` writes the adapter from this
+            run.engine.module.peft_config[ADAPTER_NAME].save_pretrained(
+                str(ckpt_root / MODEL_META_DIR)
+            )
     if on_checkpoint is not None:
         on_checkpoint(
             tag_dir, {"step": run.step, **({"loss": last_loss} if last_loss is not None else {})}
         )
+
+
+def export(run: Run) -> None:
+    """Collective: <run>/export, the trained model; for a LoRA run the adapter in peft's format
+    (export/adapter), the base it applies to when that is not model.name_or_path as is (a
+    preset, or a vocabulary grown for added tokens: export/base) and, with
+    checkpoint.export_merged, the merged model (export/merged)."""
+    from sftscale.lora import (
+        ADAPTER_DIR,
+        BASE_DIR,
+        MERGED_DIR,
+        export_adapter,
+        export_base_and_merged,
+    )
+
+    cfg, out = run.cfg, run.out / "export"
+    common = {"tokenizer_dir": run.dataset.tokenizer_dir, "rank": run.rank}
+    shard_bytes = cfg.checkpoint.export_max_shard_mb * 2**20
+    if cfg.model.lora is None:
+        export_from_engine(run.engine.module, out_dir=out, max_shard_bytes=shard_bytes, **common)
+        return
+    own_base = is_preset(cfg.model.name_or_path) or run.vocab_grown
+    base = out / BASE_DIR if own_base else Path(cfg.model.name_or_path).resolve()
+    export_adapter(run.engine.module, out_dir=out / ADAPTER_DIR, base_dir=str(base), **common)
+    if own_base or cfg.checkpoint.export_merged:
+        export_base_and_merged(run.engine.module, base_out=base if own_base else None,
+                               merged_out=out / MERGED_DIR if cfg.checkpoint.export_merged else None,
+                               max_shard_bytes=shard_bytes, **common)  # fmt: skip
 
 
 def log_window(run: Run, window: Window, *, lr: float, epoch: int) -> dict[str, Any]:
@@ -465,10 +503,7 @@ def train_worker(
 
     if cfg.checkpoint.export and not preempted:  # collective
         run.heartbeat.beat(step=run.step, phase="export")
-        export_from_engine(run.engine.module, out_dir=run.out / "export",
-                           tokenizer_dir=run.dataset.tokenizer_dir,
-                           max_shard_bytes=cfg.checkpoint.export_max_shard_mb * 1024 * 1024,
-                           rank=run.rank)  # fmt: skip
+        export(run)
     metrics.close()
     dist.barrier()  # collective: no rank leaves while another still writes
     run.heartbeat.beat(step=run.step, phase="done")

@@ -6,7 +6,9 @@ that names the field and the fix, not minutes later inside a Ray worker.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from typing import Any
 
 from data_tools.schema import Manifest, ShardFormatError, read_manifest
 from sftscale.checkpoint import latest_checkpoint, read_state
@@ -68,6 +70,8 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
             raise ConfigError(
                 "model.attn_implementation=flash_attention_2 but flash_attn is not installed; use sdpa"
             )
+    if cfg.model.lora is not None:
+        _check_lora(cfg)
     for flag, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if getattr(cfg.logging, flag) and importlib.util.find_spec(module) is None:
             raise ConfigError(
@@ -84,14 +88,49 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     return manifest
 
 
+def _check_lora(cfg: Config) -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError("model.lora is set but peft is not installed: pip install peft")
+    if cfg.model.lora.qlora:
+        import torch
+
+        if not (cfg.scale.use_gpu and torch.cuda.is_available()):
+            raise ConfigError(
+                "model.lora.qlora: a 4-bit base needs bitsandbytes on CUDA GPUs, and this run has "
+                "none (scale.use_gpu=false or no CUDA device); set model.lora.qlora=false for LoRA "
+                "on the base in the run's precision"
+            )
+        raise ConfigError(
+            "model.lora.qlora: 4-bit bases (bitsandbytes) are not supported by sftscale yet; set "
+            "model.lora.qlora=false (LoRA on a bf16 base under ZeRO-3)"
+        )
+
+
 def _check_resume_data(cfg: Config, manifest: Manifest) -> None:
     """A run that will resume must read the rows its checkpoint's stream positions refer to."""
     latest = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.checkpoint.resume else None
-    if latest is not None and read_state(latest)["data_fingerprint"] != data_fingerprint(manifest):
+    if latest is None:
+        return
+    state = read_state(latest)
+    if state["data_fingerprint"] != data_fingerprint(manifest):
         raise ConfigError(
             f"data.path: checkpoint {latest} was trained on other data than {cfg.data.path}; "
             "point data.path at the same prepared directory or start a new run (logging.run_name)"
         )
+    lora = lora_state(cfg)
+    if state.get("lora") != lora:
+        raise ConfigError(
+            f"model.lora: checkpoint {latest} was trained with model.lora={state.get('lora')}, "
+            f"this run asks for {lora}; set it back or start a new run (logging.run_name)"
+        )
+
+
+def lora_state(cfg: Config) -> dict[str, Any] | None:
+    """What a checkpoint records of model.lora (what must not change on resume)."""
+    if cfg.model.lora is None:
+        return None
+    lora = dataclasses.asdict(cfg.model.lora)
+    return {**lora, "target_modules": sorted(lora["target_modules"])}
 
 
 def _check_eval_set(cfg: Config, manifest: Manifest, positions: int) -> None:

@@ -16,6 +16,9 @@ os.environ.setdefault(
 )
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from sftscale.jit_locks import use_environment_ninja  # noqa: E402
+
+use_environment_ninja()  # tests that build DeepSpeed's ops directly: no rebuild
 
 import pytest  # noqa: E402
 
@@ -62,6 +65,24 @@ def prepared_dir(tmp_path_factory, corpus_path, sp_tokenizer_dir) -> Path:
         out_dir=str(out),
         options=PrepareOptions(seq_len=128, rows_per_shard=40),
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, sp_tokenizer):
+    """A tiny Llama saved as a Hugging Face directory, with the SentencePiece tokenizer's
+    vocabulary: every run that starts from it starts from the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sftscale.model import model_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        model_config("tiny-llama", vocab_size=len(sp_tokenizer))
+    )
+    out = tmp_path_factory.mktemp("model")
+    model.save_pretrained(str(out))
     return out
 
 

@@ -15,22 +15,6 @@ from sftscale.launch import run
 STEPS = 20
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, sp_tokenizer):
-    """A tiny Llama saved as a Hugging Face directory: every run starts from the same weights."""
-    from transformers import AutoModelForCausalLM
-
-    from sftscale.model import model_config
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        model_config("tiny-llama", vocab_size=len(sp_tokenizer))
-    )
-    out = tmp_path_factory.mktemp("model")
-    model.save_pretrained(str(out))
-    return out
-
-
 def _cfg(tmp_path, prepared_dir, model_dir, name, *, micro, accum, workers, checkpointing=True):
     return load_config(
         None,
