@@ -401,6 +401,8 @@ class _Shards:
         schema.write_shard(self.out / name, self.rows)
         self.shards.append(schema.ShardInfo(
             file=name,
+            bytes=(self.out / name).stat().st_size,
+            sha256=schema.file_sha256(self.out / name),
             num_rows=len(self.rows["input_ids"]),
             num_tokens=int(sum(map(len, self.rows["input_ids"]))),
             num_supervised_tokens=int(sum(int(m.sum(dtype=np.int64)) for m in self.rows["loss_mask"])),
@@ -506,6 +508,7 @@ def prepare(
             base_vocab_size=tokenizer.vocab_size,
             dir=schema.TOKENIZER_DIR,
             source=str(tokenizer_path),
+            files={f.name: schema.file_sha256(f) for f in sorted(tok_dir.iterdir()) if f.is_file()},
             **tokens,
         ),
         sources={"sha256": source_hash, "files": source_hashes},

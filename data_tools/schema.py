@@ -23,6 +23,7 @@ Only pyarrow here: this module must stay importable without torch, ray or deepsp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ class ShardInfo:
     num_rows: int
     num_tokens: int
     num_supervised_tokens: int
+    # The file's size and sha256: what a node that downloads the shard checks it against.
+    # None in manifests written before they were recorded.
+    bytes: int | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class TokenizerInfo:
     added_tokens: list[str] = field(default_factory=list)  # added by prepare (template markers)
     end_of_turn_id: int | None = None  # the token an assistant turn ends with
     eos_token_ids: list[int] = field(default_factory=list)  # where generation stops, in order
+    files: dict[str, str] = field(default_factory=dict)  # file in `dir` -> its sha256
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,14 @@ def open_shard(path: Path) -> pa.Table:
     if not table.schema.equals(SHARD_SCHEMA, check_metadata=False):
         raise ShardFormatError(f"{path}: schema {table.schema} is not the sftscale shard schema")
     return table
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:

@@ -77,13 +77,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Directory written by `sftscale prepare` (manifest.json + Arrow shards + tokenizer/).
+    # Directory written by `sftscale prepare` (manifest.json + Arrow shards + tokenizer/), or
+    # its URI on object storage (s3://bucket/prepared, gs://..., any pyarrow filesystem): each
+    # node then copies it to cache_dir once, checking every file (sftscale.storage).
     path: str = ""
     seed: int = 0
     shuffle: bool = True
+    cache_dir: str = ""  # empty: $SFTSCALE_CACHE/data, else ~/.cache/sftscale/data
+    cache_max_gb: float = 50.0  # copies of other URIs are evicted beyond this
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path", "set it to a directory written by `sftscale prepare`")
+        _check(self.cache_max_gb > 0, "data.cache_max_gb", "must be > 0")
 
 
 @dataclass

@@ -38,7 +38,7 @@ from sftscale.checkpoint import (
     truncate_ledger,
     universal_checkpoint,
 )
-from sftscale.config import Config
+from sftscale.config import Config, DataConfig
 from sftscale.data import (
     Batch,
     PackedDataset,
@@ -216,8 +216,9 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
     heartbeat = Heartbeat(out, rank=rank, stall_timeout_s=cfg.scale.stall_timeout_s)
     heartbeat.beat(step=0, phase="setup")
     torch.manual_seed(cfg.train.seed)
-    dataset = PackedDataset(cfg.data.path)
-    eval_set = PackedDataset(cfg.eval.path) if cfg.eval.path else None
+    dataset = PackedDataset(local_data(cfg.data, cfg.data.path, log=say if rank == 0 else None))
+    eval_set = (PackedDataset(local_data(cfg.data, cfg.eval.path, log=say if rank == 0 else None))
+                if cfg.eval.path else None)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(str(dataset.tokenizer_dir))
     precision = choose_precision(cfg.deepspeed.precision, world=world)  # collective
     if rank == 0:  # the run's first line: what it computes in, and why
@@ -277,6 +278,15 @@ class StepResult:
     tokens: float  # the step's non-pad tokens, all ranks
     stop_requested: bool  # some rank was asked to checkpoint and stop
     seconds: float
+
+
+def local_data(data: DataConfig, path: str, *, log: Callable | None) -> Path:
+    """`path` itself, or (a URI) this node's checked copy of it; every rank of a node asks, the
+    first downloads."""
+    from sftscale.storage import local_copy
+
+    return local_copy(path, cache_dir=Path(data.cache_dir) if data.cache_dir else None,
+                      max_bytes=int(data.cache_max_gb * 2**30), log=log or (lambda _: None))  # fmt: skip
 
 
 def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.0) -> StepResult:

@@ -16,12 +16,14 @@ from sftscale.config import Config, ConfigError
 from sftscale.data import data_fingerprint
 from sftscale.ds_config import resolve_ds_config
 from sftscale.model import model_config
+from sftscale.storage import is_uri, read_remote_manifest
 
 
 def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     """Raise ConfigError for any setting that cannot work; return the data manifest."""
     try:
-        manifest = read_manifest(cfg.data.path)
+        manifest = (read_remote_manifest(cfg.data.path) if is_uri(cfg.data.path)
+                    else read_manifest(cfg.data.path))  # fmt: skip
     except ShardFormatError as e:
         raise ConfigError(f"data.path: {e}") from e
 
@@ -135,7 +137,7 @@ def lora_state(cfg: Config) -> dict[str, Any] | None:
 
 def _check_eval_set(cfg: Config, manifest: Manifest, positions: int) -> None:
     try:
-        ev = read_manifest(cfg.eval.path)
+        ev = read_remote_manifest(cfg.eval.path) if is_uri(cfg.eval.path) else read_manifest(cfg.eval.path)
     except ShardFormatError as e:
         raise ConfigError(f"eval.path: {e}") from e
     if ev.tokenizer.fingerprint != manifest.tokenizer.fingerprint:
