@@ -137,7 +137,11 @@ def lora_state(cfg: Config) -> dict[str, Any] | None:
 
 def _check_eval_set(cfg: Config, manifest: Manifest, positions: int) -> None:
     try:
-        ev = read_remote_manifest(cfg.eval.path) if is_uri(cfg.eval.path) else read_manifest(cfg.eval.path)
+        ev = (
+            read_remote_manifest(cfg.eval.path)
+            if is_uri(cfg.eval.path)
+            else read_manifest(cfg.eval.path)
+        )
     except ShardFormatError as e:
         raise ConfigError(f"eval.path: {e}") from e
     if ev.tokenizer.fingerprint != manifest.tokenizer.fingerprint:
