@@ -36,6 +36,7 @@ import torch
 STATE_FILE = "sftscale_state.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+RUN_FILES = "run_files"  # metrics and ledger a checkpoint carries (object storage)
 # Fault-injection point for the crash-during-checkpoint test: when set to a step number, the
 # process kills itself after DeepSpeed has written that step's files and before the rename.
 CRASH_ENV = "SFTSCALE_FAULT_KILL_DURING_CHECKPOINT"
@@ -97,14 +98,24 @@ def save_checkpoint(
     ledger_dir: Path,
     rank: int,
     keep_last: int,
+    leader: bool | None = None,
+    run_files: list[Path] = (),
 ) -> Path:
-    """Collective: every rank must call it. Returns the checkpoint directory."""
+    """Collective: every rank must call it. Returns the checkpoint directory.
+
+    leader: this process commits the checkpoint in `root` (default: rank 0, for a directory
+        every rank shares). Where nodes share no disk, each node's local rank 0 commits its
+        node's copy, which holds that node's ranks' files.
+    run_files: files or directories (metrics, ledger) rank 0 copies into the checkpoint's
+        RUN_FILES folder, so that a checkpoint on object storage restores them too.
+    """
     import torch.distributed as dist
 
+    leader = rank == 0 if leader is None else leader
     step = state["step"]
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
-    if rank == 0 and (root / tmp_tag).exists():  # debris of an earlier crash at this step
+    if leader and (root / tmp_tag).exists():  # debris of an earlier crash at this step
         shutil.rmtree(root / tmp_tag)
     dist.barrier()
     # Frozen weights (LoRA's base) are not saved: they are reloaded from model.name_or_path,
@@ -116,7 +127,7 @@ def save_checkpoint(
     if os.environ.get(CRASH_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
     final = root / tag
-    if rank == 0:  # rank-0-only effects: commit
+    if leader:  # the leader's effects: commit
         _atomic_write(root / tmp_tag / STATE_FILE, json.dumps(state, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -128,8 +139,29 @@ def save_checkpoint(
             tmp.replace(ledger_dir / f"upto_{step:08d}.npy")
         _atomic_write(root / LATEST, tag + "\n")
         _prune(root, keep_last=keep_last)
+    if rank == 0 and run_files:
+        for src in run_files:
+            dest = final / RUN_FILES / src.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dest, dirs_exist_ok=True)
+            elif src.is_file():
+                shutil.copy2(src, dest)
     dist.barrier()  # collective: nobody proceeds (or reports) before the commit
     return final
+
+
+def restore_run_files(tag_dir: Path, run_dir: Path) -> None:
+    """Put the metrics and ledger a checkpoint carries (RUN_FILES) back into the run directory
+    (a node that has never seen this run: the checkpoint came from object storage)."""
+    saved = tag_dir / RUN_FILES
+    if not saved.is_dir():
+        return
+    for src in saved.iterdir():
+        if src.is_dir():
+            shutil.copytree(src, run_dir / src.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, run_dir / src.name)
 
 
 def _prune(root: Path, *, keep_last: int) -> None:
@@ -180,15 +212,16 @@ def read_ledger(ledger_dir: Path) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
 
-def universal_checkpoint(tag_dir: Path, *, rank: int) -> Path:
+def universal_checkpoint(tag_dir: Path, *, leader: bool) -> Path:
     """Collective. DeepSpeed's universal (world-size-independent) form of a checkpoint, made
-    once by rank 0 beside it; loading it needs `"checkpoint": {"load_universal": true}`."""
+    once by the leader (rank 0, or each node's local rank 0 where nodes share no disk) beside
+    it; loading it needs `"checkpoint": {"load_universal": true}`."""
     import argparse
 
     import torch.distributed as dist
 
     out = tag_dir.parent / f"universal-{tag_dir.name}"
-    if rank == 0 and not (out / STATE_FILE).is_file():
+    if leader and not (out / STATE_FILE).is_file():
         from deepspeed.checkpoint import ds_to_universal
 
         tmp = tag_dir.parent / f"{TMP_PREFIX}universal-{tag_dir.name}"

@@ -217,11 +217,24 @@ class CheckpointConfig:
     export_max_shard_mb: int = 2000
     # LoRA runs: also write the merged model (W + s·B·A) to <run>/export/merged (streamed).
     export_merged: bool = False
+    # Object storage for a cluster whose nodes share no disk (s3://bucket/runs, gs://..., any
+    # pyarrow filesystem; S3-compatible endpoints via AWS_ENDPOINT_URL). Under Ray every node
+    # writes its ranks' checkpoint files to its local logging.output_dir and Ray Train uploads
+    # them to <storage>/<run_name>/; a restarted worker downloads the checkpoint it resumes
+    # from. Metrics, ledger and export end up there too. Empty: logging.output_dir is the
+    # run's only home (one machine, or a filesystem every node shares).
+    storage: str = ""
 
     def __post_init__(self) -> None:
         _check(self.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.export_max_shard_mb >= 1, "checkpoint.export_max_shard_mb", "must be >= 1")
+        _check(
+            not self.storage or "://" in self.storage,
+            "checkpoint.storage",
+            f"{self.storage!r} is not a URI (s3://bucket/path, gs://...); for a filesystem every "
+            "node shares, set logging.output_dir to a path on it instead",
+        )
 
 
 @dataclass

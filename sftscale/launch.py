@@ -34,12 +34,17 @@ def _job_env_keys() -> set[str]:
     return set(runtime_env.get("env_vars") or {})
 
 
+# Object storage settings the workers need as the driver has them (pyarrow reads these).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "SFTSCALE_CACHE")  # fmt: skip
+
+
 def _worker_env(cfg: Config, *, exclude: set[str] = frozenset()) -> dict[str, str]:
     """Environment every worker needs before torch/deepspeed import."""
     env = {"OMP_NUM_THREADS": str(cfg.scale.cpus_per_worker)}
     if not cfg.scale.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE"):
+    for key in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE", *STORAGE_ENV):
         if key in os.environ:
             env.setdefault(key, os.environ[key])
     return {k: v for k, v in env.items() if k not in exclude}
@@ -99,24 +104,82 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     from sftscale.train import train_worker
 
-    rank = ray.train.get_context().get_world_rank()
+    cfg: Config = config["cfg"]
+    run_dir = Path(config["run_dir"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    remote = bool(cfg.checkpoint.storage)
     latest = ray.train.get_checkpoint()
+    resume_from = None
+    if latest is not None:  # on storage: each node downloads it once
+        resume_from = fetch_checkpoint(latest, run_dir / "checkpoints") if remote else latest.path
 
-    def report(tag_dir: Path, metrics: dict[str, Any]) -> None:
-        # Every worker must call report (it is a barrier); rank 0 names the checkpoint. It is
-        # already in the run directory, which is Ray's experiment directory: nothing to upload.
-        ray.train.report(
-            metrics,
-            checkpoint=Checkpoint.from_directory(str(tag_dir)) if rank == 0 else None,
-            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
-        )
+    def report(tag_dir: Path, metrics: dict[str, Any], leader: bool) -> None:
+        # Every worker must call report (it is a barrier). Without storage the checkpoint is
+        # already in the run directory, Ray's experiment directory: rank 0 (the leader) names
+        # it, nothing is uploaded. With storage, the leader of each disk uploads the files of
+        # the ranks that share it (every rank's file names differ); Ray merges them into one
+        # checkpoint directory.
+        if remote:
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(str(tag_dir)) if leader else None,
+                checkpoint_dir_name=tag_dir.name,
+                checkpoint_upload_mode=CheckpointUploadMode.SYNC,
+                delete_local_checkpoint_after_upload=False,
+            )
+        else:
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(str(tag_dir)) if leader else None,
+                checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+            )
 
-    return train_worker(
-        config["cfg"],
-        config["run_dir"],
-        resume_from=latest.path if latest else None,
-        on_checkpoint=report,
-    )
+    result = train_worker(cfg, str(run_dir), resume_from=resume_from, on_checkpoint=report)
+    if remote and rank == 0:
+        upload_run_files(run_dir, f"{cfg.checkpoint.storage.rstrip('/')}/{run_dir.name}")
+    return result
+
+
+def fetch_checkpoint(checkpoint, root: Path) -> Path:
+    """This node's local copy of a Ray checkpoint on storage, downloaded by the first of the
+    node's workers to get here (the others wait on the lock and find it there)."""
+    import shutil
+
+    from sftscale.checkpoint import LATEST, STATE_FILE
+    from sftscale.storage import locked
+
+    name = Path(checkpoint.path).name
+    dest = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    with locked(root / f".{name}.download.lock"):
+        if not (dest / STATE_FILE).is_file():
+            tmp = root / f".download-{name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            checkpoint.to_directory(str(tmp))
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.replace(dest)
+            (root / LATEST).write_text(name + "\n")
+    return dest
+
+
+# What a run leaves on storage besides its checkpoints: a user can reach these after the
+# cluster is gone.
+RUN_FILES_ON_STORAGE = ("export", "metrics.jsonl", "tensorboard", "ledger", "config.yaml")
+
+
+def upload_run_files(run_dir: Path, uri: str) -> None:
+    """Rank 0, at the end: the export, metrics, TensorBoard events and ledger to storage."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(uri)
+    for name in RUN_FILES_ON_STORAGE:
+        src = run_dir / name
+        if src.is_dir():
+            pafs.copy_files(str(src), f"{base}/{name}", destination_filesystem=fs)
+        elif src.is_file():
+            with fs.open_output_stream(f"{base}/{name}") as out:
+                out.write(src.read_bytes())
 
 
 def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -146,7 +209,7 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
             # The run directory is Ray's experiment directory, so the checkpoints the workers
             # write there are Ray checkpoints without a copy.
             run_config=RunConfig(
-                storage_path=str(run_dir.parent),
+                storage_path=cfg.checkpoint.storage or str(run_dir.parent),
                 name=run_dir.name,
                 failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
             ),
@@ -156,8 +219,11 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
         if result.error is not None:
             raise result.error
         # A run stopped early (STOP file) ends at its last checkpoint before max_steps.
-        latest = latest_checkpoint(run_dir / "checkpoints")
-        step = read_state(latest)["step"] if latest else 0
+        if cfg.checkpoint.storage:
+            step = int((result.metrics or {}).get("step", 0))
+        else:
+            latest = latest_checkpoint(run_dir / "checkpoints")
+            step = read_state(latest)["step"] if latest else 0
         return {"run_dir": str(run_dir), "preempted": step < cfg.train.max_steps, "step": step}
     finally:
         ray.shutdown()

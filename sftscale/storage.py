@@ -70,7 +70,7 @@ def local_copy(path: str, *, cache_dir: Path | None = None, max_bytes: int = 50 
     dest = cache / hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:20]
     manifest = read_remote_manifest(path)
     expected = json.dumps(manifest.to_dict(), sort_keys=True)
-    with _locked(cache / f"{dest.name}.lock"):
+    with locked(cache / f"{dest.name}.lock"):
         if (dest / COMPLETE).is_file() and (dest / COMPLETE).read_text() == expected:
             os.utime(dest / COMPLETE)  # recently used
             return dest
@@ -134,7 +134,7 @@ def _evict(cache: Path, *, keep: Path, max_bytes: int, log: Callable[[str], None
     for d in sorted(copies, key=lambda d: _used_at(d)):  # least recently used first
         if used <= max_bytes:
             break
-        with _locked(cache / f"{d.name}.lock"):
+        with locked(cache / f"{d.name}.lock"):
             freed = size(d)
             shutil.rmtree(d, ignore_errors=True)
         used -= freed
@@ -148,7 +148,7 @@ def _used_at(d: Path) -> float:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock between processes of this node (released when the holder dies)."""
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

@@ -34,6 +34,7 @@ from sftscale.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_state,
+    restore_run_files,
     save_checkpoint,
     truncate_ledger,
     universal_checkpoint,
@@ -192,6 +193,7 @@ class Run:
     peak_flops: float
     peak_source: str
     heartbeat: Heartbeat
+    leader: bool = True  # commits checkpoints in `out` (see setup)
     vocab_grown: bool = False
     step: int = 0  # optimizer steps done
     position: int = 0  # stream position of the next step's first row
@@ -230,11 +232,16 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
     resume_dir = Path(resume_from) if resume_from else None
     if resume_dir is None and cfg.checkpoint.resume:
         resume_dir = latest_checkpoint(out / "checkpoints")
+    # Who commits checkpoints in `out`: rank 0 of a run directory every rank shares; where
+    # nodes share no disk (checkpoint.storage), one rank per disk.
+    leader = claim_directory(out, rank=rank) if cfg.checkpoint.storage else rank == 0
+    if resume_dir is not None and rank == 0 and cfg.checkpoint.storage:
+        restore_run_files(resume_dir, out)  # metrics and ledger, from the downloaded checkpoint
     load_dir = resume_dir
     if resume_dir is not None and read_state(resume_dir)["world_size"] != world:
         # Elastic resume: ZeRO partitions depend on the world size, so the checkpoint is
         # converted to DeepSpeed's universal (world-size-free) format first.
-        load_dir = universal_checkpoint(resume_dir, rank=rank)
+        load_dir = universal_checkpoint(resume_dir, leader=leader)
         ds_config["checkpoint"] = {"load_universal": True}
 
     pad_id = pad_token_id(tokenizer)
@@ -250,7 +257,7 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
               optimizer=built.optimizer, dataset=dataset, eval_set=eval_set, pad_id=pad_id,
               shape=built.shape, data_id=data_fingerprint(dataset.manifest),
               peak_flops=peak_flops, peak_source=peak_source, heartbeat=heartbeat,
-              vocab_grown=built.vocab_grown)  # fmt: skip
+              vocab_grown=built.vocab_grown, leader=leader)  # fmt: skip
     if load_dir is not None:
         state = load_checkpoint(run.engine, load_dir, rank=rank)
         run.step, run.position = state["step"], state["position"]
@@ -278,6 +285,30 @@ class StepResult:
     tokens: float  # the step's non-pad tokens, all ranks
     stop_requested: bool  # some rank was asked to checkpoint and stop
     seconds: float
+
+
+def claim_directory(out: Path, *, rank: int) -> bool:
+    """Collective. True on exactly one rank among those that see the same `out` (the same
+    disk): the first to create this attempt's marker file there. Unlike Ray's local rank, this
+    does not trust node addresses to tell disks apart."""
+    import secrets
+
+    import torch.distributed as dist
+
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)  # collective: this attempt's name
+    marker = out / f".leader-{token[0]}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        claimed = True
+    except FileExistsError:
+        claimed = False
+    dist.barrier()  # collective: every rank has tried
+    if claimed:
+        for old in out.glob(".leader-*"):
+            if old != marker:
+                old.unlink(missing_ok=True)
+    return claimed
 
 
 def local_data(data: DataConfig, path: str, *, log: Callable | None) -> Path:
@@ -352,7 +383,8 @@ def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -
     tag_dir = save_checkpoint(
         run.engine, ckpt_root, state=state,
         ledger=np.array(run.ledger, dtype=np.int64).reshape(-1, 3), ledger_dir=run.out / "ledger",
-        rank=run.rank, keep_last=run.cfg.checkpoint.keep_last,
+        rank=run.rank, keep_last=run.cfg.checkpoint.keep_last, leader=run.leader,
+        run_files=[run.out / "metrics.jsonl", run.out / "ledger"] if run.cfg.checkpoint.storage else [],
     )  # fmt: skip
     run.ledger = []
     if run.rank == 0 and not (ckpt_root / MODEL_META_DIR).is_dir():  # rank-0-only effect
@@ -361,10 +393,9 @@ def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -
             run.engine.module.peft_config[ADAPTER_NAME].save_pretrained(
                 str(ckpt_root / MODEL_META_DIR)
             )
-    if on_checkpoint is not None:
-        on_checkpoint(
-            tag_dir, {"step": run.step, **({"loss": last_loss} if last_loss is not None else {})}
-        )
+    if on_checkpoint is not None:  # the leader's directory holds this disk's ranks' files
+        metrics = {"step": run.step, **({"loss": last_loss} if last_loss is not None else {})}
+        on_checkpoint(tag_dir, metrics, run.leader)
 
 
 def export(run: Run) -> None:
@@ -441,7 +472,7 @@ def train_worker(
     run_dir: str,
     *,
     resume_from: str | None = None,
-    on_checkpoint: Callable[[Path, dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[Path, dict[str, Any], bool], None] | None = None,
 ) -> dict[str, Any]:
     """Run training on this worker; returns a summary (meaningful on every rank).
 

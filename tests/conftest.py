@@ -3,6 +3,7 @@ prepared shard directory — built once per session, no downloads."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -99,3 +100,32 @@ def any_tokenizer(request, sp_tokenizer_dir, bpe_tokenizer_dir):
 
     path = sp_tokenizer_dir if request.param == "sentencepiece" else bpe_tokenizer_dir
     return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server on loopback; AWS_* variables point pyarrow (and Ray) at it."""
+    pytest.importorskip("moto")
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    from sftscale.launch import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                           access_key="testing", secret_key="testing", region="us-east-1",
+                           allow_bucket_creation=True)  # fmt: skip
+    fs.create_dir("runs")
+    try:
+        yield fs
+    finally:
+        mp.undo()
+        server.stop()

@@ -8,34 +8,7 @@ import numpy as np
 import pytest
 
 from data_tools import schema
-from sftscale.launch import free_port
 from sftscale.storage import local_copy, read_remote_manifest
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3-compatible server on loopback; AWS_* variables point pyarrow (and Ray) at it."""
-    pytest.importorskip("moto")
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                           access_key="testing", secret_key="testing", region="us-east-1",
-                           allow_bucket_creation=True)  # fmt: skip
-    fs.create_dir("runs")
-    try:
-        yield fs
-    finally:
-        mp.undo()
-        server.stop()
 
 
 @pytest.fixture(scope="module")
