@@ -174,6 +174,11 @@ class DeepSpeedConfig:
 @dataclass
 class ScaleConfig:
     num_workers: int = 1
+    # Elastic under Ray: > 0 lets Ray Train run with between min_workers and num_workers
+    # workers (a lost node does not stop the run when the rest can go on; a joining one is
+    # taken in). The global batch stays micro_batch_size * grad_accum * num_workers rows: each
+    # world size in the range must divide it, and grad_accum grows as workers go.
+    min_workers: int = 0
     use_gpu: bool = False
     cpus_per_worker: int = 1
     # Ray cluster address; empty starts a local Ray instance (RAY_ADDRESS in the environment
@@ -193,6 +198,11 @@ class ScaleConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1")
+        _check(
+            0 <= self.min_workers <= self.num_workers,
+            "scale.min_workers",
+            f"must be 0 (fixed size) or between 1 and scale.num_workers ({self.num_workers})",
+        )
         _check(
             self.collective_timeout_s >= 10, "scale.collective_timeout_s", "must be >= 10 (seconds)"
         )
@@ -283,6 +293,23 @@ class Config:
     def global_batch_rows(self, world_size: int | None = None) -> int:
         world = self.scale.num_workers if world_size is None else world_size
         return self.train.micro_batch_size * self.train.grad_accum * world
+
+    def for_world(self, world_size: int) -> Config:
+        """This config as a run of `world_size` workers computes it: elastic runs
+        (scale.min_workers > 0) keep the global batch of num_workers workers by accumulating
+        over more micro-batches when fewer workers run."""
+        if not self.scale.min_workers or world_size == self.scale.num_workers:
+            return self
+        rows = self.global_batch_rows()
+        per_rank = self.train.micro_batch_size * world_size
+        if rows % per_rank:
+            raise ConfigError(
+                f"scale.min_workers: {world_size} workers cannot split the global batch of {rows} "
+                f"rows into micro-batches of {self.train.micro_batch_size}; choose "
+                "train.grad_accum so that every world size in [min_workers, num_workers] divides it"
+            )
+        train = dataclasses.replace(self.train, grad_accum=rows // per_rank)
+        return dataclasses.replace(self, train=train)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -142,25 +142,30 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def fetch_checkpoint(checkpoint, root: Path) -> Path:
-    """This node's local copy of a Ray checkpoint on storage, downloaded by the first of the
-    node's workers to get here (the others wait on the lock and find it there)."""
+    """This node's complete copy of a Ray checkpoint on storage (every rank's files: a
+    node's own commit holds only its ranks' files, and a resume on another world size reads
+    all of them), downloaded once per node: the first worker to get here downloads, the others
+    wait on the lock and find it there."""
     import shutil
 
-    from sftscale.checkpoint import LATEST, STATE_FILE
+    from sftscale.checkpoint import STATE_FILE
     from sftscale.storage import locked
 
     name = Path(checkpoint.path).name
-    dest = root / name
-    root.mkdir(parents=True, exist_ok=True)
-    with locked(root / f".{name}.download.lock"):
+    into = root / FROM_STORAGE
+    dest = into / name
+    into.mkdir(parents=True, exist_ok=True)
+    with locked(into / f".{name}.lock"):
         if not (dest / STATE_FILE).is_file():
-            tmp = root / f".download-{name}"
+            tmp = into / f".download-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
             checkpoint.to_directory(str(tmp))
             shutil.rmtree(dest, ignore_errors=True)
             tmp.replace(dest)
-            (root / LATEST).write_text(name + "\n")
     return dest
+
+
+FROM_STORAGE = "from_storage"  # under <run>/checkpoints: checkpoints downloaded to resume from
 
 
 # What a run leaves on storage besides its checkpoints: a user can reach these after the
@@ -186,7 +191,7 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Ray Train (V2) TorchTrainer with `scale.num_workers` workers."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # A local Ray instance (no address) starts its dashboard on 127.0.0.1; Ray Train's
@@ -202,7 +207,11 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
             torch_config=TorchConfig(timeout_s=cfg.scale.collective_timeout_s),
             train_loop_config={"cfg": cfg, "run_dir": str(run_dir)},
             scaling_config=ScalingConfig(
-                num_workers=cfg.scale.num_workers,
+                num_workers=(
+                    (cfg.scale.min_workers, cfg.scale.num_workers)
+                    if cfg.scale.min_workers
+                    else cfg.scale.num_workers
+                ),  # fmt: skip
                 use_gpu=cfg.scale.use_gpu,
                 resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
             ),
@@ -212,6 +221,10 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 storage_path=cfg.checkpoint.storage or str(run_dir.parent),
                 name=run_dir.name,
                 failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
+                # On storage Ray deletes older checkpoints; locally sftscale prunes its own.
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=cfg.checkpoint.keep_last if cfg.checkpoint.storage else None
+                ),
             ),
         )
         with StallReporter(run_dir, log=say):  # the driver sees the run directory

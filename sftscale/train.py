@@ -215,6 +215,7 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
     from transformers import AutoTokenizer
 
     rank, world = init_distributed(timeout_s=cfg.scale.collective_timeout_s)
+    cfg = cfg.for_world(world)  # elastic: the same global batch on however many workers run
     heartbeat = Heartbeat(out, rank=rank, stall_timeout_s=cfg.scale.stall_timeout_s)
     heartbeat.beat(step=0, phase="setup")
     torch.manual_seed(cfg.train.seed)

@@ -27,6 +27,8 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     except ShardFormatError as e:
         raise ConfigError(f"data.path: {e}") from e
 
+    for world in range(cfg.scale.min_workers or world_size, world_size + 1):
+        cfg.for_world(world)  # an elastic run must be able to continue on each world size
     rows = manifest.num_rows
     need = cfg.global_batch_rows(world_size)
     if rows < need:

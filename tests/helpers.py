@@ -93,3 +93,21 @@ def assert_sharded_export_loads(run_dir: Path, tmp_path: Path) -> None:
     sharded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     for (name, a), (_, b) in zip(whole.named_parameters(), sharded.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def registered_checkpoint(s3, run: str, *, timeout: float) -> None:
+    """Wait until Ray Train's controller has registered a checkpoint of the run on storage (its
+    checkpoint manager snapshot names one): a worker killed earlier could take the only
+    reported checkpoint with it, before the controller collected the report."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with s3.open_input_stream(f"{run}/checkpoint_manager_snapshot.json") as f:
+                if b"step_0000" in f.read():
+                    return
+        except (OSError, FileNotFoundError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint of {run} was registered within {timeout} s")

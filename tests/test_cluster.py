@@ -24,12 +24,13 @@ import pytest
 import torch
 import yaml
 
+from helpers import registered_checkpoint
 from sftscale.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NODE_DISK = "/tmp/sftscale-node-disk"  # the same path on every node, a different tmpfs on each
-STEPS = 48
+STEPS = 24
 
 pytestmark = [
     pytest.mark.distributed,
@@ -112,14 +113,14 @@ def _wait_for_nodes(env: dict, head_port: int, n: int, timeout: float = 90) -> s
     raise AssertionError(f"{n} Ray nodes never became active:\n{out[-3000:]}")
 
 
-def _job_config(tmp_path: Path, name: str, data: str) -> Path:
+def _job_config(tmp_path: Path, name: str, data: str, **scale) -> Path:
     cfg = {
         "model": {"name_or_path": "tiny-llama"},
         "data": {"path": data, "cache_dir": f"{NODE_DISK}/cache"},
         "deepspeed": {"precision": "fp32"},
         "optim": {"lr": 2e-3, "warmup_steps": 3},
         "train": {"micro_batch_size": 1, "grad_accum": 1, "max_steps": STEPS},
-        "scale": {"num_workers": 2, "max_failures": 2, "collective_timeout_s": 60},
+        "scale": {"num_workers": 2, "max_failures": 2, "collective_timeout_s": 60, **scale},
         "checkpoint": {"every_n_steps": 4, "storage": "s3://runs/cluster"},
         "logging": {"output_dir": f"{NODE_DISK}/runs", "run_name": name, "tensorboard": False},
     }
@@ -145,7 +146,9 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
-           "SFTSCALE_TEST_LOGS": str(logs), "OMP_NUM_THREADS": "1"}  # fmt: skip
+           "SFTSCALE_TEST_LOGS": str(logs), "OMP_NUM_THREADS": "1",
+           # elastic: after a node loss, try the old size for 15 s (not 60) before a smaller one
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     head_port = free_port()
     nodes = [Node("head", env=env, head_port=head_port, head=True)]
@@ -155,36 +158,39 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
         nodes.append(Node("node-b", env=env, head_port=head_port, head=False))
         _wait_for_nodes(env, head_port, 2)
 
-        def submit(name: str) -> subprocess.Popen:
+        def submit(name: str, **scale) -> subprocess.Popen:
             cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard,
                    "--runtime-env", str(ROOT / "launchers/ray/runtime_env.yaml"), "--working-dir", str(ROOT),
                    "--", sys.executable, "-m", "sftscale", "train",
-                   str(_job_config(tmp_path, name, "s3://runs/cluster-data"))]  # fmt: skip
+                   str(_job_config(tmp_path, name, "s3://runs/cluster-data", **scale))]  # fmt: skip
             return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+        def when_a_checkpoint_is_registered(job, name):
+            registered_checkpoint(s3, f"runs/cluster/{name}", timeout=600)
+            assert job.poll() is None, job.communicate()[0][-4000:]
 
         base = submit("base")
         out, _ = base.communicate(timeout=900)
         assert base.returncode == 0, out[-4000:]
 
         job = submit("killed")
-        # Kill once the controller has surely registered a checkpoint (it collects reports
-        # when it polls the workers, every few seconds): the one at step 8, plus a margin.
-        deadline, seen = time.time() + 600, False
-        while not seen and time.time() < deadline and job.poll() is None:
-            try:
-                with s3.open_input_stream("runs/cluster/killed/step_00000008/sftscale_state.json"):
-                    seen = True
-            except (OSError, FileNotFoundError):
-                time.sleep(0.2)
-        time.sleep(3)
-        assert job.poll() is None, job.communicate()[0][-4000:]
+        when_a_checkpoint_is_registered(job, "killed")
         nodes[1].kill()  # raylet, workers, the node's disk
         nodes.append(Node("node-c", env=env, head_port=head_port, head=False))
         out, _ = job.communicate(timeout=900)
-        (tmp_path / "job.out").write_text(out)
+        (tmp_path / "killed.out").write_text(out)
         assert job.returncode == 0, out[-4000:]
         assert "resumed from" in out, out[-4000:]
+
+        # Elastic: a node is lost and none replaces it; the run goes on with one worker.
+        job = submit("elastic", min_workers=1)
+        when_a_checkpoint_is_registered(job, "elastic")
+        nodes[2].kill()
+        out, _ = job.communicate(timeout=900)
+        (tmp_path / "elastic.out").write_text(out)
+        assert job.returncode == 0, out[-4000:]
+        assert "saved by 2 worker(s), now 1" in out, out[-4000:]
     finally:
         for node in reversed(nodes):
             node.kill()
@@ -196,6 +202,12 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
         m = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
         return dict(m.named_parameters())
 
+    final = s3.get_file_info(
+        pafs.FileSelector(f"runs/cluster/killed/step_{STEPS:08d}", recursive=True)
+    )
+    names = {Path(i.path).name for i in final}  # every node's leader uploaded its ranks' files
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "rng_rank0.pt", "rng_rank1.pt", "sftscale_state.json"} <= names, names  # fmt: skip
     a, b = weights("base"), weights("killed")
     for name, p in a.items():
         assert torch.equal(p, b[name]), name
@@ -208,3 +220,16 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
     records = [json.loads(x) for x in s3.open_input_stream("runs/cluster/killed/metrics.jsonl")
                .read().decode().splitlines()]  # fmt: skip
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    # Elastic: the same global batch on one worker (accumulating twice as many micro-batches):
+    # the same samples, and losses within fp32 reduction-order tolerance.
+    elastic = read_ledger(_from_s3(s3, "runs/cluster/elastic/ledger", tmp_path / "elastic-ledger"))
+    np.testing.assert_array_equal(elastic, base_ledger)
+
+    def losses(name):
+        lines = (
+            s3.open_input_stream(f"runs/cluster/{name}/metrics.jsonl").read().decode().splitlines()
+        )
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    rel = [abs(a - b) / abs(b) for a, b in zip(losses("elastic"), losses("base"), strict=True)]
+    assert max(rel) <= 1e-5, rel

@@ -65,3 +65,20 @@ def test_saved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), Config)
+
+
+def test_elastic_runs_keep_the_global_batch_on_fewer_workers():
+    from sftscale.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.path=d", "scale.num_workers=4", "scale.min_workers=2",
+                             "train.micro_batch_size=2", "train.grad_accum=3"])  # fmt: skip
+    assert cfg.for_world(4) is cfg
+    assert cfg.for_world(2).train.grad_accum == 6
+    assert cfg.for_world(2).global_batch_rows(2) == cfg.global_batch_rows() == 24
+    with pytest.raises(ConfigError, match="3 workers cannot split the global batch of 8 rows"):
+        load_config(None, ["data.path=d", "scale.num_workers=4", "scale.min_workers=3",
+                           "train.micro_batch_size=2", "train.grad_accum=1"]).for_world(3)  # fmt: skip
+    fixed = load_config(None, ["data.path=d", "scale.num_workers=4"])
+    assert fixed.for_world(2) is fixed  # not elastic: a smaller world is a smaller batch
+    with pytest.raises(ConfigError, match="scale.min_workers: must be 0"):
+        load_config(None, ["data.path=d", "scale.num_workers=2", "scale.min_workers=3"])
