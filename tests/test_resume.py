@@ -175,7 +175,8 @@ def ray_uninterrupted(tmp_path_factory, prepared_dir):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+# SIGKILL of a whole node (raylet and workers) and its restart: tests/test_cluster.py.
+@pytest.mark.parametrize("sig", ["SIGSTOP"])
 def test_ray_restarts_a_dead_or_stopped_worker(
     tmp_path, prepared_dir, ray_uninterrupted, sig, capfd
 ):
