@@ -104,8 +104,8 @@ def save_checkpoint(
     """Collective: every rank must call it. Returns the checkpoint directory.
 
     leader: this process commits the checkpoint in `root` (default: rank 0, for a directory
-        every rank shares). Where nodes share no disk, each node's local rank 0 commits its
-        node's copy, which holds that node's ranks' files.
+        every rank shares). Where nodes share no disk, one rank per disk (elected in
+        `train.claim_directory`) commits that disk's copy, which holds its ranks' files.
     run_files: files or directories (metrics, ledger) rank 0 copies into the checkpoint's
         RUN_FILES folder, so that a checkpoint on object storage restores them too.
     """
@@ -214,7 +214,7 @@ def read_ledger(ledger_dir: Path) -> np.ndarray:
 
 def universal_checkpoint(tag_dir: Path, *, leader: bool) -> Path:
     """Collective. DeepSpeed's universal (world-size-independent) form of a checkpoint, made
-    once by the leader (rank 0, or each node's local rank 0 where nodes share no disk) beside
+    once by the leader (rank 0, or one rank per disk where nodes share no disk) beside
     it; loading it needs `"checkpoint": {"load_universal": true}`."""
     import argparse
 

@@ -1,8 +1,8 @@
 """LoRA adapters (peft) on a model that ZeRO-3 partitions, and their export.
 
-    model = add_adapters(model, cfg.model.lora)      # base frozen, adapters trainable (peft)
-    export_adapter(engine.module, out_dir=..., ...)  # collective: peft format, gathered
-    export_merged(engine.module, out_dir=..., ...)   # collective: W + s·B·A, streamed
+    model = add_adapters(model, cfg.model.lora, seed=cfg.train.seed)  # base frozen (peft)
+    export_adapter(engine.module, out_dir=..., ...)           # collective: peft format, gathered
+    export_base_and_merged(engine.module, merged_out=..., ...)  # collective: W + s·B·A, streamed
 
 The base model is loaded partitioned under zero.Init as for full fine-tuning. The adapters are
 created outside zero.Init, whole on every rank with peft's own initialization (A random, B zero,
@@ -17,7 +17,6 @@ are gathered first, then written in peft's format, so `PeftModel.from_pretrained
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,17 +185,9 @@ def export_base_and_merged(module: torch.nn.Module, *, base_out: Path | None,
             save_model_meta(module.get_base_model(), tokenizer_dir, out)
 
 
-def adapter_bytes(module: torch.nn.Module) -> int:
-    return sum(full_numel(p) * p.element_size() for _, p in adapter_parameters(module))
-
-
 def describe(module: torch.nn.Module, lora: LoraConfig) -> str:
     trainable = sum(full_numel(p) for _, p in adapter_parameters(module))
     total = sum(full_numel(p) for p in module.parameters())
     return (f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: "
             f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters "
             f"({trainable / total:.2%})")  # fmt: skip
-
-
-def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
