@@ -195,9 +195,13 @@ class ScaleConfig:
     # worker (max_failures). Longer than collective_timeout_s, so a rank waiting on a stopped
     # peer reports the peer first. 0: off.
     stall_timeout_s: int = 3600
+    # Ulysses sequence parallelism (DeepSpeed ALST): each group of this many consecutive ranks
+    # splits every row along the sequence; data parallelism is num_workers / this.
+    sequence_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1")
+        _check(self.sequence_parallel_size >= 1, "scale.sequence_parallel_size", "must be >= 1")
         _check(
             0 <= self.min_workers <= self.num_workers,
             "scale.min_workers",
@@ -290,9 +294,23 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.logging.output_dir) / self.logging.run_name
 
-    def global_batch_rows(self, world_size: int | None = None) -> int:
+    def data_parallel_size(self, world_size: int | None = None) -> int:
+        """Groups of ranks that read different rows: the world over the sequence-parallel size."""
         world = self.scale.num_workers if world_size is None else world_size
-        return self.train.micro_batch_size * self.train.grad_accum * world
+        sp = self.scale.sequence_parallel_size
+        if world % sp:
+            raise ConfigError(
+                f"scale.sequence_parallel_size: {world} workers do not split into groups of {sp}; "
+                "make scale.num_workers (and every elastic world size) a multiple of it"
+            )
+        return world // sp
+
+    def global_batch_rows(self, world_size: int | None = None) -> int:
+        return (
+            self.train.micro_batch_size
+            * self.train.grad_accum
+            * self.data_parallel_size(world_size)
+        )
 
     def for_world(self, world_size: int) -> Config:
         """This config as a run of `world_size` workers computes it: elastic runs
@@ -301,14 +319,14 @@ class Config:
         if not self.scale.min_workers or world_size == self.scale.num_workers:
             return self
         rows = self.global_batch_rows()
-        per_rank = self.train.micro_batch_size * world_size
-        if rows % per_rank:
+        per_micro_step = self.train.micro_batch_size * self.data_parallel_size(world_size)
+        if rows % per_micro_step:
             raise ConfigError(
                 f"scale.min_workers: {world_size} workers cannot split the global batch of {rows} "
                 f"rows into micro-batches of {self.train.micro_batch_size}; choose "
                 "train.grad_accum so that every world size in [min_workers, num_workers] divides it"
             )
-        train = dataclasses.replace(self.train, grad_accum=rows // per_rank)
+        train = dataclasses.replace(self.train, grad_accum=rows // per_micro_step)
         return dataclasses.replace(self, train=train)
 
     def to_dict(self) -> dict[str, Any]:

@@ -160,6 +160,7 @@ class Batch:
     targets: torch.Tensor  # (B, T) long: next-token id where supervised, else IGNORE_INDEX
     num_tokens: int  # non-pad tokens
     num_supervised: int  # targets != IGNORE_INDEX
+    lengths: tuple[int, ...] = ()  # non-pad tokens of each row
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -168,6 +169,26 @@ class Batch:
             targets=self.targets.to(device),
             num_tokens=self.num_tokens,
             num_supervised=self.num_supervised,
+            lengths=self.lengths,
+        )
+
+    def shard(self, index: int, count: int) -> Batch:
+        """Positions [index * T / count, (index + 1) * T / count) of every row: what rank
+        `index` of a sequence-parallel group of `count` ranks computes. Targets were shifted on
+        the whole row, so the shards' summed losses are the row's loss; the position ids keep
+        the whole row's values, from which attention rebuilds the documents."""
+        width = self.input_ids.shape[1]
+        if width % count:
+            raise ValueError(f"rows of {width} positions do not split into {count} shards")
+        lo, hi = index * width // count, (index + 1) * width // count
+        targets = self.targets[:, lo:hi]
+        return Batch(
+            input_ids=self.input_ids[:, lo:hi],
+            position_ids=self.position_ids[:, lo:hi],
+            targets=targets,
+            num_tokens=sum(min(max(n - lo, 0), hi - lo) for n in self.lengths),
+            num_supervised=int((targets != IGNORE_INDEX).sum()),
+            lengths=tuple(min(max(n - lo, 0), hi - lo) for n in self.lengths),
         )
 
 
@@ -218,4 +239,5 @@ def collate(
         targets=t,
         num_tokens=num_tokens,
         num_supervised=int((t != IGNORE_INDEX).sum()),
+        lengths=tuple(len(r[0]) for r in rows),
     )

@@ -111,6 +111,13 @@ def build_engine(
         log(f"model vocabulary grown from {old_rows} to {len(tokenizer)} tokens for the "
             "tokenizer's added tokens (new rows: the mean of the old ones)")  # fmt: skip
     set_special_token_ids(model, bos=tokenizer.bos_token_id, eos=eos_ids, pad=pad_id)
+    sp = cfg.scale.sequence_parallel_size
+    if sp > 1:  # Ulysses: attention over all positions for 1/sp of the heads (collective)
+        from sftscale.sequence_parallel import apply_ulysses, sequence_parallel_group
+
+        name = apply_ulysses(model, group=sequence_parallel_group(sp),
+                             attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+        log(f"sequence parallel: groups of {sp} ranks split every row; attention {name}")
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.model.lora is not None:  # adapters whole on every rank; initialize partitions them

@@ -101,9 +101,11 @@ def plan_step(
 ) -> StepPlan:
     """This rank's micro-batches for the step that starts at stream `position`.
 
-    A pure function of its arguments: every rank computes the whole step's assignment.
+    A pure function of its arguments: every rank computes the whole step's assignment. Rows go
+    to data-parallel ranks; under sequence parallelism each rank of a group then takes its
+    slice of the sequence of its group's rows.
     """
-    t = cfg.train
+    t, sp = cfg.train, cfg.scale.sequence_parallel_size
     epochs, step_rows = stream_rows(
         position,
         cfg.global_batch_rows(world),
@@ -112,16 +114,17 @@ def plan_step(
         shuffle=cfg.data.shuffle,
     )
     costs = np.array([doc_flops(dataset.doc_lens(int(i)), shape) for i in step_rows])
-    per_rank, imbalance = assign_ranks(step_rows, costs, world_size=world, by_cost=t.balance_ranks,
-                                       micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum)  # fmt: skip
+    per_rank, imbalance = assign_ranks(step_rows, costs, world_size=cfg.data_parallel_size(world),
+                                       by_cost=t.balance_ranks, micro_batch_size=t.micro_batch_size,
+                                       grad_accum=t.grad_accum)  # fmt: skip
     micro = [
         collate(
             [dataset.row(int(i)) for i in rows],
             seq_len=dataset.seq_len,
             pad_id=pad_id,
-            pad_to_multiple_of=PAD_MULTIPLE,
-        )
-        for rows in per_rank[rank]
+            pad_to_multiple_of=math.lcm(PAD_MULTIPLE, sp),
+        ).shard(rank % sp, sp)
+        for rows in per_rank[rank // sp]
     ]
     return StepPlan(
         micro=micro,
@@ -139,13 +142,15 @@ def evaluate(
 
     Collective. Under ZeRO-3 every forward gathers parameters from all ranks, so every rank
     runs the same number of forwards: a rank out of rows runs one on row 0 and counts nothing.
+    Rows go to data-parallel ranks; a sequence-parallel group shares them, each rank its slice.
     """
     import torch.distributed as dist
 
+    sp, dp = cfg.scale.sequence_parallel_size, cfg.data_parallel_size(world)
     n = len(eval_set) if not cfg.eval.max_rows else min(cfg.eval.max_rows, len(eval_set))
-    mine = list(range(rank, n, world))
+    mine = list(range(rank // sp, n, dp))
     m = cfg.eval.micro_batch_size
-    n_batches = math.ceil(math.ceil(n / world) / m)
+    n_batches = math.ceil(math.ceil(n / dp) / m)
     # On the engine's device: NCCL (the GPU backend) reduces only CUDA tensors.
     sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, supervised tokens
     engine.eval()
@@ -156,9 +161,9 @@ def evaluate(
                 [eval_set.row(i) for i in (rows or [0])],
                 seq_len=eval_set.seq_len,
                 pad_id=pad_id,
-                pad_to_multiple_of=PAD_MULTIPLE,
+                pad_to_multiple_of=math.lcm(PAD_MULTIPLE, sp),
             )
-            batch = batch.to(engine.device)
+            batch = batch.shard(rank % sp, sp).to(engine.device)
             logits = engine(
                 input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
             ).logits
@@ -252,7 +257,9 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
                          log=say if rank == 0 else lambda _: None)  # fmt: skip
     # Measured once per run, on this model's GEMMs with this rank's rows, dtype and threads.
     peak_flops, peak_source = device_peak_flops(
-        built.shape, rows=cfg.train.micro_batch_size * dataset.seq_len, dtype=precision.dtype
+        built.shape,
+        rows=cfg.train.micro_batch_size * dataset.seq_len // cfg.scale.sequence_parallel_size,
+        dtype=precision.dtype,
     )
     run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=built.engine,
               optimizer=built.optimizer, dataset=dataset, eval_set=eval_set, pad_id=pad_id,
@@ -268,8 +275,10 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
                 f"saved by {state['world_size']} worker(s), now {world})")  # fmt: skip
     if rank == 0:
         t = cfg.train
+        sp = cfg.scale.sequence_parallel_size
         say(
-            f"{world} worker(s), ZeRO-{zero_stage(ds_config)} {precision.name}, "
+            f"{world} worker(s){f' in groups of {sp} splitting each row' if sp > 1 else ''}, "
+            f"ZeRO-{zero_stage(ds_config)} {precision.name}, "
             f"{run.shape.matmul_params / 1e6:.1f}M matmul params, {len(dataset)} rows of {dataset.seq_len}, "
             f"{run.rows_per_step} rows/step ({steps_per_epoch(len(dataset), run.rows_per_step):.1f} steps/epoch), "
             f"{t.max_steps} steps; peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
@@ -343,7 +352,8 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
     with awaited("the all-reduce of the step's token counts", **run.where):
         dist.all_reduce(counts)
     supervised, tokens, stop_votes = counts.tolist()  # one device-to-host copy
-    # DeepSpeed divides each micro-step's gradient by grad_accum and averages over ranks;
+    # DeepSpeed divides each micro-step's gradient by grad_accum and averages over ranks (all
+    # of them: under sequence parallelism each rank's loss is its slice's share);
     # scaling by (grad_accum * world) undoes both so gradients are sum / global supervised.
     scale = t.grad_accum * run.world / max(supervised, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -379,6 +389,7 @@ def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -
     run.heartbeat.beat(step=run.step, phase="checkpoint")
     state = {"step": run.step, "position": run.position, "world_size": run.world,
              "rows_per_step": run.rows_per_step, "data_fingerprint": run.data_id,
+             "sequence_parallel_size": run.cfg.scale.sequence_parallel_size,
              "lora": lora_state(run.cfg)}  # fmt: skip
     ckpt_root = run.out / "checkpoints"
     tag_dir = save_checkpoint(

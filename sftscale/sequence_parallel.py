@@ -1,0 +1,120 @@
+"""Ulysses sequence parallelism (DeepSpeed's Arctic Long Sequence Training), applied to a loaded
+model from outside, like ZeRO-3: the model code is not changed.
+
+    group = sequence_parallel_group(size)                     # collective: consecutive ranks
+    apply_ulysses(model, group=group, attn_implementation="sdpa")
+
+Every group of `size` consecutive ranks works on the same rows, each rank on its 1/size slice of
+the sequence (`Batch.shard`). In every attention layer DeepSpeed's `UlyssesSPAttentionHF`
+exchanges the slices (all-to-all) so that each rank holds all positions for 1/size of the heads,
+runs the core attention there, and exchanges the result back. Everything outside attention
+(embeddings, MLP, norms, logits, loss) works on the rank's own positions only, so activations
+per rank shrink with the group size.
+
+Packed rows stay document-isolated. DeepSpeed's wrapper drops the attention mask, so plain sdpa
+would attend causally over the whole row, across documents. Here the core attention receives the
+whole row's position ids (they restart at every document; the wrapper gathers them) and runs
+once per document (`document_attention`): no document sees another, and no seq x seq mask is
+built. flash_attention_2 separates documents from the same position ids itself (varlen).
+eager is refused by validation: it needs the full 4D mask that SP exists to avoid. (DeepSpeed's
+flex_attention path rebuilds a plain causal mask, which would cross documents: not offered.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Core attentions that stay exact on packed rows under Ulysses (see the module docstring).
+EXACT_ON_PACKED_ROWS = ("sdpa", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class SequenceParallelGroup:
+    size: int
+    rank: int  # within the group: which slice of the sequence this rank holds
+    group: Any  # torch.distributed process group of the `size` ranks
+
+
+def sequence_parallel_group(size: int) -> SequenceParallelGroup:
+    """Collective: ranks [0, size), [size, 2 * size), ... form the groups (consecutive ranks, as
+    DeepSpeed's parallel_state_sp does, so a group stays on one node where it can)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))  # every rank creates every group
+        if first <= rank < first + size:
+            mine = group
+    return SequenceParallelGroup(size=size, rank=rank % size, group=mine)
+
+
+def document_attention(core: Callable) -> Callable:
+    """`core` (a transformers attention function) run once per document of each row.
+
+    Documents start where the whole row's position ids are 0 (collate restarts them at every
+    document; the padding tail is its own segment). Each call gets no mask, so the core is
+    causal within the document and nothing crosses into another one.
+    """
+
+    def attend(module, query, key, value, attention_mask, *args, position_ids, **kwargs):
+        length = query.shape[2]  # [batch, heads, positions, head_dim]
+        rows = []
+        for b in range(query.shape[0]):
+            starts = (position_ids[b] == 0).nonzero().flatten().tolist()
+            bounds = sorted({0, *starts, length})
+            parts = [
+                core(module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
+                     value[b : b + 1, :, s:e], None, *args, **kwargs)[0]
+                for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+            ]  # fmt: skip
+            rows.append(torch.cat(parts, dim=1))  # [1, positions, heads, head_dim]
+        return torch.cat(rows, dim=0), None
+
+    return attend
+
+
+def apply_ulysses(
+    model: torch.nn.Module, *, group: SequenceParallelGroup, attn_implementation: str
+) -> str:
+    """Route the model's attention through DeepSpeed's Ulysses all-to-all over `group`.
+
+    Registers the wrapped attention under its own name and points the model's config at it, so
+    other models in the process keep their attention. Returns that name.
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if attn_implementation not in EXACT_ON_PACKED_ROWS:
+        raise ValueError(f"attention {attn_implementation!r} is not exact on packed rows under "
+                         f"sequence parallelism; use one of {', '.join(EXACT_ON_PACKED_ROWS)}")  # fmt: skip
+    core = ALL_ATTENTION_FUNCTIONS[attn_implementation]
+    if attn_implementation == "sdpa":
+        core = document_attention(core)
+    arch = model.config.get_text_config()
+    head_dim = getattr(arch, "head_dim", None) or arch.hidden_size // arch.num_attention_heads
+    by_batch: dict[int, UlyssesSPAttentionHF] = {}  # DeepSpeed's module fixes the batch size
+
+    def ulysses(module, query, key, value, attention_mask, *args, **kwargs):
+        batch = query.shape[0]
+        if batch not in by_batch:
+            by_batch[batch] = UlyssesSPAttentionHF(
+                attn=core, batch_size=batch, attn_head_count=arch.num_attention_heads,
+                attn_head_size=head_dim, kv_head_count=arch.num_key_value_heads,
+                num_hidden_layers=arch.num_hidden_layers, process_group=group.group,
+                seq_length_is_variable=True,
+            )  # fmt: skip
+        # The mask transformers built (if any) covers the local slice only: dropped, as
+        # DeepSpeed's own wrapper does; documents come from the gathered position ids.
+        return by_batch[batch](module, query, key, value, None, *args, **kwargs)
+
+    name = f"ulysses_{attn_implementation}"
+    AttentionInterface.register(name, ulysses)
+    # Not one of transformers' mask-creating names: no mask is built for the local slice.
+    model.config._attn_implementation = name
+    return name
