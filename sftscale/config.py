@@ -132,12 +132,26 @@ class TrainConfig:
     # Cross-entropy over this many positions at a time, recomputed in backward: the fp32
     # logits and log-softmax of a whole micro-batch are never held at once. 0: in one piece.
     loss_chunk_tokens: int = 1024
+    # Long rows (DeepSpeed ALST's tiling). tiled_logits: the LM head runs on loss_chunk_tokens
+    # positions at a time inside the chunked loss, so the (positions x vocabulary) logits tensor
+    # never exists whole; costs one more head GEMM per chunk in backward (and, under ZeRO-3, a
+    # gather of the head per chunk). mlp_tiles: every MLP computes this many slices of the
+    # sequence at a time, its (positions x intermediate) activations recomputed in backward
+    # (DeepSpeed's TiledMLP; about positions per rank / hidden_size is ALST's rule). 0: off.
+    tiled_logits: bool = False
+    mlp_tiles: int = 0
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _check(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = off)")
+        _check(
+            not self.tiled_logits or self.loss_chunk_tokens > 0,
+            "train.tiled_logits",
+            "needs train.loss_chunk_tokens > 0 (the positions per tile)",
+        )
+        _check(self.mlp_tiles >= 0, "train.mlp_tiles", "must be >= 0 (0 = off)")
 
 
 @dataclass

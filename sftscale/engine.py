@@ -118,6 +118,16 @@ def build_engine(
         name = apply_ulysses(model, group=sequence_parallel_group(sp),
                              attn_implementation=cfg.model.attn_implementation)  # fmt: skip
         log(f"sequence parallel: groups of {sp} ranks split every row; attention {name}")
+    if cfg.train.mlp_tiles > 1:
+        from sftscale.sequence_parallel import tile_mlp
+
+        n = tile_mlp(model, cfg.train.mlp_tiles)
+        if n == 0:
+            raise ValueError(
+                f"train.mlp_tiles: {cfg.model.name_or_path} has no gated MLP (gate_proj, "
+                "up_proj, down_proj) to tile; set train.mlp_tiles=0"
+            )
+        log(f"tiled MLP: {n} MLPs compute {cfg.train.mlp_tiles} slices of the sequence at a time")
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.model.lora is not None:  # adapters whole on every rank; initialize partitions them

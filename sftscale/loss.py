@@ -35,6 +35,31 @@ def token_loss_sum(
     return torch.stack(parts).sum()
 
 
+def tiled_head_loss_sum(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, *, tiles: int
+) -> torch.Tensor:
+    """`token_loss_sum(head(hidden), targets)` without the logits tensor: the positions are
+    split into `tiles` slices (some may be empty) and each slice's logits are computed, reduced
+    and, in backward, recomputed on their own. `head` is called once per slice whatever the
+    slice holds: under ZeRO-3 each call gathers its weight from every rank, so every rank must
+    pass the same `tiles`.
+    """
+    pieces = zip(hidden.flatten(0, 1).tensor_split(tiles), targets.flatten().tensor_split(tiles),
+                 strict=True)  # fmt: skip
+    if not torch.is_grad_enabled():
+        return torch.stack([_head_ce_sum(head, h, t) for h, t in pieces]).sum()
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(_head_ce_sum, head, h, t, use_reentrant=False) for h, t in pieces]
+    return torch.stack(parts).sum()
+
+
+def _head_ce_sum(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    return _ce_sum(head(hidden), targets)
+
+
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"

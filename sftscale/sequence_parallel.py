@@ -118,3 +118,30 @@ def apply_ulysses(
     # Not one of transformers' mask-creating names: no mask is built for the local slice.
     model.config._attn_implementation = name
     return name
+
+
+def tile_mlp(model: torch.nn.Module, tiles: int) -> int:
+    """Every gated MLP (gate/up/down projections: Llama, Qwen2, Mistral) computes `tiles` slices
+    of the sequence at a time with DeepSpeed's TiledMLP, which recomputes each slice in
+    backward: the (positions x intermediate_size) activations exist for one slice at a time.
+    Returns how many MLPs were tiled.
+
+    Under ZeRO-3 each slice gathers the MLP's weights, so every rank must cut the same number
+    of slices and TiledMLP needs them equal: rows are padded to a multiple of `tiles` positions
+    per rank (see train.row_multiple).
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    count = 0
+    for module in model.modules():
+        if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        whole = module.forward  # the model's own forward, bound to this MLP
+        params = list(module.parameters())  # TiledMLP holds their gradients until the last slice
+
+        def tiled(x, _whole=whole, _module=module, _params=params):
+            return TiledMLP.apply(lambda _self, part: _whole(part), _module, x, tiles, _params)
+
+        module.forward = tiled
+        count += 1
+    return count

@@ -57,7 +57,7 @@ from sftscale.flops import ModelShape, device_peak_flops, doc_flops
 from sftscale.heartbeat import Heartbeat, awaited
 from sftscale.jit_locks import use_environment_ninja, watch_build_locks
 from sftscale.lora import ADAPTER_NAME
-from sftscale.loss import token_loss_sum
+from sftscale.loss import tiled_head_loss_sum, token_loss_sum
 from sftscale.metrics import (
     MetricsLogger,
     Window,
@@ -74,6 +74,35 @@ from sftscale.validate import lora_state
 # full anyway; unpacked rows would otherwise pay for padding up to seq_len). 64 cost ~9% extra
 # compute on single unpacked documents (bench: llama-100m, micro 1); 8 keeps tensor-core shapes.
 PAD_MULTIPLE = 8
+
+
+def row_multiple(cfg: Config) -> int:
+    """Micro-batches are padded to a multiple of this many positions: PAD_MULTIPLE, and whole
+    equal slices for each rank of a sequence-parallel group and each tile of a tiled MLP."""
+    return math.lcm(PAD_MULTIPLE, cfg.scale.sequence_parallel_size * max(cfg.train.mlp_tiles, 1))
+
+
+def loss_sum(engine, batch: Batch, cfg: Config, *, rows: int, seq_len: int) -> torch.Tensor:
+    """The summed token loss of this rank's part of `batch` (forward only).
+
+    With train.tiled_logits the model returns its last hidden states and the LM head runs tile
+    by tile inside the loss. The tile count follows from the largest micro-batch any rank can
+    hold (`rows` rows of `seq_len`, this rank's slice of them), so it is the same on every rank.
+    """
+    # use_cache=False is load-bearing: with a KV cache, transformers does not detect the
+    # packed rows from position_ids and attention would cross document boundaries.
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+    t = cfg.train
+    if not t.tiled_logits:
+        logits = engine(**inputs).logits
+        return token_loss_sum(logits, batch.targets, chunk_tokens=t.loss_chunk_tokens)
+    # logits_to_keep: an empty index, so the model's own head computes nothing
+    out = engine(
+        **inputs, output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long)
+    )
+    tiles = math.ceil(rows * seq_len / cfg.scale.sequence_parallel_size / t.loss_chunk_tokens)
+    return tiled_head_loss_sum(out.hidden_states[-1], engine.module.get_output_embeddings(),
+                               batch.targets, tiles=tiles)  # fmt: skip
 
 
 @dataclass
@@ -122,7 +151,7 @@ def plan_step(
             [dataset.row(int(i)) for i in rows],
             seq_len=dataset.seq_len,
             pad_id=pad_id,
-            pad_to_multiple_of=math.lcm(PAD_MULTIPLE, sp),
+            pad_to_multiple_of=row_multiple(cfg),
         ).shard(rank % sp, sp)
         for rows in per_rank[rank // sp]
     ]
@@ -161,14 +190,12 @@ def evaluate(
                 [eval_set.row(i) for i in (rows or [0])],
                 seq_len=eval_set.seq_len,
                 pad_id=pad_id,
-                pad_to_multiple_of=math.lcm(PAD_MULTIPLE, sp),
+                pad_to_multiple_of=row_multiple(cfg),
             )
             batch = batch.shard(rank % sp, sp).to(engine.device)
-            logits = engine(
-                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-            ).logits
+            loss = loss_sum(engine, batch, cfg, rows=m, seq_len=eval_set.seq_len)
             if rows:
-                sums[0] += token_loss_sum(logits, batch.targets).double()
+                sums[0] += loss.double()
                 sums[1] += batch.num_supervised
     engine.train()
     dist.all_reduce(sums)  # collective
@@ -373,15 +400,11 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
 
 def micro_step(run: Run, batch: Batch, *, scale: float) -> torch.Tensor:
     """Forward + backward of one micro-batch; returns its summed token loss (detached)."""
-    # use_cache=False is load-bearing: with a KV cache, transformers does not detect the
-    # packed rows from position_ids and attention would cross document boundaries.
-    logits = run.engine(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-    ).logits
-    loss_sum = token_loss_sum(logits, batch.targets, chunk_tokens=run.cfg.train.loss_chunk_tokens)
-    run.engine.backward(loss_sum * scale)
+    total = loss_sum(run.engine, batch, run.cfg, rows=run.cfg.train.micro_batch_size,
+                     seq_len=run.dataset.seq_len)  # fmt: skip
+    run.engine.backward(total * scale)
     run.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-    return loss_sum.detach().double()
+    return total.detach().double()
 
 
 def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -> None:

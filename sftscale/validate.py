@@ -77,7 +77,8 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     if cfg.model.lora is not None:
         _check_lora(cfg)
     if cfg.scale.sequence_parallel_size > 1:
-        _check_sequence_parallel(cfg, mcfg, manifest, world_size)
+        _check_sequence_parallel(cfg, mcfg, world_size)
+    _check_row_slices(cfg, manifest)
     for flag, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if getattr(cfg.logging, flag) and importlib.util.find_spec(module) is None:
             raise ConfigError(
@@ -112,7 +113,7 @@ def _check_lora(cfg: Config) -> None:
         )
 
 
-def _check_sequence_parallel(cfg: Config, mcfg: Any, manifest: Manifest, world: int) -> None:
+def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int) -> None:
     from sftscale.sequence_parallel import EXACT_ON_PACKED_ROWS
 
     sp, key = cfg.scale.sequence_parallel_size, "scale.sequence_parallel_size"
@@ -125,23 +126,30 @@ def _check_sequence_parallel(cfg: Config, mcfg: Any, manifest: Manifest, world: 
     if kv % sp and sp % kv:
         raise ConfigError(f"{key}={sp}: the model's {kv} key/value heads neither split over {sp} "
                           f"ranks nor replicate to them; use a divisor or a multiple of {kv}")  # fmt: skip
-    seq_lens = [("data.path", manifest.seq_len)]
-    if cfg.eval.path:
-        ev = (
-            read_remote_manifest(cfg.eval.path)
-            if is_uri(cfg.eval.path)
-            else read_manifest(cfg.eval.path)
-        )
-        seq_lens.append(("eval.path", ev.seq_len))
-    for where, seq_len in seq_lens:
-        if seq_len % sp:
-            raise ConfigError(f"{where}: seq_len {seq_len} does not split into {sp} equal slices; "
-                              f"prepare it with a --seq-len that is a multiple of {key}")  # fmt: skip
     impl = cfg.model.attn_implementation
     if impl not in EXACT_ON_PACKED_ROWS:
         raise ConfigError(f"model.attn_implementation={impl} with {key}={sp} needs a full seq x "
                           "seq mask, which sequence parallelism exists to avoid; use sdpa (one "
                           "attention call per document) or flash_attention_2 on GPUs")  # fmt: skip
+
+
+def _check_row_slices(cfg: Config, manifest: Manifest) -> None:
+    """Rows must cut into equal slices: one per rank of a sequence-parallel group, and each of
+    those into train.mlp_tiles tiles."""
+    sp, tiles = cfg.scale.sequence_parallel_size, max(cfg.train.mlp_tiles, 1)
+    if sp * tiles == 1:
+        return
+    seq_lens = [("data.path", manifest.seq_len)]
+    if cfg.eval.path:
+        ev = (read_remote_manifest(cfg.eval.path) if is_uri(cfg.eval.path)
+              else read_manifest(cfg.eval.path))  # fmt: skip
+        seq_lens.append(("eval.path", ev.seq_len))
+    for where, seq_len in seq_lens:
+        if seq_len % (sp * tiles):
+            raise ConfigError(f"{where}: seq_len {seq_len} does not split into {sp * tiles} equal "
+                              f"slices (scale.sequence_parallel_size={sp} x train.mlp_tiles="
+                              f"{tiles}); prepare it with a --seq-len that is a multiple of "
+                              f"{sp * tiles}")  # fmt: skip
 
 
 def _check_resume_data(cfg: Config, manifest: Manifest) -> None:

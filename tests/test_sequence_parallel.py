@@ -107,8 +107,9 @@ def _losses(cfg):
 @pytest.mark.distributed
 def test_ray_sp2_run_resumed_with_sp1_matches_an_uninterrupted_run(tmp_path, prepared_dir):
     """SP=1 on one worker throughout, against 2 Ray workers with SP=2 (one group: the same
-    global batch of 2 rows) for half the steps, resumed on one local worker with SP=1 (the
-    universal checkpoint) for the rest: losses and final weights within fp32 tolerance."""
+    global batch of 2 rows), tiled MLP and tiled logits for half the steps, resumed on one
+    local worker with SP=1 and no tiling (the universal checkpoint) for the rest: losses and
+    final weights within fp32 tolerance."""
     from transformers import AutoModelForCausalLM
 
     from sftscale.checkpoint import latest_checkpoint, read_state
@@ -117,7 +118,8 @@ def test_ray_sp2_run_resumed_with_sp1_matches_an_uninterrupted_run(tmp_path, pre
     base = _cfg(tmp_path, prepared_dir, "sp1")
     _train_local(base)
     cfg = _cfg(tmp_path, prepared_dir, "sp2", "scale.num_workers=2",
-               "scale.sequence_parallel_size=2", f"train.max_steps={STEPS // 2}")  # fmt: skip
+               "scale.sequence_parallel_size=2", f"train.max_steps={STEPS // 2}",
+               "train.mlp_tiles=2", "train.tiled_logits=true", "train.loss_chunk_tokens=32")  # fmt: skip
     run(cfg, local=False)
     state = read_state(latest_checkpoint(cfg.run_dir / "checkpoints"))
     assert state["sequence_parallel_size"] == 2 and state["step"] == STEPS // 2
