@@ -118,6 +118,10 @@ def build_engine(
         name = apply_ulysses(model, group=sequence_parallel_group(sp),
                              attn_implementation=cfg.model.attn_implementation)  # fmt: skip
         log(f"sequence parallel: groups of {sp} ranks split every row; attention {name}")
+    elif cfg.model.attn_implementation == "sdpa":  # packed rows: one sdpa call per document
+        from sftscale.sequence_parallel import apply_document_attention
+
+        apply_document_attention(model)
     if cfg.train.mlp_tiles > 1:
         from sftscale.sequence_parallel import tile_mlp
 

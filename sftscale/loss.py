@@ -27,10 +27,12 @@ def token_loss_sum(
         return _ce_sum(flat_logits, flat_targets)
     from torch.utils.checkpoint import checkpoint
 
+    # split, not slicing: the backward of one split is one concatenation, where each slice's
+    # backward would add a whole-logits gradient (quadratic in the positions)
     parts = [
-        checkpoint(_ce_sum, flat_logits[i : i + chunk_tokens], flat_targets[i : i + chunk_tokens],
-                   use_reentrant=False)
-        for i in range(0, n, chunk_tokens)
+        checkpoint(_ce_sum, logits_part, targets_part, use_reentrant=False)
+        for logits_part, targets_part in zip(flat_logits.split(chunk_tokens),
+                                             flat_targets.split(chunk_tokens), strict=True)
     ]  # fmt: skip
     return torch.stack(parts).sum()
 
@@ -44,8 +46,10 @@ def tiled_head_loss_sum(
     slice holds: under ZeRO-3 each call gathers its weight from every rank, so every rank must
     pass the same `tiles`.
     """
-    pieces = zip(hidden.flatten(0, 1).tensor_split(tiles), targets.flatten().tensor_split(tiles),
-                 strict=True)  # fmt: skip
+    n = targets.numel()
+    sizes = [n // tiles + (i < n % tiles) for i in range(tiles)]  # tensor_split's sizes
+    # split (one concatenation in backward), not slices (a whole-row gradient each)
+    pieces = zip(hidden.flatten(0, 1).split(sizes), targets.flatten().split(sizes), strict=True)
     if not torch.is_grad_enabled():
         return torch.stack([_head_ce_sum(head, h, t) for h, t in pieces]).sum()
     from torch.utils.checkpoint import checkpoint

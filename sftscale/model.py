@@ -21,7 +21,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     name: dict(zip(_PRESET_FIELDS, values, strict=True))
     for name, values in {
         "tiny-llama": ("llama", 64, 176, 2, 4, 2, 2048, None, False, 1e4),
-        "small-llama": ("llama", 256, 688, 4, 8, 4, 2048, None, False, 1e4),
+        "small-llama": ("llama", 256, 688, 4, 8, 4, 131072, None, False, 1e4),  # long rows too
         # ~100M parameters with a tokenizer-sized vocabulary: the CPU benchmark's larger model
         "llama-100m": ("llama", 768, 2560, 12, 12, 4, 4096, None, False, 1e4),
         "tiny-qwen2": ("qwen2", 64, 176, 2, 4, 2, 2048, None, True, 1e4),

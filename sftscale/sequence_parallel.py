@@ -1,8 +1,10 @@
-"""Ulysses sequence parallelism (DeepSpeed's Arctic Long Sequence Training), applied to a loaded
-model from outside, like ZeRO-3: the model code is not changed.
+"""Ulysses sequence parallelism (DeepSpeed's Arctic Long Sequence Training) and per-document
+attention, applied to a loaded model from outside, like ZeRO-3: the model code is not changed.
 
     group = sequence_parallel_group(size)                     # collective: consecutive ranks
     apply_ulysses(model, group=group, attn_implementation="sdpa")
+    apply_document_attention(model)                           # without SP (sdpa)
+    tile_mlp(model, tiles)                                    # DeepSpeed's TiledMLP
 
 Every group of `size` consecutive ranks works on the same rows, each rank on its 1/size slice of
 the sequence (`Batch.shard`). In every attention layer DeepSpeed's `UlyssesSPAttentionHF`
@@ -61,21 +63,42 @@ def document_attention(core: Callable) -> Callable:
     causal within the document and nothing crosses into another one.
     """
 
-    def attend(module, query, key, value, attention_mask, *args, position_ids, **kwargs):
+    def attend(module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
+        if position_ids is None:  # not a packed row: one document
+            return core(module, query, key, value, attention_mask, *args, **kwargs)
         length = query.shape[2]  # [batch, heads, positions, head_dim]
         rows = []
-        for b in range(query.shape[0]):
+        # split, not per-document slicing: the backward of one split is one concatenation,
+        # where each slice's backward would add a whole-row gradient (quadratic in the row)
+        for b, (q, k, v) in enumerate(zip(*(t.split(1) for t in (query, key, value)), strict=True)):
             starts = (position_ids[b] == 0).nonzero().flatten().tolist()
             bounds = sorted({0, *starts, length})
-            parts = [
-                core(module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
-                     value[b : b + 1, :, s:e], None, *args, **kwargs)[0]
-                for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-            ]  # fmt: skip
+            sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+            parts = [core(module, qd, kd, vd, None, *args, **kwargs)[0]
+                     for qd, kd, vd in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2),
+                                           strict=True)]  # fmt: skip
             rows.append(torch.cat(parts, dim=1))  # [1, positions, heads, head_dim]
         return torch.cat(rows, dim=0), None
 
     return attend
+
+
+def apply_document_attention(model: torch.nn.Module) -> str:
+    """Without sequence parallelism: sdpa once per document of each row, as under SP.
+
+    transformers' own sdpa path on packed rows builds a (positions x positions) mask per row
+    and sdpa then runs its masked kernel over the whole row: quadratic in the row's length in
+    memory and compute. Per document, each call is causal without a mask (the flash kernel
+    where the device has one) and costs the document's own square
+    (benchmarks/results/long_context.md). Returns the registered attention name.
+    """
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = "sdpa_per_document"
+    AttentionInterface.register(name, document_attention(ALL_ATTENTION_FUNCTIONS["sdpa"]))
+    model.config._attn_implementation = name  # not a mask-building name: no mask is built
+    return name
 
 
 def apply_ulysses(

@@ -67,6 +67,8 @@ class Point:
     offload: str = "none"  # none | optimizer | params (CPU offload, ZeRO-3)
     gradient_checkpointing: bool = True
     packing: str = "packed"  # packed (BFD rows of seq_len) | padded (one document per row)
+    sequence_parallel_size: int = 1  # Ulysses groups of this many ranks split each row
+    tiled: bool = False  # train.tiled_logits and train.mlp_tiles (see mlp_tiles)
 
     def __post_init__(self) -> None:
         if (self.zero_stage, self.offload) not in TEMPLATES:
@@ -85,12 +87,21 @@ class Point:
     def id(self) -> str:
         gc = "gc" if self.gradient_checkpointing else "nogc"
         off = "" if self.offload == "none" else f"-off{self.offload}"
-        return f"{self.preset}-s{self.seq_len}-m{self.micro_batch_size}-z{self.zero_stage}{off}-{gc}-{self.packing}"
+        sp = f"-sp{self.sequence_parallel_size}" if self.sequence_parallel_size > 1 else ""
+        tiled = "-tiled" if self.tiled else ""
+        return (f"{self.preset}-s{self.seq_len}-m{self.micro_batch_size}-z{self.zero_stage}{off}-"
+                f"{gc}-{self.packing}{sp}{tiled}")  # fmt: skip
+
+    @property
+    def mlp_tiles(self) -> int:
+        """Tiles of a tiled MLP: one per 4096 positions a rank holds (at least 2)."""
+        return max(2, self.seq_len // self.sequence_parallel_size // 4096) if self.tiled else 0
 
     @property
     def baseline(self) -> Point:
-        """The baseline's point: the Trainer pads documents whatever our packing."""
-        return dataclasses.replace(self, packing="padded")
+        """The baseline's point: the Trainer pads documents whatever our packing, and knows
+        neither sequence parallelism nor tiling."""
+        return dataclasses.replace(self, packing="padded", sequence_parallel_size=1, tiled=False)
 
 
 @dataclass(frozen=True)
@@ -319,9 +330,13 @@ class Bench:
             "data": {"path": str(self.data_dir(point.seq_len, point.packing)), "seed": 0},
             "optim": {"lr": 3e-4, "warmup_steps": 0, "schedule": "constant"},
             "train": {"micro_batch_size": point.micro_batch_size, "grad_accum": 1,
-                      "max_steps": self.grid.warmup_steps + self.grid.steps, "seed": 0},
+                      "max_steps": self.grid.warmup_steps + self.grid.steps, "seed": 0,
+                      "tiled_logits": point.tiled, "mlp_tiles": point.mlp_tiles},
             "deepspeed": {"template": point.template, "precision": "bf16"},
-            "scale": {"use_gpu": self.device["kind"] == "gpu"},  # else local mode pins DeepSpeed to CPU
+            # use_gpu false: local mode pins DeepSpeed to CPU
+            "scale": {"use_gpu": self.device["kind"] == "gpu",
+                      "num_workers": self.nproc,
+                      "sequence_parallel_size": point.sequence_parallel_size},
             "checkpoint": {"at_end": False, "export": False, "resume": False},
             "logging": {"output_dir": str(run_dir.parent), "run_name": run_dir.name,
                         "every_n_steps": 1, "tensorboard": False, "progress_bar": False},
