@@ -58,7 +58,7 @@ def test_sp2_matches_sp1_on_packed_rows_and_no_document_sees_another(tmp_path):
     """2 ranks (gloo, fp32), two packed rows of 3 documents (the slice boundary inside one, a
     padding tail in the other), gradient checkpointing on: see tests/scripts/sp_exactness.py."""
     out = tmp_path / "sp.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(SCRIPTS / "sp_exactness.py"), str(out)],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -148,6 +148,39 @@ GRIDS = {
         conversations=4000,
         description="tiny-llama and llama-100m on 2 CPU ranks",
     ),
+    # Peak memory per rank against row length, without and with sequence parallelism and
+    # tiling (benchmarks/long_context.py reads it): micro-batch 1, one row per rank or group.
+    "cpu-long": Grid(
+        base=Point("small-llama", seq_len=4096, micro_batch_size=1),
+        variations=tuple(
+            {"seq_len": s, "sequence_parallel_size": sp, "tiled": tiled}
+            for sp, tiled, lengths in (
+                (1, False, (4096, 8192, 16384, 32768, 65536)),
+                (2, False, (4096, 8192, 16384, 32768, 65536, 131072)),
+                (2, True, (4096, 8192, 16384, 32768, 65536, 131072)),
+            )
+            for s in lengths
+        ),  # fmt: skip
+        warmup_steps=1,
+        steps=2,
+        conversations=4000,
+        description="small-llama rows of 4k-128k positions on 2 CPU ranks: SP=1, SP=2, SP=2 tiled",
+    ),
+    "gpu-long": Grid(
+        base=Point(
+            "llama-3.1-8b", seq_len=32768, micro_batch_size=1, sequence_parallel_size=8, tiled=True
+        ),
+        variations=(
+            {"seq_len": 65536},
+            {"seq_len": 131072},
+            {"tiled": False},
+            {"sequence_parallel_size": 1},
+        ),  # fmt: skip
+        warmup_steps=3,
+        steps=10,
+        conversations=40000,
+        description="Llama-3.1-8B shape, rows of 32k-128k positions, Ulysses SP=8 (ALST) on 8 GPUs",
+    ),
     "gpu": Grid(
         base=Point("llama-3.2-1b", seq_len=4096, micro_batch_size=1),
         variations=(

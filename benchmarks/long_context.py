@@ -1,0 +1,191 @@
+"""Long rows: peak memory per rank against row length for SP=1, SP=2 and SP=2 with tiling
+(`sftscale bench --grid cpu-long`, 2 ranks, ZeRO-3), the slope of each and the longest row that
+trains within a per-rank memory budget; and per-document attention against transformers' masked
+sdpa on one packed row (fresh processes, same model and row).
+
+    .venv/bin/python benchmarks/long_context.py [--budget-gib 1.5] [--workdir /tmp/long_bench]
+    .venv/bin/python benchmarks/long_context.py --report-only    # tables from the last run
+
+Writes benchmarks/results/long_context.{md,json} (and the suite's runs in
+benchmarks/results/bench-cpu-long/). Peak memory is the worst rank's peak RSS (ru_maxrss), so
+it includes what the process holds before training (interpreter, libraries, model states):
+the slope is what a longer row costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SERIES = {(1, False): "SP=1", (2, False): "SP=2", (2, True): "SP=2 + tiled MLP and logits"}
+
+ATTENTION_CHILD = r"""
+import json, resource, sys, time
+import numpy as np, torch
+from transformers import AutoModelForCausalLM
+from sftscale.data import collate
+from sftscale.loss import token_loss_sum
+from sftscale.model import enable_gradient_checkpointing, model_config
+from sftscale.precision import device_native_bf16
+from sftscale.sequence_parallel import apply_document_attention
+seq, how = int(sys.argv[1]), sys.argv[2]
+dtype = torch.bfloat16 if device_native_bf16(cuda=False)[0] else torch.float32
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(model_config("small-llama", vocab_size=4000)).to(dtype)
+model.train()
+enable_gradient_checkpointing(model)
+if how == "per_document":
+    apply_document_attention(model)
+rng = np.random.default_rng(0)
+lens = rng.integers(100, 1200, size=seq // 100)  # documents of 100-1200 tokens fill the row
+lens = lens[: np.searchsorted(np.cumsum(lens), seq)]
+lens = np.append(lens, seq - lens.sum())
+row = (rng.integers(3, 4000, size=seq), np.ones(seq, dtype=np.int8), lens)
+batch = collate([row], seq_len=seq, pad_id=0)
+def step():
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    loss = token_loss_sum(logits, batch.targets, chunk_tokens=1024)
+    loss.backward()
+    return loss.item()
+step()  # warm-up
+t0 = time.perf_counter()
+loss = step()
+print(json.dumps({"seq_len": seq, "attention": how, "documents": len(lens), "dtype": str(dtype),
+                  "loss": loss, "seconds": time.perf_counter() - t0,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_grid(workdir: Path) -> None:
+    cmd = [sys.executable, "-m", "sftscale", "bench", "--grid", "cpu-long", "--no-baseline",
+           "--out", str(RESULTS / "bench-cpu-long"), "--workdir", str(workdir)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+
+
+def attention_runs(lengths: list[int]) -> list[dict]:
+    out = []
+    for seq in lengths:
+        for how in ("masked", "per_document"):  # masked: transformers' own packed-row path
+            env = {"OMP_NUM_THREADS": "1", **__import__("os").environ}
+            proc = subprocess.run([sys.executable, "-c", ATTENTION_CHILD, str(seq), how],
+                                  capture_output=True, text=True, env=env)  # fmt: skip
+            if proc.returncode != 0:
+                out.append({"seq_len": seq, "attention": how, "error": proc.stderr[-500:]})
+            else:
+                out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(out[-1], flush=True)
+    return out
+
+
+def series() -> dict[str, list[tuple[int, int, float]]]:
+    """(seq_len, worst rank's peak bytes, s/step) per series, from the grid's run records."""
+    out: dict[str, list[tuple[int, int, float]]] = {name: [] for name in SERIES.values()}
+    for f in sorted((RESULTS / "bench-cpu-long").glob("*.sftscale.json")):
+        rec = json.loads(f.read_text())
+        p, fig = rec["point"], rec["figures"]
+        if "error" in fig:
+            continue
+        name = SERIES[(p["sequence_parallel_size"], p["tiled"])]
+        out[name].append((p["seq_len"], fig["peak_memory_bytes"], fig["step_time_s"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def slope(points: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """Least-squares (bytes per position, intercept bytes) of peak memory on row length."""
+    n = len(points)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    return b, my - b * mx
+
+
+def report(budget: float, attention: list[dict]) -> str:
+    data = series()
+    gib = 2**30
+    lines = [
+        "# Long rows: memory per rank against row length (`benchmarks/long_context.py`)",
+        "",
+        "`sftscale bench --grid cpu-long --no-baseline`: small-llama (hidden 256, 4 layers, 8 heads, "
+        "vocabulary ~4k), 2 CPU ranks, ZeRO-3, bf16 where the CPU has it, gradient checkpointing, "
+        "packed rows of the synthetic corpus, micro-batch 1 (SP=1: one row per rank; SP=2: one row "
+        "per group of 2), 1 warm-up + 2 measured steps per point. Peak = the worst rank's peak RSS.",
+        "",
+        "| row length | " + " | ".join(f"{n}: peak GiB (s/step)" for n in data) + " |",
+        "|---|" + "---|" * len(data),
+    ]
+    lengths = sorted({p[0] for pts in data.values() for p in pts})
+    for seq in lengths:
+        cells = []
+        for pts in data.values():
+            hit = [p for p in pts if p[0] == seq]
+            cells.append(f"{hit[0][1] / gib:.2f} ({hit[0][2]:.1f})" if hit else "-")
+        lines.append(f"| {seq} | " + " | ".join(cells) + " |")
+    lines += ["", "| series | slope (MiB per 1k positions) | ratio to SP=1 | longest measured row "
+              f"within {budget:g} GiB per rank | fit's longest row within it |", "|---|---|---|---|---|"]  # fmt: skip
+    base = None
+    summary = {}
+    for name, pts in data.items():
+        if len(pts) < 2:
+            continue
+        b, a = slope(pts)
+        base = base or b
+        fits = [p[0] for p in pts if p[1] <= budget * gib]
+        predicted = int((budget * gib - a) / b) if b > 0 else None
+        summary[name] = {"bytes_per_position": b, "intercept_bytes": a,
+                         "longest_measured_within_budget": max(fits) if fits else None,
+                         "fit_longest_within_budget": predicted}  # fmt: skip
+        lines.append(f"| {name} | {b * 1024 / 2**20:.1f} | {b / base:.2f} | "
+                     f"{max(fits) if fits else 'none'} | {predicted} |")  # fmt: skip
+    if attention:
+        lines += ["", "## Per-document attention against transformers' masked sdpa (one packed row)", "",
+                  "Fresh process per run, 1 thread, small-llama, gradient checkpointing, one "
+                  "forward + backward after a warm-up, documents of 100-1200 tokens filling the row.", "",
+                  "| row length | documents | masked: s | per document: s | speed-up | masked: peak GiB | per document: peak GiB | relative loss difference |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for seq in sorted({r["seq_len"] for r in attention}):
+            m = next(r for r in attention if r["seq_len"] == seq and r["attention"] == "masked")
+            d = next(
+                r for r in attention if r["seq_len"] == seq and r["attention"] == "per_document"
+            )
+            if "error" in m or "error" in d:
+                lines.append(f"| {seq} | failed: {(m.get('error') or d.get('error'))[-120:]!r} |")
+                continue
+            lines.append(f"| {seq} | {d['documents']} | {m['seconds']:.2f} | {d['seconds']:.2f} | "
+                         f"{m['seconds'] / d['seconds']:.1f}x | {m['peak_rss_bytes'] / gib:.2f} | "
+                         f"{d['peak_rss_bytes'] / gib:.2f} | {abs(m['loss'] - d['loss']) / abs(m['loss']):.1e} |")  # fmt: skip
+    (RESULTS / "long_context.json").write_text(json.dumps(
+        {"budget_gib": budget, "series": data, "summary": summary, "attention": attention}, indent=1
+    ) + "\n")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--budget-gib", type=float, default=1.5)
+    ap.add_argument("--workdir", default="/tmp/long_bench")
+    ap.add_argument("--attention-lengths", type=int, nargs="*", default=[4096, 8192, 16384])
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    attention = []
+    if args.report_only:
+        saved = RESULTS / "long_context.json"
+        attention = json.loads(saved.read_text())["attention"] if saved.is_file() else []
+    else:
+        attention = attention_runs(args.attention_lengths)
+        run_grid(Path(args.workdir))
+    text = report(args.budget_gib, attention)
+    (RESULTS / "long_context.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
