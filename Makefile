@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/python -m sftscale.demo --workdir runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

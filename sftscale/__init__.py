@@ -13,8 +13,11 @@ schema, prepare, inspect, console, synthetic):
     precision    deepspeed.precision=auto: bf16 where the device computes it natively
     model        Hugging Face models unmodified: presets, loading, vocabulary growth
     lora         peft LoRA adapters on a ZeRO-3 base: init, gathered adapter export, merge
+    sequence_parallel  Ulysses SP (DeepSpeed ALST) and per-document attention on packed rows,
+                 TiledMLP
+    storage      object-storage URIs: checked, bounded node-local copies of shards
     data         the shard reader: global order, rank assignment, collation, fingerprint
-    loss         summed token cross-entropy in fp32, chunked
+    loss         summed token cross-entropy in fp32, chunked; the LM head tiled into it
     optim        learning-rate schedule and parameter groups
     flops        model / hardware FLOPs and the measured device peak (MFU, HFU)
     metrics      metrics.jsonl / TensorBoard / W&B / MLflow, the throughput record

@@ -85,7 +85,8 @@ def _cfg(tmp_path, prepared_dir, name, *extra):
         "model.name_or_path=tiny-llama", f"data.path={prepared_dir}", "deepspeed.precision=fp32",
         "optim.lr=2e-3", "optim.schedule=constant", "train.micro_batch_size=2",
         f"train.max_steps={STEPS}", "checkpoint.every_n_steps=3", f"logging.output_dir={tmp_path}",
-        f"logging.run_name={name}", "logging.tensorboard=false", *extra,
+        f"logging.run_name={name}", "logging.tensorboard=false", f"eval.path={prepared_dir}",
+        "eval.every_n_steps=6", "eval.max_rows=5", "eval.micro_batch_size=2", *extra,
     ])  # fmt: skip
 
 
@@ -99,20 +100,21 @@ def _train_local(cfg):
     return proc.stdout
 
 
-def _losses(cfg):
+def _losses(cfg, key="loss"):
     lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    return [r[key] for r in map(json.loads, lines) if key in r]
 
 
 @pytest.mark.distributed
 def test_ray_sp2_run_resumed_with_sp1_matches_an_uninterrupted_run(tmp_path, prepared_dir):
     """SP=1 on one worker throughout, against 2 Ray workers with SP=2 (one group: the same
     global batch of 2 rows), tiled MLP and tiled logits for half the steps, resumed on one
-    local worker with SP=1 and no tiling (the universal checkpoint) for the rest: losses and
-    final weights within fp32 tolerance."""
+    local worker with SP=1 and no tiling (the universal checkpoint) for the rest: losses, eval
+    losses and final weights within fp32 tolerance."""
     from transformers import AutoModelForCausalLM
 
-    from sftscale.checkpoint import latest_checkpoint, read_state
+    from sftscale.checkpoint import latest_checkpoint, read_ledger, read_state
+    from sftscale.data import PackedDataset, stream_rows
     from sftscale.launch import run
 
     base = _cfg(tmp_path, prepared_dir, "sp1")
@@ -131,6 +133,17 @@ def test_ray_sp2_run_resumed_with_sp1_matches_an_uninterrupted_run(tmp_path, pre
     rel = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
     print(f"SP=2 then SP=1 against SP=1: max relative loss difference {rel:.2e}")
     assert rel <= 1e-5
+    # held-out loss (5 rows in batches of 2, so a last batch of 1) at step 6 under SP=2 and at
+    # step 12 after the resume
+    ea, eb = _losses(base, "eval_loss"), _losses(cfg, "eval_loss")
+    assert len(ea) == len(eb) == 2
+    assert max(abs(x - y) / x for x, y in zip(ea, eb, strict=True)) <= 1e-5, (ea, eb)
+    # the sample ledger: every position of the stream once, none skipped, across the switch
+    ledger = read_ledger(cfg.run_dir / "ledger")
+    _, rows = stream_rows(0, 2 * STEPS, num_rows=len(PackedDataset(prepared_dir)), seed=0,
+                          shuffle=True)  # fmt: skip
+    assert ledger[:, 0].tolist() == [s for s in range(1, STEPS + 1) for _ in range(2)]
+    assert ledger[:, 2].tolist() == rows.tolist()
     wa, wb = (dict(AutoModelForCausalLM.from_pretrained(str(c.run_dir / "export"),
                                                         dtype=torch.float32).named_parameters())
               for c in (base, cfg))  # fmt: skip
