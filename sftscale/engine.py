@@ -119,9 +119,10 @@ def build_engine(
                              attn_implementation=cfg.model.attn_implementation)  # fmt: skip
         log(f"sequence parallel: groups of {sp} ranks split every row; attention {name}")
     elif cfg.model.attn_implementation == "sdpa":  # packed rows: one sdpa call per document
-        from sftscale.sequence_parallel import apply_document_attention
+        from sftscale.sequence_parallel import apply_document_attention, sliding_window
 
-        apply_document_attention(model)
+        if sliding_window(model.config) is None:  # else transformers' mask keeps the window
+            apply_document_attention(model)
     if cfg.train.mlp_tiles > 1:
         from sftscale.sequence_parallel import tile_mlp
 

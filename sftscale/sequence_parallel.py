@@ -83,6 +83,16 @@ def document_attention(core: Callable) -> Callable:
     return attend
 
 
+def sliding_window(config: Any) -> int | None:
+    """The model's attention window when it has one (Mistral v0.1, Qwen2 with
+    use_sliding_window): per-document causal attention is exact only for documents no longer
+    than it."""
+    text = config.get_text_config()
+    if text.model_type == "qwen2" and not getattr(text, "use_sliding_window", False):
+        return None
+    return getattr(text, "sliding_window", None)
+
+
 def apply_document_attention(model: torch.nn.Module) -> str:
     """Without sequence parallelism: sdpa once per document of each row, as under SP.
 

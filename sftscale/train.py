@@ -82,7 +82,7 @@ def row_multiple(cfg: Config) -> int:
     return math.lcm(PAD_MULTIPLE, cfg.scale.sequence_parallel_size * max(cfg.train.mlp_tiles, 1))
 
 
-def loss_sum(engine, batch: Batch, cfg: Config, *, rows: int, seq_len: int) -> torch.Tensor:
+def forward_loss_sum(engine, batch: Batch, cfg: Config, *, rows: int, seq_len: int) -> torch.Tensor:
     """The summed token loss of this rank's part of `batch` (forward only).
 
     With train.tiled_logits the model returns its last hidden states and the LM head runs tile
@@ -193,7 +193,7 @@ def evaluate(
                 pad_to_multiple_of=row_multiple(cfg),
             )
             batch = batch.shard(rank % sp, sp).to(engine.device)
-            loss = loss_sum(engine, batch, cfg, rows=m, seq_len=eval_set.seq_len)
+            loss = forward_loss_sum(engine, batch, cfg, rows=m, seq_len=eval_set.seq_len)
             if rows:
                 sums[0] += loss.double()
                 sums[1] += batch.num_supervised
@@ -400,7 +400,7 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
 
 def micro_step(run: Run, batch: Batch, *, scale: float) -> torch.Tensor:
     """Forward + backward of one micro-batch; returns its summed token loss (detached)."""
-    total = loss_sum(run.engine, batch, run.cfg, rows=run.cfg.train.micro_batch_size,
+    total = forward_loss_sum(run.engine, batch, run.cfg, rows=run.cfg.train.micro_batch_size,
                      seq_len=run.dataset.seq_len)  # fmt: skip
     run.engine.backward(total * scale)
     run.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary

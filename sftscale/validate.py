@@ -77,7 +77,7 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     if cfg.model.lora is not None:
         _check_lora(cfg)
     if cfg.scale.sequence_parallel_size > 1:
-        _check_sequence_parallel(cfg, mcfg, world_size)
+        _check_sequence_parallel(cfg, mcfg, world_size, manifest.seq_len)
     _check_row_slices(cfg, manifest)
     for flag, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if getattr(cfg.logging, flag) and importlib.util.find_spec(module) is None:
@@ -113,8 +113,8 @@ def _check_lora(cfg: Config) -> None:
         )
 
 
-def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int) -> None:
-    from sftscale.sequence_parallel import EXACT_ON_PACKED_ROWS
+def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
+    from sftscale.sequence_parallel import EXACT_ON_PACKED_ROWS, sliding_window
 
     sp, key = cfg.scale.sequence_parallel_size, "scale.sequence_parallel_size"
     cfg.data_parallel_size(world)  # the world splits into whole groups
@@ -126,6 +126,11 @@ def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int) -> None:
     if kv % sp and sp % kv:
         raise ConfigError(f"{key}={sp}: the model's {kv} key/value heads neither split over {sp} "
                           f"ranks nor replicate to them; use a divisor or a multiple of {kv}")  # fmt: skip
+    window = sliding_window(mcfg)
+    if window is not None and window < seq_len:
+        raise ConfigError(f"{key}={sp}: the model attends within a sliding window of {window} "
+                          f"positions, which sequence parallelism does not apply; use rows of at "
+                          f"most {window} positions (prepare --seq-len) or {key}=1")  # fmt: skip
     impl = cfg.model.attn_implementation
     if impl not in EXACT_ON_PACKED_ROWS:
         raise ConfigError(f"model.attn_implementation={impl} with {key}={sp} needs a full seq x "
