@@ -51,3 +51,27 @@ def test_peak_table_knows_this_gpu():
     if not any(k in name for k in ("H100", "H200", "A100")):
         pytest.skip(f"{name} is not in the datasheet table; MFU uses a matmul probe there")
     assert gpu_peak_flops(name) > 1e14
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_ulysses_sp2_with_flash_attention_2_matches_sp1(tmp_path):
+    """tests/scripts/sp_exactness.py on 2 GPUs (nccl, bf16): flash_attention_2 separates the
+    documents of a packed row from the gathered position ids (varlen) under Ulysses SP=2."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("flash_attn")
+    out = tmp_path / "sp.json"
+    script = Path(__file__).parent / "scripts" / "sp_exactness.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(script), str(out), "flash_attention_2"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    r = json.loads(out.read_text())
+    assert abs(r["loss"]["sp2"] - r["loss"]["sp1"]) <= 2e-2 * abs(r["loss"]["sp1"])  # bf16
+    assert r["grad_max_abs_diff"] <= 5e-2 * r["grad_max_abs"]
+    later, first = r["probe"]["sp2"]
+    assert first > 1e-2 and later <= 1e-3, r["probe"]
+    assert r["quiet"]["finite"]

@@ -1,7 +1,8 @@
-"""Run by tests/test_sequence_parallel.py under torchrun (2 ranks, gloo, fp32): Ulysses SP=2
-against the same model on whole rows (SP=1), on packed rows. Writes what it measured as JSON.
+"""Run by tests/test_sequence_parallel.py under torchrun (2 ranks, gloo, fp32) and by
+tests/test_gpu.py (2 GPUs, nccl, bf16, flash_attention_2): Ulysses SP=2 against the same model
+on whole rows (SP=1), on packed rows. Writes what it measured as JSON.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/scripts/sp_exactness.py OUT.json
+    python -m torch.distributed.run --nproc-per-node 2 tests/scripts/sp_exactness.py OUT.json [ATTN]
 """
 
 import copy
@@ -64,23 +65,28 @@ def loss_and_grads(model, batch, *, sp):
     return loss.item(), grads
 
 
-def main(out: str) -> None:
+def main(out: str, attn: str) -> None:
+    cuda = attn != "sdpa"  # flash_attention_2: GPUs, nccl, bf16
     # UlyssesSPAttentionHF talks through deepspeed.comm
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank = dist.get_rank()
+    if cuda:
+        torch.cuda.set_device(rank)
+        torch.set_default_device("cuda")
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(model_config("tiny-llama", vocab_size=VOCAB))
+    mcfg = model_config("tiny-llama", vocab_size=VOCAB, attn_implementation=attn)
+    base = AutoModelForCausalLM.from_config(mcfg, dtype=torch.bfloat16 if cuda else torch.float32)
     base.train()
     reference = copy.deepcopy(base)  # whole rows, transformers' own packed-row masking
     sp_model = copy.deepcopy(base)
     enable_gradient_checkpointing(sp_model)  # the all-to-all also runs in the recomputation
-    apply_ulysses(sp_model, group=sequence_parallel_group(2), attn_implementation="sdpa")
+    apply_ulysses(sp_model, group=sequence_parallel_group(2), attn_implementation=attn)
 
     rng = np.random.default_rng(0)
     # Row 0: 3 documents filling 128 positions, the slice boundary (64) inside document 2.
     # Row 1: 3 documents and a padding tail.
     rows = packed_rows(rng, [[40, 50, 38], [20, 70, 30]])
-    batch = collate(rows, seq_len=128, pad_id=0, pad_to_multiple_of=8)
+    batch = collate(rows, seq_len=128, pad_id=0, pad_to_multiple_of=8).to(base.device)
     result = {"supervised": batch.num_supervised,
               "shard_supervised": [batch.shard(i, 2).num_supervised for i in range(2)],
               "shard_tokens": [batch.shard(i, 2).num_tokens for i in range(2)],
@@ -97,7 +103,7 @@ def main(out: str) -> None:
     # Cross-document probe: new tokens in document 1 of row 0 must not move documents 2 and 3.
     probe_rows = [(r[0].copy(), r[1], r[2]) for r in rows]
     probe_rows[0][0][:40] = rng.integers(3, VOCAB, size=40)
-    probe = collate(probe_rows, seq_len=128, pad_id=0, pad_to_multiple_of=8)
+    probe = collate(probe_rows, seq_len=128, pad_id=0, pad_to_multiple_of=8).to(base.device)
 
     def later_docs_moved(model, *, sp):
         with torch.no_grad():
@@ -111,7 +117,7 @@ def main(out: str) -> None:
                        "sp2": later_docs_moved(sp_model, sp=True)}  # fmt: skip
 
     # A slice with no supervised token: rank 1's half of every row unsupervised.
-    quiet = collate(rows, seq_len=128, pad_id=0, pad_to_multiple_of=8)
+    quiet = collate(rows, seq_len=128, pad_id=0, pad_to_multiple_of=8).to(base.device)
     quiet.targets[:, 64:] = IGNORE_INDEX
     quiet.num_supervised = int((quiet.targets != IGNORE_INDEX).sum())
     q_ref, q_ref_grads = loss_and_grads(reference, quiet, sp=False)
@@ -128,11 +134,12 @@ def main(out: str) -> None:
 
     # DeepSpeed's own registration (mask dropped, sdpa causal over the whole row) leaks across
     # documents: the probe above must be able to see that. Last: it replaces "sdpa" globally.
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    if attn == "sdpa":
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
-    plain = copy.deepcopy(base)
-    UlyssesSPAttentionHF.register_with_transformers(plain, "sdpa", 2, 2)
-    result["probe"]["deepspeed_plain_sp2"] = later_docs_moved(plain, sp=True)
+        plain = copy.deepcopy(base)
+        UlyssesSPAttentionHF.register_with_transformers(plain, "sdpa", 2, 2)
+        result["probe"]["deepspeed_plain_sp2"] = later_docs_moved(plain, sp=True)
 
     if rank == 0:
         with open(out, "w") as f:
@@ -141,4 +148,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "sdpa")
