@@ -69,6 +69,70 @@ print(json.dumps({"seq_len": seq, "attention": how, "documents": len(lens), "dty
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
+# The same row through the same engine for SP=1 and SP=2: rank 0 trains row 0 of the prepared
+# data whole (SP=1; rank 1 trains row 1) or its half of row 0 (SP=2), two steps, ZeRO-3, bf16.
+SAME_ROW_CHILD = r"""
+import os, resource, sys
+import deepspeed, torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
+from sftscale.data import PackedDataset, collate
+from sftscale.loss import token_loss_sum
+from sftscale.model import enable_gradient_checkpointing, model_config
+from sftscale.sequence_parallel import apply_document_attention, apply_ulysses, sequence_parallel_group
+data, sp = PackedDataset(sys.argv[1]), int(sys.argv[2])
+deepspeed.init_distributed(dist_backend="gloo")
+rank = dist.get_rank()
+ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+      "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+      "zero_optimization": {"stage": 3}}
+hf = HfDeepSpeedConfig(ds)
+torch.manual_seed(0)
+vocab = len(AutoTokenizer.from_pretrained(str(data.tokenizer_dir)))
+model = AutoModelForCausalLM.from_config(model_config("small-llama", vocab_size=vocab), dtype=torch.bfloat16)
+enable_gradient_checkpointing(model)
+if sp > 1:
+    apply_ulysses(model, group=sequence_parallel_group(sp), attn_implementation="sdpa")
+else:
+    apply_document_attention(model)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+row = data.row(0 if sp > 1 else rank)
+batch = collate([row], seq_len=data.seq_len, pad_id=0, pad_to_multiple_of=8)
+if sp > 1:
+    batch = batch.shard(rank, sp)
+for _ in range(2):
+    logits = engine(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    loss = token_loss_sum(logits, batch.targets, chunk_tokens=1024)
+    engine.backward(loss)
+    engine.step()
+    del logits, loss
+if rank == 0:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+dist.destroy_process_group()
+"""
+
+
+def same_row_runs(workdir: Path, lengths: list[int]) -> list[dict]:
+    import os
+
+    out = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **FIXED_MMAP_THRESHOLD}
+    for seq in lengths:
+        data = workdir / f"data-corpus-4000-s{seq}-packed"
+        for sp in (1, 2):
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc-per-node", "2", "--no-python",
+                                   sys.executable, "-c", SAME_ROW_CHILD, str(data), str(sp)],
+                                  capture_output=True, text=True, env=env)  # fmt: skip
+            if proc.returncode != 0:
+                out.append({"seq_len": seq, "sp": sp, "error": proc.stderr[-500:]})
+            else:
+                out.append({"seq_len": seq, "sp": sp,
+                            "peak_rss_bytes": int(proc.stdout.strip().splitlines()[-1])})  # fmt: skip
+            print(out[-1], flush=True)
+    return out
+
+
 def run_grid(workdir: Path, *, out: Path, glibc_default: bool) -> None:
     import os
 
@@ -154,7 +218,34 @@ def memory_section(grid_dir: Path, budget: float) -> tuple[list[str], dict, dict
     return lines, summary, data
 
 
-def report(budget: float, attention: list[dict]) -> str:
+def same_row_section(runs: list[dict]) -> list[str]:
+    gib = 2**30
+    ok = [r for r in runs if "error" not in r]
+    lines = ["", "## The same row through the same engine (rank 0; SP=1: the row whole, SP=2: its half)", "",
+             "The grid's SP=1 runs give each of 2 ranks its own row per step while SP=2 shares one, so "
+             "the two series see different rows, and a run's peak depends on its rows (0.98, 1.08 and "
+             "1.31 GiB after steps 1-3 of the 32k SP=2 run). Here rank 0 trains row 0 of the same "
+             "prepared data in both: small-llama, ZeRO-3, bf16, 2 steps, fixed mmap threshold.", "",
+             "| row length | SP=1 peak GiB | SP=2 peak GiB |", "|---|---|---|"]  # fmt: skip
+    for seq in sorted({r["seq_len"] for r in ok}):
+        a = next((r for r in ok if r["seq_len"] == seq and r["sp"] == 1), None)
+        b = next((r for r in ok if r["seq_len"] == seq and r["sp"] == 2), None)
+        if a and b:
+            lines.append(
+                f"| {seq} | {a['peak_rss_bytes'] / gib:.2f} | {b['peak_rss_bytes'] / gib:.2f} |"
+            )
+    slopes = {}
+    for sp in (1, 2):
+        pts = [(r["seq_len"], r["peak_rss_bytes"], 0.0) for r in ok if r["sp"] == sp]
+        if len(pts) >= 2:
+            slopes[sp] = slope(pts)[0]
+    if len(slopes) == 2:
+        lines += ["", f"Slope per 1k positions: SP=1 {slopes[1] * 1024 / 2**20:.1f} MiB, SP=2 "
+                  f"{slopes[2] * 1024 / 2**20:.1f} MiB ({slopes[2] / slopes[1]:.2f}x)."]  # fmt: skip
+    return lines
+
+
+def report(budget: float, attention: list[dict], same_row: list[dict] | None = None) -> str:
     gib = 2**30
     lines = [
         "# Long rows: memory per rank against row length (`benchmarks/long_context.py`)",
@@ -174,6 +265,9 @@ def report(budget: float, attention: list[dict]) -> str:
         section, summary, data = memory_section(GRID_DIRS[key], budget)
         lines += ["", title, "", *section]
         saved[key] = {"series": data, "summary": summary}
+    if same_row:
+        lines += same_row_section(same_row)
+        saved["same_row"] = same_row
     if attention:
         lines += ["", "## Per-document attention against transformers' masked sdpa (one packed row)", "",
                   "Fresh process per run, 1 thread, small-llama, gradient checkpointing, one "
@@ -208,15 +302,21 @@ def main() -> None:
                     help="run the grid with glibc's own mmap threshold (the other table)")  # fmt: skip
     ap.add_argument("--skip-attention", action="store_true", help="keep the saved attention runs")
     ap.add_argument("--report-only", action="store_true", help="tables from the saved runs")
+    ap.add_argument("--same-row-lengths", type=int, nargs="*", default=[8192, 32768, 65536])
+    ap.add_argument("--same-row-only", action="store_true",
+                    help="only the same-row runs (on the grid's prepared data in --workdir)")  # fmt: skip
     args = ap.parse_args()
-    saved = RESULTS / "long_context.json"
-    attention = json.loads(saved.read_text())["attention"] if saved.is_file() else []
+    saved_path = RESULTS / "long_context.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    attention, same_row = saved.get("attention", []), saved.get("same_row", [])
     if not args.report_only:
-        if not args.skip_attention:
-            attention = attention_runs(args.attention_lengths)
-        key = "glibc" if args.glibc_default else "fixed"
-        run_grid(Path(args.workdir), out=GRID_DIRS[key], glibc_default=args.glibc_default)
-    text = report(args.budget_gib, attention)
+        if not args.same_row_only:
+            if not args.skip_attention:
+                attention = attention_runs(args.attention_lengths)
+            key = "glibc" if args.glibc_default else "fixed"
+            run_grid(Path(args.workdir), out=GRID_DIRS[key], glibc_default=args.glibc_default)
+        same_row = same_row_runs(Path(args.workdir), args.same_row_lengths)
+    text = report(args.budget_gib, attention, same_row)
     (RESULTS / "long_context.md").write_text(text)
     print(text)
 
