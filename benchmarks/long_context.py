@@ -70,9 +70,11 @@ FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
 # The same row through the same engine for SP=1 and SP=2: rank 0 trains row 0 of the prepared
-# data whole (SP=1; rank 1 trains row 1) or its half of row 0 (SP=2), two steps, ZeRO-3, bf16.
+# data whole (SP=1; rank 1 trains row 1) or its half of row 0 (SP=2), two steps, ZeRO-3, bf16;
+# with oneDNN on (PyTorch's default on CPU) or off. oneDNN's bf16 matmuls keep buffers of their
+# own, outside PyTorch's allocator, and those grow with the whole row, not with the rank's slice.
 SAME_ROW_CHILD = r"""
-import os, resource, sys
+import os, resource, sys, time
 import deepspeed, torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
@@ -81,6 +83,7 @@ from sftscale.loss import token_loss_sum
 from sftscale.model import enable_gradient_checkpointing, model_config
 from sftscale.sequence_parallel import apply_document_attention, apply_ulysses, sequence_parallel_group
 data, sp = PackedDataset(sys.argv[1]), int(sys.argv[2])
+torch.backends.mkldnn.enabled = sys.argv[3] == "on"
 deepspeed.init_distributed(dist_backend="gloo")
 rank = dist.get_rank()
 ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -101,35 +104,39 @@ batch = collate([row], seq_len=data.seq_len, pad_id=0, pad_to_multiple_of=8)
 if sp > 1:
     batch = batch.shard(rank, sp)
 for _ in range(2):
+    t0 = time.perf_counter()
     logits = engine(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
     loss = token_loss_sum(logits, batch.targets, chunk_tokens=1024)
     engine.backward(loss)
     engine.step()
     del logits, loss
 if rank == 0:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - t0)
 dist.destroy_process_group()
 """
 
 
-def same_row_runs(workdir: Path, lengths: list[int]) -> list[dict]:
+def same_row_runs(workdir: Path, lengths: list[int], off_lengths: list[int]) -> list[dict]:
+    """oneDNN off makes bf16 matmuls ~12x slower here: fewer lengths for it."""
     import os
 
     out = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **FIXED_MMAP_THRESHOLD}
-    for seq in lengths:
-        data = workdir / f"data-corpus-4000-s{seq}-packed"
-        for sp in (1, 2):
-            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc-per-node", "2", "--no-python",
-                                   sys.executable, "-c", SAME_ROW_CHILD, str(data), str(sp)],
-                                  capture_output=True, text=True, env=env)  # fmt: skip
-            if proc.returncode != 0:
-                out.append({"seq_len": seq, "sp": sp, "error": proc.stderr[-500:]})
-            else:
-                out.append({"seq_len": seq, "sp": sp,
-                            "peak_rss_bytes": int(proc.stdout.strip().splitlines()[-1])})  # fmt: skip
-            print(out[-1], flush=True)
+    for onednn, seqs in (("on", lengths), ("off", off_lengths)):
+        for seq in seqs:
+            data = workdir / f"data-corpus-4000-s{seq}-packed"
+            for sp in (1, 2):
+                proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       "--nproc-per-node", "2", "--no-python", sys.executable, "-c",
+                                       SAME_ROW_CHILD, str(data), str(sp), onednn],
+                                      capture_output=True, text=True, env=env)  # fmt: skip
+                run = {"seq_len": seq, "sp": sp, "onednn": onednn}
+                if proc.returncode != 0:
+                    out.append({**run, "error": proc.stderr[-500:]})
+                else:
+                    peak, seconds = proc.stdout.strip().splitlines()[-1].split()
+                    out.append({**run, "peak_rss_bytes": int(peak), "step_s": float(seconds)})
+                print(out[-1], flush=True)
     return out
 
 
@@ -220,28 +227,43 @@ def memory_section(grid_dir: Path, budget: float) -> tuple[list[str], dict, dict
 
 def same_row_section(runs: list[dict]) -> list[str]:
     gib = 2**30
-    ok = [r for r in runs if "error" not in r]
+    ok = [{"onednn": "on", **r} for r in runs if "error" not in r]  # older records: oneDNN on
+    variants = [v for v in ("on", "off") if any(r["onednn"] == v for r in ok)]
     lines = ["", "## The same row through the same engine (rank 0; SP=1: the row whole, SP=2: its half)", "",
              "The grid's SP=1 runs give each of 2 ranks its own row per step while SP=2 shares one, so "
              "the two series see different rows, and a run's peak depends on its rows (0.98, 1.08 and "
              "1.31 GiB after steps 1-3 of the 32k SP=2 run). Here rank 0 trains row 0 of the same "
-             "prepared data in both: small-llama, ZeRO-3, bf16, 2 steps, fixed mmap threshold.", "",
-             "| row length | SP=1 peak GiB | SP=2 peak GiB |", "|---|---|---|"]  # fmt: skip
+             "prepared data in both: small-llama, ZeRO-3, bf16, 2 steps, fixed mmap threshold; with "
+             "oneDNN on (PyTorch's default on CPU) and off (`torch.backends.mkldnn.enabled = False`). "
+             "With oneDNN on, memory outside PyTorch's allocator that does not shrink with the "
+             "rank's slice dilutes the halving (docs/long_context.md, \"Where the excess comes "
+             "from\").", "",
+             "| row length | " + " | ".join(f"oneDNN {v}: SP=1 peak GiB (s/step) | oneDNN {v}: SP=2 peak GiB (s/step)"
+                                             for v in variants) + " |",
+             "|---|" + "---|---|" * len(variants)]  # fmt: skip
+
+    def pick(seq: int, sp: int, v: str) -> dict | None:
+        return next((r for r in ok if (r["seq_len"], r["sp"], r["onednn"]) == (seq, sp, v)), None)
+
     for seq in sorted({r["seq_len"] for r in ok}):
-        a = next((r for r in ok if r["seq_len"] == seq and r["sp"] == 1), None)
-        b = next((r for r in ok if r["seq_len"] == seq and r["sp"] == 2), None)
-        if a and b:
-            lines.append(
-                f"| {seq} | {a['peak_rss_bytes'] / gib:.2f} | {b['peak_rss_bytes'] / gib:.2f} |"
-            )
-    slopes = {}
-    for sp in (1, 2):
-        pts = [(r["seq_len"], r["peak_rss_bytes"], 0.0) for r in ok if r["sp"] == sp]
-        if len(pts) >= 2:
-            slopes[sp] = slope(pts)[0]
-    if len(slopes) == 2:
-        lines += ["", f"Slope per 1k positions: SP=1 {slopes[1] * 1024 / 2**20:.1f} MiB, SP=2 "
-                  f"{slopes[2] * 1024 / 2**20:.1f} MiB ({slopes[2] / slopes[1]:.2f}x)."]  # fmt: skip
+        cells = []
+        for v in variants:
+            for sp in (1, 2):
+                r = pick(seq, sp, v)
+                step = f" ({r['step_s']:.1f})" if r and "step_s" in r else ""
+                cells.append(f"{r['peak_rss_bytes'] / gib:.2f}{step}" if r else "-")
+        lines.append(f"| {seq} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for v in variants:
+        slopes = {}
+        for sp in (1, 2):
+            pts = [(r["seq_len"], r["peak_rss_bytes"], 0.0) for r in ok
+                   if r["sp"] == sp and r["onednn"] == v]  # fmt: skip
+            if len(pts) >= 2:
+                slopes[sp] = slope(pts)[0]
+        if len(slopes) == 2:
+            lines.append(f"- oneDNN {v}: slope per 1k positions SP=1 {slopes[1] * 1024 / 2**20:.1f} MiB, "
+                         f"SP=2 {slopes[2] * 1024 / 2**20:.1f} MiB (**{slopes[2] / slopes[1]:.2f}x**).")  # fmt: skip
     return lines
 
 
@@ -303,6 +325,8 @@ def main() -> None:
     ap.add_argument("--skip-attention", action="store_true", help="keep the saved attention runs")
     ap.add_argument("--report-only", action="store_true", help="tables from the saved runs")
     ap.add_argument("--same-row-lengths", type=int, nargs="*", default=[8192, 32768, 65536])
+    ap.add_argument("--same-row-off-lengths", type=int, nargs="*", default=[8192, 32768],
+                    help="lengths of the same-row runs with oneDNN off")  # fmt: skip
     ap.add_argument("--same-row-only", action="store_true",
                     help="only the same-row runs (on the grid's prepared data in --workdir)")  # fmt: skip
     args = ap.parse_args()
@@ -315,7 +339,9 @@ def main() -> None:
                 attention = attention_runs(args.attention_lengths)
             key = "glibc" if args.glibc_default else "fixed"
             run_grid(Path(args.workdir), out=GRID_DIRS[key], glibc_default=args.glibc_default)
-        same_row = same_row_runs(Path(args.workdir), args.same_row_lengths)
+        same_row = same_row_runs(
+            Path(args.workdir), args.same_row_lengths, args.same_row_off_lengths
+        )
     text = report(args.budget_gib, attention, same_row)
     (RESULTS / "long_context.md").write_text(text)
     print(text)
