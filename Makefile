@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install torch==2.13.0
 	# deepspeed after torch: its setup inspects the installed torch.
 	$(BIN)/pip install -e ".[test]"
+	# NVMe offload (ds_configs/zero3_nvme*) swaps through DeepSpeed's async I/O op, which links
+	# libaio: installed here where this machine lets us (root with apt-get); elsewhere a run
+	# with an nvme template says what to install before it starts.
+	@test -e /usr/include/libaio.h || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q libaio-dev >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libaio-dev >/dev/null 2>&1; }; } ; } || \
+	  echo "libaio-dev not installed: NVMe offload templates will not run here"
 	# DeepSpeed's JIT ops, built once into TORCH_EXTENSIONS_DIR: runs load them, never compile.
 	$(BIN)/python -m sftscale build-ops
 	touch $(STAMP)

@@ -176,6 +176,10 @@ class DeepSpeedConfig:
     # auto: bf16 where the device computes it natively, fp32 elsewhere (sftscale.precision);
     # bf16 or fp32 force one (bf16 on a CPU without native bf16 runs, with a warning).
     precision: str = "auto"
+    # A directory on a fast local disk of every node, for the NVMe offload templates
+    # (zero3_nvme_optimizer, zero3_nvme): each rank swaps its optimizer states (and weights)
+    # there through DeepSpeed's async I/O op (libaio). Not shared between nodes; not kept.
+    nvme_path: str = ""
 
     def __post_init__(self) -> None:
         _check(

@@ -56,6 +56,8 @@ def auto_values(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
         "optimizer.params.betas": list(o.betas),
         "optimizer.params.eps": o.eps,
         "optimizer.params.weight_decay": o.weight_decay,
+        "zero_optimization.offload_optimizer.nvme_path": cfg.deepspeed.nvme_path,
+        "zero_optimization.offload_param.nvme_path": cfg.deepspeed.nvme_path,
     }
 
 

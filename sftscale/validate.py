@@ -204,6 +204,19 @@ def _check_eval_set(cfg: Config, manifest: Manifest, positions: int) -> None:
         )
 
 
+def _check_async_io(where: str) -> None:
+    """NVMe offload swaps through DeepSpeed's async I/O op, which links libaio."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        raise ConfigError(
+            f"{where}: NVMe offload needs DeepSpeed's async I/O op, which needs libaio on every "
+            "node: apt-get install libaio-dev (Debian, Ubuntu) or dnf install libaio-devel, then "
+            "`make install` (or `sftscale build-ops`); or choose a template without nvme"
+        )
+
+
 def _check_zero_options(ds: dict, cfg: Config) -> None:
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
@@ -224,5 +237,8 @@ def _check_zero_options(ds: dict, cfg: Config) -> None:
             )
         if device == "nvme" and not zero[key].get("nvme_path"):
             raise ConfigError(
-                f"{where}: zero_optimization.{key}.device is nvme but nvme_path is not set"
+                f"{where}: zero_optimization.{key}.device is nvme but no nvme_path is set; "
+                "set deepspeed.nvme_path=<a directory on a fast local disk of every node>"
             )
+    if any(zero.get(k, {}).get("device") == "nvme" for k in ("offload_param", "offload_optimizer")):
+        _check_async_io(where)

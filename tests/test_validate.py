@@ -85,6 +85,20 @@ def test_incompatible_zero_options(tmp_path, prepared_dir, zero, message):
         validate_run(_cfg(prepared_dir, f"deepspeed.template={template}"), world_size=1)
 
 
+@pytest.mark.parametrize("template", ["zero3_nvme_optimizer", "zero3_nvme"])
+def test_nvme_templates_say_what_they_need(tmp_path, prepared_dir, monkeypatch, template):
+    cfg = _cfg(prepared_dir, f"deepspeed.template={template}")
+    with pytest.raises(ConfigError, match=r"deepspeed.nvme_path=<a directory on a fast local disk"):
+        validate_run(cfg, world_size=1)
+    cfg = _cfg(prepared_dir, f"deepspeed.template={template}", f"deepspeed.nvme_path={tmp_path}")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = type(get_accelerator().create_op_builder("AsyncIOBuilder"))
+    monkeypatch.setattr(builder, "is_compatible", lambda self, verbose=False: False)  # no libaio
+    with pytest.raises(ConfigError, match=r"apt-get install libaio-dev"):
+        validate_run(cfg, world_size=1)
+
+
 def test_eval_set_with_another_tokenizer(tmp_path, prepared_dir):
     import shutil
 
