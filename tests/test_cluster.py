@@ -49,13 +49,19 @@ class Node:
         ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
                  "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
                  "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}  # fmt: skip
-        low = 20000 + (free_port() % 20000)
+        if head:
+            ports["--ray-client-server-port"] = free_port()
+        # workers' ports clear of every port chosen above (one overlap made ray start refuse);
+        # below Linux's ephemeral range, where free_port() picks, by default
+        taken = {*ports.values(), head_port}
+        low = 10000 + secrets.randbelow(20000)
+        while any(low <= p <= low + 200 for p in taken):
+            low = 10000 + secrets.randbelow(20000)
         args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                 "--disable-usage-stats", f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
                 *(f"{k}={v}" for k, v in ports.items())]  # fmt: skip
         if head:
-            args += [f"--port={head_port}", "--head", "--dashboard-host=127.0.0.1",
-                     f"--ray-client-server-port={free_port()}"]  # fmt: skip
+            args += [f"--port={head_port}", "--head", "--dashboard-host=127.0.0.1"]
         else:
             args += [f"--address=127.0.0.1:{head_port}"]
         script = (f"mkdir -p {NODE_DISK} /tmp/ray && mount -t tmpfs -o size=6g node {NODE_DISK} && "
