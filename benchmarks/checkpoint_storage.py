@@ -62,53 +62,27 @@ class RssWatch:
         self._thread.start()
 
     def _run(self) -> None:
+        from billion_cpu import vm_hwm
+
         while not self._stop.wait(0.2):
-            try:
-                status = Path(f"/proc/{self.pid}/status").read_text()
-            except FileNotFoundError:
+            hwm = vm_hwm(self.pid)
+            if hwm is None:  # the process is gone
                 return
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            self.peak = max(self.peak, hwm)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
 
-def _files_bytes(d: Path, pattern: str = "*") -> int:
-    return sum(f.stat().st_size for f in d.rglob(pattern) if f.is_file())
-
-
 def rank_main(work: Path, hidden: int, layers: int) -> None:
     """Runs on every rank (torchrun)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import pyarrow.fs as pafs
-    import torch
     import torch.distributed as dist
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
+    from export_memory import trained_engine  # the same 544M shape and step
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ds = {
-        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-        "train_batch_size": world, "bf16": {"enabled": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}, "zero_optimization": {"stage": 3},
-    }  # fmt: skip
-    cfg = AutoConfig.for_model(
-        "llama", hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=hidden // 128,
-        num_key_value_heads=max(1, hidden // 512), vocab_size=32000, tie_word_embeddings=False,
-    )  # fmt: skip
-    keep = HfDeepSpeedConfig(ds)  # noqa: F841 (transformers reads it through a weakref)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    ids = torch.randint(0, 32000, (1, 16))
-    engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
-    engine.step()
+    engine, model, _ = trained_engine(hidden, layers)
+    rank = dist.get_rank()
     n_params = sum(int(p.ds_numel) for p in model.parameters())
 
     def timed(fn) -> float:
@@ -139,7 +113,9 @@ def rank_main(work: Path, hidden: int, layers: int) -> None:
     download_s = timed(
         lambda: pafs.copy_files(f"{base}/{tag}", str(dest / tag), source_filesystem=fs)
     )
-    download_bytes = _files_bytes(dest)
+    from billion_cpu import dir_bytes
+
+    download_bytes = dir_bytes(dest)
     load_local_s = timed(lambda: engine.load_checkpoint(str(local), tag=tag))
     load_downloaded_s = timed(lambda: engine.load_checkpoint(str(dest), tag=tag))
     record = {"rank": rank, "params": n_params, "save_local_s": save_s, "rank_files_bytes": mine_bytes,

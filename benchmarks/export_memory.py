@@ -25,8 +25,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def make_checkpoint(root: Path, hidden: int, layers: int) -> None:
-    """Runs on every rank (torchrun)."""
+def trained_engine(hidden: int, layers: int):
+    """On every rank (torchrun): a Llama shape of `hidden` x `layers` (vocabulary 32000) built
+    inside deepspeed.zero.Init, ZeRO-3 bf16, after one AdamW step. Returns (engine, model, its
+    transformers config)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch
@@ -35,11 +37,10 @@ def make_checkpoint(root: Path, hidden: int, layers: int) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     deepspeed.init_distributed(dist_backend="gloo")
-    world = dist.get_world_size()
     ds = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": world,
+        "train_batch_size": dist.get_world_size(),
         "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
         "zero_optimization": {"stage": 3},
@@ -57,6 +58,14 @@ def make_checkpoint(root: Path, hidden: int, layers: int) -> None:
     loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
     engine.backward(loss)
     engine.step()
+    return engine, model, cfg
+
+
+def make_checkpoint(root: Path, hidden: int, layers: int) -> None:
+    """Runs on every rank (torchrun)."""
+    import torch.distributed as dist
+
+    engine, model, cfg = trained_engine(hidden, layers)
     engine.save_checkpoint(str(root), tag="step_00000001")
     if dist.get_rank() == 0:
         cfg.save_pretrained(str(root / "hf_model"))
