@@ -121,6 +121,15 @@ def watch_build_locks(*, log: Callable[[str], None], poll_s: float = 5.0,
 RUN_OPS = ("FusedAdamBuilder", "CPUAdamBuilder", "ShareMemCommBuilder", "AsyncIOBuilder")
 
 
+def op_available(name: str) -> bool:
+    """Whether this machine can build DeepSpeed's op `name` for its accelerator (e.g. the async
+    I/O op needs libaio)."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(name)
+    return builder is not None and builder.is_compatible(verbose=False)
+
+
 def prebuild_ops(*, log: Callable[[str], None], names: tuple[str, ...] = RUN_OPS) -> int:
     """Build (or load) DeepSpeed's JIT ops into the extensions directory now, as DeepSpeed
     recommends for clusters, so that no run compiles or meets a build lock. Returns how many
@@ -131,8 +140,7 @@ def prebuild_ops(*, log: Callable[[str], None], names: tuple[str, ...] = RUN_OPS
     failed = 0
     locks = BuildLockWatch(extensions_root(), log=log)
     for name in names:
-        builder = get_accelerator().create_op_builder(name)
-        if builder is None or not builder.is_compatible(verbose=False):
+        if not op_available(name):
             log(f"{name}: not available on this machine ({get_accelerator().device_name()}); "
                 "skipped (a run that needs it says what to install)")  # fmt: skip
             continue
@@ -141,7 +149,7 @@ def prebuild_ops(*, log: Callable[[str], None], names: tuple[str, ...] = RUN_OPS
         locks.scan()
         t0 = time.perf_counter()
         try:
-            builder.load(verbose=False)
+            get_accelerator().create_op_builder(name).load(verbose=False)
         except Exception as e:  # a compiler error: say it, build the rest
             failed += 1
             log(f"{name}: build failed: {(str(e) or type(e).__name__).splitlines()[0]}")

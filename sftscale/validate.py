@@ -206,10 +206,9 @@ def _check_eval_set(cfg: Config, manifest: Manifest, positions: int) -> None:
 
 def _check_async_io(where: str) -> None:
     """NVMe offload swaps through DeepSpeed's async I/O op, which links libaio."""
-    from deepspeed.accelerator import get_accelerator
+    from sftscale.jit_locks import op_available
 
-    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
-    if builder is None or not builder.is_compatible(verbose=False):
+    if not op_available("AsyncIOBuilder"):
         raise ConfigError(
             f"{where}: NVMe offload needs DeepSpeed's async I/O op, which needs libaio on every "
             "node: apt-get install libaio-dev (Debian, Ubuntu) or dnf install libaio-devel, then "

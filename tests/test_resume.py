@@ -21,6 +21,7 @@ import torch
 from sftscale.checkpoint import CRASH_ENV, TMP_PREFIX, read_ledger
 from sftscale.config import load_config, save_config
 from sftscale.data import stream_rows
+from sftscale.jit_locks import op_available
 
 STEPS = 40
 
@@ -221,15 +222,8 @@ def test_ray_restarts_a_dead_or_stopped_worker(
         assert "process gone or stopped" in out  # the driver's report
 
 
-def _nvme_available() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
-    return builder is not None and builder.is_compatible(verbose=False)
-
-
 @pytest.mark.distributed
-@pytest.mark.skipif(not _nvme_available(), reason="needs libaio-dev (make install adds it as root)")
+@pytest.mark.skipif(not op_available("AsyncIOBuilder"), reason="needs libaio-dev (make install adds it as root)")
 def test_nvme_offload_equals_cpu_offload_and_resumes(tmp_path, prepared_dir, sp_tokenizer):
     """ZeRO-Infinity (zero3_nvme: optimizer states and weights swapped to a local disk through
     the async I/O op) trains bitwise like the optimizer in host RAM. A stopped run resumes and
