@@ -223,7 +223,9 @@ def test_ray_restarts_a_dead_or_stopped_worker(
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not op_available("AsyncIOBuilder"), reason="needs libaio-dev (make install adds it as root)")
+@pytest.mark.skipif(
+    not op_available("AsyncIOBuilder"), reason="needs libaio-dev (make install adds it as root)"
+)
 def test_nvme_offload_equals_cpu_offload_and_resumes(tmp_path, prepared_dir, sp_tokenizer):
     """ZeRO-Infinity (zero3_nvme: optimizer states and weights swapped to a local disk through
     the async I/O op) trains bitwise like the optimizer in host RAM. A stopped run resumes and
