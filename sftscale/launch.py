@@ -36,7 +36,8 @@ def _job_env_keys() -> set[str]:
 
 # Object storage settings the workers need as the driver has them (pyarrow reads these).
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "SFTSCALE_CACHE")  # fmt: skip
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "SFTSCALE_CACHE",
+               "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")  # fmt: skip
 
 
 def _worker_env(cfg: Config, *, exclude: set[str] = frozenset()) -> dict[str, str]:
