@@ -129,6 +129,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from sftscale.config import load_config
+    from sftscale.plan import plan_for_cli
+
+    cfg = load_config(args.config, list(args.overrides))
+    plan = plan_for_cli(cfg, devices=args.devices, seq_len=args.seq_len, vocab_size=args.vocab_size)
+    print(plan.table())
+    return 0 if plan.fits else 1
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sftscale.bench.suite import main as bench
 
@@ -229,6 +239,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="sets logging.output_dir")
     p.add_argument("--max-steps", type=int, default=None, help="sets train.max_steps")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "plan", help="memory per rank, broken down: will this run fit? (no worker starts)"
+    )
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as for train")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="COUNTxNAME: 8xH100, 64xH100, 2xcpu (ranks sharing this host's memory); "
+        "default: scale.num_workers of this host's GPU or CPU",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="row length (default: the data's seq_len)"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="tokenizer size for presets without a vocabulary (default: the data's)",
+    )
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("status", help="a run's last step, its age and each rank's state")
     p.add_argument("run_dir", help="the run directory (<logging.output_dir>/<logging.run_name>)")

@@ -216,6 +216,10 @@ class ScaleConfig:
     # Ulysses sequence parallelism (DeepSpeed ALST): each group of this many consecutive ranks
     # splits every row along the sequence; data parallelism is num_workers / this.
     sequence_parallel_size: int = 1
+    # Before any worker starts, `sftscale plan`'s memory plan per rank is checked against the
+    # device (this host's memory shared by its ranks, or the driver's GPU); a run that does not
+    # fit stops with the changes that would make it fit. false: launch anyway.
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1")

@@ -92,7 +92,28 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     precision = "bf16" if cfg.deepspeed.precision == "bf16" else "fp32"
     ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision)
     _check_zero_options(ds_config, cfg)
+    if cfg.scale.memory_check:
+        _check_memory(cfg, mcfg, world_size, manifest.seq_len)
     return manifest
+
+
+def _check_memory(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
+    from sftscale.plan import plan_run, run_precision, this_device
+
+    device = this_device(cfg, world=world)
+    if device is None:  # ranks on other hosts: `sftscale plan --devices` tells
+        return
+    precision, native = run_precision(cfg, device)
+    plan = plan_run(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
+                    precision=precision, bf16_native=native)  # fmt: skip
+    if not plan.fits:
+        gib = 2**30
+        raise ConfigError(
+            f"this run does not fit: it needs about {plan.peak_bytes / gib:.1f} GiB per rank and "
+            f"{device.name} gives each rank {device.memory_bytes / gib:.1f} GiB; {plan.advice()}. "
+            "`sftscale plan` with the same arguments prints the breakdown; "
+            "scale.memory_check=false launches anyway"
+        )
 
 
 def _check_lora(cfg: Config) -> None:

@@ -1,0 +1,220 @@
+"""`sftscale plan` against measured runs on this host: each rank's peak RSS of real
+`sftscale train` runs (2 ranks under torchrun, ZeRO-3, bf16 where native) next to what the
+planner says for the same config, before any worker starts.
+
+    .venv/bin/python benchmarks/plan_validation.py --workdir /tmp/planval
+    .venv/bin/python benchmarks/plan_validation.py --report-only
+
+Runs, 4 steps each:
+- tiny-llama (0.6M parameters), 1024-token rows, micro-batch 2, `zero3`
+- llama-100m (96M), 512-token rows, `zero3` and `zero3_offload_optimizer`
+- a 544M Llama shape (hidden 1536, 18 layers, vocabulary 32000) saved as a local directory,
+  512-token rows, `zero3`
+The 1.24B rows come from benchmarks/results/billion_cpu.json (benchmarks/billion_cpu.py: the
+same `sftscale train` command, Llama-3.2-1B's shape, `zero3_nvme_optimizer`, bf16) and from the
+issue's fp32 attempt that the kernel killed (the plan must say it does not fit).
+
+Data: the benchmark suite's synthetic corpus and 4000-token BPE tokenizer, packed.
+Peak RSS is VmHWM of each rank, polled from outside. Writes benchmarks/results/plan_validation.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+GIB = 2**30
+
+# (name, model, template, seq_len, micro_batch_size, extra overrides)
+CASES = [
+    ("tiny-llama", "tiny-llama", "zero3", 1024, 2, []),
+    ("llama-100m", "llama-100m", "zero3", 512, 1, []),
+    ("llama-100m, optimizer offload", "llama-100m", "zero3_offload_optimizer", 512, 1, []),
+    ("544M (1536 x 18)", "544m", "zero3", 512, 1, []),
+]
+
+
+def save_544m(out: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (out / "config.json").is_file():
+        cfg = AutoConfig.for_model(
+            "llama", hidden_size=1536, intermediate_size=4096, num_hidden_layers=18,
+            num_attention_heads=12, num_key_value_heads=3, vocab_size=32000,
+            tie_word_embeddings=False, max_position_embeddings=4096,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def prepared(work: Path, seq_len: int) -> Path:
+    from data_tools.prepare import PrepareOptions, prepare
+    from sftscale.bench.corpus import make_corpus, make_tokenizer
+
+    corpus, tok = work / "corpus.jsonl", work / "tokenizer"
+    if not corpus.is_file():
+        make_corpus(corpus, 3000)
+    if not (tok / "tokenizer_config.json").is_file():
+        make_tokenizer(corpus, tok)
+    out = work / f"prepared-{seq_len}"
+    if not (out / "manifest.json").is_file():
+        prepare([str(corpus)], tokenizer_path=str(tok), out_dir=str(out),
+                options=PrepareOptions(seq_len=seq_len, progress=False))  # fmt: skip
+    return out
+
+
+def overrides_for(model: str, data: Path, template: str, micro: int, extra: list[str],
+                  run_dir: Path) -> list[str]:  # fmt: skip
+    return [
+        f"model.name_or_path={model}", f"data.path={data}", f"deepspeed.template={template}",
+        f"train.micro_batch_size={micro}", "train.grad_accum=1", "train.max_steps=4", "optim.warmup_steps=1",
+        "scale.num_workers=2", "checkpoint.export=false", "logging.tensorboard=false",
+        f"logging.output_dir={run_dir.parent}", f"logging.run_name={run_dir.name}", *extra,
+    ]  # fmt: skip
+
+
+def planned(overrides: list[str], *, seq_len: int, memory_bytes: int) -> dict:
+    """What the planner says for these overrides: the same call `sftscale train` makes."""
+    from data_tools.schema import read_manifest
+    from sftscale.config import load_config
+    from sftscale.ds_config import resolve_ds_config
+    from sftscale.model import model_config
+    from sftscale.plan import host_device, plan_memory
+
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
+    vocab = read_manifest(cfg.data.path).tokenizer.vocab_size if Path(cfg.data.path).is_dir() else 0
+    mcfg = model_config(cfg.model.name_or_path, vocab_size=vocab)
+    precision = "fp32" if cfg.deepspeed.precision == "fp32" else "bf16"
+    ds = resolve_ds_config(cfg, world_size=2, precision=precision)
+    plan = plan_memory(mcfg, cfg, ds, world=2, seq_len=seq_len,
+                       device=host_device(2, memory_bytes))  # fmt: skip
+    return {"peak_bytes": plan.peak_bytes, "fits": plan.fits, "table": plan.table()}
+
+
+def measure(work: Path, memory_bytes: int) -> list[dict]:
+    from billion_cpu import run_phase
+
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}  # fmt: skip
+    for name, model, template, seq_len, micro, extra in CASES:
+        model_arg = str(save_544m(work / "model-544m")) if model == "544m" else model
+        run_dir = (
+            work
+            / "runs"
+            / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        )
+        ov = overrides_for(model_arg, prepared(work, seq_len), template, micro, extra, run_dir)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "sftscale", "train", str(ROOT / "configs" / "tiny-cpu.yaml"), *ov]  # fmt: skip
+        print(f"{name}: running", flush=True)
+        result = run_phase(cmd, env, run_dir, work / "swap", None)
+        if result["returncode"] != 0:
+            raise RuntimeError(f"{name} failed: see {result['log']}")
+        rows.append({"name": name, "template": template, "seq_len": seq_len,
+                     "micro_batch_size": micro, "overrides": ov,
+                     "measured_bytes": max(result["rank_peak_rss_bytes"]),
+                     "ranks_bytes": result["rank_peak_rss_bytes"]}
+                    | planned(ov, seq_len=seq_len, memory_bytes=memory_bytes))  # fmt: skip
+    return rows
+
+
+def billion_rows(memory_bytes: int) -> list[dict]:
+    """The 1.24B runs of billion_cpu.py, planned with their own overrides."""
+    path = HERE / "results" / "billion_cpu.json"
+    r = json.loads(path.read_text())
+    work = Path("/tmp/billion")
+    model_dir = work / "llama-3.2-1b-shape"
+    if not (model_dir / "config.json").is_file():  # the config alone is enough to plan
+        from billion_cpu import save_model
+
+        save_model(model_dir, 129280)
+    common = [f"model.name_or_path={model_dir}", f"data.path={work / 'prepared-512'}",
+              "train.micro_batch_size=1", "train.grad_accum=1", "train.tiled_logits=true",
+              f"deepspeed.nvme_path={work / 'swap'}", "scale.num_workers=2"]  # fmt: skip
+    bf16 = common + [f"deepspeed.template={r['template']}", "deepspeed.precision=bf16"]
+    first = r["phases"][0]["rank_peak_rss_bytes"]
+    rows = [{"name": "1.24B (Llama-3.2-1B shape), NVMe optimizer", "template": r["template"],
+             "seq_len": r["seq_len"], "micro_batch_size": 1, "overrides": bf16,
+             "measured_bytes": max(first), "ranks_bytes": first, "source": str(path.name)}
+            | planned(bf16, seq_len=r["seq_len"], memory_bytes=memory_bytes)]  # fmt: skip
+    # The issue's run: fp32, zero3, killed by the kernel (peak 12.6 GB for rank 0; 11.3 GiB
+    # when billion_cpu.py --precision fp32 repeated it with the NVMe template)
+    for template, killed_at in (("zero3", 12.6e9), ("zero3_nvme_optimizer", 11.3 * GIB)):
+        ov = common + [f"deepspeed.template={template}", "deepspeed.precision=fp32"]
+        rows.append({"name": f"1.24B, fp32, {template}: killed (out of memory)",
+                     "template": template, "seq_len": 512, "micro_batch_size": 1,
+                     "overrides": ov, "measured_bytes": int(killed_at), "killed": True}
+                    | planned(ov, seq_len=512, memory_bytes=memory_bytes))  # fmt: skip
+    return rows
+
+
+def report(result: dict) -> str:
+    lines = [
+        "# `sftscale plan` against measured peak RSS per rank (`benchmarks/plan_validation.py`)",
+        "",
+        f"Host: {result['host']['cpu']}, {result['host']['cores']} cores, "
+        f"{result['host']['memory_gib']} GiB; 2 ranks under torchrun, each planned with half the "
+        "host's memory. Measured: VmHWM of each rank polled from outside, the larger rank. "
+        "Planned: `plan_memory` for the same config (what `sftscale train` checks before launch).",
+        "",
+        "| run | template | row x micro | measured | planned | planned / measured | plan says |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        measured = f"{r['measured_bytes'] / GIB:.2f} GiB" + (" (killed)" if r.get("killed") else "")
+        lines.append(
+            f"| {r['name']} | `{r['template']}` | {r['seq_len']} x {r['micro_batch_size']} | "
+            f"{measured} | {r['peak_bytes'] / GIB:.2f} GiB | {r['peak_bytes'] / r['measured_bytes']:.2f} | "
+            f"{'fits' if r['fits'] else 'does not fit'} |"
+        )
+    lines += [
+        "",
+        "A killed run's figure is where the kernel stopped it, a lower bound of its need.",
+        "",
+    ]
+    for r in result["rows"]:
+        lines += [f"## {r['name']}", "", "```", r["table"], "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--workdir", default="/tmp/planval")
+    ap.add_argument("--report-only", action="store_true", help="re-plan the saved measurements")
+    args = ap.parse_args()
+    import psutil
+
+    from sftscale.plan import host_memory_bytes
+
+    out_json = HERE / "results" / "plan_validation.json"
+    memory = host_memory_bytes()
+    if args.report_only:
+        saved = json.loads(out_json.read_text())
+        rows = [r | planned(r["overrides"], seq_len=r["seq_len"], memory_bytes=memory)
+                for r in saved["rows"]]  # fmt: skip
+    else:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        rows = measure(work, memory) + billion_rows(memory)
+    result = {"host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "memory_gib": round(psutil.virtual_memory().total / GIB, 1)},
+              "rows": rows}  # fmt: skip
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    text = report(result)
+    (HERE / "results" / "plan_validation.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

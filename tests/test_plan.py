@@ -1,0 +1,146 @@
+"""`sftscale plan`: memory per rank before launch, and the check `sftscale train` makes with it.
+
+The planner's figures against measured runs are in benchmarks/results/plan_validation.md; here
+its parts are checked against what they count (parameters of real models, DeepSpeed's bytes
+per parameter) and the fixes it names are checked to fit by the same plan."""
+
+import pytest
+
+from sftscale.config import ConfigError, load_config
+from sftscale.ds_config import resolve_ds_config
+from sftscale.model import model_config
+from sftscale.plan import (
+    GIB,
+    GPUS,
+    _override,
+    host_device,
+    model_sizes,
+    parse_devices,
+    plan_memory,
+    plan_run,
+)
+from sftscale.validate import validate_run
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "llama-3.2-1b", "qwen2.5-1.5b"])
+def test_parameter_count_equals_the_model(preset):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    mcfg = model_config(preset, vocab_size=1000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mcfg)
+    assert model_sizes(mcfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def _plan(*overrides, world=8, seq_len=4096, device=GPUS["h100"], precision="bf16"):
+    cfg = load_config(None, ["data.path=x", "train.micro_batch_size=1", *overrides])
+    mcfg = model_config(cfg.model.name_or_path, vocab_size=32000)
+    ds = resolve_ds_config(cfg, world_size=world, precision=precision)
+    return cfg, mcfg, plan_memory(mcfg, cfg, ds, world=world, seq_len=seq_len, device=device)
+
+
+def _line(plan, prefix):
+    (line,) = [b for what, b, _, _ in plan.lines if what.startswith(prefix)]
+    return line
+
+
+def test_model_states_follow_zero_partitioning():
+    _, mcfg, plan = _plan("model.name_or_path=llama-3.1-8b", world=8)
+    p = model_sizes(mcfg)["total"]
+    # bf16 weights and gradients, fp32 master and moments: 2 + 2 + 4 + 8 bytes, over 8 ranks
+    for prefix, nbytes in (("weights", 2), ("gradients", 2), ("fp32 master", 4), ("AdamW", 8)):
+        assert _line(plan, prefix) == pytest.approx(nbytes * p / 8, rel=1e-6)
+    _, _, zero2 = _plan("model.name_or_path=llama-3.1-8b", "deepspeed.template=zero2", world=8)
+    assert _line(zero2, "weights") == pytest.approx(2 * p, rel=1e-6)  # whole on every rank
+    assert _line(zero2, "AdamW") == pytest.approx(8 * p / 8, rel=1e-6)
+
+
+def test_offload_moves_optimizer_states_off_the_gpu():
+    _, _, on_gpu = _plan("model.name_or_path=llama-3.1-8b")
+    _, _, offload = _plan(
+        "model.name_or_path=llama-3.1-8b", "deepspeed.template=zero3_offload_optimizer"
+    )
+    assert offload.peak_bytes < on_gpu.peak_bytes
+    assert offload.total("host") >= _line(on_gpu, "AdamW")
+    # on a CPU host, host RAM is the device's memory: nothing is saved
+    cpu = host_device(2, 64 * GIB)
+    _, _, a = _plan("model.name_or_path=llama-100m", world=2, device=cpu)
+    _, _, b = _plan("model.name_or_path=llama-100m", "deepspeed.template=zero3_offload_optimizer",
+                    world=2, device=cpu)  # fmt: skip
+    assert b.peak_bytes >= a.peak_bytes * 0.9
+
+
+def test_activation_memory_follows_checkpointing_tiling_and_sequence_parallelism():
+    base = dict(world=8, seq_len=32768)
+    _, _, gc = _plan("model.name_or_path=llama-3.1-8b", **base)
+    _, _, no_gc = _plan(
+        "model.name_or_path=llama-3.1-8b", "model.gradient_checkpointing=false", **base
+    )
+    assert _line(no_gc, "activations") > 10 * _line(gc, "activations")
+    _, _, tiled = _plan("model.name_or_path=llama-3.1-8b", "train.tiled_logits=true", **base)
+    assert _line(tiled, "the larger of") < _line(gc, "the larger of")
+    _, _, sp = _plan("model.name_or_path=llama-3.1-8b", "scale.num_workers=8",
+                     "scale.sequence_parallel_size=4", **base)  # fmt: skip
+    assert _line(sp, "activations") == pytest.approx(_line(gc, "activations") / 4, rel=1e-3)
+
+
+def test_fixes_fit_by_the_same_plan():
+    cfg = load_config(
+        None, ["data.path=x", "model.name_or_path=llama-3.1-8b", "train.micro_batch_size=1"]
+    )
+    mcfg = model_config(cfg.model.name_or_path, vocab_size=32000)
+    _, a10g = parse_devices("2xA10G")
+    plan = plan_run(cfg, mcfg=mcfg, world=2, seq_len=4096, device=a10g, precision="bf16")
+    assert not plan.fits and plan.fixes
+    assert "does NOT fit" in plan.table() and plan.fixes[0] in plan.table()
+    for fix in plan.fixes:
+        overrides = fix.split(" (")[0].replace("<a local disk>", "/nvme").split()
+        changed = _override(cfg, overrides)
+        again = plan_run(changed, mcfg=mcfg, world=changed.scale.num_workers * 2 // cfg.scale.num_workers,
+                         seq_len=4096, device=a10g, precision="bf16")  # fmt: skip
+        assert again.fits, fix
+
+
+def test_parse_devices():
+    assert parse_devices("8xH100")[0] == 8 and parse_devices("8xH100")[1].memory_bytes == 80 * GIB
+    assert parse_devices("h100")[0] == 1
+    n, cpu = parse_devices("4xcpu")
+    assert n == 4 and cpu.kind == "cpu"
+    with pytest.raises(ValueError, match="unknown device"):
+        parse_devices("8xTPU")
+    with pytest.raises(ValueError, match="COUNTxNAME"):
+        parse_devices("eight H100")
+
+
+def test_train_stops_before_launch_when_the_run_cannot_fit(prepared_dir):
+    cfg = load_config(None, [f"data.path={prepared_dir}", "model.name_or_path=llama-3.1-8b",
+                             "train.micro_batch_size=1"])  # fmt: skip
+    with pytest.raises(ConfigError, match="does not fit.*to make it fit.*scale.num_workers=") as e:
+        validate_run(cfg, world_size=2)
+    assert "sftscale plan" in str(e.value) and "scale.memory_check=false" in str(e.value)
+    huge = _override(cfg, ["model.name_or_path=llama-3.1-70b"])
+    with pytest.raises(ConfigError, match="no change sftscale tries .* the largest parts: AdamW"):
+        validate_run(huge, world_size=2)
+    validate_run(_override(huge, ["scale.memory_check=false"]), world_size=2)
+    small = _override(cfg, ["model.name_or_path=tiny-llama"])
+    validate_run(small, world_size=2)
+
+
+def test_plan_command(prepared_dir, capsys):
+    from sftscale.cli import main
+
+    code = main(["plan", "configs/tiny-cpu.yaml", "model.name_or_path=llama-3.1-8b",
+                 "--devices", "8xH100", "--seq-len", "4096"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "8 x H100: 80.0 GiB per rank: fits" in out
+    assert "optimizer step" in out and "gathered weights" in out
+    code = main(["plan", "configs/tiny-cpu.yaml", "model.name_or_path=llama-3.1-70b",
+                 "--devices", "8xH100", "--seq-len", "4096"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1 and "does NOT fit" in out and "to make it fit" in out
+    # the row length and vocabulary come from the prepared data
+    assert main(["plan", "configs/tiny-cpu.yaml", f"data.path={prepared_dir}"]) == 0
+    assert "CPU host" in capsys.readouterr().out
+    assert main(["plan", "configs/tiny-cpu.yaml", "data.path=/nonexistent"]) != 0
+    assert "give --seq-len" in capsys.readouterr().err
