@@ -158,6 +158,49 @@ def billion_rows(memory_bytes: int) -> list[dict]:
     return rows
 
 
+def grid_rows(grid: str) -> list[dict]:
+    """The benchmark suite's saved runs (`sftscale bench`), planned the same way: each point's
+    config on 2 ranks, its measured peak RSS per rank."""
+    from sftscale.config import load_config
+    from sftscale.ds_config import resolve_ds_config
+    from sftscale.model import model_config
+    from sftscale.plan import host_device, plan_memory
+
+    rows = []
+    for path in sorted((HERE / "results" / grid).glob("*.sftscale.json")):
+        r = json.loads(path.read_text())
+        pt, fig = r["point"], r["figures"]
+        if "peak_memory_bytes" not in fig:
+            continue
+        sp, tiled = pt.get("sequence_parallel_size", 1), pt.get("tiled", False)
+        mlp_tiles = max(2, pt["seq_len"] // sp // 4096) if tiled else 0  # as the suite sets them
+        cfg = load_config(None, [
+            f"model.name_or_path={pt['preset']}", "data.path=x", "train.grad_accum=1",
+            f"train.micro_batch_size={pt['micro_batch_size']}", "scale.num_workers=2",
+            f"scale.sequence_parallel_size={sp}", f"train.tiled_logits={str(tiled).lower()}",
+            f"train.mlp_tiles={mlp_tiles}", f"deepspeed.template={pt['template']}",
+            f"model.gradient_checkpointing={str(pt['gradient_checkpointing']).lower()}",
+        ])  # fmt: skip
+        ds = resolve_ds_config(cfg, world_size=2, precision="bf16")
+        mcfg = model_config(pt["preset"], vocab_size=4010)  # the suite's tokenizer + markers
+        plan = plan_memory(mcfg, cfg, ds, world=2, seq_len=pt["seq_len"],
+                           device=host_device(2, r["device"]["memory_bytes"]))  # fmt: skip
+        rows.append({"id": pt["id"], "host": r["device"]["name"],
+                     "measured_bytes": fig["peak_memory_bytes"], "peak_bytes": plan.peak_bytes})  # fmt: skip
+    return rows
+
+
+def grid_report(title: str, rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    ratios = [r["peak_bytes"] / r["measured_bytes"] for r in rows]
+    lines = [f"## {title} ({rows[0]['host']}): planned / measured {min(ratios):.2f} to {max(ratios):.2f}", "",
+             "| point | measured | planned | planned / measured |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['id']} | {r['measured_bytes'] / GIB:.2f} GiB | {r['peak_bytes'] / GIB:.2f} GiB | "
+              f"{q:.2f} |" for r, q in zip(rows, ratios, strict=True)]  # fmt: skip
+    return [*lines, ""]
+
+
 def report(result: dict) -> str:
     lines = [
         "# `sftscale plan` against measured peak RSS per rank (`benchmarks/plan_validation.py`)",
@@ -182,8 +225,21 @@ def report(result: dict) -> str:
         "A killed run's figure is where the kernel stopped it, a lower bound of its need.",
         "",
     ]
+    lines += grid_report("The CPU benchmark grid (`sftscale bench --grid cpu`), another host",
+                         grid_rows("bench-cpu"))  # fmt: skip
+    lines += grid_report("Long rows (`sftscale bench --grid cpu-long`, docs/long_context.md)",
+                         grid_rows("bench-cpu-long"))  # fmt: skip
+    lines += [
+        "Long rows on a CPU are planned low (down to 0.64 with SP=2 and tiling at 64k-128k "
+        "positions): oneDNN holds memory outside PyTorch's allocator that grows with the whole "
+        'row, not the rank\'s slice (docs/long_context.md, "Where the excess comes from"); the '
+        "plan counts PyTorch's tensors only. GPUs run cuBLAS with fixed workspaces instead.",
+        "",
+        "## The plans of the runs above",
+        "",
+    ]
     for r in result["rows"]:
-        lines += [f"## {r['name']}", "", "```", r["table"], "```", ""]
+        lines += [f"### {r['name']}", "", "```", r["table"], "```", ""]
     return "\n".join(lines)
 
 

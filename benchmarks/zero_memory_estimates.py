@@ -1,9 +1,9 @@
 """Per-GPU and per-node memory of model states for each ds_configs template, from DeepSpeed's
-own estimators (arithmetic only, no GPU), for the model presets; writes docs/zero_memory.md.
+own estimators (arithmetic only, no GPU), for the model presets; and what `sftscale plan` adds
+(a whole run per GPU: activations, logits, gathered weights, the optimizer step, the runtime) for
+Llama-3.2-1B, 3B, 8B and 70B on 8 and 64 x H100. Writes docs/zero_memory.md.
 
     .venv/bin/python benchmarks/zero_memory_estimates.py
-
-Model states only: activations, logits and fragmentation come on top (see the benchmark suite).
 """
 
 from __future__ import annotations
@@ -43,6 +43,15 @@ def main() -> None:
         "| `zero3` | default: weights, gradients and optimizer state partitioned over all GPUs; ~1.5x ZeRO-2's traffic |",
         "| `zero3_offload_optimizer` | optimizer state (12 B/param) does not fit in GPU memory; CPU Adam, needs host RAM |",
         "| `zero3_offload_params` | even the partitioned weights do not fit; slowest, bounded by PCIe |",
+        "| `zero3_nvme_optimizer` | the optimizer state does not fit in host RAM either: it is swapped to a local disk (`deepspeed.nvme_path`) through DeepSpeed's async I/O op, one sub-group (`sub_group_size` 1e8 elements, or the largest parameter's partition if larger) at a time through 4 buffers; needs libaio (`make install` adds `libaio-dev` as root). **Resume is not exact**: DeepSpeed 0.19 does not restore an optimizer state that lives on NVMe (fresh AdamW moments after a resume; the run warns) |",
+        "| `zero3_nvme` | ZeRO-Infinity: the weights are swapped to that disk too (`offload_param.buffer_size` must hold the largest parameter's partition: raise it for large vocabularies on few ranks) |",
+        "",
+        "**Measured on this project's 2-core, 24 GiB CPU host** (`benchmarks/results/billion_cpu.md`): a",
+        "1.24B-parameter Llama-3.2-1B shape, 2 ranks, ZeRO-3, `zero3_nvme_optimizer`, 512-token rows:",
+        "in bf16 it trains (peak RSS 9.4 GiB per rank, 49-59 s/step, 18.4 GiB of swap files, a 13.8 GiB",
+        "checkpoint, the 2.3 GiB export reloads with transformers). In fp32 (the first try) the kernel",
+        "killed rank 0 at 11.3 GiB in its first step, and with 2 optimizer buffers DeepSpeed 0.19 fails",
+        "(`range() arg 3 must not be zero` in `_swap_out_unpinned_tensors`): the templates keep 4.",
         "",
         "| model | params | template | nodes x 8 GPUs | GPU per device | CPU per node |",
         "|---|---|---|---|---|---|",
@@ -68,9 +77,59 @@ def main() -> None:
                 lines.append(
                     f"| {name} | {total / 1e9:.2f}B | `{template}` | {n} x {gpus} | {gpu / gib:.1f} GiB | {cpu / gib:.1f} GiB |"
                 )
+    lines += plan_section()
     out = Path(__file__).resolve().parent.parent / "docs" / "zero_memory.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def plan_section() -> list[str]:
+    """`sftscale plan` per GPU next to DeepSpeed's model-states estimate, ZeRO-3 bf16, 4096-token
+    rows, micro-batch 1, gradient checkpointing: what the planner adds is the run around the
+    model states."""
+    from sftscale.config import load_config
+    from sftscale.model import model_config
+    from sftscale.plan import GPUS, plan_run
+
+    gib = 2**30
+    lines = [
+        "",
+        "## A whole run per GPU: `sftscale plan` next to DeepSpeed's estimator",
+        "",
+        "`sftscale plan configs/tiny-cpu.yaml model.name_or_path=<preset> train.micro_batch_size=1 "
+        "--devices <N>xH100 --seq-len 4096`: ZeRO-3 (`zero3`), bf16, 4096-token rows, micro-batch 1, "
+        "gradient checkpointing, the loss in 1024-token chunks. DeepSpeed's column is its "
+        "model-states estimate per GPU (`estimate_zero3_model_states_mem_needs`, the arithmetic of "
+        "`estimate_zero3_model_states_mem_needs_all_live`, no offload); the plan adds the weights "
+        "ZeRO-3 keeps gathered (`stage3_max_live_parameters` 1e9), activations, logits and loss, "
+        "the optimizer step's fp32 gradient copy of one sub-group (`sub_group_size` 1e9) and the "
+        "CUDA runtime (2.5 GiB). On a GPU the peak is the held memory plus the larger of forward/"
+        "backward and the step. These are predictions: no GPU was measured "
+        "(the CPU validation is `benchmarks/results/plan_validation.md`).",
+        "",
+        "| model | params | H100s | DeepSpeed model states | plan: held | fwd/bwd | step | plan: peak | fits 80 GiB | if not: the cheapest change that fits |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b"):
+        total, largest = shape_params(PRESETS[name])
+        for n in (8, 64):
+            ds_gpu = estimate_zero3_model_states_mem_needs(total, largest, 8, n // 8, False, False)[
+                1
+            ]
+            cfg = load_config(None, [f"model.name_or_path={name}", "data.path=x",
+                                     "train.micro_batch_size=1", f"scale.num_workers={n}"])  # fmt: skip
+            mcfg = model_config(name, vocab_size=0)
+            plan = plan_run(
+                cfg, mcfg=mcfg, world=n, seq_len=4096, device=GPUS["h100"], precision="bf16"
+            )
+            fix = plan.fixes[0] if plan.fixes else ""
+            lines.append(
+                f"| {name} | {total / 1e9:.2f}B | {n} | {ds_gpu / gib:.1f} GiB | "
+                f"{plan.phase_bytes('held') / gib:.1f} | {plan.phase_bytes('fwd/bwd') / gib:.1f} | "
+                f"{plan.phase_bytes('step') / gib:.1f} | {plan.peak_bytes / gib:.1f} GiB | "
+                f"{'yes' if plan.fits else '**no**'} | {fix} |"
+            )
+    return lines
 
 
 if __name__ == "__main__":

@@ -115,14 +115,17 @@ class Plan:
     def peak_bytes(self) -> int:
         """What must fit in the device's memory per rank (on a CPU host, host lines too).
 
-        GPU: the larger phase, the caching allocator reuses what forward and backward freed.
-        CPU: both phases. glibc keeps most of what forward and backward freed (the gathered
-        weights, the layers' work) resident through the step: measured on a 544M ZeRO-3 engine,
-        RSS after backward stayed 1.4 GiB above the live tensors, and the step's 1.5 GiB came
-        on top of it."""
+        GPU: the held memory and the larger phase (the caching allocator reuses what forward
+        and backward freed for the step). CPU: glibc keeps the memory of the weights ZeRO-3
+        gathered and freed resident (many allocations of one parameter each, most below its
+        mmap threshold), so the step comes on top of it: RSS after backward measured 0.4 GiB
+        above the live tensors and the runtime at 96M parameters (gathered: 0.17 GiB), 1.5 GiB
+        at 544M (1.0) and 1.1-1.5 GiB at 1.24B (1.9), 2 ranks; the plan adds the gathered
+        weights once more."""
         held = self.phase_bytes("held")
         fwd, step = self.phase_bytes("fwd/bwd"), self.phase_bytes("step")
-        return held + (fwd + step if self.device.kind == "cpu" else max(fwd, step))
+        kept = sum(b for w, b, _, _ in self.lines if w.startswith("gathered weights"))
+        return held + max(fwd, step) + (kept if self.device.kind == "cpu" else 0)
 
     def total(self, where: str) -> int:
         return sum(b for _, b, w, _ in self.lines if w == where)
@@ -140,15 +143,17 @@ class Plan:
                 + ", ".join(f"{w} {b / GIB:.1f} GiB" for w, b, _, _ in largest))  # fmt: skip
 
     def table(self) -> str:
-        rows = [f"{'per rank':<64} {'GiB':>7}  {'where':<6} phase"]
-        rows += [f"{what:<64} {b / GIB:>7.2f}  {where:<6} {phase}"
+        rows = [f"{'per rank':<72} {'GiB':>7}  {'where':<6} phase"]
+        rows += [f"{what:<72} {b / GIB:>7.2f}  {where:<6} {phase}"
                  for what, b, where, phase in self.lines]  # fmt: skip
-        how = "held + fwd/bwd + step" if self.device.kind == "cpu" else "held + max(fwd/bwd, step)"
-        rows.append(f"{'peak per rank (' + how + ')':<64} {self.peak_bytes / GIB:>7.2f}")
+        how = "held + max(fwd/bwd, step)" + (
+            " + gathered kept by glibc" if self.device.kind == "cpu" else ""
+        )
+        rows.append(f"{'peak per rank (' + how + ')':<72} {self.peak_bytes / GIB:>7.2f}")
         if self.device.kind == "gpu" and self.total("host"):
-            rows.append(f"{'host RAM per rank':<64} {self.total('host') / GIB:>7.2f}")
+            rows.append(f"{'host RAM per rank':<72} {self.total('host') / GIB:>7.2f}")
         if self.total("nvme"):
-            rows.append(f"{'on NVMe per rank':<64} {self.total('nvme') / GIB:>7.2f}")
+            rows.append(f"{'on NVMe per rank':<72} {self.total('nvme') / GIB:>7.2f}")
         verdict = "fits" if self.fits else "does NOT fit"
         rows.append(f"{self.world} x {self.device.name}: {self.device.memory_bytes / GIB:.1f} GiB "
                     f"per rank: {verdict}")  # fmt: skip
@@ -211,20 +216,21 @@ def plan_memory(
 
     # Model states (DeepSpeed's accounting: counted on the engine, 16 B per trained parameter
     # in bf16 before partitioning, 2 + 2 + 4 + 8)
-    plan.add(f"weights, {'bf16' if mixed else 'fp32'} (1/{w_shard} of {p / 1e9:.2f}B)",
+    plan.add(f"weights, {'bf16' if mixed else 'fp32'} (1/{w_shard} of {p / 1e6:,.1f}M)",
              b * p / w_shard, where=par_at)  # fmt: skip
     plan.add(f"gradients (1/{g_shard})", b * trained / g_shard, where="device")
     if mixed or stage == 3:  # ZeRO-3 keeps an fp32 copy to step even when the weights are fp32
         plan.add(f"fp32 master weights (1/{o_shard})", 4 * trained / o_shard, where=opt_at)
     plan.add(f"AdamW moments, fp32 (1/{o_shard})", 8 * trained / o_shard, where=opt_at)
     # An optimizer in host RAM steps on an fp32 gradient buffer of its own (counted on the
-    # engine: 4 B per partition element, held); one on NVMe builds the same buffer in backward
-    # to swap the gradients out (peak RSS in backward 2.3 GiB above the gathered weights at
-    # 1.24B on 2 ranks: this buffer)
-    if opt_at != "device":
+    # engine: 4 B per partition element, held); one on NVMe casts each reduced bucket's
+    # gradients to fp32 to swap them out (stage3.py `_offload_grad_partition_at_boundary`)
+    if opt_at == "host":
         plan.add(f"fp32 gradient buffer of the offloaded optimizer (1/{o_shard})",
-                 4 * trained / o_shard, where="host",
-                 phase="held" if opt_at == "host" else "fwd/bwd")  # fmt: skip
+                 4 * trained / o_shard, where="host")  # fmt: skip
+    elif opt_at == "nvme":
+        plan.add("a reduce bucket's gradients in fp32, to swap out",
+                 int(z.get("reduce_bucket_size", 5e8)) * 4, where="host", phase="fwd/bwd")  # fmt: skip
     group = min(int(z.get("sub_group_size", 10**9)), trained // o_shard)
     if stage == 3:  # a parameter larger than a sub-group is a sub-group of its own
         group = max(group, (s["embed"] if lora is None else 0) // o_shard)
