@@ -91,10 +91,32 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     # the template's checks do not depend on which.
     precision = "bf16" if cfg.deepspeed.precision == "bf16" else "fp32"
     ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision)
+    _check_nvme_param_buffer(ds_config, cfg, mcfg, world_size)
     _check_zero_options(ds_config, cfg)
     if cfg.scale.memory_check:
         _check_memory(cfg, mcfg, world_size, manifest.seq_len)
     return manifest
+
+
+def _check_nvme_param_buffer(ds: dict, cfg: Config, mcfg: Any, world: int) -> None:
+    """ZeRO-Infinity swaps each weight's partition through buffers of offload_param.buffer_size
+    elements; a larger partition (a large vocabulary's embedding on few ranks) fails in the
+    workers after the model has loaded."""
+    offload = ds.get("zero_optimization", {}).get("offload_param", {})
+    if offload.get("device") != "nvme":
+        return
+    from sftscale.plan import model_sizes
+
+    s = model_sizes(mcfg)
+    largest = -(-max(s["embed"], s["hidden"] * s["intermediate"]) // world)
+    size = int(offload.get("buffer_size", 10**8))
+    if size < largest:
+        raise ConfigError(
+            f"deepspeed.template={cfg.deepspeed.template}: offload_param.buffer_size is {size:,} "
+            f"elements but the largest weight's partition on {world} ranks has {largest:,}; copy "
+            f"the template to a .json file with offload_param.buffer_size >= {largest} and set "
+            "deepspeed.template=<that file>, or run on more ranks"
+        )
 
 
 def _check_memory(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:

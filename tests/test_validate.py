@@ -100,6 +100,27 @@ def test_nvme_templates_say_what_they_need(tmp_path, prepared_dir, monkeypatch, 
         validate_run(cfg, world_size=1)
 
 
+def test_nvme_weight_buffer_must_hold_the_largest_partition(tmp_path, prepared_dir):
+    """Llama-3.2-1B's embedding on 2 ranks: 131M elements per partition, the template's
+    buffers hold 1e8."""
+    overrides = ["model.name_or_path=llama-3.2-1b", "deepspeed.template=zero3_nvme",
+                 f"deepspeed.nvme_path={tmp_path}", "scale.memory_check=false"]  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"offload_param.buffer_size is 100,000,000 elements.*131,334,144"
+    ):
+        validate_run(_cfg(prepared_dir, *overrides), world_size=2)
+    from sftscale.ds_config import load_template
+
+    template = load_template("zero3_nvme")
+    template["zero_optimization"]["offload_param"]["buffer_size"] = 131334144
+    path = tmp_path / "big_buffers.json"
+    path.write_text(json.dumps(template))
+    try:
+        validate_run(_cfg(prepared_dir, *overrides, f"deepspeed.template={path}"), world_size=2)
+    except ConfigError as e:  # only libaio may be missing here
+        assert "libaio" in str(e)
+
+
 def test_eval_set_with_another_tokenizer(tmp_path, prepared_dir):
     import shutil
 
