@@ -100,6 +100,7 @@ class Plan:
     world: int
     lines: list[tuple[str, int, str, str]] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
+    gathered_bytes: int = 0  # ZeRO-3's gathered weights (what glibc keeps on a CPU host)
 
     def add(self, what: str, nbytes: float, *, where: str = "device", phase: str = "held") -> None:
         if nbytes > 0:
@@ -124,8 +125,8 @@ class Plan:
         weights once more."""
         held = self.phase_bytes("held")
         fwd, step = self.phase_bytes("fwd/bwd"), self.phase_bytes("step")
-        kept = sum(b for w, b, _, _ in self.lines if w.startswith("gathered weights"))
-        return held + max(fwd, step) + (kept if self.device.kind == "cpu" else 0)
+        kept = self.gathered_bytes if self.device.kind == "cpu" else 0
+        return held + max(fwd, step) + kept
 
     def total(self, where: str) -> int:
         return sum(b for _, b, w, _ in self.lines if w == where)
@@ -254,8 +255,9 @@ def plan_memory(
         # below 1e9 parameters gathered whole from the first forward to the end of backward.
         live = int(z.get("stage3_max_live_parameters", 10**9))
         largest = max(s["embed"], s["layer"])
+        plan.gathered_bytes = b * max(min(p, live), largest)
         plan.add(f"gathered weights (up to stage3_max_live_parameters {live:.0e})",
-                 b * max(min(p, live), largest), phase="fwd/bwd")  # fmt: skip
+                 plan.gathered_bytes, phase="fwd/bwd")  # fmt: skip
     tokens = cfg.train.micro_batch_size * seq_len // cfg.scale.sequence_parallel_size
     n, h, v = s["layers"], s["hidden"], s["vocab"]
     per_layer = saved_per_token_layer(s, b, cfg.train.mlp_tiles)
@@ -281,6 +283,9 @@ def plan_memory(
     if stage == 3 and opt_at == "device" and mixed:
         plan.add("optimizer step: the largest sub-group's gradient flattened + fp32",
                  group * (b + 4), phase="step")  # fmt: skip
+    elif stage in (1, 2) and opt_at == "device" and mixed:  # stage_1_and_2.py: one fp32 flat
+        plan.add(f"optimizer step: the gradient partition in fp32 (1/{o_shard})",
+                 4 * trained / o_shard, phase="step")  # fmt: skip
     plan.add("runtime (CUDA context, NCCL, allocator slack)" if device.kind == "gpu"
              else "runtime (interpreter, libraries, gloo, oneDNN)", device.runtime_bytes)  # fmt: skip
     return plan
