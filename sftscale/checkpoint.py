@@ -183,10 +183,53 @@ def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
     )
     if load_dir is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    if engine.zero_nvme_offload_optimizer():
+        restore_nvme_optimizer_state(engine, tag_dir)
     rng_file = tag_dir / f"rng_rank{rank}.pt"
     if state["world_size"] == _world_size() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def restore_nvme_optimizer_state(engine, tag_dir: Path) -> None:
+    """The AdamW state DeepSpeed 0.19 leaves behind when the optimizer lives on NVMe.
+
+    Its `load_checkpoint` copies the saved swap files (fp32 weights, moments) back into the
+    swap folder but skips its ZeRO checkpoint, and the optimizer then starts every sub-group
+    afresh: zero moments that overwrite the restored files at the first step, and step 1 for
+    AdamW's bias correction. Here, per sub-group, from this rank's ZeRO checkpoint file:
+    - swapped sub-groups: the step count, and the moments registered with the swapper under the
+      names of the restored files, so its next swap-in reads them (one sub-group at a time, as
+      in training: never all moments in memory at once);
+    - sub-groups too small to swap (< 1 MiB): their moments, step and fp32 weights, which only
+      that file holds (in host RAM while training).
+    Same world size only: the swap files are this rank's partitions."""
+    zero = engine.optimizer
+    adam = zero.optimizer  # the torch optimizer (DeepSpeedCPUAdam) under the ZeRO wrapper
+    saved = torch.load(engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name),
+                       map_location="cpu", weights_only=False)["optimizer_state_dict"]  # fmt: skip
+    states = saved["optimizer_state_dict"]["state"]
+    flats = zero.fp32_partitioned_groups_flat
+    # the saved state's order: each param group's sub-groups (stage3 _set_fp32_optimizer_param_groups)
+    order = [i for g in range(len(adam.param_groups)) for i in range(len(flats))
+             if zero.sub_group_to_group_id[i] == g]  # fmt: skip
+    for index, sub_group in enumerate(order):
+        state, flat = states.get(index), flats[sub_group]
+        if state is None:  # not stepped yet when saved
+            continue
+        if zero._swappable_optimizer_subgroup(sub_group):
+            info = zero.optimizer_swapper.swap_params_info[flat.ds_id]
+            moments = {}
+            for name in ("exp_avg", "exp_avg_sq"):
+                placeholder = torch.empty(0, dtype=flat.dtype)
+                placeholder.ds_id = f"{name}-{flat.ds_id}"  # the swap file it is read from
+                moments[name] = placeholder
+            info.add_state_tensors(list(moments.values()))
+            adam.state[flat] = {"step": state["step"], **moments}
+        else:
+            adam.state[flat] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+            flat.data.copy_(saved["fp32_flat_groups"][sub_group])
+            zero._reassign_or_swap_out_partitioned_parameters(sub_group)  # into the weights
 
 
 def has_frozen(module: torch.nn.Module) -> bool:

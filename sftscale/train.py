@@ -300,12 +300,6 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
             truncate_ledger(out / "ledger", step=run.step)
             say(f"resumed from {resume_dir} at step {run.step} (position {run.position}; "
                 f"saved by {state['world_size']} worker(s), now {world})")  # fmt: skip
-            if run.engine.zero_nvme_offload_optimizer():
-                say("warning: with the optimizer on NVMe, DeepSpeed 0.19 does not restore the "
-                    "optimizer's state: this run goes on from the saved weights with fresh AdamW "
-                    "moments and step count (measured on a small model: loss 13% above the "
-                    "uninterrupted run 2 steps after the resume). zero3_offload_optimizer "
-                    "resumes exactly, where host RAM holds the optimizer")  # fmt: skip
     if rank == 0:
         t = cfg.train
         sp = cfg.scale.sequence_parallel_size

@@ -92,10 +92,31 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     precision = "bf16" if cfg.deepspeed.precision == "bf16" else "fp32"
     ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision)
     _check_nvme_param_buffer(ds_config, cfg, mcfg, world_size)
+    _check_nvme_resume(ds_config, cfg, world_size)
     _check_zero_options(ds_config, cfg)
     if cfg.scale.memory_check:
         _check_memory(cfg, mcfg, world_size, manifest.seq_len)
     return manifest
+
+
+def _check_nvme_resume(ds: dict, cfg: Config, world: int) -> None:
+    """An optimizer on NVMe lives in per-rank swap files on each node's own disk: a run resumes
+    it on the same number of workers only."""
+    if ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") != "nvme":
+        return
+    where = f"deepspeed.template={cfg.deepspeed.template}"
+    if cfg.scale.min_workers:
+        raise ConfigError(
+            f"scale.min_workers with {where}: the optimizer's state is in per-rank swap files, "
+            "which a run on fewer workers cannot take over; set scale.min_workers=0 or use "
+            "zero3_offload_optimizer"
+        )
+    latest = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if latest is not None and (saved := read_state(latest)["world_size"]) != world:
+        raise ConfigError(
+            f"{where}: checkpoint {latest} was saved by {saved} workers with the optimizer on "
+            f"NVMe (per-rank swap files); resume it with scale.num_workers={saved}"
+        )
 
 
 def _check_nvme_param_buffer(ds: dict, cfg: Config, mcfg: Any, world: int) -> None:

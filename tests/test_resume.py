@@ -228,10 +228,9 @@ def test_ray_restarts_a_dead_or_stopped_worker(
 )
 def test_nvme_offload_equals_cpu_offload_and_resumes(tmp_path, prepared_dir, sp_tokenizer):
     """ZeRO-Infinity (zero3_nvme: optimizer states and weights swapped to a local disk through
-    the async I/O op) trains bitwise like the optimizer in host RAM. A stopped run resumes and
-    completes its ledger, but not exactly: DeepSpeed 0.19 does not restore the optimizer state
-    when it lives on NVMe (fresh AdamW moments and step count after the resume), and the run
-    says so. When DeepSpeed fixes that, the bound below can become equality."""
+    the async I/O op) trains bitwise like the optimizer in host RAM, also across a stop and a
+    resume: DeepSpeed 0.19 alone would restart AdamW (fresh moments, step 1) after a resume
+    (13% loss gap 2 steps later); sftscale.checkpoint.restore_nvme_optimizer_state restores it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # DeepSpeed swaps only tensors of >= 1 MiB: one layer wide enough for its MLP weights to be
@@ -265,10 +264,7 @@ def test_nvme_offload_equals_cpu_offload_and_resumes(tmp_path, prepared_dir, sp_
     again = subprocess.run(_cmd(nvme), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {stopped}" in again.stdout
-    assert "warning: with the optimizer on NVMe" in again.stdout
     la, lb = [r["loss"] for r in _records(cpu)], [r["loss"] for r in _records(nvme)]
     assert [r["step"] for r in _records(nvme)] == list(range(1, 13))
-    assert la[:stopped] == lb[:stopped]  # the same arithmetic as in host RAM, bit for bit
-    # the weights were restored (a fresh model would be back at ~6): measured 13% at most
-    assert max(abs(a - b) / a for a, b in zip(la, lb, strict=True)) < 0.3
+    assert la == lb  # the same arithmetic as in host RAM, bit for bit, before and after resume
     _assert_ledger_complete(nvme, rows_per_step=2, steps=12)

@@ -121,6 +121,29 @@ def test_nvme_weight_buffer_must_hold_the_largest_partition(tmp_path, prepared_d
         assert "libaio" in str(e)
 
 
+def test_nvme_optimizer_resumes_on_its_own_world_size_only(tmp_path, prepared_dir):
+    from data_tools.schema import read_manifest
+    from sftscale.data import data_fingerprint
+
+    nvme = ["deepspeed.template=zero3_nvme_optimizer", f"deepspeed.nvme_path={tmp_path}",
+            f"logging.output_dir={tmp_path}", "logging.run_name=r"]  # fmt: skip
+    with pytest.raises(ConfigError, match="scale.min_workers=0"):
+        validate_run(_cfg(prepared_dir, *nvme, "scale.num_workers=2", "scale.min_workers=1"),
+                     world_size=2)  # fmt: skip
+    tag = tmp_path / "r" / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    fingerprint = data_fingerprint(read_manifest(prepared_dir))
+    (tag / "sftscale_state.json").write_text(json.dumps(
+        {"world_size": 2, "data_fingerprint": fingerprint, "lora": None, "step": 4}))  # fmt: skip
+    (tag.parent / "latest").write_text(tag.name)
+    with pytest.raises(ConfigError, match="saved by 2 workers .* scale.num_workers=2"):
+        validate_run(_cfg(prepared_dir, *nvme), world_size=1)
+    try:
+        validate_run(_cfg(prepared_dir, *nvme), world_size=2)
+    except ConfigError as e:  # only libaio may be missing here
+        assert "libaio" in str(e)
+
+
 def test_eval_set_with_another_tokenizer(tmp_path, prepared_dir):
     import shutil
 
