@@ -220,7 +220,7 @@ def plan_memory(
     plan.add(f"weights, {'bf16' if mixed else 'fp32'} (1/{w_shard} of {p / 1e6:,.1f}M)",
              b * p / w_shard, where=par_at)  # fmt: skip
     plan.add(f"gradients (1/{g_shard})", b * trained / g_shard, where="device")
-    if mixed or stage == 3:  # ZeRO-3 keeps an fp32 copy to step even when the weights are fp32
+    if mixed or stage >= 1:  # ZeRO steps an fp32 copy even when the weights are fp32
         plan.add(f"fp32 master weights (1/{o_shard})", 4 * trained / o_shard, where=opt_at)
     plan.add(f"AdamW moments, fp32 (1/{o_shard})", 8 * trained / o_shard, where=opt_at)
     # An optimizer in host RAM steps on an fp32 gradient buffer of its own (counted on the
