@@ -453,7 +453,7 @@ def data_shape(cfg: Any, *, seq_len: int | None, vocab_size: int | None) -> tupl
     """(row length, tokenizer size) from the arguments, else from the data's manifest."""
     from sftscale.config import ConfigError
 
-    if seq_len is None or vocab_size is None:
+    if seq_len is None or vocab_size is None:  # (0: not needed)
         from data_tools.schema import ShardFormatError, read_manifest
         from sftscale.storage import is_uri, read_remote_manifest
 
@@ -466,7 +466,7 @@ def data_shape(cfg: Any, *, seq_len: int | None, vocab_size: int | None) -> tupl
                 "preset without a vocabulary of its own)"
             ) from e
         seq_len = seq_len or manifest.seq_len
-        vocab_size = vocab_size or manifest.tokenizer.vocab_size
+        vocab_size = manifest.tokenizer.vocab_size if vocab_size is None else vocab_size
     return seq_len, vocab_size
 
 
@@ -474,7 +474,7 @@ def plan_for_cli(cfg: Any, *, devices: str | None, seq_len: int | None,
                  vocab_size: int | None) -> Plan:  # fmt: skip
     """`sftscale plan`: on --devices, else on the devices this run would get here."""
     from sftscale.config import ConfigError
-    from sftscale.model import model_config
+    from sftscale.model import PRESETS, is_preset, model_config
 
     if devices:
         try:
@@ -487,8 +487,11 @@ def plan_for_cli(cfg: Any, *, devices: str | None, seq_len: int | None,
     if world % cfg.scale.sequence_parallel_size:
         raise ConfigError(f"--devices: {world} ranks do not split into sequence-parallel groups "
                           f"of {cfg.scale.sequence_parallel_size}")  # fmt: skip
+    name = cfg.model.name_or_path
+    if vocab_size is None and not (is_preset(name) and PRESETS[name]["vocab_size"] is None):
+        vocab_size = 0  # the model's own vocabulary (a directory, or a preset that has one)
     seq_len, vocab = data_shape(cfg, seq_len=seq_len, vocab_size=vocab_size)
-    mcfg = model_config(cfg.model.name_or_path, vocab_size=vocab)
+    mcfg = model_config(name, vocab_size=vocab)
     precision, native = run_precision(cfg, device)
     return plan_run(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
                     precision=precision, bf16_native=native)  # fmt: skip
