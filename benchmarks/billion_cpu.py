@@ -241,28 +241,34 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     if last_step(run_dir) < args.steps and (run_dir / "checkpoints" / "latest").is_file():
         phases.append(run_phase(cmd, env, run_dir, swap, None))  # the same command resumes
     recs = records(run_dir)
-    reference = previous.get("reference_losses")
-    if args.reference and reference is None:  # the same run without the stop, from scratch
-        ref_dir = work / "runs" / f"{name}-uninterrupted"
-        ref_cmd = [c.replace(f"logging.run_name={name}", f"logging.run_name={ref_dir.name}")
-                   for c in cmd]  # fmt: skip
-        shutil.rmtree(ref_dir, ignore_errors=True)
-        shutil.rmtree(swap, ignore_errors=True)
-        run_phase(ref_cmd, env, ref_dir, swap, None)
-        reference = [(r["step"], r["loss"]) for r in records(ref_dir)]
     export = run_dir / "export"
-    return {
+    result = {
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                  "memory_gib": round(__import__("psutil").virtual_memory().total / GIB, 1)},
         "template": args.template, "precision": args.precision, "seq_len": args.seq_len, "steps": args.steps,
         "stop_at": args.stop_at, "model_bytes": model_bytes, "phases": phases,
-        "losses": [(r["step"], r["loss"]) for r in recs], "reference_losses": reference,
+        "losses": [(r["step"], r["loss"]) for r in recs],
         "step_time_s": [(r["step"], r["step_time_s"]) for r in recs],
         "checkpoint_bytes_at_stop": ckpt_bytes,
         "checkpoint_bytes_at_end": dir_bytes(run_dir / "checkpoints"),
         "export_bytes": dir_bytes(export) if export.is_dir() else 0,
         "reload": reload_and_generate(export, prepared / "tokenizer") if export.is_dir() else None,
     }  # fmt: skip
+    result["reference_losses"] = previous.get("reference_losses")
+    if args.reference and result["reference_losses"] is None:
+        # the same run without the stop, from scratch; the disk first gives back this run's
+        # checkpoints and swap files (together with the reference's, ~60 GiB)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(swap, ignore_errors=True)
+        ref_dir = work / "runs" / f"{name}-uninterrupted"
+        ref_cmd = [c.replace(f"logging.run_name={name}", f"logging.run_name={ref_dir.name}")
+                   for c in cmd]  # fmt: skip
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        ref = run_phase(ref_cmd, env, ref_dir, swap, None)
+        if ref["returncode"] != 0:
+            raise RuntimeError(f"the uninterrupted run failed: see {ref['log']}")
+        result["reference_losses"] = [(r["step"], r["loss"]) for r in records(ref_dir)]
+    return result
 
 
 def report(r: dict) -> str:

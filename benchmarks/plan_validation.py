@@ -142,10 +142,11 @@ def billion_rows(memory_bytes: int) -> list[dict]:
               "train.micro_batch_size=1", "train.grad_accum=1", "train.tiled_logits=true",
               f"deepspeed.nvme_path={work / 'swap'}", "scale.num_workers=2"]  # fmt: skip
     bf16 = common + [f"deepspeed.template={r['template']}", "deepspeed.precision=bf16"]
-    first = r["phases"][0]["rank_peak_rss_bytes"]
+    # the larger of the first launch and the resume (which loads the checkpoint too)
+    ranks = max((p["rank_peak_rss_bytes"] for p in r["phases"]), key=max)
     rows = [{"name": "1.24B (Llama-3.2-1B shape), NVMe optimizer", "template": r["template"],
              "seq_len": r["seq_len"], "micro_batch_size": 1, "overrides": bf16,
-             "measured_bytes": max(first), "ranks_bytes": first, "source": str(path.name)}
+             "measured_bytes": max(ranks), "ranks_bytes": ranks, "source": str(path.name)}
             | planned(bf16, seq_len=r["seq_len"], memory_bytes=memory_bytes)]  # fmt: skip
     # The run: fp32, zero3, killed by the kernel (peak 12.6 GB for rank 0; 11.3 GiB
     # when billion_cpu.py --precision fp32 repeated it with the NVMe template)

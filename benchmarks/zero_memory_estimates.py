@@ -44,7 +44,7 @@ def main() -> None:
         "| `zero3_offload_optimizer` | optimizer state (12 B/param) does not fit in GPU memory; CPU Adam, needs host RAM |",
         "| `zero3_offload_params` | even the partitioned weights do not fit; slowest, bounded by PCIe |",
         "| `zero3_nvme_optimizer` | the optimizer state does not fit in host RAM either: it is swapped to a local disk (`deepspeed.nvme_path`) through DeepSpeed's async I/O op, one sub-group (`sub_group_size` 1e8 elements, or the largest parameter's partition if larger) at a time through 4 buffers; needs libaio (`make install` adds `libaio-dev` as root). Resume is exact on the same number of workers (DeepSpeed 0.19 alone would restart AdamW: fresh moments and step 1; `sftscale.checkpoint.restore_nvme_optimizer_state` restores them) |",
-        "| `zero3_nvme` | ZeRO-Infinity: the weights are swapped to that disk too (`offload_param.buffer_size` must hold the largest parameter's partition: raise it for large vocabularies on few ranks) |",
+        '| `zero3_nvme` | ZeRO-Infinity: the weights are swapped to that disk too (`offload_param.buffer_size` "auto": 1e8 elements, or the largest weight\'s partition when larger, which DeepSpeed requires) |',
         "",
         "**Measured on this project's 2-core, 24 GiB CPU host** (`benchmarks/results/billion_cpu.md`): a",
         "1.24B-parameter Llama-3.2-1B shape, 2 ranks, ZeRO-3, `zero3_nvme_optimizer`, 512-token rows:",

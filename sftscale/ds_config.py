@@ -40,11 +40,14 @@ def load_template(template: str) -> dict[str, Any]:
     return json.loads(template_path(template).read_text())
 
 
-def auto_values(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
+def auto_values(
+    cfg: Config, world_size: int, precision: str, largest_weight: int = 0
+) -> dict[str, Any]:
     """Values for every "auto" field a template may hold, keyed by dotted path.
 
     precision: bf16 or fp32, what the run computes in (`deepspeed.precision` resolved by
-    sftscale.precision on the workers' device)."""
+    sftscale.precision on the workers' device). largest_weight: elements of the model's largest
+    weight (0: unknown), for ZeRO-Infinity's weight buffers, which must hold its partition."""
     o, t = cfg.optim, cfg.train
     return {
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
@@ -58,6 +61,7 @@ def auto_values(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
         "optimizer.params.weight_decay": o.weight_decay,
         "zero_optimization.offload_optimizer.nvme_path": cfg.deepspeed.nvme_path,
         "zero_optimization.offload_param.nvme_path": cfg.deepspeed.nvme_path,
+        "zero_optimization.offload_param.buffer_size": max(10**8, -(-largest_weight // world_size)),
     }
 
 
@@ -75,7 +79,9 @@ def _fill(node: Any, values: dict[str, Any], path: str, template: str) -> Any:
     return node
 
 
-def resolve_ds_config(cfg: Config, *, world_size: int, precision: str) -> dict[str, Any]:
+def resolve_ds_config(
+    cfg: Config, *, world_size: int, precision: str, largest_weight: int = 0
+) -> dict[str, Any]:
     """The template filled for `world_size` ranks computing in `precision` (bf16 | fp32)."""
     template = load_template(cfg.deepspeed.template)
     if template.get("bf16", {}).get("enabled") is True and cfg.deepspeed.precision != "bf16":
@@ -84,7 +90,10 @@ def resolve_ds_config(cfg: Config, *, world_size: int, precision: str) -> dict[s
             'set bf16.enabled to "auto"'
         )
     resolved = _fill(
-        copy.deepcopy(template), auto_values(cfg, world_size, precision), "", cfg.deepspeed.template
+        copy.deepcopy(template),
+        auto_values(cfg, world_size, precision, largest_weight),
+        "",
+        cfg.deepspeed.template,
     )
     t = cfg.train
     if resolved["train_batch_size"] != t.micro_batch_size * t.grad_accum * world_size:

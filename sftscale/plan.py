@@ -176,6 +176,12 @@ def model_sizes(mcfg: Any) -> dict[str, int]:
             "hidden": h, "intermediate": i, "layers": n, "vocab": v, "q": q, "kv": kv}  # fmt: skip
 
 
+def largest_weight(mcfg: Any) -> int:
+    """Elements of the largest weight: the embedding, or an MLP projection."""
+    s = model_sizes(mcfg)
+    return max(s["embed"], s["hidden"] * s["intermediate"])
+
+
 def lora_params(s: dict[str, int], r: int, targets: list[str]) -> int:
     """Adapter parameters: r x (in + out) per targeted Linear per layer."""
     h, i, q, kv = s["hidden"], s["intermediate"], s["q"], s["kv"]
@@ -236,6 +242,8 @@ def plan_memory(
     if stage == 3:  # a parameter larger than a sub-group is a sub-group of its own
         group = max(group, (s["embed"] if lora is None else 0) // o_shard)
     if opt_at == "nvme":
+        plan.add(f"fp32 gradients, swapped out beside them (1/{o_shard})", 4 * trained / o_shard,
+                 where="nvme")  # fmt: skip
         # every sub-group's fp32 weights, moments and gradient pass through these buffers
         count = int(z["offload_optimizer"].get("buffer_count", 4))
         plan.add(f"NVMe swap buffers ({count} x the largest sub-group, fp32)", count * group * 4,
@@ -301,7 +309,8 @@ def plan_run(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, p
     run does not fit, `fixes` lists changes that make it fit, each planned the same way."""
     from sftscale.ds_config import resolve_ds_config
 
-    ds = resolve_ds_config(_with_nvme_path(cfg), world_size=world, precision=precision)
+    ds = resolve_ds_config(_with_nvme_path(cfg), world_size=world, precision=precision,
+                           largest_weight=largest_weight(mcfg))  # fmt: skip
     plan = plan_memory(mcfg, cfg, ds, world=world, seq_len=seq_len, device=device)
     if not plan.fits:
         plan.fixes = fixes(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
@@ -382,7 +391,8 @@ def fixes(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, prec
             changed = _override(_with_nvme_path(cfg), planned)
             from sftscale.ds_config import resolve_ds_config
 
-            ds = resolve_ds_config(changed, world_size=world * world_k, precision=precision_k)
+            ds = resolve_ds_config(changed, world_size=world * world_k, precision=precision_k,
+                                   largest_weight=largest_weight(mcfg))  # fmt: skip
         except (ConfigError, ValueError):
             return None
         p = plan_memory(mcfg, changed, ds, world=world * world_k, seq_len=seq_len, device=device)

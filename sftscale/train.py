@@ -65,8 +65,9 @@ from sftscale.metrics import (
     peak_reserved_bytes,
     throughput,
 )
-from sftscale.model import is_preset
+from sftscale.model import is_preset, model_config
 from sftscale.optim import lr_at
+from sftscale.plan import largest_weight
 from sftscale.preemption import STOP_FILE, PreemptionFlag
 from sftscale.validate import lora_state
 
@@ -260,7 +261,9 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
         say(f"precision {precision.name} ({precision.reason})")
         if precision.warning:
             say(f"warning: {precision.warning}")
-    ds_config = resolve_ds_config(cfg, world_size=world, precision=precision.name)
+    mcfg = model_config(cfg.model.name_or_path, vocab_size=len(tokenizer))
+    ds_config = resolve_ds_config(cfg, world_size=world, precision=precision.name,
+                                  largest_weight=largest_weight(mcfg))  # fmt: skip
 
     resume_dir = Path(resume_from) if resume_from else None
     if resume_dir is None and cfg.checkpoint.resume:

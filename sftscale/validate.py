@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from typing import Any
 
 from data_tools.schema import Manifest, ShardFormatError, read_manifest
@@ -90,7 +91,10 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     # Bad template / batch arithmetic. An auto precision is chosen on the workers' device;
     # the template's checks do not depend on which.
     precision = "bf16" if cfg.deepspeed.precision == "bf16" else "fp32"
-    ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision)
+    from sftscale.plan import largest_weight
+
+    ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision,
+                                  largest_weight=largest_weight(mcfg))  # fmt: skip
     _check_nvme_param_buffer(ds_config, cfg, mcfg, world_size)
     _check_nvme_resume(ds_config, cfg, world_size)
     _check_zero_options(ds_config, cfg)
@@ -122,14 +126,14 @@ def _check_nvme_resume(ds: dict, cfg: Config, world: int) -> None:
 def _check_nvme_param_buffer(ds: dict, cfg: Config, mcfg: Any, world: int) -> None:
     """ZeRO-Infinity swaps each weight's partition through buffers of offload_param.buffer_size
     elements; a larger partition (a large vocabulary's embedding on few ranks) fails in the
-    workers after the model has loaded."""
+    workers after the model has loaded. The shipped template's "auto" sizes them; a template
+    of one's own may not."""
     offload = ds.get("zero_optimization", {}).get("offload_param", {})
     if offload.get("device") != "nvme":
         return
-    from sftscale.plan import model_sizes
+    from sftscale.plan import largest_weight
 
-    s = model_sizes(mcfg)
-    largest = -(-max(s["embed"], s["hidden"] * s["intermediate"]) // world)
+    largest = -(-largest_weight(mcfg) // world)
     size = int(offload.get("buffer_size", 10**8))
     if size < largest:
         raise ConfigError(
@@ -149,13 +153,39 @@ def _check_memory(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
     precision, native = run_precision(cfg, device)
     plan = plan_run(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
                     precision=precision, bf16_native=native)  # fmt: skip
+    gib = 2**30
+    if plan.total("nvme") and cfg.deepspeed.nvme_path:
+        _check_nvme_space(cfg.deepspeed.nvme_path, plan.total("nvme") * ranks_here(cfg, world))
     if not plan.fits:
-        gib = 2**30
         raise ConfigError(
             f"this run does not fit: it needs about {plan.peak_bytes / gib:.1f} GiB per rank and "
             f"{device.name} gives each rank {device.memory_bytes / gib:.1f} GiB; {plan.advice()}. "
             "`sftscale plan` with the same arguments prints the breakdown; "
             "scale.memory_check=false launches anyway"
+        )
+
+
+def ranks_here(cfg: Config, world: int) -> int:
+    """Ranks of this run on this host (torchrun's local ones, else all of them)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def _check_nvme_space(nvme_path: str, need: int) -> None:
+    """The swap files of this host's ranks must fit on the disk of deepspeed.nvme_path (those
+    already there, of a run that resumes, are rewritten in place)."""
+    import shutil
+    from pathlib import Path
+
+    path = Path(nvme_path)
+    existing = sum(f.stat().st_size for f in path.rglob("*.swp")) if path.is_dir() else 0
+    probe = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(probe).free + existing
+    if free < need:
+        gib = 2**30
+        raise ConfigError(
+            f"deepspeed.nvme_path: {nvme_path} has {free / gib:.1f} GiB free for swap files and "
+            f"the ranks on this host need about {need / gib:.1f} GiB (fp32 weights, AdamW moments "
+            "and gradients); free space there or point deepspeed.nvme_path at a larger disk"
         )
 
 

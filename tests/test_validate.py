@@ -101,24 +101,46 @@ def test_nvme_templates_say_what_they_need(tmp_path, prepared_dir, monkeypatch, 
 
 
 def test_nvme_weight_buffer_must_hold_the_largest_partition(tmp_path, prepared_dir):
-    """Llama-3.2-1B's embedding on 2 ranks: 131M elements per partition, the template's
-    buffers hold 1e8."""
-    overrides = ["model.name_or_path=llama-3.2-1b", "deepspeed.template=zero3_nvme",
-                 f"deepspeed.nvme_path={tmp_path}", "scale.memory_check=false"]  # fmt: skip
+    """Llama-3.2-1B's embedding on 2 ranks: 131M elements per partition. The shipped template
+    sizes ZeRO-Infinity's weight buffers for it ("auto"); a template of one's own with 1e8 is
+    refused before launch."""
+    from sftscale.ds_config import load_template, resolve_ds_config
+    from sftscale.model import model_config
+    from sftscale.plan import largest_weight
+
+    overrides = ["model.name_or_path=llama-3.2-1b", f"deepspeed.nvme_path={tmp_path}",
+                 "scale.memory_check=false"]  # fmt: skip
+    cfg = _cfg(prepared_dir, *overrides, "deepspeed.template=zero3_nvme")
+    ds = resolve_ds_config(cfg, world_size=2, precision="bf16",
+                           largest_weight=largest_weight(model_config("llama-3.2-1b", vocab_size=0)))  # fmt: skip
+    assert ds["zero_optimization"]["offload_param"]["buffer_size"] == 131334144
+    try:
+        validate_run(cfg, world_size=2)
+    except ConfigError as e:  # only libaio may be missing here
+        assert "libaio" in str(e)
+    template = load_template("zero3_nvme")
+    template["zero_optimization"]["offload_param"]["buffer_size"] = 10**8
+    path = tmp_path / "small_buffers.json"
+    path.write_text(json.dumps(template))
     with pytest.raises(
         ConfigError, match=r"offload_param.buffer_size is 100,000,000 elements.*131,334,144"
     ):
-        validate_run(_cfg(prepared_dir, *overrides), world_size=2)
-    from sftscale.ds_config import load_template
-
-    template = load_template("zero3_nvme")
-    template["zero_optimization"]["offload_param"]["buffer_size"] = 131334144
-    path = tmp_path / "big_buffers.json"
-    path.write_text(json.dumps(template))
-    try:
         validate_run(_cfg(prepared_dir, *overrides, f"deepspeed.template={path}"), world_size=2)
-    except ConfigError as e:  # only libaio may be missing here
-        assert "libaio" in str(e)
+
+
+def test_nvme_swap_files_must_fit_on_the_disk(tmp_path, prepared_dir, monkeypatch):
+    """Llama-3.2-1B on 2 ranks swaps about 18 GiB (measured 18.4 GiB in benchmarks/results/
+    billion_cpu.md); a disk with 1 GiB free is refused before launch."""
+    import collections
+    import shutil
+
+    cfg = _cfg(prepared_dir, "model.name_or_path=llama-3.2-1b", "deepspeed.precision=bf16",
+               "deepspeed.template=zero3_nvme_optimizer", f"deepspeed.nvme_path={tmp_path / 'swap'}",
+               "scale.num_workers=2")  # fmt: skip
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**40, 2**40 - 2**30, 2**30))
+    with pytest.raises(ConfigError, match=r"1.0 GiB free .* need about 18.\d GiB"):
+        validate_run(cfg, world_size=2)
 
 
 def test_nvme_optimizer_resumes_on_its_own_world_size_only(tmp_path, prepared_dir):
