@@ -464,16 +464,14 @@ def data_shape(cfg: Any, *, seq_len: int | None, vocab_size: int | None) -> tupl
     from sftscale.config import ConfigError
 
     if seq_len is None or vocab_size is None:  # (0: not needed)
-        from data_tools.schema import ShardFormatError, read_manifest
-        from sftscale.storage import is_uri, read_remote_manifest
+        from sftscale.validate import load_manifest
 
         try:
-            manifest = (read_remote_manifest(cfg.data.path) if is_uri(cfg.data.path)
-                        else read_manifest(cfg.data.path))  # fmt: skip
-        except (ShardFormatError, OSError) as e:
+            manifest = load_manifest(cfg.data.path, field="data.path")
+        except (ConfigError, OSError) as e:
             raise ConfigError(
-                f"data.path: {e}; without prepared data give --seq-len (and --vocab-size for a "
-                "preset without a vocabulary of its own)"
+                f"{e}; without prepared data give --seq-len (and --vocab-size for a preset "
+                "without a vocabulary of its own)"
             ) from e
         seq_len = seq_len or manifest.seq_len
         vocab_size = manifest.tokenizer.vocab_size if vocab_size is None else vocab_size

@@ -20,13 +20,19 @@ from sftscale.model import model_config
 from sftscale.storage import is_uri, read_remote_manifest
 
 
+def load_manifest(path: str, *, field: str) -> Manifest:
+    """The manifest of a prepared directory, local or on object storage; `field` names the
+    setting in the error."""
+    try:
+        return read_remote_manifest(path) if is_uri(path) else read_manifest(path)
+    except ShardFormatError as e:
+        raise ConfigError(f"{field}: {e}") from e
+
+
 def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     """Raise ConfigError for any setting that cannot work; return the data manifest."""
-    try:
-        manifest = (read_remote_manifest(cfg.data.path) if is_uri(cfg.data.path)
-                    else read_manifest(cfg.data.path))  # fmt: skip
-    except ShardFormatError as e:
-        raise ConfigError(f"data.path: {e}") from e
+    manifest = load_manifest(cfg.data.path, field="data.path")
+    eval_manifest = load_manifest(cfg.eval.path, field="eval.path") if cfg.eval.path else None
 
     for world in range(cfg.scale.min_workers or world_size, world_size + 1):
         cfg.for_world(world)  # an elastic run must be able to continue on each world size
@@ -79,14 +85,14 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
         _check_lora(cfg)
     if cfg.scale.sequence_parallel_size > 1:
         _check_sequence_parallel(cfg, mcfg, world_size, manifest.seq_len)
-    _check_row_slices(cfg, manifest)
+    _check_row_slices(cfg, manifest, eval_manifest)
     for flag, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if getattr(cfg.logging, flag) and importlib.util.find_spec(module) is None:
             raise ConfigError(
                 f"logging.{flag} is true but {module} is not installed: pip install {module}"
             )
-    if cfg.eval.path:
-        _check_eval_set(cfg, manifest, positions)
+    if eval_manifest is not None:
+        _check_eval_set(eval_manifest, manifest, positions)
     _check_resume_data(cfg, manifest)
     # Bad template / batch arithmetic. An auto precision is chosen on the workers' device;
     # the template's checks do not depend on which.
@@ -232,17 +238,15 @@ def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int, seq_len: int) -
                           "attention call per document) or flash_attention_2 on GPUs")  # fmt: skip
 
 
-def _check_row_slices(cfg: Config, manifest: Manifest) -> None:
+def _check_row_slices(cfg: Config, manifest: Manifest, eval_manifest: Manifest | None) -> None:
     """Rows must cut into equal slices: one per rank of a sequence-parallel group, and each of
     those into train.mlp_tiles tiles."""
     sp, tiles = cfg.scale.sequence_parallel_size, max(cfg.train.mlp_tiles, 1)
     if sp * tiles == 1:
         return
     seq_lens = [("data.path", manifest.seq_len)]
-    if cfg.eval.path:
-        ev = (read_remote_manifest(cfg.eval.path) if is_uri(cfg.eval.path)
-              else read_manifest(cfg.eval.path))  # fmt: skip
-        seq_lens.append(("eval.path", ev.seq_len))
+    if eval_manifest is not None:
+        seq_lens.append(("eval.path", eval_manifest.seq_len))
     for where, seq_len in seq_lens:
         if seq_len % (sp * tiles):
             raise ConfigError(f"{where}: seq_len {seq_len} does not split into {sp * tiles} equal "
@@ -278,15 +282,7 @@ def lora_state(cfg: Config) -> dict[str, Any] | None:
     return {**lora, "target_modules": sorted(lora["target_modules"])}
 
 
-def _check_eval_set(cfg: Config, manifest: Manifest, positions: int) -> None:
-    try:
-        ev = (
-            read_remote_manifest(cfg.eval.path)
-            if is_uri(cfg.eval.path)
-            else read_manifest(cfg.eval.path)
-        )
-    except ShardFormatError as e:
-        raise ConfigError(f"eval.path: {e}") from e
+def _check_eval_set(ev: Manifest, manifest: Manifest, positions: int) -> None:
     if ev.tokenizer.fingerprint != manifest.tokenizer.fingerprint:
         raise ConfigError(
             "eval.path was prepared with another tokenizer or chat template than data.path; "
