@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -128,6 +129,22 @@ def save_model_meta(module: torch.nn.Module, tokenizer_dir: Path, out_dir: Path)
             shutil.copy2(f, out_dir / f.name)
 
 
+def bounded_groups(
+    named: list[tuple[str, torch.nn.Parameter]],
+) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    """Consecutive groups of (name, parameter), each closed once it holds GATHER_GROUP_BYTES of
+    whole tensors: what an export all-gathers at once (one group, never the model)."""
+    group, size = [], 0
+    for name, p in named:
+        group.append((name, p))
+        size += full_numel(p) * p.element_size()
+        if size >= GATHER_GROUP_BYTES:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
 def export_from_engine(
     module: torch.nn.Module, *, out_dir: Path, tokenizer_dir: Path, max_shard_bytes: int, rank: int
 ) -> None:
@@ -137,18 +154,12 @@ def export_from_engine(
     named = list(module.named_parameters())  # tied weights appear once
     layout = [(n, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in named]
     writer = ShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes) if rank == 0 else None
-    group: list[tuple[str, torch.nn.Parameter]] = []
-    group_bytes = 0
-    for i, (name, p) in enumerate(named):
-        group.append((name, p))
-        group_bytes += full_numel(p) * p.element_size()
-        if group_bytes >= GATHER_GROUP_BYTES or i == len(named) - 1:
-            # Collective: all-gathers the group's partitions on every rank; freed on exit.
-            with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
-                if writer is not None:
-                    for n, q in group:
-                        writer.write(n, q.data)
-            group, group_bytes = [], 0
+    for group in bounded_groups(named):
+        # Collective: all-gathers the group's partitions on every rank; freed on exit.
+        with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
+            if writer is not None:
+                for n, q in group:
+                    writer.write(n, q.data)
     if writer is not None:  # rank-0-only effect
         writer.close()
         save_model_meta(module, tokenizer_dir, out_dir)

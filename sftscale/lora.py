@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from sftscale.config import LoraConfig
-from sftscale.export import GATHER_GROUP_BYTES, ShardWriter, save_model_meta
+from sftscale.export import ShardWriter, bounded_groups, save_model_meta
 from sftscale.model import full_numel
 
 ADAPTER_DIR, BASE_DIR, MERGED_DIR = "adapter", "base", "merged"  # under <run>/export
@@ -88,14 +88,9 @@ def _gathered(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[list[tup
     """Collective: yields bounded groups of (name, full tensor) on every rank."""
     import deepspeed
 
-    group, size = [], 0
-    for i, (name, p) in enumerate(params):
-        group.append((name, p))
-        size += full_numel(p) * p.element_size()
-        if size >= GATHER_GROUP_BYTES or i == len(params) - 1:
-            with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
-                yield [(n, q.data) for n, q in group]
-            group, size = [], 0
+    for group in bounded_groups(params):
+        with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
+            yield [(n, q.data) for n, q in group]
 
 
 def export_adapter(module: torch.nn.Module, *, out_dir: Path, base_dir: str, tokenizer_dir: Path,
@@ -155,12 +150,7 @@ def export_base_and_merged(module: torch.nn.Module, *, base_out: Path | None,
                for out in (base_out, merged_out) if out is not None and rank == 0]  # fmt: skip
     base_writer = writers[0] if rank == 0 and base_out is not None else None
     merged_writer = writers[-1] if rank == 0 and merged_out is not None else None
-    group, size = [], 0
-    for i, (name, p) in enumerate(base):
-        group.append((name, p))
-        size += full_numel(p) * p.element_size()
-        if size < GATHER_GROUP_BYTES and i < len(base) - 1:
-            continue
+    for group in bounded_groups(base):
         params = [q for _, q in group]
         for n, _ in group:
             if n in layers:
@@ -178,7 +168,6 @@ def export_base_and_merged(module: torch.nn.Module, *, base_out: Path | None,
                         b = layer.lora_B[ADAPTER_NAME].weight.data.float()
                         w = (w.float() + layer.scaling[ADAPTER_NAME] * (b @ a)).to(q.dtype)
                     merged_writer.write(hf_name(n), w)
-        group, size = [], 0
     for writer, out in ((base_writer, base_out), (merged_writer, merged_out)):
         if writer is not None:  # rank-0-only effect
             writer.close()

@@ -46,3 +46,19 @@ def test_presets_build_configs():
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         load_model(str(tmp_path), vocab_size=10, dtype=torch.float32)
+
+
+def test_export_gathers_bounded_groups_in_order(monkeypatch):
+    """The export all-gathers consecutive groups of parameters, each closed once it reaches
+    GATHER_GROUP_BYTES, so no rank ever holds the whole model; every parameter once, in order."""
+    import torch
+
+    from sftscale import export
+
+    monkeypatch.setattr(export, "GATHER_GROUP_BYTES", 1000)
+    named = [
+        (f"p{i}", torch.nn.Parameter(torch.zeros(n))) for i, n in enumerate([100, 200, 10, 300, 5])
+    ]
+    groups = list(export.bounded_groups(named))
+    assert [[n for n, _ in g] for g in groups] == [["p0", "p1"], ["p2", "p3"], ["p4"]]
+    assert all(sum(p.numel() * 4 for _, p in g) >= 1000 for g in groups[:-1])
