@@ -118,7 +118,9 @@ def _watch(
     peaks: dict[int, int] = {}
     swap_peak, stopped, last_poll = 0, False, 0.0
     while proc.poll() is None:
-        for child in psutil.Process(proc.pid).children(recursive=True):
+        # the ranks: torchrun's own children (not the short-lived forks a rank makes to run a
+        # command, which show its RSS under its command line)
+        for child in psutil.Process(proc.pid).children():
             with contextlib.suppress(psutil.Error):  # a process that just ended
                 hwm = vm_hwm(child.pid)
                 if hwm and "sftscale" in " ".join(child.cmdline()):  # a rank
