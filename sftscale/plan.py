@@ -176,6 +176,18 @@ def model_sizes(mcfg: Any) -> dict[str, int]:
             "hidden": h, "intermediate": i, "layers": n, "vocab": v, "q": q, "kv": kv}  # fmt: skip
 
 
+def with_vocabulary(mcfg: Any, vocab_size: int) -> Any:
+    """The model config as the run trains it: sftscale grows the embeddings to the tokenizer's
+    added tokens (a model directory's config still has the old vocabulary)."""
+    if vocab_size <= mcfg.vocab_size:
+        return mcfg
+    import copy
+
+    grown = copy.deepcopy(mcfg)
+    grown.vocab_size = vocab_size
+    return grown
+
+
 def largest_weight(mcfg: Any) -> int:
     """Elements of the largest weight: the embedding, or an MLP projection."""
     s = model_sizes(mcfg)
@@ -499,7 +511,7 @@ def plan_for_cli(cfg: Any, *, devices: str | None, seq_len: int | None,
     if vocab_size is None and not (is_preset(name) and PRESETS[name]["vocab_size"] is None):
         vocab_size = 0  # the model's own vocabulary (a directory, or a preset that has one)
     seq_len, vocab = data_shape(cfg, seq_len=seq_len, vocab_size=vocab_size)
-    mcfg = model_config(name, vocab_size=vocab)
+    mcfg = with_vocabulary(model_config(name, vocab_size=vocab), vocab)
     precision, native = run_precision(cfg, device)
     return plan_run(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
                     precision=precision, bf16_native=native)  # fmt: skip

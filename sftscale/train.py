@@ -67,7 +67,7 @@ from sftscale.metrics import (
 )
 from sftscale.model import is_preset, model_config
 from sftscale.optim import lr_at
-from sftscale.plan import largest_weight
+from sftscale.plan import largest_weight, with_vocabulary
 from sftscale.preemption import STOP_FILE, PreemptionFlag
 from sftscale.validate import lora_state
 
@@ -261,9 +261,10 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
         say(f"precision {precision.name} ({precision.reason})")
         if precision.warning:
             say(f"warning: {precision.warning}")
-    mcfg = model_config(cfg.model.name_or_path, vocab_size=len(tokenizer))
+    trained = with_vocabulary(model_config(cfg.model.name_or_path, vocab_size=len(tokenizer)),
+                              len(tokenizer))  # the shape after build_engine grows the vocabulary  # fmt: skip
     ds_config = resolve_ds_config(cfg, world_size=world, precision=precision.name,
-                                  largest_weight=largest_weight(mcfg))  # fmt: skip
+                                  largest_weight=largest_weight(trained))  # fmt: skip
 
     resume_dir = Path(resume_from) if resume_from else None
     if resume_dir is None and cfg.checkpoint.resume:

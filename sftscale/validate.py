@@ -97,15 +97,16 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     # Bad template / batch arithmetic. An auto precision is chosen on the workers' device;
     # the template's checks do not depend on which.
     precision = "bf16" if cfg.deepspeed.precision == "bf16" else "fp32"
-    from sftscale.plan import largest_weight
+    from sftscale.plan import largest_weight, with_vocabulary
 
+    trained = with_vocabulary(mcfg, vocab)  # the shape the workers train (vocabulary grown)
     ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision,
-                                  largest_weight=largest_weight(mcfg))  # fmt: skip
-    _check_nvme_param_buffer(ds_config, cfg, mcfg, world_size)
+                                  largest_weight=largest_weight(trained))  # fmt: skip
+    _check_nvme_param_buffer(ds_config, cfg, trained, world_size)
     _check_nvme_resume(ds_config, cfg, world_size)
     _check_zero_options(ds_config, cfg)
     if cfg.scale.memory_check:
-        _check_memory(cfg, mcfg, world_size, manifest.seq_len)
+        _check_memory(cfg, trained, world_size, manifest.seq_len)
     return manifest
 
 

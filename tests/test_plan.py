@@ -146,3 +146,23 @@ def test_plan_command(prepared_dir, capsys):
     assert "CPU host" in capsys.readouterr().out
     assert main(["plan", "configs/tiny-cpu.yaml", "data.path=/nonexistent"]) != 0
     assert "give --seq-len" in capsys.readouterr().err
+
+
+def test_weight_buffers_hold_the_grown_vocabulary(tmp_path):
+    """A model directory's config keeps its vocabulary; the workers grow the embedding to the
+    tokenizer's added tokens, and ZeRO-Infinity's weight buffers must hold that partition (a
+    1.24B run failed in DeepSpeed on 2 rows: 132,384,768 elements > 132,382,720)."""
+    from sftscale.plan import largest_weight, with_vocabulary
+
+    model_config("llama-3.2-1b", vocab_size=129280).save_pretrained(tmp_path)
+    mcfg = model_config(str(tmp_path), vocab_size=129282)
+    assert mcfg.vocab_size == 129280
+    grown = with_vocabulary(mcfg, 129282)
+    assert grown.vocab_size == 129282 and mcfg.vocab_size == 129280
+    cfg = load_config(
+        None, ["data.path=x", "deepspeed.template=zero3_nvme", "deepspeed.nvme_path=/x"]
+    )
+    ds = resolve_ds_config(
+        cfg, world_size=2, precision="bf16", largest_weight=largest_weight(grown)
+    )
+    assert ds["zero_optimization"]["offload_param"]["buffer_size"] == 129282 * 2048 // 2
