@@ -98,17 +98,16 @@ def planned(overrides: list[str], *, seq_len: int, memory_bytes: int) -> dict:
     """What the planner says for these overrides: the same call `sftscale train` makes."""
     from data_tools.schema import read_manifest
     from sftscale.config import load_config
-    from sftscale.ds_config import resolve_ds_config
     from sftscale.model import model_config
-    from sftscale.plan import host_device, plan_memory
+    from sftscale.plan import host_device, plan_run, with_vocabulary
 
     cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
     vocab = read_manifest(cfg.data.path).tokenizer.vocab_size if Path(cfg.data.path).is_dir() else 0
-    mcfg = model_config(cfg.model.name_or_path, vocab_size=vocab)
+    mcfg = with_vocabulary(model_config(cfg.model.name_or_path, vocab_size=vocab), vocab)
+    # this host computes bf16 natively: auto is bf16 here, as in the measured runs
     precision = "fp32" if cfg.deepspeed.precision == "fp32" else "bf16"
-    ds = resolve_ds_config(cfg, world_size=2, precision=precision)
-    plan = plan_memory(mcfg, cfg, ds, world=2, seq_len=seq_len,
-                       device=host_device(2, memory_bytes))  # fmt: skip
+    plan = plan_run(cfg, mcfg=mcfg, world=2, seq_len=seq_len, precision=precision,
+                    device=host_device(2, memory_bytes))  # fmt: skip
     return {"peak_bytes": plan.peak_bytes, "fits": plan.fits, "table": plan.table()}
 
 

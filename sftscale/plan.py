@@ -263,7 +263,7 @@ def plan_memory(
     if par_at == "nvme":
         buffer = int(z["offload_param"].get("buffer_size", 10**8))
         count = int(z["offload_param"].get("buffer_count", 5))
-        plan.add(f"NVMe weight buffers ({count} x {buffer:.0e} elements)", count * buffer * b,
+        plan.add(f"NVMe weight buffers ({count} x {buffer:,} elements)", count * buffer * b,
                  where="host")  # fmt: skip
     if stage >= 2:
         plan.add("reduce bucket (reduce_bucket_size)", int(z.get("reduce_bucket_size", 5e8)) * b)
