@@ -219,6 +219,9 @@ def restore_nvme_optimizer_state(engine, tag_dir: Path) -> None:
             continue
         if zero._swappable_optimizer_subgroup(sub_group):
             info = zero.optimizer_swapper.swap_params_info[flat.ds_id]
+            if info.has_state_tensors:  # the swapper knows this sub-group's moments already
+                adam.state[flat]["step"] = state["step"]
+                continue
             moments = {}
             for name in ("exp_avg", "exp_avg_sq"):
                 placeholder = torch.empty(0, dtype=flat.dtype)
