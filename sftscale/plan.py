@@ -19,6 +19,7 @@ process's memory), "host" (CPU RAM per rank) or "nvme" (disk); phase is "held" (
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -319,15 +320,21 @@ def plan_run(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, p
              bf16_native: bool = True) -> Plan:  # fmt: skip
     """`plan_memory` for a Config (its template resolved for `precision`, bf16 | fp32); when the
     run does not fit, `fixes` lists changes that make it fit, each planned the same way."""
-    from sftscale.ds_config import resolve_ds_config
-
-    ds = resolve_ds_config(_with_nvme_path(cfg), world_size=world, precision=precision,
-                           largest_weight=largest_weight(mcfg))  # fmt: skip
-    plan = plan_memory(mcfg, cfg, ds, world=world, seq_len=seq_len, device=device)
+    plan = _resolve_and_plan(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
+                             precision=precision)  # fmt: skip
     if not plan.fits:
         plan.fixes = fixes(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
                            precision=precision, bf16_native=bf16_native)  # fmt: skip
     return plan
+
+
+def _resolve_and_plan(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device,
+                      precision: str) -> Plan:  # fmt: skip
+    from sftscale.ds_config import resolve_ds_config
+
+    ds = resolve_ds_config(_with_nvme_path(cfg), world_size=world, precision=precision,
+                           largest_weight=largest_weight(mcfg))  # fmt: skip
+    return plan_memory(mcfg, cfg, ds, world=world, seq_len=seq_len, device=device)
 
 
 def _with_nvme_path(cfg: Any) -> Any:
@@ -394,27 +401,21 @@ def fixes(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, prec
 
     def peak(combo: tuple[tuple[list[str], int], ...]) -> int | None:
         overrides = [o for ov, _ in combo for o in ov]
-        world_k = 1
-        for _, k in combo:
-            world_k *= k
         planned = [o.replace("<a local disk>", "/nvme") for o in overrides]
         precision_k = "bf16" if "deepspeed.precision=bf16" in overrides else precision
         try:
-            changed = _override(_with_nvme_path(cfg), planned)
-            from sftscale.ds_config import resolve_ds_config
-
-            ds = resolve_ds_config(changed, world_size=world * world_k, precision=precision_k,
-                                   largest_weight=largest_weight(mcfg))  # fmt: skip
+            p = _resolve_and_plan(_override(cfg, planned), mcfg=mcfg, world=world * ranks_k(combo),
+                                  seq_len=seq_len, device=device, precision=precision_k)  # fmt: skip
         except (ConfigError, ValueError):
             return None
-        p = plan_memory(mcfg, changed, ds, world=world * world_k, seq_len=seq_len, device=device)
         return p.peak_bytes if p.fits else None
+
+    def ranks_k(combo) -> int:
+        return math.prod(k for _, k in combo)
 
     def say(combo, nbytes: int) -> str:
         text = " ".join(o for ov, _ in combo for o in ov)
-        k = 1
-        for _, m in combo:
-            k *= m
+        k = ranks_k(combo)
         where = f", on {k}x the hosts" if k > 1 and device.kind == "cpu" else ""
         return f"{text} ({nbytes / GIB:.1f} GiB per rank{where})"
 
@@ -464,11 +465,15 @@ def this_device(cfg: Any, *, world: int, env: dict[str, str] | None = None) -> D
         import torch
 
         return cuda_device() if torch.cuda.is_available() else None
-    if "LOCAL_WORLD_SIZE" in env:  # torchrun: its ranks on this host
-        return host_device(int(env["LOCAL_WORLD_SIZE"]))
-    if cfg.scale.ray_address or env.get("RAY_ADDRESS"):
+    if "LOCAL_WORLD_SIZE" not in env and (cfg.scale.ray_address or env.get("RAY_ADDRESS")):
         return None
-    return host_device(world)
+    return host_device(ranks_here(world, env))
+
+
+def ranks_here(world: int, env: dict[str, str] | None = None) -> int:
+    """Ranks of this run on this host: torchrun's local ones, else all of them."""
+    env = os.environ if env is None else env
+    return int(env.get("LOCAL_WORLD_SIZE", world))
 
 
 def data_shape(cfg: Any, *, seq_len: int | None, vocab_size: int | None) -> tuple[int, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 from typing import Any
 
 from data_tools.schema import Manifest, ShardFormatError, read_manifest
@@ -152,7 +151,7 @@ def _check_nvme_param_buffer(ds: dict, cfg: Config, mcfg: Any, world: int) -> No
 
 
 def _check_memory(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
-    from sftscale.plan import plan_run, run_precision, this_device
+    from sftscale.plan import plan_run, ranks_here, run_precision, this_device
 
     device = this_device(cfg, world=world)
     if device is None:  # ranks on other hosts: `sftscale plan --devices` tells
@@ -162,7 +161,7 @@ def _check_memory(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
                     precision=precision, bf16_native=native)  # fmt: skip
     gib = 2**30
     if plan.total("nvme") and cfg.deepspeed.nvme_path:
-        _check_nvme_space(cfg.deepspeed.nvme_path, plan.total("nvme") * ranks_here(cfg, world))
+        _check_nvme_space(cfg.deepspeed.nvme_path, plan.total("nvme") * ranks_here(world))
     if not plan.fits:
         raise ConfigError(
             f"this run does not fit: it needs about {plan.peak_bytes / gib:.1f} GiB per rank and "
@@ -170,11 +169,6 @@ def _check_memory(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
             "`sftscale plan` with the same arguments prints the breakdown; "
             "scale.memory_check=false launches anyway"
         )
-
-
-def ranks_here(cfg: Config, world: int) -> int:
-    """Ranks of this run on this host (torchrun's local ones, else all of them)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
 def _check_nvme_space(nvme_path: str, need: int) -> None:
