@@ -13,17 +13,15 @@ from pathlib import Path
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from sftscale.model import PRESETS
+from sftscale.model import model_config
+from sftscale.plan import model_sizes
 
 
-def shape_params(spec: dict) -> tuple[int, int]:
-    """(total parameters, largest layer's parameters) of a Llama/Qwen-shaped preset."""
-    h, i, n = spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"]
-    kv = h // spec["num_attention_heads"] * spec["num_key_value_heads"]
-    layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
-    embed = spec["vocab_size"] * h
-    total = n * layer + embed * (1 if spec["tie_word_embeddings"] else 2) + h
-    return total, max(embed, layer)
+def shape_params(name: str) -> tuple[int, int]:
+    """(total parameters, largest layer's parameters) of a preset, as `sftscale plan` counts
+    them (checked against the built model in tests/test_plan.py)."""
+    s = model_sizes(model_config(name, vocab_size=0))
+    return s["total"], max(s["embed"], s["layer"])
 
 
 def main() -> None:
@@ -59,7 +57,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for name in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b"):
-        total, largest = shape_params(PRESETS[name])
+        total, largest = shape_params(name)
         for n in nodes:
             rows = {
                 "zero2": estimate_zero2_model_states_mem_needs(total, gpus, n, cpu_offload=False)[
@@ -113,7 +111,7 @@ def plan_section() -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b"):
-        total, largest = shape_params(PRESETS[name])
+        total, largest = shape_params(name)
         for n in (8, 64):
             ds_gpu = estimate_zero3_model_states_mem_needs(total, largest, 8, n // 8, False, False)[
                 1
