@@ -166,3 +166,32 @@ def test_weight_buffers_hold_the_grown_vocabulary(tmp_path):
         cfg, world_size=2, precision="bf16", largest_weight=largest_weight(grown)
     )
     assert ds["zero_optimization"]["offload_param"]["buffer_size"] == 129282 * 2048 // 2
+
+
+def test_fp32_runs_are_planned_in_fp32():
+    """Where bf16 is not native (AVX2-only CPUs), deepspeed.precision=auto trains in fp32:
+    4 B weights and gradients, ZeRO's own fp32 copy, no bf16-to-fp32 copy in the step."""
+    _, mcfg, plan = _plan("model.name_or_path=llama-3.1-8b", world=8, precision="fp32")
+    p = model_sizes(mcfg)["total"]
+    for prefix, nbytes in (
+        ("weights, fp32", 4),
+        ("gradients", 4),
+        ("fp32 master", 4),
+        ("AdamW", 8),
+    ):
+        assert _line(plan, prefix) == pytest.approx(nbytes * p / 8, rel=1e-6)
+    assert not [w for w, *_ in plan.lines if w.startswith("optimizer step")]
+
+
+def test_auto_precision_is_planned_as_the_workers_resolve_it(prepared_dir):
+    """A CPU without native bf16 (simulated: ONEDNN_MAX_CPU_ISA=AVX2) plans the fp32 run that
+    deepspeed.precision=auto trains there."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sftscale", "plan", "configs/tiny-cpu.yaml",
+           f"data.path={prepared_dir}", "--devices", "2xcpu"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}).stdout  # fmt: skip
+    assert "weights, fp32" in out and "fits" in out
