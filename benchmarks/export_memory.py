@@ -46,10 +46,15 @@ def trained_engine(hidden: int, layers: int):
         "zero_optimization": {"stage": 3},
     }
     cfg = AutoConfig.for_model(
-        "llama", hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
-        vocab_size=32000, tie_word_embeddings=False,
-    )  # fmt: skip
+        "llama",
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=max(1, hidden // 512),
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
     keep = HfDeepSpeedConfig(ds)  # noqa: F841 (transformers reads it through a weakref)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -105,27 +110,64 @@ def main() -> None:
         work.mkdir(parents=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
         subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
-             "--make-checkpoint", "--workdir", str(work), "--hidden", str(args.hidden), "--layers", str(args.layers)],
-            check=True, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                __file__,
+                "--make-checkpoint",
+                "--workdir",
+                str(work),
+                "--hidden",
+                str(args.hidden),
+                "--layers",
+                str(args.layers),
+            ],
+            check=True,
+            env=env,
+        )
     n_params = int((root / "num_params.txt").read_text())
     ckpt_bytes = sum(f.stat().st_size for f in (root / "step_00000001").rglob("*") if f.is_file())
     runs = {}
     for name, cmd in {
         "deepspeed zero_to_fp32 (fp32 out, safetensors)": [
-            sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(root), str(work / "out_ds"),
-            "--tag", "step_00000001", "--safe_serialization",
+            sys.executable,
+            "-m",
+            "deepspeed.utils.zero_to_fp32",
+            str(root),
+            str(work / "out_ds"),
+            "--tag",
+            "step_00000001",
+            "--safe_serialization",
         ],
         f"sftscale export (fp32 out, {args.max_shard_mb} MB shards)": [
-            sys.executable, "-m", "sftscale", "export", str(root), "--out", str(work / "out_fp32"),
-            "--dtype", "float32", "--max-shard-mb", str(args.max_shard_mb),
+            sys.executable,
+            "-m",
+            "sftscale",
+            "export",
+            str(root),
+            "--out",
+            str(work / "out_fp32"),
+            "--dtype",
+            "float32",
+            "--max-shard-mb",
+            str(args.max_shard_mb),
         ],
         f"sftscale export (bf16 out, {args.max_shard_mb} MB shards)": [
-            sys.executable, "-m", "sftscale", "export", str(root), "--out", str(work / "out_bf16"),
-            "--max-shard-mb", str(args.max_shard_mb),
+            sys.executable,
+            "-m",
+            "sftscale",
+            "export",
+            str(root),
+            "--out",
+            str(work / "out_bf16"),
+            "--max-shard-mb",
+            str(args.max_shard_mb),
         ],
-    }.items():  # fmt: skip
+    }.items():
         runs[name] = measure(cmd)
         print(name, runs[name], flush=True)
     base = runs["deepspeed zero_to_fp32 (fp32 out, safetensors)"]
@@ -141,12 +183,22 @@ def main() -> None:
         "benchmark": "export of a ZeRO-3 checkpoint to a Hugging Face directory",
         "command": " ".join([".venv/bin/python", "benchmarks/export_memory.py", *sys.argv[1:]]),
         "device": f"CPU only: {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
-        "model": {"params": n_params, "hidden": args.hidden, "layers": args.layers, "zero_stage": 3,
-                  "ranks": 2, "checkpoint_bytes": ckpt_bytes},
+        "versions": {
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "params": n_params,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "zero_stage": 3,
+            "ranks": 2,
+            "checkpoint_bytes": ckpt_bytes,
+        },
         "runs": runs,
-    }  # fmt: skip
+    }
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "export_memory.json").write_text(json.dumps(result, indent=2) + "\n")

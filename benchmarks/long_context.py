@@ -126,10 +126,26 @@ def same_row_runs(workdir: Path, lengths: list[int], off_lengths: list[int]) -> 
         for seq in seqs:
             data = workdir / f"data-corpus-4000-s{seq}-packed"
             for sp in (1, 2):
-                proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                       "--nproc-per-node", "2", "--no-python", sys.executable, "-c",
-                                       SAME_ROW_CHILD, str(data), str(sp), onednn],
-                                      capture_output=True, text=True, env=env)  # fmt: skip
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        "--standalone",
+                        "--nproc-per-node",
+                        "2",
+                        "--no-python",
+                        sys.executable,
+                        "-c",
+                        SAME_ROW_CHILD,
+                        str(data),
+                        str(sp),
+                        onednn,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 run = {"seq_len": seq, "sp": sp, "onednn": onednn}
                 if proc.returncode != 0:
                     out.append({**run, "error": proc.stderr[-500:]})
@@ -144,8 +160,19 @@ def run_grid(workdir: Path, *, out: Path, glibc_default: bool) -> None:
     import os
 
     env = dict(os.environ) if glibc_default else {**os.environ, **FIXED_MMAP_THRESHOLD}
-    cmd = [sys.executable, "-m", "sftscale", "bench", "--grid", "cpu-long", "--no-baseline",
-           "--out", str(out), "--workdir", str(workdir)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sftscale",
+        "bench",
+        "--grid",
+        "cpu-long",
+        "--no-baseline",
+        "--out",
+        str(out),
+        "--workdir",
+        str(workdir),
+    ]
     subprocess.run(cmd, check=True, env=env)
 
 
@@ -154,8 +181,12 @@ def attention_runs(lengths: list[int]) -> list[dict]:
     for seq in lengths:
         for how in ("masked", "per_document"):  # masked: transformers' own packed-row path
             env = {"OMP_NUM_THREADS": "1", **__import__("os").environ}
-            proc = subprocess.run([sys.executable, "-c", ATTENTION_CHILD, str(seq), how],
-                                  capture_output=True, text=True, env=env)  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, "-c", ATTENTION_CHILD, str(seq), how],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if proc.returncode != 0:
                 out.append({"seq_len": seq, "attention": how, "error": proc.stderr[-500:]})
             else:
@@ -197,17 +228,22 @@ GRID_DIRS = {
 def memory_section(grid_dir: Path, budget: float) -> tuple[list[str], dict, dict]:
     data = series(grid_dir)
     gib = 2**30
-    lines = ["| row length | " + " | ".join(f"{n}: peak GiB (s/step)" for n in data) + " |",
-             "|---|" + "---|" * len(data)]  # fmt: skip
+    lines = [
+        "| row length | " + " | ".join(f"{n}: peak GiB (s/step)" for n in data) + " |",
+        "|---|" + "---|" * len(data),
+    ]
     for seq in sorted({p[0] for pts in data.values() for p in pts}):
         cells = []
         for pts in data.values():
             hit = [p for p in pts if p[0] == seq]
             cells.append(f"{hit[0][1] / gib:.2f} ({hit[0][2]:.1f})" if hit else "-")
         lines.append(f"| {seq} | " + " | ".join(cells) + " |")
-    lines += ["", "| series | slope (MiB per 1k positions) | ratio to SP=1 | longest measured row "
-              f"within {budget:g} GiB per rank | fit's longest row within it |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| series | slope (MiB per 1k positions) | ratio to SP=1 | longest measured row "
+        f"within {budget:g} GiB per rank | fit's longest row within it |",
+        "|---|---|---|---|---|",
+    ]
     base, summary = None, {}
     common = set.intersection(*({p[0] for p in pts} for pts in data.values() if pts))
     for name, pts in data.items():
@@ -217,11 +253,17 @@ def memory_section(grid_dir: Path, budget: float) -> tuple[list[str], dict, dict
         base = base or b
         fits = [p[0] for p in pts if p[1] <= budget * gib]
         predicted = int((budget * gib - a) / b) if b > 0 else None
-        summary[name] = {"bytes_per_position": b, "intercept_bytes": a, "ratio_to_sp1": b / base,
-                         "longest_measured_within_budget": max(fits) if fits else None,
-                         "fit_longest_within_budget": predicted}  # fmt: skip
-        lines.append(f"| {name} | {b * 1024 / 2**20:.1f} | {b / base:.2f} | "
-                     f"{max(fits) if fits else 'none'} | {predicted} |")  # fmt: skip
+        summary[name] = {
+            "bytes_per_position": b,
+            "intercept_bytes": a,
+            "ratio_to_sp1": b / base,
+            "longest_measured_within_budget": max(fits) if fits else None,
+            "fit_longest_within_budget": predicted,
+        }
+        lines.append(
+            f"| {name} | {b * 1024 / 2**20:.1f} | {b / base:.2f} | "
+            f"{max(fits) if fits else 'none'} | {predicted} |"
+        )
     return lines, summary, data
 
 
@@ -229,18 +271,27 @@ def same_row_section(runs: list[dict]) -> list[str]:
     gib = 2**30
     ok = [{"onednn": "on", **r} for r in runs if "error" not in r]  # older records: oneDNN on
     variants = [v for v in ("on", "off") if any(r["onednn"] == v for r in ok)]
-    lines = ["", "## The same row through the same engine (rank 0; SP=1: the row whole, SP=2: its half)", "",
-             "The grid's SP=1 runs give each of 2 ranks its own row per step while SP=2 shares one, so "
-             "the two series see different rows, and a run's peak depends on its rows (0.98, 1.08 and "
-             "1.31 GiB after steps 1-3 of the 32k SP=2 run). Here rank 0 trains row 0 of the same "
-             "prepared data in both: small-llama, ZeRO-3, bf16, 2 steps, fixed mmap threshold; with "
-             "oneDNN on (PyTorch's default on CPU) and off (`torch.backends.mkldnn.enabled = False`). "
-             "With oneDNN on, memory outside PyTorch's allocator that does not shrink with the "
-             "rank's slice dilutes the halving (docs/long_context.md, \"Where the excess comes "
-             "from\").", "",
-             "| row length | " + " | ".join(f"oneDNN {v}: SP=1 peak GiB (s/step) | oneDNN {v}: SP=2 peak GiB (s/step)"
-                                             for v in variants) + " |",
-             "|---|" + "---|---|" * len(variants)]  # fmt: skip
+    lines = [
+        "",
+        "## The same row through the same engine (rank 0; SP=1: the row whole, SP=2: its half)",
+        "",
+        "The grid's SP=1 runs give each of 2 ranks its own row per step while SP=2 shares one, so "
+        "the two series see different rows, and a run's peak depends on its rows (0.98, 1.08 and "
+        "1.31 GiB after steps 1-3 of the 32k SP=2 run). Here rank 0 trains row 0 of the same "
+        "prepared data in both: small-llama, ZeRO-3, bf16, 2 steps, fixed mmap threshold; with "
+        "oneDNN on (PyTorch's default on CPU) and off (`torch.backends.mkldnn.enabled = False`). "
+        "With oneDNN on, memory outside PyTorch's allocator that does not shrink with the "
+        "rank's slice dilutes the halving (docs/long_context.md, \"Where the excess comes "
+        'from").',
+        "",
+        "| row length | "
+        + " | ".join(
+            f"oneDNN {v}: SP=1 peak GiB (s/step) | oneDNN {v}: SP=2 peak GiB (s/step)"
+            for v in variants
+        )
+        + " |",
+        "|---|" + "---|---|" * len(variants),
+    ]
 
     def pick(seq: int, sp: int, v: str) -> dict | None:
         return next((r for r in ok if (r["seq_len"], r["sp"], r["onednn"]) == (seq, sp, v)), None)
@@ -257,13 +308,18 @@ def same_row_section(runs: list[dict]) -> list[str]:
     for v in variants:
         slopes = {}
         for sp in (1, 2):
-            pts = [(r["seq_len"], r["peak_rss_bytes"], 0.0) for r in ok
-                   if r["sp"] == sp and r["onednn"] == v]  # fmt: skip
+            pts = [
+                (r["seq_len"], r["peak_rss_bytes"], 0.0)
+                for r in ok
+                if r["sp"] == sp and r["onednn"] == v
+            ]
             if len(pts) >= 2:
                 slopes[sp] = slope(pts)[0]
         if len(slopes) == 2:
-            lines.append(f"- oneDNN {v}: slope per 1k positions SP=1 {slopes[1] * 1024 / 2**20:.1f} MiB, "
-                         f"SP=2 {slopes[2] * 1024 / 2**20:.1f} MiB (**{slopes[2] / slopes[1]:.2f}x**).")  # fmt: skip
+            lines.append(
+                f"- oneDNN {v}: slope per 1k positions SP=1 {slopes[1] * 1024 / 2**20:.1f} MiB, "
+                f"SP=2 {slopes[2] * 1024 / 2**20:.1f} MiB (**{slopes[2] / slopes[1]:.2f}x**)."
+            )
     return lines
 
 
@@ -280,8 +336,10 @@ def report(budget: float, attention: list[dict], same_row: list[dict] | None = N
         "line meets the budget.",
     ]
     saved = {}
-    for key, title in (("fixed", "## Workers with MALLOC_MMAP_THRESHOLD_=1048576 (peak RSS follows live tensors)"),
-                       ("glibc", "## Workers with glibc's default (dynamic) mmap threshold")):  # fmt: skip
+    for key, title in (
+        ("fixed", "## Workers with MALLOC_MMAP_THRESHOLD_=1048576 (peak RSS follows live tensors)"),
+        ("glibc", "## Workers with glibc's default (dynamic) mmap threshold"),
+    ):
         if not GRID_DIRS[key].is_dir():
             continue
         section, summary, data = memory_section(GRID_DIRS[key], budget)
@@ -291,11 +349,16 @@ def report(budget: float, attention: list[dict], same_row: list[dict] | None = N
         lines += same_row_section(same_row)
         saved["same_row"] = same_row
     if attention:
-        lines += ["", "## Per-document attention against transformers' masked sdpa (one packed row)", "",
-                  "Fresh process per run, 1 thread, small-llama, gradient checkpointing, one "
-                  "forward + backward after a warm-up, documents of 100-1200 tokens filling the row.", "",
-                  "| row length | documents | masked: s | per document: s | speed-up | masked: peak GiB | per document: peak GiB | relative loss difference |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Per-document attention against transformers' masked sdpa (one packed row)",
+            "",
+            "Fresh process per run, 1 thread, small-llama, gradient checkpointing, one "
+            "forward + backward after a warm-up, documents of 100-1200 tokens filling the row.",
+            "",
+            "| row length | documents | masked: s | per document: s | speed-up | masked: peak GiB | per document: peak GiB | relative loss difference |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for seq in sorted({r["seq_len"] for r in attention}):
             m = next(r for r in attention if r["seq_len"] == seq and r["attention"] == "masked")
             d = next(
@@ -304,12 +367,14 @@ def report(budget: float, attention: list[dict], same_row: list[dict] | None = N
             if "error" in m or "error" in d:
                 lines.append(f"| {seq} | failed: {(m.get('error') or d.get('error'))[-120:]!r} |")
                 continue
-            lines.append(f"| {seq} | {d['documents']} | {m['seconds']:.2f} | {d['seconds']:.2f} | "
-                         f"{m['seconds'] / d['seconds']:.1f}x | {m['peak_rss_bytes'] / gib:.2f} | "
-                         f"{d['peak_rss_bytes'] / gib:.2f} | {abs(m['loss'] - d['loss']) / abs(m['loss']):.1e} |")  # fmt: skip
-    (RESULTS / "long_context.json").write_text(json.dumps(
-        {"budget_gib": budget, **saved, "attention": attention}, indent=1
-    ) + "\n")  # fmt: skip
+            lines.append(
+                f"| {seq} | {d['documents']} | {m['seconds']:.2f} | {d['seconds']:.2f} | "
+                f"{m['seconds'] / d['seconds']:.1f}x | {m['peak_rss_bytes'] / gib:.2f} | "
+                f"{d['peak_rss_bytes'] / gib:.2f} | {abs(m['loss'] - d['loss']) / abs(m['loss']):.1e} |"
+            )
+    (RESULTS / "long_context.json").write_text(
+        json.dumps({"budget_gib": budget, **saved, "attention": attention}, indent=1) + "\n"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -320,15 +385,26 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=3.0)
     ap.add_argument("--workdir", default="/tmp/long_bench")
     ap.add_argument("--attention-lengths", type=int, nargs="*", default=[4096, 8192, 16384])
-    ap.add_argument("--glibc-default", action="store_true",
-                    help="run the grid with glibc's own mmap threshold (the other table)")  # fmt: skip
+    ap.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="run the grid with glibc's own mmap threshold (the other table)",
+    )
     ap.add_argument("--skip-attention", action="store_true", help="keep the saved attention runs")
     ap.add_argument("--report-only", action="store_true", help="tables from the saved runs")
     ap.add_argument("--same-row-lengths", type=int, nargs="*", default=[8192, 32768, 65536])
-    ap.add_argument("--same-row-off-lengths", type=int, nargs="*", default=[8192, 32768],
-                    help="lengths of the same-row runs with oneDNN off")  # fmt: skip
-    ap.add_argument("--same-row-only", action="store_true",
-                    help="only the same-row runs (on the grid's prepared data in --workdir)")  # fmt: skip
+    ap.add_argument(
+        "--same-row-off-lengths",
+        type=int,
+        nargs="*",
+        default=[8192, 32768],
+        help="lengths of the same-row runs with oneDNN off",
+    )
+    ap.add_argument(
+        "--same-row-only",
+        action="store_true",
+        help="only the same-row runs (on the grid's prepared data in --workdir)",
+    )
     args = ap.parse_args()
     saved_path = RESULTS / "long_context.json"
     saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}

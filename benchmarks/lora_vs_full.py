@@ -70,11 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     point = Point(args.preset, seq_len=args.seq_len, micro_batch_size=1)
-    grid = Grid(base=point, variations=(), warmup_steps=args.warmup, steps=args.steps,
-                conversations=4000, description="LoRA vs full")  # fmt: skip
+    grid = Grid(
+        base=point,
+        variations=(),
+        warmup_steps=args.warmup,
+        steps=args.steps,
+        conversations=4000,
+        description="LoRA vs full",
+    )
     args.workdir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(grid, out=args.workdir, workdir=args.workdir, nproc=args.nproc, baseline=False,
-                  command=" ".join(sys.argv))  # fmt: skip
+    bench = Bench(
+        grid,
+        out=args.workdir,
+        workdir=args.workdir,
+        nproc=args.nproc,
+        baseline=False,
+        command=" ".join(sys.argv),
+    )
     runs = []
     for r in range(args.repeats):
         for lora in (False, True):
@@ -82,9 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_one(bench, point, lora=lora, precision=args.precision, tag=tag))
             print(json.dumps(runs[-1]), flush=True)
     out = args.out or default_out("lora-vs-full").with_name("lora_vs_full")
-    record = {"command": " ".join(["python", *sys.argv]), "device": device_info(),
-              "versions": versions(), "point": point.__dict__, "nproc": args.nproc,
-              "steps": args.steps, "warmup": args.warmup, "runs": runs}  # fmt: skip
+    record = {
+        "command": " ".join(["python", *sys.argv]),
+        "device": device_info(),
+        "versions": versions(),
+        "point": point.__dict__,
+        "nproc": args.nproc,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "runs": runs,
+    }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     full = [x for x in runs if x["mode"] == "full"]
     lora = [x for x in runs if x["mode"] != "full"]
@@ -102,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
     ]
     for name, rows in (("full", full), ("LoRA r=16", lora)):
-        lines.append(f"| {name} | {med(rows, 'step_time_s'):.2f} | {med(rows, 'peak_memory_bytes') / 2**30:.2f} | "
-                     f"{med(rows, 'checkpoint_bytes') / 2**20:.1f} | {med(rows, 'final_loss'):.3f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {med(rows, 'step_time_s'):.2f} | {med(rows, 'peak_memory_bytes') / 2**30:.2f} | "
+            f"{med(rows, 'checkpoint_bytes') / 2**20:.1f} | {med(rows, 'final_loss'):.3f} |"
+        )
     lines.append(
         f"| LoRA / full | {med(lora, 'step_time_s') / med(full, 'step_time_s'):.2f} | "
         f"{med(lora, 'peak_memory_bytes') / med(full, 'peak_memory_bytes'):.2f} | "

@@ -61,8 +61,12 @@ def main() -> None:
     args = ap.parse_args()
     results = []
     for chunk in args.chunks:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(args.seq_len), str(args.vocab), str(chunk)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(args.seq_len), str(args.vocab), str(chunk)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(

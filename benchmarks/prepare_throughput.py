@@ -109,11 +109,16 @@ def compare_encoders(tok, batches: list[list[str]]) -> dict:
         tokens += sum(map(len, got))
         texts += len(batch)
         ascii_texts += sum(t.isascii() for t in batch)
-    return {"texts": texts, "tokens": tokens, "ascii_fraction": round(ascii_texts / texts, 4),
-            "fast_path": ours.fast, "ids_identical": True,
-            "rust_tokens_per_cpu_second": round(tokens / cpu_rust),
-            "sftscale_tokens_per_cpu_second": round(tokens / cpu_ours),
-            "speedup": round(cpu_rust / cpu_ours, 2)}  # fmt: skip
+    return {
+        "texts": texts,
+        "tokens": tokens,
+        "ascii_fraction": round(ascii_texts / texts, 4),
+        "fast_path": ours.fast,
+        "ids_identical": True,
+        "rust_tokens_per_cpu_second": round(tokens / cpu_rust),
+        "sftscale_tokens_per_cpu_second": round(tokens / cpu_ours),
+        "speedup": round(cpu_rust / cpu_ours, 2),
+    }
 
 
 def encoders_on_corpus(corpus: Path, tok_dir: Path, *, records: int) -> dict:
@@ -131,8 +136,13 @@ def encoders_on_corpus(corpus: Path, tok_dir: Path, *, records: int) -> dict:
     it = itertools.islice(iter_records(corpus), records)
     batches = []
     while batch := list(itertools.islice(it, 256)):
-        batches.append([text for rec in batch
-                        for text, _ in split_supervised_text(tok, render, normalize(parse(rec.record))[1])])  # fmt: skip
+        batches.append(
+            [
+                text
+                for rec in batch
+                for text, _ in split_supervised_text(tok, render, normalize(parse(rec.record))[1])
+            ]
+        )
     return {"records": records, **compare_encoders(tok, batches)}
 
 
@@ -167,17 +177,29 @@ def encoders_on_prose(work: Path, *, megabytes: float = 8.0) -> dict:
     train, test = docs[1::2], docs[0::2]
     pre = {
         "gpt2": pre_tokenizers.ByteLevel(add_prefix_space=False),
-        "llama3": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(encode._LLAMA3), "isolated"),
-                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-    }  # fmt: skip
-    out = {"source": f"docstrings of transformers {transformers.__version__}",
-           "test_megabytes": round(sum(map(len, test)) / 2**20, 1)}  # fmt: skip
+        "llama3": pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(encode._LLAMA3), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+    }
+    out = {
+        "source": f"docstrings of transformers {transformers.__version__}",
+        "test_megabytes": round(sum(map(len, test)) / 2**20, 1),
+    }
     for name, pre_tokenizer in pre.items():
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizer
-        bpe.train_from_iterator(train, trainer=trainers.BpeTrainer(
-            vocab_size=32000, special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))  # fmt: skip
+        bpe.train_from_iterator(
+            train,
+            trainer=trainers.BpeTrainer(
+                vocab_size=32000,
+                special_tokens=["<|endoftext|>"],
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            ),
+        )
         tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
         out[name] = compare_encoders(tok, [test[i : i + 256] for i in range(0, len(test), 256)])
         print("prose", name, out[name], flush=True)
@@ -186,12 +208,34 @@ def encoders_on_prose(work: Path, *, megabytes: float = 8.0) -> dict:
 
 def run_sftscale(corpus: Path, tok: Path, out: Path, *, args, env: dict) -> tuple[float, int, dict]:
     secs, peak, _ = run_measured(
-        [sys.executable, "-m", "sftscale", "prepare", str(corpus), "--tokenizer", str(tok),
-         "--seq-len", str(args.seq_len), "--out", str(out), "--num-proc", str(args.num_proc),
-         "--no-progress"], env=env)  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sftscale",
+            "prepare",
+            str(corpus),
+            "--tokenizer",
+            str(tok),
+            "--seq-len",
+            str(args.seq_len),
+            "--out",
+            str(out),
+            "--num-proc",
+            str(args.num_proc),
+            "--no-progress",
+        ],
+        env=env,
+    )
     m = json.loads((out / "manifest.json").read_text())
-    return secs, peak, {"tokens": m["num_tokens"], "rows": m["num_rows"],
-                        "supervised": m["num_supervised_tokens"]}  # fmt: skip
+    return (
+        secs,
+        peak,
+        {
+            "tokens": m["num_tokens"],
+            "rows": m["num_rows"],
+            "supervised": m["num_supervised_tokens"],
+        },
+    )
 
 
 def run_trl(
@@ -201,8 +245,18 @@ def run_trl(
     script.write_text(TRL_SCRIPT)
     shutil.rmtree(cache, ignore_errors=True)  # no cached map results from an earlier run
     secs, peak, stdout = run_measured(
-        [sys.executable, str(script), str(corpus), str(tok), str(out), str(args.seq_len),
-         str(args.num_proc), str(int(masked))], env={**env, "HF_DATASETS_CACHE": str(cache)})  # fmt: skip
+        [
+            sys.executable,
+            str(script),
+            str(corpus),
+            str(tok),
+            str(out),
+            str(args.seq_len),
+            str(args.num_proc),
+            str(int(masked)),
+        ],
+        env={**env, "HF_DATASETS_CACHE": str(cache)},
+    )
     shutil.rmtree(cache, ignore_errors=True)
     return secs, peak, json.loads(stdout.strip().splitlines()[-1])
 
@@ -213,12 +267,23 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/sftscale_prepare_bench")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="runs of each pipeline per size, alternating; the median is reported")  # fmt: skip
-    ap.add_argument("--trl-masked", action="store_true",
-                    help="also run TRL with assistant-only loss masks (assistant_only_loss=True)")  # fmt: skip
-    ap.add_argument("--encoder-records", type=int, default=50_000,
-                    help="conversations whose segments both encoders tokenize, timed alone")  # fmt: skip
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each pipeline per size, alternating; the median is reported",
+    )
+    ap.add_argument(
+        "--trl-masked",
+        action="store_true",
+        help="also run TRL with assistant-only loss masks (assistant_only_loss=True)",
+    )
+    ap.add_argument(
+        "--encoder-records",
+        type=int,
+        default=50_000,
+        help="conversations whose segments both encoders tokenize, timed alone",
+    )
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -244,12 +309,16 @@ def main() -> None:
             seconds = sorted(secs for secs, _, _ in measured)
             secs = seconds[len(seconds) // 2]  # the median; of two runs, the slower
             counts = measured[0][2]
-            row[name] = {"seconds": round(secs, 1), "all_seconds": [round(x, 1) for x in seconds],
-                         "tokens": counts["tokens"], "rows": counts["rows"],
-                         "supervised_tokens": counts.get("supervised"),
-                         "tokens_per_s": round(counts["tokens"] / secs),
-                         "packing_efficiency": counts["tokens"] / (counts["rows"] * args.seq_len),
-                         "peak_rss_bytes": max(peak for _, peak, _ in measured)}  # fmt: skip
+            row[name] = {
+                "seconds": round(secs, 1),
+                "all_seconds": [round(x, 1) for x in seconds],
+                "tokens": counts["tokens"],
+                "rows": counts["rows"],
+                "supervised_tokens": counts.get("supervised"),
+                "tokens_per_s": round(counts["tokens"] / secs),
+                "packing_efficiency": counts["tokens"] / (counts["rows"] * args.seq_len),
+                "peak_rss_bytes": max(peak for _, peak, _ in measured),
+            }
         row["throughput_ratio"] = round(
             row["sftscale"]["tokens_per_s"] / row["trl"]["tokens_per_s"], 2
         )
@@ -267,13 +336,21 @@ def main() -> None:
 
     report = {
         "benchmark": "SFT data preparation: tokenize + mask + pack",
-        "command": " ".join([".venv/bin/python", "benchmarks/prepare_throughput.py", *sys.argv[1:]]),
+        "command": " ".join(
+            [".venv/bin/python", "benchmarks/prepare_throughput.py", *sys.argv[1:]]
+        ),
         "device": f"CPU only: {os.cpu_count()} cores, {platform.machine()}",
-        "versions": {"transformers": transformers.__version__, "datasets": datasets.__version__,
-                     "trl": trl.__version__, "python": platform.python_version()},
-        "seq_len": args.seq_len, "num_proc": args.num_proc, "results": results,
+        "versions": {
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+            "trl": trl.__version__,
+            "python": platform.python_version(),
+        },
+        "seq_len": args.seq_len,
+        "num_proc": args.num_proc,
+        "results": results,
         "encoders": {"benchmark_corpus": encoders, "prose": encoders_on_prose(work)},
-    }  # fmt: skip
+    }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "prepare_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
@@ -290,11 +367,16 @@ def main() -> None:
             if name not in r:
                 continue
             x = r[name]
-            ratio = {"sftscale": f"{r['throughput_ratio']:.2f}", "trl": "1.00",
-                     "trl-masked": f"{r['trl']['seconds'] / x['seconds']:.2f}"}[name]  # fmt: skip
-            lines.append(f"| {r['conversations']:,} | {name} | {x['tokens_per_s']:,} | {ratio} | "
-                         f"{x['packing_efficiency']:.2%} | {x['peak_rss_bytes'] / 2**20:,.0f} MiB | {x['seconds']} s | "
-                         f"{', '.join(map(str, x['all_seconds']))} |")  # fmt: skip
+            ratio = {
+                "sftscale": f"{r['throughput_ratio']:.2f}",
+                "trl": "1.00",
+                "trl-masked": f"{r['trl']['seconds'] / x['seconds']:.2f}",
+            }[name]
+            lines.append(
+                f"| {r['conversations']:,} | {name} | {x['tokens_per_s']:,} | {ratio} | "
+                f"{x['packing_efficiency']:.2%} | {x['peak_rss_bytes'] / 2**20:,.0f} MiB | {x['seconds']} s | "
+                f"{', '.join(map(str, x['all_seconds']))} |"
+            )
     if any("trl-masked" in r for r in results):
         lines += [
             "",
@@ -327,8 +409,10 @@ def main() -> None:
     ]
     for name in ("gpt2", "llama3"):
         p = prose[name]
-        lines.append(f"| prose | {name} | {p['ascii_fraction']:.1%} | {p['rust_tokens_per_cpu_second']:,} | "
-                     f"{p['sftscale_tokens_per_cpu_second']:,} | {p['speedup']:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| prose | {name} | {p['ascii_fraction']:.1%} | {p['rust_tokens_per_cpu_second']:,} | "
+            f"{p['sftscale_tokens_per_cpu_second']:,} | {p['speedup']:.2f}x |"
+        )
     (HERE / "results" / "prepare_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

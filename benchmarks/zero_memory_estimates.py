@@ -68,10 +68,10 @@ def main() -> None:
                 )[1::-1],
                 "zero3_offload_optimizer": estimate_zero3_model_states_mem_needs(
                     total, largest, gpus, n, True, False
-                )[1::-1],  # fmt: skip
+                )[1::-1],
                 "zero3_offload_params": estimate_zero3_model_states_mem_needs(
                     total, largest, gpus, n, True, True
-                )[1::-1],  # fmt: skip
+                )[1::-1],
             }
             for template, (gpu, cpu) in rows.items():
                 lines.append(
@@ -116,8 +116,15 @@ def plan_section() -> list[str]:
             ds_gpu = estimate_zero3_model_states_mem_needs(total, largest, 8, n // 8, False, False)[
                 1
             ]
-            cfg = load_config(None, [f"model.name_or_path={name}", "data.path=x",
-                                     "train.micro_batch_size=1", f"scale.num_workers={n}"])  # fmt: skip
+            cfg = load_config(
+                None,
+                [
+                    f"model.name_or_path={name}",
+                    "data.path=x",
+                    "train.micro_batch_size=1",
+                    f"scale.num_workers={n}",
+                ],
+            )
             mcfg = model_config(name, vocab_size=0)
             plan = plan_run(
                 cfg, mcfg=mcfg, world=n, seq_len=4096, device=GPUS["h100"], precision="bf16"

@@ -104,14 +104,20 @@ def end_of_turn(tokenizer: Any, template: str) -> EndOfTurn:
         raise ValueError(f"the chat template cannot render a user/assistant exchange: {e}") from e
     segment = through[len(prompt) :] if through.startswith(prompt) else ""
     if not segment.startswith(reply):
-        raise ValueError("the chat template does not write an assistant reply verbatim after its "
-                         "generation prompt; cannot find where a turn ends")  # fmt: skip
+        raise ValueError(
+            "the chat template does not write an assistant reply verbatim after its "
+            "generation prompt; cannot find where a turn ends"
+        )
     closing = segment[len(reply) :]
     content_ids = tokenizer.encode(reply, add_special_tokens=False)
     ids = tokenizer.encode(segment, add_special_tokens=False)
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    if (closing and ids[: len(content_ids)] == content_ids and len(ids) > len(content_ids)
-            and ids[len(content_ids)] in special):  # fmt: skip
+    if (
+        closing
+        and ids[: len(content_ids)] == content_ids
+        and len(ids) > len(content_ids)
+        and ids[len(content_ids)] in special
+    ):
         return EndOfTurn(closing, ids[len(content_ids)])
     pieces = tokenizer.convert_ids_to_tokens(ids[len(content_ids) :]) if closing else []
     raise ValueError(

@@ -23,8 +23,15 @@ class ProgressBar:
     worker output is not a terminal and carriage returns would garble its log). With `rate`,
     the postfix also shows that counter per second (e.g. tokens/s)."""
 
-    def __init__(self, *, desc: str, unit: str, enabled: bool, total: int | None = None,
-                 rate: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        desc: str,
+        unit: str,
+        enabled: bool,
+        total: int | None = None,
+        rate: str | None = None,
+    ) -> None:
         self._bar = None
         self._rate, self._count, self._t0 = rate, 0, time.perf_counter()
         if enabled and sys.stderr.isatty():

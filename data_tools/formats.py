@@ -97,8 +97,12 @@ def _iter_jsonl(path: Path) -> Iterator[SourceRecord]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield SourceRecord(str(path), lineno, raw.decode("utf-8", "replace").rstrip("\n"),
-                                   BadRecord(f"invalid UTF-8: {e}"))  # fmt: skip
+                yield SourceRecord(
+                    str(path),
+                    lineno,
+                    raw.decode("utf-8", "replace").rstrip("\n"),
+                    BadRecord(f"invalid UTF-8: {e}"),
+                )
                 continue
             if not text.strip():
                 continue
@@ -276,8 +280,10 @@ def detect_format(record: dict) -> str:
         return "prompt"
     if "text" in keys:
         return "text"
-    raise BadRecord(f"unknown format: no messages/conversations/instruction+output/prompt+completion/text "
-                    f"field (fields: {sorted(keys)[:8]})")  # fmt: skip
+    raise BadRecord(
+        f"unknown format: no messages/conversations/instruction+output/prompt+completion/text "
+        f"field (fields: {sorted(keys)[:8]})"
+    )
 
 
 def _string(record: dict, key: str, *, required: bool = True) -> str:
@@ -355,19 +361,28 @@ def normalize(
     elif fmt == "sharegpt":
         if "conversations" not in record:
             raise BadRecord(f"no 'conversations' field (fields: {sorted(record)[:8]})")
-        messages = _messages(record["conversations"], "conversations", role_key="from", content_key="value",
-                             roles=SHAREGPT_ROLES)  # fmt: skip
+        messages = _messages(
+            record["conversations"],
+            "conversations",
+            role_key="from",
+            content_key="value",
+            roles=SHAREGPT_ROLES,
+        )
     elif fmt == "prompt":
-        messages = [{"role": "user", "content": _string(record, "prompt")},
-                    {"role": "assistant", "content": _string(record, "completion")}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": _string(record, "prompt")},
+            {"role": "assistant", "content": _string(record, "completion")},
+        ]
     elif fmt == "alpaca":
         instruction, extra = (
             _string(record, "instruction"),
             _string(record, "input", required=False),
         )
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": _string(record, "output")}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _string(record, "output")},
+        ]
     else:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     _check_conversation(messages, keep_empty_replies=keep_empty_replies)
@@ -415,5 +430,7 @@ def _check_conversation(messages: list[dict], *, keep_empty_replies: bool) -> No
         # An empty reply trains only the end-of-turn token: the model learns to say nothing.
         if m["role"] == "assistant" and not m["content"].strip():
             what = "whitespace only" if m["content"] else "empty"
-            raise BadRecord(f"empty assistant turn: message {i} is {what} "
-                            "(--keep-empty-replies keeps such records)")  # fmt: skip
+            raise BadRecord(
+                f"empty assistant turn: message {i} is {what} "
+                "(--keep-empty-replies keeps such records)"
+            )

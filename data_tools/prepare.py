@@ -185,8 +185,11 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
             kind, value = normalize(
                 record, options.format, keep_empty_replies=options.keep_empty_replies
             )
-            segments = text_segments(value) if kind == "text" else split_supervised_text(
-                tokenizer, render, value, mask=options.mask)  # fmt: skip
+            segments = (
+                text_segments(value)
+                if kind == "text"
+                else split_supervised_text(tokenizer, render, value, mask=options.mask)
+            )
             fmt = "text" if kind == "text" else (options.format or detect_format(record))
             out.append({"ok": True, "format": fmt, "source": source, "line": line, "raw": raw})
             pending.append((len(out) - 1, kind, segments))
@@ -350,8 +353,9 @@ def _run_ray(
         for group in iter(lambda: list(itertools.islice(batches, options.num_proc * 8)), []):
             encoded = [
                 json.dumps([s, n, raw, _encode_record(rec)])
-                for batch in group for s, n, raw, rec in batch
-            ]  # fmt: skip
+                for batch in group
+                for s, n, raw, rec in batch
+            ]
             ds = ray.data.from_items([{"item": x} for x in encoded]).map_batches(
                 _RayTokenize,
                 fn_constructor_args=(str(tokenizer_dir), asdict(options)),
@@ -399,14 +403,18 @@ class _Shards:
             return
         name = schema.shard_name(len(self.shards))
         schema.write_shard(self.out / name, self.rows)
-        self.shards.append(schema.ShardInfo(
-            file=name,
-            bytes=(self.out / name).stat().st_size,
-            sha256=schema.file_sha256(self.out / name),
-            num_rows=len(self.rows["input_ids"]),
-            num_tokens=int(sum(map(len, self.rows["input_ids"]))),
-            num_supervised_tokens=int(sum(int(m.sum(dtype=np.int64)) for m in self.rows["loss_mask"])),
-        ))  # fmt: skip
+        self.shards.append(
+            schema.ShardInfo(
+                file=name,
+                bytes=(self.out / name).stat().st_size,
+                sha256=schema.file_sha256(self.out / name),
+                num_rows=len(self.rows["input_ids"]),
+                num_tokens=int(sum(map(len, self.rows["input_ids"]))),
+                num_supervised_tokens=int(
+                    sum(int(m.sum(dtype=np.int64)) for m in self.rows["loss_mask"])
+                ),
+            )
+        )
         self.rows = {k: [] for k in self.rows}
 
 
@@ -514,7 +522,7 @@ def prepare(
         sources={"sha256": source_hash, "files": source_hashes},
         options={
             k: v for k, v in asdict(options).items() if k not in ("num_proc", "engine", "progress")
-        },  # fmt: skip
+        },
         shards=shards.shards,
     )
     schema.write_manifest(out, manifest)

@@ -96,11 +96,15 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         known = {f.name for f in dataclasses.fields(cls)}
         tok_known = {f.name for f in dataclasses.fields(TokenizerInfo)}
-        return cls(**{
-            **{k: v for k, v in d.items() if k in known},
-            "tokenizer": TokenizerInfo(**{k: v for k, v in d["tokenizer"].items() if k in tok_known}),
-            "shards": [ShardInfo(**s) for s in d["shards"]],
-        })  # fmt: skip
+        return cls(
+            **{
+                **{k: v for k, v in d.items() if k in known},
+                "tokenizer": TokenizerInfo(
+                    **{k: v for k, v in d["tokenizer"].items() if k in tok_known}
+                ),
+                "shards": [ShardInfo(**s) for s in d["shards"]],
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -120,8 +120,13 @@ def save_checkpoint(
     dist.barrier()
     # Frozen weights (LoRA's base) are not saved: they are reloaded from model.name_or_path,
     # so a LoRA checkpoint is about the adapters' size.
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"sftscale": state},
-                           save_latest=False, exclude_frozen_parameters=True)  # fmt: skip
+    engine.save_checkpoint(
+        str(root),
+        tag=tmp_tag,
+        client_state={"sftscale": state},
+        save_latest=False,
+        exclude_frozen_parameters=True,
+    )
     torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
     dist.barrier()  # collective: every rank's files are on disk
     if os.environ.get(CRASH_ENV) == str(step):
@@ -206,13 +211,20 @@ def restore_nvme_optimizer_state(engine, tag_dir: Path) -> None:
     Same world size only: the swap files are this rank's partitions."""
     zero = engine.optimizer
     adam = zero.optimizer  # the torch optimizer (DeepSpeedCPUAdam) under the ZeRO wrapper
-    saved = torch.load(engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name),
-                       map_location="cpu", weights_only=False)["optimizer_state_dict"]  # fmt: skip
+    saved = torch.load(
+        engine._get_zero_ckpt_name(str(tag_dir.parent), tag_dir.name),
+        map_location="cpu",
+        weights_only=False,
+    )["optimizer_state_dict"]
     states = saved["optimizer_state_dict"]["state"]
     flats = zero.fp32_partitioned_groups_flat
     # the saved state's order: each param group's sub-groups (stage3 _set_fp32_optimizer_param_groups)
-    order = [i for g in range(len(adam.param_groups)) for i in range(len(flats))
-             if zero.sub_group_to_group_id[i] == g]  # fmt: skip
+    order = [
+        i
+        for g in range(len(adam.param_groups))
+        for i in range(len(flats))
+        if zero.sub_group_to_group_id[i] == g
+    ]
     for index, sub_group in enumerate(order):
         state, flat = states.get(index), flats[sub_group]
         if state is None:  # not stepped yet when saved
@@ -273,9 +285,14 @@ def universal_checkpoint(tag_dir: Path, *, leader: bool) -> Path:
         tmp = tag_dir.parent / f"{TMP_PREFIX}universal-{tag_dir.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         args = argparse.Namespace(
-            input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-            keep_temp_folder=False, strict=True, inject_missing_state=False,
-        )  # fmt: skip
+            input_folder=str(tag_dir),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
         ds_to_universal.main(args)
         for f in tag_dir.glob("rng_rank*.pt"):
             shutil.copy2(f, tmp / f.name)

@@ -113,8 +113,13 @@ def assign_ranks(
     assert len(step_rows) == per_rank * world_size == len(costs)
     if not by_cost:
         m = micro_batch_size
-        slots = [[np.arange((a * world_size + r) * m, (a * world_size + r + 1) * m)
-                  for a in range(grad_accum)] for r in range(world_size)]  # fmt: skip
+        slots = [
+            [
+                np.arange((a * world_size + r) * m, (a * world_size + r + 1) * m)
+                for a in range(grad_accum)
+            ]
+            for r in range(world_size)
+        ]
         loads = [float(costs[np.concatenate(rank_slots)].sum()) for rank_slots in slots]
         mean = sum(loads) / world_size
         micro = [[step_rows[i] for i in rank_slots] for rank_slots in slots]
@@ -148,8 +153,13 @@ def pad_token_id(tokenizer) -> int:
 
 def data_fingerprint(m: schema.Manifest) -> str:
     """What a checkpoint's stream positions refer to: the rows of this prepared directory."""
-    key = [m.sources["sha256"], m.tokenizer.fingerprint, m.num_rows, m.seq_len,
-           [s.num_tokens for s in m.shards]]  # fmt: skip
+    key = [
+        m.sources["sha256"],
+        m.tokenizer.fingerprint,
+        m.num_rows,
+        m.seq_len,
+        [s.num_tokens for s in m.shards],
+    ]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 

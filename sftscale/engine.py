@@ -47,8 +47,10 @@ def init_distributed(*, timeout_s: int = 1800) -> tuple[int, int]:
         # GPU per rank. A launcher that shows each rank only its own GPU gets device 0.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=timedelta(seconds=timeout_s))  # fmt: skip
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+        )
     else:
         deepspeed.init_distributed()  # wraps the existing group
     return dist.get_rank(), dist.get_world_size()
@@ -104,19 +106,27 @@ def build_engine(
     if old_rows < len(tokenizer):  # tokens prepare added (template markers)
         weights = grow_vocabulary(model, len(tokenizer))
         # Collective under ZeRO-3: gathers the partitions; rank 0's rows are kept.
-        gathered = (deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
-                    if hf_ds is not None else contextlib.nullcontext())  # fmt: skip
+        gathered = (
+            deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+            if hf_ds is not None
+            else contextlib.nullcontext()
+        )
         with gathered:
             fill_new_rows(weights, old_rows=old_rows)
-        log(f"model vocabulary grown from {old_rows} to {len(tokenizer)} tokens for the "
-            "tokenizer's added tokens (new rows: the mean of the old ones)")  # fmt: skip
+        log(
+            f"model vocabulary grown from {old_rows} to {len(tokenizer)} tokens for the "
+            "tokenizer's added tokens (new rows: the mean of the old ones)"
+        )
     set_special_token_ids(model, bos=tokenizer.bos_token_id, eos=eos_ids, pad=pad_id)
     sp = cfg.scale.sequence_parallel_size
     if sp > 1:  # Ulysses: attention over all positions for 1/sp of the heads (collective)
         from sftscale.sequence_parallel import apply_ulysses, sequence_parallel_group
 
-        name = apply_ulysses(model, group=sequence_parallel_group(sp),
-                             attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+        name = apply_ulysses(
+            model,
+            group=sequence_parallel_group(sp),
+            attn_implementation=cfg.model.attn_implementation,
+        )
         log(f"sequence parallel: groups of {sp} ranks split every row; attention {name}")
     elif cfg.model.attn_implementation == "sdpa":  # packed rows: one sdpa call per document
         from sftscale.sequence_parallel import apply_document_attention, sliding_window
@@ -146,8 +156,9 @@ def build_engine(
     )
     del hf_ds
     make_adam_resumable(optimizer)  # DeepSpeed's CPU Adam kernels: bitwise-exact resume
-    return Built(engine=engine, optimizer=optimizer, shape=shape,
-                 vocab_grown=old_rows < len(tokenizer))  # fmt: skip
+    return Built(
+        engine=engine, optimizer=optimizer, shape=shape, vocab_grown=old_rows < len(tokenizer)
+    )
 
 
 def make_adam_resumable(optimizer) -> None:
@@ -170,9 +181,18 @@ def make_adam_resumable(optimizer) -> None:
         def reset(opt, *_):
             g = opt.param_groups[0]
             opt.ds_opt_adam.adam_update(
-                opt.opt_id, 0, g["lr"], *g["betas"], g["eps"], g["weight_decay"],
-                g["bias_correction"], empty, empty, empty, empty,
-            )  # fmt: skip
+                opt.opt_id,
+                0,
+                g["lr"],
+                *g["betas"],
+                g["eps"],
+                g["weight_decay"],
+                g["bias_correction"],
+                empty,
+                empty,
+                empty,
+                empty,
+            )
 
     elif isinstance(basic, FusedAdam) and deepspeed.get_accelerator().device_name() == "cpu":
         from deepspeed.ops.adam.multi_tensor_apply import MultiTensorApply
@@ -180,9 +200,17 @@ def make_adam_resumable(optimizer) -> None:
         def reset(opt, *_):
             g = opt.param_groups[0]
             MultiTensorApply(1)(
-                opt.multi_tensor_adam, opt._dummy_overflow_buf, [[empty]] * 4, g["lr"], *g["betas"],
-                g["eps"], 0, int(opt.adam_w_mode), int(g["bias_correction"]), g["weight_decay"],
-            )  # fmt: skip
+                opt.multi_tensor_adam,
+                opt._dummy_overflow_buf,
+                [[empty]] * 4,
+                g["lr"],
+                *g["betas"],
+                g["eps"],
+                0,
+                int(opt.adam_w_mode),
+                int(g["bias_correction"]),
+                g["weight_decay"],
+            )
 
     else:
         return

@@ -71,8 +71,11 @@ class ModelShape:
         tied = head is not None and head.weight is model.get_input_embeddings().weight
         n = total - embed + (embed if tied else 0)
         embedding = model.get_input_embeddings().weight
-        matmul = [p for p in model.parameters()
-                  if len(getattr(p, "ds_shape", p.shape)) == 2 and (p is not embedding or tied)]  # fmt: skip
+        matmul = [
+            p
+            for p in model.parameters()
+            if len(getattr(p, "ds_shape", p.shape)) == 2 and (p is not embedding or tied)
+        ]
         weights = {tuple(getattr(p, "ds_shape", p.shape)) for p in matmul}
         return cls(
             frozen_matmul_params=sum(full_numel(p) for p in matmul if not p.requires_grad),
@@ -146,8 +149,9 @@ def measure_gemm_peak(
         w = torch.randn(out_f, in_f, generator=gen, device=device).to(dtype)
         g = torch.randn(t, out_f, generator=gen, device=device).to(dtype)
         for op in (lambda: F.linear(x, w), lambda: g @ w, lambda: g.t() @ x):  # noqa: B023
-            best = max(best, _best_rate(op, flops=2.0 * t * in_f * out_f, device=device,
-                                        seconds=seconds))  # fmt: skip
+            best = max(
+                best, _best_rate(op, flops=2.0 * t * in_f * out_f, device=device, seconds=seconds)
+            )
     return best
 
 

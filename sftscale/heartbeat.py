@@ -70,14 +70,16 @@ class Heartbeat:
                 f"[sftscale] rank {self.base['rank']}: no progress for {idle:.0f} s (phase "
                 f"{last['phase']}, {last['step']} steps done), longer than "
                 f"scale.stall_timeout_s={self.stall_timeout_s:g}; this rank's threads were at:",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
+                file=sys.stderr,
+                flush=True,
+            )
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             print(
                 f"[sftscale] rank {self.base['rank']}: exiting with {STALL_EXIT_CODE} so the "
                 "launcher restarts the workers (Ray: scale.max_failures) or stops the job",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(STALL_EXIT_CODE)
 
 
@@ -94,13 +96,17 @@ def missing_ranks(run_dir: Path, *, step: int, world: int) -> list[int]:
     heartbeat, a heartbeat from before that step began, or (on this host) a process that is
     gone or stopped."""
     seen = {r["rank"]: r for r in read_heartbeats(run_dir)}
-    return [r for r in range(world)
-            if r not in seen or seen[r]["step"] < step or _alive(seen[r]) is False]  # fmt: skip
+    return [
+        r
+        for r in range(world)
+        if r not in seen or seen[r]["step"] < step or _alive(seen[r]) is False
+    ]
 
 
 @contextlib.contextmanager
-def awaited(what: str, *, run_dir: Path, rank: int, step: int, world: int,
-            timeout_s: int) -> Iterator[None]:  # fmt: skip
+def awaited(
+    what: str, *, run_dir: Path, rank: int, step: int, world: int, timeout_s: int
+) -> Iterator[None]:
     """Re-raise a collective's timeout as an error that says what was awaited and who is late."""
     try:
         yield
@@ -108,8 +114,11 @@ def awaited(what: str, *, run_dir: Path, rank: int, step: int, world: int,
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
             raise
         late = missing_ranks(run_dir, step=step, world=world)
-        who = f"rank(s) {', '.join(map(str, late))} did not arrive" if late else (
-            "every rank's heartbeat reached this step: a rank is stuck inside it")  # fmt: skip
+        who = (
+            f"rank(s) {', '.join(map(str, late))} did not arrive"
+            if late
+            else ("every rank's heartbeat reached this step: a rank is stuck inside it")
+        )
         raise TimeoutError(
             f"rank {rank}, step {step + 1}: {what} did not complete within "
             f"scale.collective_timeout_s={timeout_s} s; {who} (`sftscale status {run_dir}`). "
@@ -129,8 +138,10 @@ def status(run_dir: Path, *, now: float | None = None) -> str:
     newest = max(b["time"] for b in beats)
     lines = [f"{run_dir}: step {step} (slowest rank), last heartbeat {now - newest:.0f} s ago"]
     for b, state in _states(beats, now):
-        lines.append(f"  rank {b['rank']:>3}  {b['host']}:{b['pid']:<8} {b['phase']:<10} "
-                     f"step {b['step']:>7}  {now - b['time']:7.0f} s ago  {state}")  # fmt: skip
+        lines.append(
+            f"  rank {b['rank']:>3}  {b['host']}:{b['pid']:<8} {b['phase']:<10} "
+            f"step {b['step']:>7}  {now - b['time']:7.0f} s ago  {state}"
+        )
     return "\n".join(lines)
 
 

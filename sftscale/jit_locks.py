@@ -62,8 +62,14 @@ class BuildLockWatch:
     """Scans `root/*/lock`; reports held locks once they are `notify_after_s` old and removes
     stale ones (see the module docstring)."""
 
-    def __init__(self, root: Path, *, log: Callable[[str], None], notify_after_s: float = 10.0,
-                 stale_after_s: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        *,
+        log: Callable[[str], None],
+        notify_after_s: float = 10.0,
+        stale_after_s: float = 60.0,
+    ) -> None:
         self.root, self.log = root, log
         self.notify_after_s, self.stale_after_s = notify_after_s, stale_after_s
         self._reported: set[tuple[Path, float]] = set()
@@ -84,20 +90,28 @@ class BuildLockWatch:
             if not holders and age >= self.stale_after_s:
                 lock.unlink(missing_ok=True)
                 removed.append(lock)
-                self.log(f"removed a stale JIT build lock {lock} (there since {since}, {age:.0f} s; "
-                         "no process is building in its directory: a killed run left it)")  # fmt: skip
+                self.log(
+                    f"removed a stale JIT build lock {lock} (there since {since}, {age:.0f} s; "
+                    "no process is building in its directory: a killed run left it)"
+                )
             elif (lock, mtime) not in self._reported:
                 self._reported.add((lock, mtime))
-                who = f"pid(s) {', '.join(map(str, holders))} working there" if holders else (
-                    f"no process working there yet; removed if none starts within "
-                    f"{self.stale_after_s - age:.0f} s")  # fmt: skip
+                who = (
+                    f"pid(s) {', '.join(map(str, holders))} working there"
+                    if holders
+                    else (
+                        f"no process working there yet; removed if none starts within "
+                        f"{self.stale_after_s - age:.0f} s"
+                    )
+                )
                 self.log(f"waiting on the JIT build lock {lock}, held since {since} ({who})")
         return removed
 
 
 @contextlib.contextmanager
-def watch_build_locks(*, log: Callable[[str], None], poll_s: float = 5.0,
-                      root: Path | None = None, **limits: float) -> Iterator[BuildLockWatch]:  # fmt: skip
+def watch_build_locks(
+    *, log: Callable[[str], None], poll_s: float = 5.0, root: Path | None = None, **limits: float
+) -> Iterator[BuildLockWatch]:
     """Scan now, then every `poll_s` seconds in a daemon thread until the block ends."""
     watch = BuildLockWatch(root or extensions_root(), log=log, **limits)
     watch.scan()
@@ -141,8 +155,10 @@ def prebuild_ops(*, log: Callable[[str], None], names: tuple[str, ...] = RUN_OPS
     locks = BuildLockWatch(extensions_root(), log=log)
     for name in names:
         if not op_available(name):
-            log(f"{name}: not available on this machine ({get_accelerator().device_name()}); "
-                "skipped (a run that needs it says what to install)")  # fmt: skip
+            log(
+                f"{name}: not available on this machine ({get_accelerator().device_name()}); "
+                "skipped (a run that needs it says what to install)"
+            )
             continue
         # Once per op, no thread: a lock a killed build left is removed, a live one is said;
         # the build below holds its own lock while it works.

@@ -35,9 +35,17 @@ def _job_env_keys() -> set[str]:
 
 
 # Object storage settings the workers need as the driver has them (pyarrow reads these).
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "SFTSCALE_CACHE",
-               "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")  # fmt: skip
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "SFTSCALE_CACHE",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+)
 
 
 def _worker_env(cfg: Config, *, exclude: set[str] = frozenset()) -> dict[str, str]:
@@ -212,7 +220,7 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
                     (cfg.scale.min_workers, cfg.scale.num_workers)
                     if cfg.scale.min_workers
                     else cfg.scale.num_workers
-                ),  # fmt: skip
+                ),
                 use_gpu=cfg.scale.use_gpu,
                 resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
             ),

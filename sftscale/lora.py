@@ -38,8 +38,11 @@ def add_adapters(model: torch.nn.Module, lora: LoraConfig, *, seed: int) -> torc
     from peft import get_peft_model
 
     targets = set(lora.target_modules)
-    found = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear)}  # fmt: skip
+    found = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
     missing = sorted(targets - found)
     if missing:
         raise ValueError(
@@ -47,9 +50,13 @@ def add_adapters(model: torch.nn.Module, lora: LoraConfig, *, seed: int) -> torc
             f"(its Linear layers: {', '.join(sorted(found))})"
         )
     peft_cfg = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=sorted(targets), bias="none", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=sorted(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     # autocast_adapter_dtype=False: adapters in the run's dtype, as DeepSpeed expects of every
     # trainable parameter (its master copy is fp32 either way).
     model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=False)
@@ -93,8 +100,9 @@ def _gathered(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[list[tup
             yield [(n, q.data) for n, q in group]
 
 
-def export_adapter(module: torch.nn.Module, *, out_dir: Path, base_dir: str, tokenizer_dir: Path,
-                   rank: int) -> None:  # fmt: skip
+def export_adapter(
+    module: torch.nn.Module, *, out_dir: Path, base_dir: str, tokenizer_dir: Path, rank: int
+) -> None:
     """Collective. Rank 0 writes `out_dir` in peft's format (adapter_config.json +
     adapter_model.safetensors + the tokenizer), for `PeftModel.from_pretrained(base, out_dir)`
     with the base model at `base_dir`."""
@@ -125,8 +133,11 @@ def _lora_layers(module: torch.nn.Module) -> dict[str, Any]:
     """peft's LoRA layers by the name of their base weight (`...q_proj.base_layer.weight`)."""
     from peft.tuners.lora import LoraLayer
 
-    return {f"{name}.base_layer.weight": m for name, m in module.named_modules()
-            if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A}  # fmt: skip
+    return {
+        f"{name}.base_layer.weight": m
+        for name, m in module.named_modules()
+        if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A
+    }
 
 
 def hf_name(name: str) -> str:
@@ -134,9 +145,15 @@ def hf_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
-def export_base_and_merged(module: torch.nn.Module, *, base_out: Path | None,
-                           merged_out: Path | None, tokenizer_dir: Path, max_shard_bytes: int,
-                           rank: int) -> None:  # fmt: skip
+def export_base_and_merged(
+    module: torch.nn.Module,
+    *,
+    base_out: Path | None,
+    merged_out: Path | None,
+    tokenizer_dir: Path,
+    max_shard_bytes: int,
+    rank: int,
+) -> None:
     """Collective. Streams the base model (as trained on: frozen weights, grown vocabulary) to
     `base_out` and/or the merged model (every target weight W + scaling * B @ A) to
     `merged_out`, both plain Hugging Face directories, gathering a bounded group of parameters
@@ -146,8 +163,11 @@ def export_base_and_merged(module: torch.nn.Module, *, base_out: Path | None,
     layers = _lora_layers(module)
     base = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
     layout = [(hf_name(n), tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in base]
-    writers = [ShardWriter(out, layout, max_shard_bytes=max_shard_bytes)
-               for out in (base_out, merged_out) if out is not None and rank == 0]  # fmt: skip
+    writers = [
+        ShardWriter(out, layout, max_shard_bytes=max_shard_bytes)
+        for out in (base_out, merged_out)
+        if out is not None and rank == 0
+    ]
     base_writer = writers[0] if rank == 0 and base_out is not None else None
     merged_writer = writers[-1] if rank == 0 and merged_out is not None else None
     for group in bounded_groups(base):
@@ -177,6 +197,8 @@ def export_base_and_merged(module: torch.nn.Module, *, base_out: Path | None,
 def describe(module: torch.nn.Module, lora: LoraConfig) -> str:
     trainable = sum(full_numel(p) for _, p in adapter_parameters(module))
     total = sum(full_numel(p) for p in module.parameters())
-    return (f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: "
-            f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters "
-            f"({trainable / total:.2%})")  # fmt: skip
+    return (
+        f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: "
+        f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters "
+        f"({trainable / total:.2%})"
+    )

@@ -31,9 +31,10 @@ def token_loss_sum(
     # backward would add a whole-logits gradient (quadratic in the positions)
     parts = [
         checkpoint(_ce_sum, logits_part, targets_part, use_reentrant=False)
-        for logits_part, targets_part in zip(flat_logits.split(chunk_tokens),
-                                             flat_targets.split(chunk_tokens), strict=True)
-    ]  # fmt: skip
+        for logits_part, targets_part in zip(
+            flat_logits.split(chunk_tokens), flat_targets.split(chunk_tokens), strict=True
+        )
+    ]
     return torch.stack(parts).sum()
 
 

@@ -14,9 +14,18 @@ import torch
 
 # Shapes of well-known models, built with random init (benchmarks, tests). vocab_size None:
 # taken from the tokenizer (tiny shapes); otherwise the model's own vocabulary.
-_PRESET_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                  "vocab_size", "tie_word_embeddings", "rope_theta")  # fmt: skip
+_PRESET_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "vocab_size",
+    "tie_word_embeddings",
+    "rope_theta",
+)
 PRESETS: dict[str, dict[str, Any]] = {
     name: dict(zip(_PRESET_FIELDS, values, strict=True))
     for name, values in {

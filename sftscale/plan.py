@@ -69,8 +69,12 @@ def host_memory_bytes() -> int:
 def host_device(ranks: int, memory_bytes: int | None = None) -> Device:
     """This host as the device of `ranks` ranks: its memory shared between them."""
     memory = host_memory_bytes() if memory_bytes is None else memory_bytes
-    return Device(f"CPU host ({memory / GIB:.1f} GiB for {ranks} ranks)", memory // ranks, "cpu",
-                  CPU_RUNTIME_BYTES)  # fmt: skip
+    return Device(
+        f"CPU host ({memory / GIB:.1f} GiB for {ranks} ranks)",
+        memory // ranks,
+        "cpu",
+        CPU_RUNTIME_BYTES,
+    )
 
 
 def cuda_device() -> Device:
@@ -140,14 +144,18 @@ class Plan:
         if self.fixes:
             return "to make it fit (cheapest first): " + "; ".join(self.fixes)
         largest = sorted(self.lines, key=lambda line: -line[1])[:3]
-        return ("no change sftscale tries (tiling, checkpointing, micro-batch, precision, ZeRO "
-                "templates, up to 8x the ranks, alone or in pairs) makes it fit; the largest parts: "
-                + ", ".join(f"{w} {b / GIB:.1f} GiB" for w, b, _, _ in largest))  # fmt: skip
+        return (
+            "no change sftscale tries (tiling, checkpointing, micro-batch, precision, ZeRO "
+            "templates, up to 8x the ranks, alone or in pairs) makes it fit; the largest parts: "
+            + ", ".join(f"{w} {b / GIB:.1f} GiB" for w, b, _, _ in largest)
+        )
 
     def table(self) -> str:
         rows = [f"{'per rank':<72} {'GiB':>7}  {'where':<6} phase"]
-        rows += [f"{what:<72} {b / GIB:>7.2f}  {where:<6} {phase}"
-                 for what, b, where, phase in self.lines]  # fmt: skip
+        rows += [
+            f"{what:<72} {b / GIB:>7.2f}  {where:<6} {phase}"
+            for what, b, where, phase in self.lines
+        ]
         how = "held + max(fwd/bwd, step)" + (
             " + gathered kept by glibc" if self.device.kind == "cpu" else ""
         )
@@ -157,8 +165,10 @@ class Plan:
         if self.total("nvme"):
             rows.append(f"{'on NVMe per rank':<72} {self.total('nvme') / GIB:>7.2f}")
         verdict = "fits" if self.fits else "does NOT fit"
-        rows.append(f"{self.world} x {self.device.name}: {self.device.memory_bytes / GIB:.1f} GiB "
-                    f"per rank: {verdict}")  # fmt: skip
+        rows.append(
+            f"{self.world} x {self.device.name}: {self.device.memory_bytes / GIB:.1f} GiB "
+            f"per rank: {verdict}"
+        )
         if not self.fits:
             rows.append(self.advice())
         return "\n".join(rows)
@@ -173,8 +183,17 @@ def model_sizes(mcfg: Any) -> dict[str, int]:
     bias = q + 2 * kv if getattr(t, "attention_bias", False) or t.model_type == "qwen2" else 0
     layer = 2 * h * q + 2 * h * kv + bias + 3 * h * i + 2 * h
     tied = bool(getattr(t, "tie_word_embeddings", False))
-    return {"total": n * layer + v * h * (1 if tied else 2) + h, "layer": layer, "embed": v * h,
-            "hidden": h, "intermediate": i, "layers": n, "vocab": v, "q": q, "kv": kv}  # fmt: skip
+    return {
+        "total": n * layer + v * h * (1 if tied else 2) + h,
+        "layer": layer,
+        "embed": v * h,
+        "hidden": h,
+        "intermediate": i,
+        "layers": n,
+        "vocab": v,
+        "q": q,
+        "kv": kv,
+    }
 
 
 def with_vocabulary(mcfg: Any, vocab_size: int) -> Any:
@@ -198,8 +217,15 @@ def largest_weight(mcfg: Any) -> int:
 def lora_params(s: dict[str, int], r: int, targets: list[str]) -> int:
     """Adapter parameters: r x (in + out) per targeted Linear per layer."""
     h, i, q, kv = s["hidden"], s["intermediate"], s["q"], s["kv"]
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+    shapes = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
     return s["layers"] * sum(r * sum(shapes[t]) for t in targets if t in shapes)
 
 
@@ -236,8 +262,11 @@ def plan_memory(
 
     # Model states (DeepSpeed's accounting: counted on the engine, 16 B per trained parameter
     # in bf16 before partitioning, 2 + 2 + 4 + 8)
-    plan.add(f"weights, {'bf16' if mixed else 'fp32'} (1/{w_shard} of {p / 1e6:,.1f}M)",
-             b * p / w_shard, where=par_at)  # fmt: skip
+    plan.add(
+        f"weights, {'bf16' if mixed else 'fp32'} (1/{w_shard} of {p / 1e6:,.1f}M)",
+        b * p / w_shard,
+        where=par_at,
+    )
     plan.add(f"gradients (1/{g_shard})", b * trained / g_shard, where="device")
     if mixed or stage >= 1:  # ZeRO steps an fp32 copy even when the weights are fp32
         plan.add(f"fp32 master weights (1/{o_shard})", 4 * trained / o_shard, where=opt_at)
@@ -246,26 +275,40 @@ def plan_memory(
     # engine: 4 B per partition element, held); one on NVMe casts each reduced bucket's
     # gradients to fp32 to swap them out (stage3.py `_offload_grad_partition_at_boundary`)
     if opt_at == "host":
-        plan.add(f"fp32 gradient buffer of the offloaded optimizer (1/{o_shard})",
-                 4 * trained / o_shard, where="host")  # fmt: skip
+        plan.add(
+            f"fp32 gradient buffer of the offloaded optimizer (1/{o_shard})",
+            4 * trained / o_shard,
+            where="host",
+        )
     elif opt_at == "nvme":
-        plan.add("a reduce bucket's gradients in fp32, to swap out",
-                 int(z.get("reduce_bucket_size", 5e8)) * 4, where="host", phase="fwd/bwd")  # fmt: skip
+        plan.add(
+            "a reduce bucket's gradients in fp32, to swap out",
+            int(z.get("reduce_bucket_size", 5e8)) * 4,
+            where="host",
+            phase="fwd/bwd",
+        )
     group = min(int(z.get("sub_group_size", 10**9)), trained // o_shard)
     if stage == 3:  # a parameter larger than a sub-group is a sub-group of its own
         group = max(group, (s["embed"] if lora is None else 0) // o_shard)
     if opt_at == "nvme":
-        plan.add(f"fp32 gradients, swapped out beside them (1/{o_shard})", 4 * trained / o_shard,
-                 where="nvme")  # fmt: skip
+        plan.add(
+            f"fp32 gradients, swapped out beside them (1/{o_shard})",
+            4 * trained / o_shard,
+            where="nvme",
+        )
         # every sub-group's fp32 weights, moments and gradient pass through these buffers
         count = int(z["offload_optimizer"].get("buffer_count", 4))
-        plan.add(f"NVMe swap buffers ({count} x the largest sub-group, fp32)", count * group * 4,
-                 where="host")  # fmt: skip
+        plan.add(
+            f"NVMe swap buffers ({count} x the largest sub-group, fp32)",
+            count * group * 4,
+            where="host",
+        )
     if par_at == "nvme":
         buffer = int(z["offload_param"].get("buffer_size", 10**8))
         count = int(z["offload_param"].get("buffer_count", 5))
-        plan.add(f"NVMe weight buffers ({count} x {buffer:,} elements)", count * buffer * b,
-                 where="host")  # fmt: skip
+        plan.add(
+            f"NVMe weight buffers ({count} x {buffer:,} elements)", count * buffer * b, where="host"
+        )
     if stage >= 2:
         plan.add("reduce bucket (reduce_bucket_size)", int(z.get("reduce_bucket_size", 5e8)) * b)
 
@@ -277,63 +320,112 @@ def plan_memory(
         live = int(z.get("stage3_max_live_parameters", 10**9))
         largest = max(s["embed"], s["layer"])
         plan.gathered_bytes = b * max(min(p, live), largest)
-        plan.add(f"gathered weights (up to stage3_max_live_parameters {live:.0e})",
-                 plan.gathered_bytes, phase="fwd/bwd")  # fmt: skip
+        plan.add(
+            f"gathered weights (up to stage3_max_live_parameters {live:.0e})",
+            plan.gathered_bytes,
+            phase="fwd/bwd",
+        )
     tokens = cfg.train.micro_batch_size * seq_len // cfg.scale.sequence_parallel_size
     n, h, v = s["layers"], s["hidden"], s["vocab"]
     per_layer = saved_per_token_layer(s, b, cfg.train.mlp_tiles)
     if cfg.model.gradient_checkpointing:
-        plan.add(f"activations: {n} checkpointed layer inputs ({tokens} tokens)",
-                 n * tokens * h * b, phase="fwd/bwd")  # fmt: skip
+        plan.add(
+            f"activations: {n} checkpointed layer inputs ({tokens} tokens)",
+            n * tokens * h * b,
+            phase="fwd/bwd",
+        )
         layer_phase = 2 * tokens * per_layer  # one layer recomputed, and its gradients
     else:
-        plan.add(f"activations: {n} layers' saved tensors ({tokens} tokens)",
-                 n * tokens * per_layer, phase="fwd/bwd")  # fmt: skip
+        plan.add(
+            f"activations: {n} layers' saved tensors ({tokens} tokens)",
+            n * tokens * per_layer,
+            phase="fwd/bwd",
+        )
         layer_phase = tokens * per_layer
     chunk = min(cfg.train.loss_chunk_tokens or tokens, tokens)
     if cfg.train.tiled_logits:
         loss_phase = 3 * chunk * v * 4  # one tile's logits, log-softmax and gradient in fp32
     else:
         loss_phase = 2 * tokens * v * b + 3 * chunk * v * 4  # the logits, their gradient, a chunk
-    plan.add("the larger of: one layer's backward, the logits and the loss", max(layer_phase, loss_phase),
-             phase="fwd/bwd")  # fmt: skip
+    plan.add(
+        "the larger of: one layer's backward, the logits and the loss",
+        max(layer_phase, loss_phase),
+        phase="fwd/bwd",
+    )
 
     # The optimizer step, one sub-group at a time: the partition's gradients flattened (b) and
     # cast to fp32 (4), stage3.py `_prepare_fp32_grad_for_sub_group`; an offloaded optimizer
     # steps on its fp32 buffer instead
     if stage == 3 and opt_at == "device" and mixed:
-        plan.add("optimizer step: the largest sub-group's gradient flattened + fp32",
-                 group * (b + 4), phase="step")  # fmt: skip
+        plan.add(
+            "optimizer step: the largest sub-group's gradient flattened + fp32",
+            group * (b + 4),
+            phase="step",
+        )
     elif stage in (1, 2) and opt_at == "device" and mixed:  # stage_1_and_2.py: one fp32 flat
-        plan.add(f"optimizer step: the gradient partition in fp32 (1/{o_shard})",
-                 4 * trained / o_shard, phase="step")  # fmt: skip
-    plan.add("runtime (CUDA context, NCCL, allocator slack)" if device.kind == "gpu"
-             else "runtime (interpreter, libraries, gloo, oneDNN)", device.runtime_bytes)  # fmt: skip
+        plan.add(
+            f"optimizer step: the gradient partition in fp32 (1/{o_shard})",
+            4 * trained / o_shard,
+            phase="step",
+        )
+    plan.add(
+        "runtime (CUDA context, NCCL, allocator slack)"
+        if device.kind == "gpu"
+        else "runtime (interpreter, libraries, gloo, oneDNN)",
+        device.runtime_bytes,
+    )
     return plan
 
 
-TEMPLATES = ("zero2", "zero3", "zero3_offload_optimizer", "zero3_offload_params",
-             "zero3_nvme_optimizer", "zero3_nvme")  # less memory per rank, more traffic  # fmt: skip
+TEMPLATES = (
+    "zero2",
+    "zero3",
+    "zero3_offload_optimizer",
+    "zero3_offload_params",
+    "zero3_nvme_optimizer",
+    "zero3_nvme",
+)  # less memory per rank, more traffic
 
 
-def plan_run(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, precision: str,
-             bf16_native: bool = True) -> Plan:  # fmt: skip
+def plan_run(
+    cfg: Any,
+    *,
+    mcfg: Any,
+    world: int,
+    seq_len: int,
+    device: Device,
+    precision: str,
+    bf16_native: bool = True,
+) -> Plan:
     """`plan_memory` for a Config (its template resolved for `precision`, bf16 | fp32); when the
     run does not fit, `fixes` lists changes that make it fit, each planned the same way."""
-    plan = _resolve_and_plan(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
-                             precision=precision)  # fmt: skip
+    plan = _resolve_and_plan(
+        cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device, precision=precision
+    )
     if not plan.fits:
-        plan.fixes = fixes(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
-                           precision=precision, bf16_native=bf16_native)  # fmt: skip
+        plan.fixes = fixes(
+            cfg,
+            mcfg=mcfg,
+            world=world,
+            seq_len=seq_len,
+            device=device,
+            precision=precision,
+            bf16_native=bf16_native,
+        )
     return plan
 
 
-def _resolve_and_plan(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device,
-                      precision: str) -> Plan:  # fmt: skip
+def _resolve_and_plan(
+    cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, precision: str
+) -> Plan:
     from sftscale.ds_config import resolve_ds_config
 
-    ds = resolve_ds_config(_with_nvme_path(cfg), world_size=world, precision=precision,
-                           largest_weight=largest_weight(mcfg))  # fmt: skip
+    ds = resolve_ds_config(
+        _with_nvme_path(cfg),
+        world_size=world,
+        precision=precision,
+        largest_weight=largest_weight(mcfg),
+    )
     return plan_memory(mcfg, cfg, ds, world=world, seq_len=seq_len, device=device)
 
 
@@ -350,8 +442,9 @@ def _override(cfg: Any, overrides: list[str]) -> Any:
     return from_dict(Config, apply_overrides(cfg.to_dict(), overrides))
 
 
-def candidates(cfg: Any, *, device: Device, precision: str, bf16_native: bool
-               ) -> list[tuple[list[str], int]]:  # fmt: skip
+def candidates(
+    cfg: Any, *, device: Device, precision: str, bf16_native: bool
+) -> list[tuple[list[str], int]]:
     """(overrides, world multiplier) a user could change, cheapest first: the step's own
     settings, then precision, then heavier ZeRO templates, then more ranks."""
     t, sc = cfg.train, cfg.scale
@@ -391,8 +484,17 @@ def candidates(cfg: Any, *, device: Device, precision: str, bf16_native: bool
     return out
 
 
-def fixes(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, precision: str,
-          bf16_native: bool, limit: int = 3) -> list[str]:  # fmt: skip
+def fixes(
+    cfg: Any,
+    *,
+    mcfg: Any,
+    world: int,
+    seq_len: int,
+    device: Device,
+    precision: str,
+    bf16_native: bool,
+    limit: int = 3,
+) -> list[str]:
     """Up to `limit` changes that make the run fit by the same plan: single changes, else
     pairs, cheapest first. More ranks on a CPU host means more hosts like this one."""
     from sftscale.config import ConfigError
@@ -404,8 +506,14 @@ def fixes(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, prec
         planned = [o.replace("<a local disk>", "/nvme") for o in overrides]
         precision_k = "bf16" if "deepspeed.precision=bf16" in overrides else precision
         try:
-            p = _resolve_and_plan(_override(cfg, planned), mcfg=mcfg, world=world * ranks_k(combo),
-                                  seq_len=seq_len, device=device, precision=precision_k)  # fmt: skip
+            p = _resolve_and_plan(
+                _override(cfg, planned),
+                mcfg=mcfg,
+                world=world * ranks_k(combo),
+                seq_len=seq_len,
+                device=device,
+                precision=precision_k,
+            )
         except (ConfigError, ValueError):
             return None
         return p.peak_bytes if p.fits else None
@@ -422,10 +530,12 @@ def fixes(cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, prec
     # Changes on the same ranks first (single, then pairs), then more ranks (more hosts)
     same = [o for o in options if o[1] == 1]
     more = [o for o in options if o[1] > 1]
-    tiers = [[(o,) for o in same],
-             [(a, b) for i, a in enumerate(same) for b in same[i + 1 :]],
-             [(o,) for o in more],
-             [(a, b) for a in same for b in more]]  # fmt: skip
+    tiers = [
+        [(o,) for o in same],
+        [(a, b) for i, a in enumerate(same) for b in same[i + 1 :]],
+        [(o,) for o in more],
+        [(a, b) for a in same for b in more],
+    ]
     found: list[str] = []
     for combos in tiers:
         for combo in combos:
@@ -495,8 +605,9 @@ def data_shape(cfg: Any, *, seq_len: int | None, vocab_size: int | None) -> tupl
     return seq_len, vocab_size
 
 
-def plan_for_cli(cfg: Any, *, devices: str | None, seq_len: int | None,
-                 vocab_size: int | None) -> Plan:  # fmt: skip
+def plan_for_cli(
+    cfg: Any, *, devices: str | None, seq_len: int | None, vocab_size: int | None
+) -> Plan:
     """`sftscale plan`: on --devices, else on the devices this run would get here."""
     from sftscale.config import ConfigError
     from sftscale.model import PRESETS, is_preset, model_config
@@ -510,13 +621,22 @@ def plan_for_cli(cfg: Any, *, devices: str | None, seq_len: int | None,
         world = cfg.scale.num_workers
         device = this_device(cfg, world=world) or host_device(world)
     if world % cfg.scale.sequence_parallel_size:
-        raise ConfigError(f"--devices: {world} ranks do not split into sequence-parallel groups "
-                          f"of {cfg.scale.sequence_parallel_size}")  # fmt: skip
+        raise ConfigError(
+            f"--devices: {world} ranks do not split into sequence-parallel groups "
+            f"of {cfg.scale.sequence_parallel_size}"
+        )
     name = cfg.model.name_or_path
     if vocab_size is None and not (is_preset(name) and PRESETS[name]["vocab_size"] is None):
         vocab_size = 0  # the model's own vocabulary (a directory, or a preset that has one)
     seq_len, vocab = data_shape(cfg, seq_len=seq_len, vocab_size=vocab_size)
     mcfg = with_vocabulary(model_config(name, vocab_size=vocab), vocab)
     precision, native = run_precision(cfg, device)
-    return plan_run(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
-                    precision=precision, bf16_native=native)  # fmt: skip
+    return plan_run(
+        cfg,
+        mcfg=mcfg,
+        world=world,
+        seq_len=seq_len,
+        device=device,
+        precision=precision,
+        bf16_native=native,
+    )

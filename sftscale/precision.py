@@ -43,8 +43,10 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
         text = cpuinfo.read_text()
     except OSError:
         return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])  # fmt: skip
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
     return [f for f in _CPU_BF16_FLAGS if f in flags]
 
 
@@ -85,10 +87,14 @@ def choose(requested: str, *, native_bf16: bool, why: str) -> Precision:
     if requested == "fp32":
         return Precision("fp32", "deepspeed.precision=fp32")
     if requested == "bf16":
-        warning = "" if native_bf16 else (
-            f"deepspeed.precision=bf16 on a device without native bf16 ({why}): matmuls run "
-            "far slower than in fp32 (~50x on AVX2 CPUs); deepspeed.precision=auto picks fp32 here"
-        )  # fmt: skip
+        warning = (
+            ""
+            if native_bf16
+            else (
+                f"deepspeed.precision=bf16 on a device without native bf16 ({why}): matmuls run "
+                "far slower than in fp32 (~50x on AVX2 CPUs); deepspeed.precision=auto picks fp32 here"
+            )
+        )
         return Precision("bf16", "deepspeed.precision=bf16", warning)
     if native_bf16:
         return Precision("bf16", f"auto: {why}")

@@ -74,9 +74,12 @@ def document_attention(core: Callable) -> Callable:
             starts = (position_ids[b] == 0).nonzero().flatten().tolist()
             bounds = sorted({0, *starts, length})
             sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
-            parts = [core(module, qd, kd, vd, None, *args, **kwargs)[0]
-                     for qd, kd, vd in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2),
-                                           strict=True)]  # fmt: skip
+            parts = [
+                core(module, qd, kd, vd, None, *args, **kwargs)[0]
+                for qd, kd, vd in zip(
+                    q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), strict=True
+                )
+            ]
             rows.append(torch.cat(parts, dim=1))  # [1, positions, heads, head_dim]
         return torch.cat(rows, dim=0), None
 
@@ -124,8 +127,10 @@ def apply_ulysses(
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if attn_implementation not in EXACT_ON_PACKED_ROWS:
-        raise ValueError(f"attention {attn_implementation!r} is not exact on packed rows under "
-                         f"sequence parallelism; use one of {', '.join(EXACT_ON_PACKED_ROWS)}")  # fmt: skip
+        raise ValueError(
+            f"attention {attn_implementation!r} is not exact on packed rows under "
+            f"sequence parallelism; use one of {', '.join(EXACT_ON_PACKED_ROWS)}"
+        )
     core = ALL_ATTENTION_FUNCTIONS[attn_implementation]
     if attn_implementation == "sdpa":
         core = document_attention(core)
@@ -137,11 +142,15 @@ def apply_ulysses(
         batch = query.shape[0]
         if batch not in by_batch:
             by_batch[batch] = UlyssesSPAttentionHF(
-                attn=core, batch_size=batch, attn_head_count=arch.num_attention_heads,
-                attn_head_size=head_dim, kv_head_count=arch.num_key_value_heads,
-                num_hidden_layers=arch.num_hidden_layers, process_group=group.group,
+                attn=core,
+                batch_size=batch,
+                attn_head_count=arch.num_attention_heads,
+                attn_head_size=head_dim,
+                kv_head_count=arch.num_key_value_heads,
+                num_hidden_layers=arch.num_hidden_layers,
+                process_group=group.group,
                 seq_length_is_variable=True,
-            )  # fmt: skip
+            )
         # The mask transformers built (if any) covers the local slice only: dropped, as
         # DeepSpeed's own wrapper does; documents come from the gathered position ids.
         return by_batch[batch](module, query, key, value, None, *args, **kwargs)

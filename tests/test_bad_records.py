@@ -216,9 +216,16 @@ def _write_parquet(tmp: Path, records: list) -> list[tuple[Path, list]]:
     tokenizer=st.sampled_from(["sentencepiece", "byte-level-bpe"]),
 )
 def test_fuzzed_records_are_trained_or_quarantined_never_crash(
-    tmp_path_factory, sp_tokenizer_dir, bpe_tokenizer_dir, jsonl, json_records, parquet_records,
-    escape, wrapped, tokenizer
-):  # fmt: skip
+    tmp_path_factory,
+    sp_tokenizer_dir,
+    bpe_tokenizer_dir,
+    jsonl,
+    json_records,
+    parquet_records,
+    escape,
+    wrapped,
+    tokenizer,
+):
     tmp = tmp_path_factory.mktemp("fuzz")
     jsonl = [*jsonl, (GOOD, None)]  # one good record, so that the run writes shards
     files = [(tmp / "a.jsonl", jsonl), (tmp / "b.json", json_records)]
@@ -315,10 +322,12 @@ def test_parquet_strings_that_are_not_utf8_and_nested_lists(tmp_path, sp_tokeniz
     bad bytes are quarantined, the rest of their batch is trained on. Lists nest in Parquet up
     to its schema depth limit; a deeper file cannot be read at all, and the error names it."""
     prompts = [b"What is 2 plus 2?", b"\xff\xfe", b"ok \xed\xa0\x80", b"Hi"]
-    table = pa.table({
-        "prompt": pa.array(prompts, pa.binary()).view(pa.string()),
-        "completion": ["4.", "x", "y", "Hello."],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "prompt": pa.array(prompts, pa.binary()).view(pa.string()),
+            "completion": ["4.", "x", "y", "Hello."],
+        }
+    )
     pq.write_table(table, tmp_path / "a.parquet")
     deep = "x"
     for _ in range(40):
@@ -354,13 +363,21 @@ def test_a_text_the_tokenizer_rejects_costs_only_its_record(tmp_path, sp_tokeniz
         "message['content']", "(message['content'] | replace('@', '\\ud800'))"
     )
     tok.save_pretrained(str(tmp_path / "tok"))
-    good = [{"prompt": f"What is {i} plus 1?", "completion": f"{i} plus 1 is {i + 1}."} for i in range(6)]  # fmt: skip
+    good = [
+        {"prompt": f"What is {i} plus 1?", "completion": f"{i} plus 1 is {i + 1}."}
+        for i in range(6)
+    ]
     bad = {"prompt": "@", "completion": "b"}
     for name, records in (("a", [*good[:3], bad, *good[3:]]), ("ref", good)):
         src = tmp_path / f"{name}.jsonl"
         src.write_text("".join(json.dumps(r) + "\n" for r in records))
         opts = PrepareOptions(seq_len=64, progress=False)
-        prepare([str(src)], tokenizer_path=str(tmp_path / "tok"), out_dir=str(tmp_path / name), options=opts)  # fmt: skip
+        prepare(
+            [str(src)],
+            tokenizer_path=str(tmp_path / "tok"),
+            out_dir=str(tmp_path / name),
+            options=opts,
+        )
 
     q = [json.loads(x) for x in (tmp_path / "a" / schema.QUARANTINE_NAME).open()]
     assert [(r["line"], r["reason"].split(":")[0]) for r in q] == [(4, "cannot tokenize")]
@@ -417,7 +434,17 @@ def test_empty_replies_are_quarantined_unless_kept(tmp_path, sp_tokenizer_dir):
     assert q == [] and m.num_documents == 6 and m.options["keep_empty_replies"] is True
     # from the command line
     out = tmp_path / "cli"
-    argv = ["prepare", str(src), "--tokenizer", str(sp_tokenizer_dir), "--seq-len", "64", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "prepare",
+        str(src),
+        "--tokenizer",
+        str(sp_tokenizer_dir),
+        "--seq-len",
+        "64",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0 and schema.read_manifest(out).num_documents == 1
     assert main([*argv, "--keep-empty-replies"]) == 0
     assert schema.read_manifest(out).num_documents == 6

@@ -20,8 +20,11 @@ def test_grid_points_and_sets():
     points = grid.points()
     assert len(points) == 4
     assert {(p.gradient_checkpointing, p.micro_batch_size) for p in points} == {
-        (True, 1), (True, 2), (False, 1), (False, 2)
-    }  # fmt: skip
+        (True, 1),
+        (True, 2),
+        (False, 1),
+        (False, 2),
+    }
     assert all(p.preset == GRIDS["cpu"].base.preset for p in points)
     # the baseline pads whatever our packing, and is shared by packed and padded points
     p = Point("tiny-llama", seq_len=512, micro_batch_size=2)
@@ -38,10 +41,23 @@ def test_smoke_grid_writes_every_output(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "sftscale", "bench", "--grid", "smoke", "--out", str(out),
-         "--workdir", str(work)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sftscale",
+            "bench",
+            "--grid",
+            "smoke",
+            "--out",
+            str(out),
+            "--workdir",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert sorted(records) == [

@@ -37,7 +37,7 @@ pytestmark = [
     pytest.mark.skipif(
         os.geteuid() != 0 or shutil.which("unshare") is None,
         reason="mount namespaces need root and unshare",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -46,9 +46,14 @@ class Node:
 
     def __init__(self, name: str, *, env: dict, head_port: int, head: bool) -> None:
         self.name = name
-        ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
-                 "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-                 "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}  # fmt: skip
+        ports = {
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+        }
         if head:
             ports["--ray-client-server-port"] = free_port()
         # workers' ports clear of every port chosen above (one overlap made ray start refuse);
@@ -57,19 +62,33 @@ class Node:
         low = 10000 + secrets.randbelow(20000)
         while any(low <= p <= low + 200 for p in taken):
             low = 10000 + secrets.randbelow(20000)
-        args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                "--disable-usage-stats", f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
-                *(f"{k}={v}" for k, v in ports.items())]  # fmt: skip
+        args = [
+            str(BIN / "ray"),
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--disable-usage-stats",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={low + 200}",
+            *(f"{k}={v}" for k, v in ports.items()),
+        ]
         if head:
             args += [f"--port={head_port}", "--head", "--dashboard-host=127.0.0.1"]
         else:
             args += [f"--address=127.0.0.1:{head_port}"]
-        script = (f"mkdir -p {NODE_DISK} /tmp/ray && mount -t tmpfs -o size=6g node {NODE_DISK} && "
-                  f"mount -t tmpfs -o size=2g node /tmp/ray && exec {' '.join(args)}")  # fmt: skip
+        script = (
+            f"mkdir -p {NODE_DISK} /tmp/ray && mount -t tmpfs -o size=6g node {NODE_DISK} && "
+            f"mount -t tmpfs -o size=2g node /tmp/ray && exec {' '.join(args)}"
+        )
         self.log = open(Path(env["SFTSCALE_TEST_LOGS"]) / f"{name}.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 60
         while self.namespace() is None and time.time() < deadline:
             time.sleep(0.2)
@@ -109,8 +128,13 @@ def _wait_for_nodes(env: dict, head_port: int, n: int, timeout: float = 90) -> s
     """Until `ray status` (which asks the GCS; no local raylet needed) shows n active nodes."""
     deadline, out = time.time() + timeout, ""
     while time.time() < deadline:
-        p = subprocess.run([str(BIN / "ray"), "status", f"--address=127.0.0.1:{head_port}"],
-                           env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        p = subprocess.run(
+            [str(BIN / "ray"), "status", f"--address=127.0.0.1:{head_port}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         out = p.stdout + p.stderr
         active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
         if active.count("node_") >= n:
@@ -149,12 +173,19 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
     pafs.copy_files(str(prepared_dir), "runs/cluster-data", destination_filesystem=s3)
     logs = tmp_path / "logs"
     logs.mkdir()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
-           "SFTSCALE_TEST_LOGS": str(logs), "OMP_NUM_THREADS": "1",
-           # elastic: after a node loss, try the old size for 15 s (not 60) before a smaller one
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "5",
+        "SFTSCALE_TEST_LOGS": str(logs),
+        "OMP_NUM_THREADS": "1",
+        # elastic: after a node loss, try the old size for 15 s (not 60) before a smaller one
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+    }
     env.pop("RAY_ADDRESS", None)
     head_port = free_port()
     nodes = [Node("head", env=env, head_port=head_port, head=True)]
@@ -165,12 +196,26 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
         _wait_for_nodes(env, head_port, 2)
 
         def submit(name: str, **scale) -> subprocess.Popen:
-            cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard,
-                   "--runtime-env", str(ROOT / "launchers/ray/runtime_env.yaml"), "--working-dir", str(ROOT),
-                   "--", sys.executable, "-m", "sftscale", "train",
-                   str(_job_config(tmp_path, name, "s3://runs/cluster-data", **scale))]  # fmt: skip
-            return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            cmd = [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                dashboard,
+                "--runtime-env",
+                str(ROOT / "launchers/ray/runtime_env.yaml"),
+                "--working-dir",
+                str(ROOT),
+                "--",
+                sys.executable,
+                "-m",
+                "sftscale",
+                "train",
+                str(_job_config(tmp_path, name, "s3://runs/cluster-data", **scale)),
+            ]
+            return subprocess.Popen(
+                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
 
         def when_a_checkpoint_is_registered(job, name):
             registered_checkpoint(s3, f"runs/cluster/{name}", timeout=600)
@@ -212,8 +257,13 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
         pafs.FileSelector(f"runs/cluster/killed/step_{STEPS:08d}", recursive=True)
     )
     names = {Path(i.path).name for i in final}  # every node's leader uploaded its ranks' files
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "rng_rank0.pt", "rng_rank1.pt", "sftscale_state.json"} <= names, names  # fmt: skip
+    assert {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+        "sftscale_state.json",
+    } <= names, names
     a, b = weights("base"), weights("killed")
     for name, p in a.items():
         assert torch.equal(p, b[name]), name
@@ -223,8 +273,13 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
     assert ledger[:, 0].tolist() == [s for s in range(1, STEPS + 1) for _ in range(2)]
     base_ledger = read_ledger(_from_s3(s3, "runs/cluster/base/ledger", tmp_path / "base-ledger"))
     np.testing.assert_array_equal(ledger, base_ledger)  # 0 skipped, 0 repeated
-    records = [json.loads(x) for x in s3.open_input_stream("runs/cluster/killed/metrics.jsonl")
-               .read().decode().splitlines()]  # fmt: skip
+    records = [
+        json.loads(x)
+        for x in s3.open_input_stream("runs/cluster/killed/metrics.jsonl")
+        .read()
+        .decode()
+        .splitlines()
+    ]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
     # Elastic: the same global batch on one worker (accumulating twice as many micro-batches):
     # the same samples, and losses within fp32 reduction-order tolerance.

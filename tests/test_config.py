@@ -70,14 +70,30 @@ def test_every_shipped_config_loads(path):
 def test_elastic_runs_keep_the_global_batch_on_fewer_workers():
     from sftscale.config import ConfigError, load_config
 
-    cfg = load_config(None, ["data.path=d", "scale.num_workers=4", "scale.min_workers=2",
-                             "train.micro_batch_size=2", "train.grad_accum=3"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "data.path=d",
+            "scale.num_workers=4",
+            "scale.min_workers=2",
+            "train.micro_batch_size=2",
+            "train.grad_accum=3",
+        ],
+    )
     assert cfg.for_world(4) is cfg
     assert cfg.for_world(2).train.grad_accum == 6
     assert cfg.for_world(2).global_batch_rows(2) == cfg.global_batch_rows() == 24
     with pytest.raises(ConfigError, match="3 workers cannot split the global batch of 8 rows"):
-        load_config(None, ["data.path=d", "scale.num_workers=4", "scale.min_workers=3",
-                           "train.micro_batch_size=2", "train.grad_accum=1"]).for_world(3)  # fmt: skip
+        load_config(
+            None,
+            [
+                "data.path=d",
+                "scale.num_workers=4",
+                "scale.min_workers=3",
+                "train.micro_batch_size=2",
+                "train.grad_accum=1",
+            ],
+        ).for_world(3)
     fixed = load_config(None, ["data.path=d", "scale.num_workers=4"])
     assert fixed.for_world(2) is fixed  # not elastic: a smaller world is a smaller batch
     with pytest.raises(ConfigError, match="scale.min_workers: must be 0"):

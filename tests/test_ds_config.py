@@ -31,8 +31,11 @@ def test_template_that_forces_bf16_needs_precision_bf16(tmp_path, requested):
     import json
 
     forced = tmp_path / "t.json"
-    forced.write_text(json.dumps({**json.loads((TEMPLATE_DIR / "zero3.json").read_text()),
-                                  "bf16": {"enabled": True}}))  # fmt: skip
+    forced.write_text(
+        json.dumps(
+            {**json.loads((TEMPLATE_DIR / "zero3.json").read_text()), "bf16": {"enabled": True}}
+        )
+    )
     cfg = _cfg(deepspeed={"template": str(forced), "precision": requested})
     with pytest.raises(ConfigError, match='bf16.enabled to "auto"'):
         resolve_ds_config(cfg, world_size=1, precision="fp32")

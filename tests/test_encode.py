@@ -19,15 +19,48 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ones out first, so "d<|im_end|>" is "d" + "<|im_end|>" although "d<|im" starts further left.
 NORMALIZED_ADDED = ["<tool>", "d<|im", "im_end"]
 TRICKY = " \t\n\r\x0b\x0c\x1c\x1f\x00\x7f'sStTrReEvVmMlLdDaZ09!.-<|>_"
-ASCII_FRAGMENTS = [*map(chr, range(128)), *SPECIALS, *NORMALIZED_ADDED, "'ll", "'S", "'Re",
-                   "123456", "   ", "\n\n", " \n ", "\r\n"]  # fmt: skip
+ASCII_FRAGMENTS = [
+    *map(chr, range(128)),
+    *SPECIALS,
+    *NORMALIZED_ADDED,
+    "'ll",
+    "'S",
+    "'Re",
+    "123456",
+    "   ",
+    "\n\n",
+    " \n ",
+    "\r\n",
+]
 FRAGMENTS = [*ASCII_FRAGMENTS, "é", "日本", "\u00a0", "\u2028", "🙂", "x\u0301"]
 
 
 def _training_text(n: int = 3000) -> list[str]:
     rng = random.Random(0)
-    words = ["the", "of", "and", "I'll", "you're", "DON'T", "it's", "we've", "12", "2024", "3.14",
-             "hello!", "(x)", "a_b", "--", "...", "\tindent", "line\n", "\n\n", "  ", "<tag>", "Mixed"]  # fmt: skip
+    words = [
+        "the",
+        "of",
+        "and",
+        "I'll",
+        "you're",
+        "DON'T",
+        "it's",
+        "we've",
+        "12",
+        "2024",
+        "3.14",
+        "hello!",
+        "(x)",
+        "a_b",
+        "--",
+        "...",
+        "\tindent",
+        "line\n",
+        "\n\n",
+        "  ",
+        "<tag>",
+        "Mixed",
+    ]
     return [" ".join(rng.choices(words, k=rng.randint(1, 30))) for _ in range(n)]
 
 
@@ -46,10 +79,12 @@ def _build(pre_tokenizer, normalizer=None) -> Tokenizer:
 
 
 def _split_then_bytes(pattern: str):
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 SUPPORTED = {
@@ -113,8 +148,17 @@ def test_fuzz_pre_tokenization(tokenizer, text):
 
 
 def test_added_tokens(tokenizer):
-    texts = ["d<|im_end|>", "xd<|im_start|>y", "<|im_end|>d<|im", "im_end|>", "<|im<|im_end|>",
-             "<tool><tool>", "<|endoftext|><|im_start|>", " <|im_end|>\n", "d<|imd<|im_start|>"]  # fmt: skip
+    texts = [
+        "d<|im_end|>",
+        "xd<|im_start|>y",
+        "<|im_end|>d<|im",
+        "im_end|>",
+        "<|im<|im_end|>",
+        "<tool><tool>",
+        "<|endoftext|><|im_start|>",
+        " <|im_end|>\n",
+        "d<|imd<|im_start|>",
+    ]
     assert Encoder(tokenizer)(texts) == _rust(tokenizer, texts)
 
 

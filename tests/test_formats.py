@@ -55,10 +55,19 @@ def _rows_of(out, src, tok, **kw):
 def test_alpaca_input_and_sharegpt_system(tmp_path, sp_tokenizer_dir, sp_tokenizer):
     src = tmp_path / "in.jsonl"
     src.write_text(
-        json.dumps({"instruction": "Add.", "input": "2 and 5", "output": "7"}) + "\n"
-        + json.dumps({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                                        {"from": "gpt", "value": "Hello"}]}) + "\n"
-    )  # fmt: skip
+        json.dumps({"instruction": "Add.", "input": "2 and 5", "output": "7"})
+        + "\n"
+        + json.dumps(
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello"},
+                ]
+            }
+        )
+        + "\n"
+    )
     _, rows = _rows_of(tmp_path / "o", src, sp_tokenizer_dir)
     text = "".join(sp_tokenizer.decode(r["input_ids"]) for r in rows)
     assert "Add.\n\n2 and 5" in text and "<|im_start|>system\nBe brief." in text
@@ -80,8 +89,12 @@ def test_json_parquet_and_dataset_directory_inputs(tmp_path, sp_tokenizer_dir):
     pq.write_table(pa.Table.from_pylist([RECORDS["prompt"]] * 3), tmp_path / "b.parquet")
     datasets.Dataset.from_list([RECORDS["prompt"]] * 2).save_to_disk(str(tmp_path / "hf"))
     out = tmp_path / "o"
-    m = prepare([str(tmp_path / "a.json"), str(tmp_path / "*.parquet"), str(tmp_path / "hf")],
-                tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out), options=_opts())  # fmt: skip
+    m = prepare(
+        [str(tmp_path / "a.json"), str(tmp_path / "*.parquet"), str(tmp_path / "hf")],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(out),
+        options=_opts(),
+    )
     assert m.num_records == 7 and m.num_documents == 7 and m.quarantined_rows == 0
     assert [f["path"] for f in m.sources["files"]] == [
         str(tmp_path / p) for p in ("a.json", "b.parquet", "hf")
@@ -151,8 +164,12 @@ def test_ray_data_engine_gives_identical_output(tmp_path, corpus_path, sp_tokeni
     prepare(
         [str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(ref), options=_opts()
     )
-    prepare([str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(ray_out),
-            options=_opts(engine="ray", num_proc=2))  # fmt: skip
+    prepare(
+        [str(corpus_path)],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(ray_out),
+        options=_opts(engine="ray", num_proc=2),
+    )
     for f in sorted(p.name for p in ref.iterdir() if p.is_file()):
         assert (ref / f).read_bytes() == (ray_out / f).read_bytes(), f
 
@@ -164,9 +181,19 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
-bad_messages = st.fixed_dictionaries({"messages": st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "robot", 3]),
-                           "content": st.one_of(st.text(max_size=30), st.integers(), st.none())}), max_size=4)})  # fmt: skip
+bad_messages = st.fixed_dictionaries(
+    {
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "role": st.sampled_from(["user", "assistant", "system", "robot", 3]),
+                    "content": st.one_of(st.text(max_size=30), st.integers(), st.none()),
+                }
+            ),
+            max_size=4,
+        )
+    }
+)
 lines = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     bad_messages.map(lambda v: json.dumps(v).encode()),

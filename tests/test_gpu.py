@@ -65,9 +65,21 @@ def test_ulysses_sp2_with_flash_attention_2_matches_sp1(tmp_path):
     pytest.importorskip("flash_attn")
     out = tmp_path / "sp.json"
     script = Path(__file__).parent / "scripts" / "sp_exactness.py"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", str(script), str(out), "flash_attention_2"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(out),
+            "flash_attention_2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     r = json.loads(out.read_text())
     assert abs(r["loss"]["sp2"] - r["loss"]["sp1"]) <= 2e-2 * abs(r["loss"]["sp1"])  # bf16

@@ -44,8 +44,19 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path, prepared_dir):
         "logging": {"output_dir": str(tmp_path / "runs"), "run_name": "t", "every_n_steps": 50},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(free_port()), "-m", "sftscale", "train", str(tmp_path / "cfg.yaml")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "sftscale",
+        "train",
+        str(tmp_path / "cfg.yaml"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env

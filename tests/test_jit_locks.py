@@ -38,8 +38,9 @@ def test_stale_lock_is_removed_and_a_live_build_is_waited_for(tmp_path):
         assert not stale.exists() and fresh.exists() and young.exists() and building.exists()
         assert any(f"removed a stale JIT build lock {stale}" in m for m in messages)
         assert any(f"{building}, held since" in m and f"pid(s) {ninja.pid}" in m for m in messages)
-        assert any(f"{young}, held since" in m and "removed if none starts within" in m
-                   for m in messages)  # fmt: skip
+        assert any(
+            f"{young}, held since" in m and "removed if none starts within" in m for m in messages
+        )
         n = len(messages)
         watch.scan()  # each held lock is reported once
         assert len(messages) == n
@@ -68,9 +69,11 @@ def test_run_proceeds_past_a_lock_a_killed_run_left(tmp_path, prepared_dir):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
         [sys.executable, "-m", "sftscale", "train", str(tmp_path / "cfg.yaml"), "--local"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(cache)},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"removed a stale JIT build lock {lock}" in proc.stdout
     assert "step     2/2" in proc.stdout
@@ -86,10 +89,19 @@ def test_build_ops_fills_the_cache_past_a_stale_lock(tmp_path):
     if built.is_dir():  # built by make install: loaded, not rebuilt
         shutil.copytree(built, cache, ignore=shutil.ignore_patterns("lock"))
     lock = _plant(cache, "cpu_adam", age_s=3600)
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "DS_ACCELERATOR": "cpu",
-           "PATH": "/usr/bin:/bin"}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "sftscale", "build-ops"], capture_output=True,
-                          text=True, timeout=900, env=env)  # fmt: skip
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(cache),
+        "DS_ACCELERATOR": "cpu",
+        "PATH": "/usr/bin:/bin",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftscale", "build-ops"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"removed a stale JIT build lock {lock}" in proc.stdout
     for op in ("FusedAdamBuilder", "CPUAdamBuilder", "ShareMemCommBuilder"):

@@ -16,15 +16,26 @@ BIN = Path(sys.executable).parent
 
 
 def _ray(*args, env, check=True, timeout=600):
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, check=check,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "ray"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.distributed
 def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
     # Token authentication on, as on a real cluster: the cluster and its clients share a token.
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
     env.pop("RAY_ADDRESS", None)
     cfg = {
         "model": {"name_or_path": "tiny-llama"},
@@ -36,15 +47,41 @@ def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
     }
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    _ray("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-         "--disable-usage-stats", env=env)  # fmt: skip
+    _ray(
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        env=env,
+    )
     try:
         submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265",
-             "--runtime-env", str(ROOT / "launchers/ray/runtime_env.yaml"), "--working-dir", str(ROOT),
-             "--", sys.executable, "-m", "sftscale", "train", str(cfg_path), "checkpoint.every_n_steps=4"],
-            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
-        )  # fmt: skip
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                "http://127.0.0.1:8265",
+                "--runtime-env",
+                str(ROOT / "launchers/ray/runtime_env.yaml"),
+                "--working-dir",
+                str(ROOT),
+                "--",
+                sys.executable,
+                "-m",
+                "sftscale",
+                "train",
+                str(cfg_path),
+                "checkpoint.every_n_steps=4",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=ROOT,
+        )
         out = submit.stdout + submit.stderr
         assert submit.returncode == 0, out[-4000:]
         assert "succeeded" in out, out[-4000:]

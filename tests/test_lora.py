@@ -79,39 +79,56 @@ def _peft_reference(model_dir, cfg):
     data = PackedDataset(cfg.data.path)
     tok = AutoTokenizer.from_pretrained(str(data.tokenizer_dir))
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                            target_modules=LORA["target_modules"]))  # fmt: skip
+    model = get_peft_model(
+        base,
+        LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["target_modules"]),
+    )
     init_adapters(model, seed=cfg.train.seed)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
-    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                            weight_decay=o.weight_decay)  # fmt: skip
+    opt = torch.optim.AdamW(
+        trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
     losses, g = [], cfg.global_batch_rows(1)
     for step in range(STEPS):
         _, rows = stream_rows(step * g, g, num_rows=len(data), seed=cfg.data.seed, shuffle=True)
-        batch = collate([data.row(int(i)) for i in np.sort(rows)], seq_len=data.seq_len,
-                        pad_id=tok.pad_token_id)  # fmt: skip
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       use_cache=False).logits  # fmt: skip
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        ) / (batch.targets != IGNORE_INDEX).sum()  # fmt: skip
+        batch = collate(
+            [data.row(int(i)) for i in np.sort(rows)], seq_len=data.seq_len, pad_id=tok.pad_token_id
+        )
+        logits = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        ).logits
+        loss = (
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1),
+                batch.targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            / (batch.targets != IGNORE_INDEX).sum()
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    adapter = {peft_key(n): p.detach().clone() for n, p in model.named_parameters()
-               if p.requires_grad}  # fmt: skip
+    adapter = {
+        peft_key(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
     return losses, adapter
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, prepared_dir, model_dir, threshold0_template):
-    cfg = _cfg(tmp_path_factory.mktemp("lora"), prepared_dir, model_dir, threshold0_template,
-               "lora", "checkpoint.export_merged=true")  # fmt: skip
+    cfg = _cfg(
+        tmp_path_factory.mktemp("lora"),
+        prepared_dir,
+        model_dir,
+        threshold0_template,
+        "lora",
+        "checkpoint.export_merged=true",
+    )
     train_local_subprocess(cfg)
     return cfg
 
@@ -184,8 +201,14 @@ def test_checkpoints_hold_the_adapter_not_the_model(lora_run, model_dir):
 def test_lora_resume_is_exact(lora_run, tmp_path, prepared_dir, model_dir, threshold0_template):
     """Killed while writing the step-8 checkpoint; the rerun resumes from step 4 and ends
     bitwise where the uninterrupted run ended."""
-    cfg = _cfg(tmp_path, prepared_dir, model_dir, threshold0_template, "resumed",
-               "checkpoint.export_merged=true")  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        prepared_dir,
+        model_dir,
+        threshold0_template,
+        "resumed",
+        "checkpoint.export_merged=true",
+    )
     path = tmp_path / "resumed.yaml"
     save_config(cfg, path)
     cmd = [sys.executable, "-m", "sftscale", "train", str(path), "--local"]
@@ -203,15 +226,24 @@ def test_lora_resume_is_exact(lora_run, tmp_path, prepared_dir, model_dir, thres
 
 
 @pytest.mark.distributed
-def test_lora_on_two_ray_workers_then_resumed_on_one(tmp_path, prepared_dir, model_dir,
-                                                     threshold0_template, lora_run):  # fmt: skip
+def test_lora_on_two_ray_workers_then_resumed_on_one(
+    tmp_path, prepared_dir, model_dir, threshold0_template, lora_run
+):
     """2 Ray workers (micro 2 x accum 1 x 2 ranks) train to step 8; one local worker (micro 2 x
     accum 2) resumes from the universal checkpoint. Same global batch: the losses stay within
     fp32 reduction-order tolerance of the single-worker run throughout."""
     from sftscale.launch import run
 
-    cfg = _cfg(tmp_path, prepared_dir, model_dir, threshold0_template, "elastic",
-               "scale.num_workers=2", "train.grad_accum=1", "train.max_steps=8")  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        prepared_dir,
+        model_dir,
+        threshold0_template,
+        "elastic",
+        "scale.num_workers=2",
+        "train.grad_accum=1",
+        "train.max_steps=8",
+    )
     run(cfg, local=False)
     cfg = _cfg(tmp_path, prepared_dir, model_dir, threshold0_template, "elastic")
     train_local_subprocess(cfg)
@@ -230,8 +262,10 @@ def test_lora_config(prepared_dir, tmp_path):
     assert load_config(None, [f"data.path={prepared_dir}"]).model.lora is None
     with pytest.raises(ConfigError, match="model.lora.r: must be >= 1"):
         load_config(None, [f"data.path={prepared_dir}", "model.lora.r=0"])
-    qlora = load_config(None, [f"data.path={prepared_dir}", "model.lora.qlora=true",
-                               f"logging.output_dir={tmp_path}"])  # fmt: skip
+    qlora = load_config(
+        None,
+        [f"data.path={prepared_dir}", "model.lora.qlora=true", f"logging.output_dir={tmp_path}"],
+    )
     with pytest.raises(ConfigError, match="bitsandbytes on CUDA"):
         validate_run(qlora, world_size=1)
 

@@ -116,10 +116,13 @@ def test_missing_template_is_a_clear_error(sp_tokenizer):
         resolve_template(tok, "nope")
 
 
-@pytest.mark.parametrize("mask, expected", [
-    ("last", ["2 plus 5 is 7.<|im_end|>\n"]),
-    ("assistant", ["The capital of Peru is Lima.<|im_end|>\n", "2 plus 5 is 7.<|im_end|>\n"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mask, expected",
+    [
+        ("last", ["2 plus 5 is 7.<|im_end|>\n"]),
+        ("assistant", ["The capital of Peru is Lima.<|im_end|>\n", "2 plus 5 is 7.<|im_end|>\n"]),
+    ],
+)
 def test_mask_modes(any_tokenizer, mask, expected):
     template = resolve_template(any_tokenizer, None)
     doc = tokenize_conversation(any_tokenizer, template, CONVERSATION, mask=mask)

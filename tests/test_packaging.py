@@ -14,14 +14,27 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_wheel_ships_templates_and_configs_and_no_benchmarks_package(tmp_path):
     # a copy of the sources: the build writes build/ and *.egg-info next to them
     src = tmp_path / "src"
-    skip = shutil.ignore_patterns(".venv", ".cache", ".git", "runs", "build", "*.egg-info",
-                                  "__pycache__", "results")  # fmt: skip
+    skip = shutil.ignore_patterns(
+        ".venv", ".cache", ".git", "runs", "build", "*.egg-info", "__pycache__", "results"
+    )
     shutil.copytree(ROOT, src, symlinks=True, ignore=skip)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(src)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (wheel,) = tmp_path.glob("sftscale-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for template in (ROOT / "ds_configs").glob("*.json"):

@@ -66,8 +66,12 @@ def test_offload_moves_optimizer_states_off_the_gpu():
     # on a CPU host, host RAM is the device's memory: nothing is saved
     cpu = host_device(2, 64 * GIB)
     _, _, a = _plan("model.name_or_path=llama-100m", world=2, device=cpu)
-    _, _, b = _plan("model.name_or_path=llama-100m", "deepspeed.template=zero3_offload_optimizer",
-                    world=2, device=cpu)  # fmt: skip
+    _, _, b = _plan(
+        "model.name_or_path=llama-100m",
+        "deepspeed.template=zero3_offload_optimizer",
+        world=2,
+        device=cpu,
+    )
     assert b.peak_bytes >= a.peak_bytes * 0.9
 
 
@@ -80,8 +84,12 @@ def test_activation_memory_follows_checkpointing_tiling_and_sequence_parallelism
     assert _line(no_gc, "activations") > 10 * _line(gc, "activations")
     _, _, tiled = _plan("model.name_or_path=llama-3.1-8b", "train.tiled_logits=true", **base)
     assert _line(tiled, "the larger of") < _line(gc, "the larger of")
-    _, _, sp = _plan("model.name_or_path=llama-3.1-8b", "scale.num_workers=8",
-                     "scale.sequence_parallel_size=4", **base)  # fmt: skip
+    _, _, sp = _plan(
+        "model.name_or_path=llama-3.1-8b",
+        "scale.num_workers=8",
+        "scale.sequence_parallel_size=4",
+        **base,
+    )
     assert _line(sp, "activations") == pytest.approx(_line(gc, "activations") / 4, rel=1e-3)
 
 
@@ -97,8 +105,14 @@ def test_fixes_fit_by_the_same_plan():
     for fix in plan.fixes:
         overrides = fix.split(" (")[0].replace("<a local disk>", "/nvme").split()
         changed = _override(cfg, overrides)
-        again = plan_run(changed, mcfg=mcfg, world=changed.scale.num_workers * 2 // cfg.scale.num_workers,
-                         seq_len=4096, device=a10g, precision="bf16")  # fmt: skip
+        again = plan_run(
+            changed,
+            mcfg=mcfg,
+            world=changed.scale.num_workers * 2 // cfg.scale.num_workers,
+            seq_len=4096,
+            device=a10g,
+            precision="bf16",
+        )
         assert again.fits, fix
 
 
@@ -115,8 +129,15 @@ def test_parse_devices():
 
 def test_train_stops_before_launch_when_the_run_cannot_fit(prepared_dir):
     # bf16 whatever this CPU computes natively, so that the fixes are the same on every host
-    cfg = load_config(None, [f"data.path={prepared_dir}", "model.name_or_path=llama-3.1-8b",
-                             "train.micro_batch_size=1", "deepspeed.precision=bf16"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.path={prepared_dir}",
+            "model.name_or_path=llama-3.1-8b",
+            "train.micro_batch_size=1",
+            "deepspeed.precision=bf16",
+        ],
+    )
     with pytest.raises(ConfigError, match="does not fit.*to make it fit.*scale.num_workers=") as e:
         validate_run(cfg, world_size=2)
     assert "sftscale plan" in str(e.value) and "scale.memory_check=false" in str(e.value)
@@ -132,13 +153,32 @@ def test_plan_command(prepared_dir, capsys):
     from sftscale.cli import main
 
     # no prepared data needed for a model with a vocabulary of its own
-    code = main(["plan", "configs/tiny-cpu.yaml", "model.name_or_path=llama-3.1-8b",
-                 "data.path=/nonexistent", "--devices", "8xH100", "--seq-len", "4096"])  # fmt: skip
+    code = main(
+        [
+            "plan",
+            "configs/tiny-cpu.yaml",
+            "model.name_or_path=llama-3.1-8b",
+            "data.path=/nonexistent",
+            "--devices",
+            "8xH100",
+            "--seq-len",
+            "4096",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "8 x H100: 80.0 GiB per rank: fits" in out
     assert "optimizer step" in out and "gathered weights" in out
-    code = main(["plan", "configs/tiny-cpu.yaml", "model.name_or_path=llama-3.1-70b",
-                 "--devices", "8xH100", "--seq-len", "4096"])  # fmt: skip
+    code = main(
+        [
+            "plan",
+            "configs/tiny-cpu.yaml",
+            "model.name_or_path=llama-3.1-70b",
+            "--devices",
+            "8xH100",
+            "--seq-len",
+            "4096",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1 and "does NOT fit" in out and "to make it fit" in out
     # the row length and vocabulary come from the prepared data
@@ -190,8 +230,21 @@ def test_auto_precision_is_planned_as_the_workers_resolve_it(prepared_dir):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "sftscale", "plan", "configs/tiny-cpu.yaml",
-           f"data.path={prepared_dir}", "--devices", "2xcpu"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}).stdout  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sftscale",
+        "plan",
+        "configs/tiny-cpu.yaml",
+        f"data.path={prepared_dir}",
+        "--devices",
+        "2xcpu",
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    ).stdout
     assert "weights, fp32" in out and "fits" in out

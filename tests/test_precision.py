@@ -58,8 +58,13 @@ def _auto_in_subprocess(env: dict) -> str:
         "native, why = cpu_native_bf16()\n"
         "print(choose('auto', native_bf16=native, why=why).name, '|', why)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 

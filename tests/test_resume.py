@@ -170,8 +170,13 @@ def _ray_worker_pids():
 def ray_uninterrupted(tmp_path_factory, prepared_dir):
     from sftscale.launch import run
 
-    cfg = _cfg(tmp_path_factory.mktemp("ray_base"), prepared_dir, "ray_base",
-               "scale.num_workers=2", "train.grad_accum=1")  # fmt: skip
+    cfg = _cfg(
+        tmp_path_factory.mktemp("ray_base"),
+        prepared_dir,
+        "ray_base",
+        "scale.num_workers=2",
+        "train.grad_accum=1",
+    )
     run(cfg, local=False)
     return cfg
 
@@ -188,8 +193,15 @@ def test_ray_restarts_a_dead_or_stopped_worker(
     from sftscale.launch import run
 
     stopped = ["scale.collective_timeout_s=15"] if sig == "SIGSTOP" else []
-    cfg = _cfg(tmp_path, prepared_dir, "ray_" + sig, "scale.num_workers=2", "train.grad_accum=1",
-               "scale.max_failures=2", *stopped)  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        prepared_dir,
+        "ray_" + sig,
+        "scale.num_workers=2",
+        "train.grad_accum=1",
+        "scale.max_failures=2",
+        *stopped,
+    )
     hit = []
 
     def signal_a_worker():
@@ -236,16 +248,28 @@ def test_nvme_offload_equals_cpu_offload_and_resumes(tmp_path, prepared_dir, sp_
     # DeepSpeed swaps only tensors of >= 1 MiB: one layer wide enough for its MLP weights to be
     # swapped (512 x 1024 fp32 = 2 MiB), small enough to stay fast
     torch.manual_seed(0)
-    shape = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1024,
-                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                 vocab_size=len(sp_tokenizer))  # fmt: skip
+    shape = AutoConfig.for_model(
+        "llama",
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(sp_tokenizer),
+    )
     AutoModelForCausalLM.from_config(shape).save_pretrained(tmp_path / "model")
     steps = ["train.max_steps=12", f"model.name_or_path={tmp_path / 'model'}"]
     cpu = _cfg(tmp_path, prepared_dir, "cpu", *steps, "deepspeed.template=zero3_offload_optimizer")
     subprocess.run(_cmd(cpu), check=True, capture_output=True)
     swap = tmp_path / "swap"
-    nvme = _cfg(tmp_path, prepared_dir, "nvme", *steps, "deepspeed.template=zero3_nvme",
-                f"deepspeed.nvme_path={swap}")  # fmt: skip
+    nvme = _cfg(
+        tmp_path,
+        prepared_dir,
+        "nvme",
+        *steps,
+        "deepspeed.template=zero3_nvme",
+        f"deepspeed.nvme_path={swap}",
+    )
     proc = subprocess.Popen(_cmd(nvme), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     swapped = set()
     deadline = time.time() + 300

@@ -19,8 +19,10 @@ STEPS = 12
 
 
 def test_a_shard_is_its_slice_of_every_row_with_its_own_counts():
-    rows = [(np.arange(3, 15), np.r_[np.zeros(4), np.ones(8)].astype(np.int8), np.array([5, 7])),
-            (np.arange(3, 9), np.ones(6, dtype=np.int8), np.array([6]))]  # fmt: skip
+    rows = [
+        (np.arange(3, 15), np.r_[np.zeros(4), np.ones(8)].astype(np.int8), np.array([5, 7])),
+        (np.arange(3, 9), np.ones(6, dtype=np.int8), np.array([6])),
+    ]
     batch = collate(rows, seq_len=16, pad_id=0, pad_to_multiple_of=8)
     shards = [batch.shard(i, 2) for i in range(2)]
     for i, s in enumerate(shards):
@@ -44,8 +46,9 @@ def test_document_attention_equals_a_block_diagonal_causal_mask():
     k, v = torch.randn(2, 2, 24, 8), torch.randn(2, 2, 24, 8)
     docs = [[5, 11, 8], [1, 20, 3]]  # a 1-token document too
     position_ids = torch.tensor(np.array([np.concatenate([np.arange(n) for n in d]) for d in docs]))
-    out, _ = document_attention(sdpa_attention_forward)(module, q, k, v, None,
-                                                        position_ids=position_ids)  # fmt: skip
+    out, _ = document_attention(sdpa_attention_forward)(
+        module, q, k, v, None, position_ids=position_ids
+    )
     doc = torch.tensor(np.array([np.repeat(np.arange(len(d)), d) for d in docs]))
     same_doc = doc[:, :, None] == doc[:, None, :]
     mask = (same_doc & torch.ones(24, 24, dtype=torch.bool).tril())[:, None]
@@ -58,9 +61,20 @@ def test_sp2_matches_sp1_on_packed_rows_and_no_document_sees_another(tmp_path):
     """2 ranks (gloo, fp32), two packed rows of 3 documents (the slice boundary inside one, a
     padding tail in the other), gradient checkpointing on: see tests/scripts/sp_exactness.py."""
     out = tmp_path / "sp.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(SCRIPTS / "sp_exactness.py"), str(out)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(SCRIPTS / "sp_exactness.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     r = json.loads(out.read_text())
     print(json.dumps(r))
@@ -81,21 +95,38 @@ def test_sp2_matches_sp1_on_packed_rows_and_no_document_sees_another(tmp_path):
 
 
 def _cfg(tmp_path, prepared_dir, name, *extra):
-    return load_config(None, [
-        "model.name_or_path=tiny-llama", f"data.path={prepared_dir}", "deepspeed.precision=fp32",
-        "optim.lr=2e-3", "optim.schedule=constant", "train.micro_batch_size=2",
-        f"train.max_steps={STEPS}", "checkpoint.every_n_steps=3", f"logging.output_dir={tmp_path}",
-        f"logging.run_name={name}", "logging.tensorboard=false", f"eval.path={prepared_dir}",
-        "eval.every_n_steps=6", "eval.max_rows=5", "eval.micro_batch_size=2", *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "model.name_or_path=tiny-llama",
+            f"data.path={prepared_dir}",
+            "deepspeed.precision=fp32",
+            "optim.lr=2e-3",
+            "optim.schedule=constant",
+            "train.micro_batch_size=2",
+            f"train.max_steps={STEPS}",
+            "checkpoint.every_n_steps=3",
+            f"logging.output_dir={tmp_path}",
+            f"logging.run_name={name}",
+            "logging.tensorboard=false",
+            f"eval.path={prepared_dir}",
+            "eval.every_n_steps=6",
+            "eval.max_rows=5",
+            "eval.micro_batch_size=2",
+            *extra,
+        ],
+    )
 
 
 def _train_local(cfg):
     path = cfg.run_dir.parent / f"{cfg.logging.run_name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path)
-    proc = subprocess.run([sys.executable, "-m", "sftscale", "train", str(path), "--local"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftscale", "train", str(path), "--local"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc.stdout
 
@@ -119,9 +150,17 @@ def test_ray_sp2_run_resumed_with_sp1_matches_an_uninterrupted_run(tmp_path, pre
 
     base = _cfg(tmp_path, prepared_dir, "sp1")
     _train_local(base)
-    cfg = _cfg(tmp_path, prepared_dir, "sp2", "scale.num_workers=2",
-               "scale.sequence_parallel_size=2", f"train.max_steps={STEPS // 2}",
-               "train.mlp_tiles=2", "train.tiled_logits=true", "train.loss_chunk_tokens=32")  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        prepared_dir,
+        "sp2",
+        "scale.num_workers=2",
+        "scale.sequence_parallel_size=2",
+        f"train.max_steps={STEPS // 2}",
+        "train.mlp_tiles=2",
+        "train.tiled_logits=true",
+        "train.loss_chunk_tokens=32",
+    )
     run(cfg, local=False)
     state = read_state(latest_checkpoint(cfg.run_dir / "checkpoints"))
     assert state["sequence_parallel_size"] == 2 and state["step"] == STEPS // 2
@@ -140,13 +179,19 @@ def test_ray_sp2_run_resumed_with_sp1_matches_an_uninterrupted_run(tmp_path, pre
     assert max(abs(x - y) / x for x, y in zip(ea, eb, strict=True)) <= 1e-5, (ea, eb)
     # the sample ledger: every position of the stream once, none skipped, across the switch
     ledger = read_ledger(cfg.run_dir / "ledger")
-    _, rows = stream_rows(0, 2 * STEPS, num_rows=len(PackedDataset(prepared_dir)), seed=0,
-                          shuffle=True)  # fmt: skip
+    _, rows = stream_rows(
+        0, 2 * STEPS, num_rows=len(PackedDataset(prepared_dir)), seed=0, shuffle=True
+    )
     assert ledger[:, 0].tolist() == [s for s in range(1, STEPS + 1) for _ in range(2)]
     assert ledger[:, 2].tolist() == rows.tolist()
-    wa, wb = (dict(AutoModelForCausalLM.from_pretrained(str(c.run_dir / "export"),
-                                                        dtype=torch.float32).named_parameters())
-              for c in (base, cfg))  # fmt: skip
+    wa, wb = (
+        dict(
+            AutoModelForCausalLM.from_pretrained(
+                str(c.run_dir / "export"), dtype=torch.float32
+            ).named_parameters()
+        )
+        for c in (base, cfg)
+    )
     for name, p in wa.items():
         torch.testing.assert_close(wb[name], p, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -168,8 +213,16 @@ def test_ray_sp2_run_resumed_with_sp1_matches_an_uninterrupted_run(tmp_path, pre
 def test_validation_names_what_to_change(prepared_dir, overrides, message):
     from sftscale.validate import validate_run
 
-    cfg = load_config(None, [f"data.path={prepared_dir}", "model.name_or_path=tiny-llama",
-                             "scale.num_workers=2", "scale.sequence_parallel_size=2", *overrides])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.path={prepared_dir}",
+            "model.name_or_path=tiny-llama",
+            "scale.num_workers=2",
+            "scale.sequence_parallel_size=2",
+            *overrides,
+        ],
+    )
     with pytest.raises(ConfigError, match=message):
         validate_run(cfg, world_size=cfg.scale.num_workers)
 
@@ -178,10 +231,21 @@ def test_validation_wants_seq_len_a_multiple_of_the_group(tmp_path, corpus_path,
     from data_tools.prepare import PrepareOptions, prepare
     from sftscale.validate import validate_run
 
-    prepare([str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(tmp_path / "d"),
-            options=PrepareOptions(seq_len=126, rows_per_shard=40))  # fmt: skip
-    cfg = load_config(None, [f"data.path={tmp_path / 'd'}", "model.name_or_path=tiny-llama",
-                             "scale.num_workers=4", "scale.sequence_parallel_size=4"])  # fmt: skip
+    prepare(
+        [str(corpus_path)],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(tmp_path / "d"),
+        options=PrepareOptions(seq_len=126, rows_per_shard=40),
+    )
+    cfg = load_config(
+        None,
+        [
+            f"data.path={tmp_path / 'd'}",
+            "model.name_or_path=tiny-llama",
+            "scale.num_workers=4",
+            "scale.sequence_parallel_size=4",
+        ],
+    )
     with pytest.raises(ConfigError, match="seq_len 126 does not split into 4 equal slices"):
         validate_run(cfg, world_size=4)
 

@@ -45,8 +45,10 @@ def slurm():
     if os.geteuid() != 0:
         pytest.skip("starting SLURM daemons needs root")
     if not shutil.which("slurmctld"):
-        install = _sh("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge",
-                      timeout=900)  # fmt: skip
+        install = _sh(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge",
+            timeout=900,
+        )
         if install.returncode != 0 or not shutil.which("slurmctld"):
             pytest.skip(f"could not install slurm-wlm and munge: {install.stderr[-500:]}")
     host = socket.gethostname().split(".")[0]
@@ -113,12 +115,23 @@ def test_sbatch_preemption_requeue_and_resume(slurm, tmp_path, prepared_dir):
     cfg_path = tmp_path / "slurm.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     storage = tmp_path / "runs"
-    env = {**os.environ, "SFTSCALE_CONFIG": str(cfg_path), "SFTSCALE_STORAGE": str(storage),
-           "SFTSCALE_PYTHON": sys.executable, "SFTSCALE_WORKERS_PER_NODE": "2", "SFTSCALE_CPUS_PER_NODE": "2",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    env = {
+        **os.environ,
+        "SFTSCALE_CONFIG": str(cfg_path),
+        "SFTSCALE_STORAGE": str(storage),
+        "SFTSCALE_PYTHON": sys.executable,
+        "SFTSCALE_WORKERS_PER_NODE": "2",
+        "SFTSCALE_CPUS_PER_NODE": "2",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("RAY_ADDRESS", None)
-    submit = _sh(f"sbatch --parsable --nodes=1 --cpus-per-task=2 --output={tmp_path}/slurm-%j.out "
-                 f"--export=ALL {ROOT}/launchers/slurm/sftscale.sbatch", env=env, cwd=ROOT)  # fmt: skip
+    submit = _sh(
+        f"sbatch --parsable --nodes=1 --cpus-per-task=2 --output={tmp_path}/slurm-%j.out "
+        f"--export=ALL {ROOT}/launchers/slurm/sftscale.sbatch",
+        env=env,
+        cwd=ROOT,
+    )
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     run_dir = storage / f"slurm-{job}"

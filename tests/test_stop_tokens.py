@@ -18,7 +18,9 @@ def _docs(out):
     docs = []
     for shard in sorted(out.glob("shard-*.arrow")):
         table = pa.ipc.open_file(pa.memory_map(str(shard))).read_all()
-        for ids, mask, lens in zip(*(table[c].to_pylist() for c in ("input_ids", "loss_mask", "doc_lens")), strict=True):  # fmt: skip
+        for ids, mask, lens in zip(
+            *(table[c].to_pylist() for c in ("input_ids", "loss_mask", "doc_lens")), strict=True
+        ):
             at = 0
             for n in lens:
                 docs.append((np.array(ids[at : at + n]), np.array(mask[at : at + n])))
@@ -36,8 +38,12 @@ def test_chatml_on_a_real_tokenizer_without_its_markers(tmp_path, corpus_records
 
     records = corpus_records[:60]
     out = tmp_path / "prepared"
-    manifest = prepare([str(write_jsonl(records, tmp_path / "c.jsonl"))], tokenizer_path=str(tok_dir),
-                       out_dir=str(out), options=PrepareOptions(seq_len=512, chat_template="chatml"))  # fmt: skip
+    manifest = prepare(
+        [str(write_jsonl(records, tmp_path / "c.jsonl"))],
+        tokenizer_path=str(tok_dir),
+        out_dir=str(out),
+        options=PrepareOptions(seq_len=512, chat_template="chatml"),
+    )
     tok = manifest.tokenizer
     assert tok.added_tokens == ["<|im_start|>", "<|im_end|>"]
     assert tok.vocab_size == len(original) + 2 and tok.base_vocab_size == original.vocab_size
@@ -73,9 +79,12 @@ def test_a_turn_that_ends_in_plain_text_is_an_error(tmp_path, corpus_records, sp
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(tok_dir))
     with pytest.raises(PrepareError, match="nothing stops generation"):
-        prepare([str(write_jsonl(corpus_records[:5], tmp_path / "c.jsonl"))],
-                tokenizer_path=str(tok_dir), out_dir=str(tmp_path / "out"),
-                options=PrepareOptions(seq_len=128))  # fmt: skip
+        prepare(
+            [str(write_jsonl(corpus_records[:5], tmp_path / "c.jsonl"))],
+            tokenizer_path=str(tok_dir),
+            out_dir=str(tmp_path / "out"),
+            options=PrepareOptions(seq_len=128),
+        )
 
 
 def test_end_of_turn_of_tokenizers_that_have_it(any_tokenizer):
@@ -113,8 +122,12 @@ def test_export_generate_stops_at_the_end_of_the_first_turn(
     from sftscale.model import PRESETS
 
     out = tmp_path / "prepared"
-    manifest = prepare([str(corpus_path)], tokenizer_path=str(sp_tokenizer_dir), out_dir=str(out),
-                       options=PrepareOptions(seq_len=256, chat_template="llama3"))  # fmt: skip
+    manifest = prepare(
+        [str(corpus_path)],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(out),
+        options=PrepareOptions(seq_len=256, chat_template="llama3"),
+    )
     tok = manifest.tokenizer
     assert tok.added_tokens == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
@@ -126,14 +139,21 @@ def test_export_generate_stops_at_the_end_of_the_first_turn(
         AutoConfig.for_model("llama", **{**spec, "vocab_size": base_vocab})
     ).save_pretrained(str(model_dir))
 
-    cfg = from_dict(Config, {
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"path": str(out)},
-        "optim": {"lr": 1e-2, "warmup_steps": 5},
-        "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 60},
-        "deepspeed": {"precision": "fp32"},
-        "logging": {"output_dir": str(tmp_path / "runs"), "run_name": "stop", "every_n_steps": 20},
-    })  # fmt: skip
+    cfg = from_dict(
+        Config,
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"path": str(out)},
+            "optim": {"lr": 1e-2, "warmup_steps": 5},
+            "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 60},
+            "deepspeed": {"precision": "fp32"},
+            "logging": {
+                "output_dir": str(tmp_path / "runs"),
+                "run_name": "stop",
+                "every_n_steps": 20,
+            },
+        },
+    )
     train_local_subprocess(cfg)
 
     export = cfg.run_dir / "export"
@@ -144,8 +164,9 @@ def test_export_generate_stops_at_the_end_of_the_first_turn(
     tokenizer = AutoTokenizer.from_pretrained(str(export))
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of Italy?"}],
-        tokenize=False, add_generation_prompt=True,
-    )  # fmt: skip
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         new = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()

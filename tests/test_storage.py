@@ -58,8 +58,9 @@ def test_copies_of_other_uris_are_evicted_beyond_the_limit(s3, uploaded, prepare
     first = local_copy(uploaded, cache_dir=tmp_path)
     size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
     said = []
-    second = local_copy("s3://runs/other", cache_dir=tmp_path, max_bytes=int(size * 1.5),
-                        log=said.append)  # fmt: skip
+    second = local_copy(
+        "s3://runs/other", cache_dir=tmp_path, max_bytes=int(size * 1.5), log=said.append
+    )
     assert second.is_dir() and not first.exists()
     assert any(f"evicted {first}" in s for s in said)
 
@@ -69,11 +70,20 @@ def test_training_reads_its_data_from_s3(uploaded, tmp_path):
     from helpers import train_local_subprocess
     from sftscale.config import load_config
 
-    cfg = load_config(None, [
-        "model.name_or_path=tiny-llama", f"data.path={uploaded}", f"data.cache_dir={tmp_path / 'cache'}",
-        "train.max_steps=2", "train.micro_batch_size=1", "checkpoint.export=false",
-        f"logging.output_dir={tmp_path}", "logging.run_name=s3", "logging.tensorboard=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "model.name_or_path=tiny-llama",
+            f"data.path={uploaded}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.max_steps=2",
+            "train.micro_batch_size=1",
+            "checkpoint.export=false",
+            f"logging.output_dir={tmp_path}",
+            "logging.run_name=s3",
+            "logging.tensorboard=false",
+        ],
+    )
     train_local_subprocess(cfg)
     records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2

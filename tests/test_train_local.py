@@ -83,9 +83,18 @@ def test_local_mode_trains_evaluates_checkpoints_and_exports(tmp_path, prepared_
     records = [r for r in _records(run_dir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))
     keys = (
-        "loss", "lr", "grad_norm", "tokens_per_s", "supervised_tokens_per_s", "padding_fraction",
-        "mfu", "hfu", "rank_imbalance", "step_time_s", "peak_memory_bytes",
-    )  # fmt: skip
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "supervised_tokens_per_s",
+        "padding_fraction",
+        "mfu",
+        "hfu",
+        "rank_imbalance",
+        "step_time_s",
+        "peak_memory_bytes",
+    )
     for key in keys:
         assert records[-1][key] is not None, key
     for r in records:  # checkpointing recomputes the forward: HFU = 4/3 MFU
@@ -115,11 +124,31 @@ def test_launched_ranks_run_the_local_mode(tmp_path, prepared_dir, launcher):
     cfg_path = _config(tmp_path, prepared_dir, max_steps=4)
     args = [str(cfg_path), "checkpoint.export=false"]
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port()), "-m", "sftscale", "train", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "sftscale",
+            "train",
+            *args,
+        ]
     else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-               str(free_port()), "--module", "sftscale", "train", *args]  # fmt: skip
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "sftscale",
+            "train",
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
@@ -132,8 +161,13 @@ def test_bf16_forced_on_a_cpu_without_it_warns_and_mfu_stays_below_one(tmp_path,
     """The reported defect: bf16 on an AVX2 CPU gave HFU 122% (a square-matmul peak probe;
     torch's bf16 linear is ~8x faster there than its bf16 matmul)."""
     cfg_path = _config(tmp_path, prepared_dir, max_steps=3)
-    proc = _train_subprocess(cfg_path, "deepspeed.precision=bf16", "checkpoint.export=false",
-                             "checkpoint.at_end=false", env=NO_NATIVE_BF16)  # fmt: skip
+    proc = _train_subprocess(
+        cfg_path,
+        "deepspeed.precision=bf16",
+        "checkpoint.export=false",
+        "checkpoint.at_end=false",
+        env=NO_NATIVE_BF16,
+    )
     lines = _ours(proc.stdout)
     assert lines[0] == "[sftscale] precision bf16 (deepspeed.precision=bf16)"
     assert lines[1].startswith("[sftscale] warning: deepspeed.precision=bf16 on a device without")

@@ -108,11 +108,18 @@ def test_nvme_weight_buffer_must_hold_the_largest_partition(tmp_path, prepared_d
     from sftscale.model import model_config
     from sftscale.plan import largest_weight
 
-    overrides = ["model.name_or_path=llama-3.2-1b", f"deepspeed.nvme_path={tmp_path}",
-                 "scale.memory_check=false"]  # fmt: skip
+    overrides = [
+        "model.name_or_path=llama-3.2-1b",
+        f"deepspeed.nvme_path={tmp_path}",
+        "scale.memory_check=false",
+    ]
     cfg = _cfg(prepared_dir, *overrides, "deepspeed.template=zero3_nvme")
-    ds = resolve_ds_config(cfg, world_size=2, precision="bf16",
-                           largest_weight=largest_weight(model_config("llama-3.2-1b", vocab_size=0)))  # fmt: skip
+    ds = resolve_ds_config(
+        cfg,
+        world_size=2,
+        precision="bf16",
+        largest_weight=largest_weight(model_config("llama-3.2-1b", vocab_size=0)),
+    )
     assert ds["zero_optimization"]["offload_param"]["buffer_size"] == 131334144
     try:
         validate_run(cfg, world_size=2)
@@ -134,9 +141,14 @@ def test_nvme_swap_files_must_fit_on_the_disk(tmp_path, prepared_dir, monkeypatc
     import collections
     import shutil
 
-    cfg = _cfg(prepared_dir, "model.name_or_path=llama-3.2-1b", "deepspeed.precision=bf16",
-               "deepspeed.template=zero3_nvme_optimizer", f"deepspeed.nvme_path={tmp_path / 'swap'}",
-               "scale.num_workers=2")  # fmt: skip
+    cfg = _cfg(
+        prepared_dir,
+        "model.name_or_path=llama-3.2-1b",
+        "deepspeed.precision=bf16",
+        "deepspeed.template=zero3_nvme_optimizer",
+        f"deepspeed.nvme_path={tmp_path / 'swap'}",
+        "scale.num_workers=2",
+    )
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**40, 2**40 - 2**30, 2**30))
     with pytest.raises(ConfigError, match=r"1.0 GiB free .* need about 18.\d GiB"):
@@ -147,16 +159,22 @@ def test_nvme_optimizer_resumes_on_its_own_world_size_only(tmp_path, prepared_di
     from data_tools.schema import read_manifest
     from sftscale.data import data_fingerprint
 
-    nvme = ["deepspeed.template=zero3_nvme_optimizer", f"deepspeed.nvme_path={tmp_path}",
-            f"logging.output_dir={tmp_path}", "logging.run_name=r"]  # fmt: skip
+    nvme = [
+        "deepspeed.template=zero3_nvme_optimizer",
+        f"deepspeed.nvme_path={tmp_path}",
+        f"logging.output_dir={tmp_path}",
+        "logging.run_name=r",
+    ]
     with pytest.raises(ConfigError, match="scale.min_workers=0"):
-        validate_run(_cfg(prepared_dir, *nvme, "scale.num_workers=2", "scale.min_workers=1"),
-                     world_size=2)  # fmt: skip
+        validate_run(
+            _cfg(prepared_dir, *nvme, "scale.num_workers=2", "scale.min_workers=1"), world_size=2
+        )
     tag = tmp_path / "r" / "checkpoints" / "step_00000004"
     tag.mkdir(parents=True)
     fingerprint = data_fingerprint(read_manifest(prepared_dir))
-    (tag / "sftscale_state.json").write_text(json.dumps(
-        {"world_size": 2, "data_fingerprint": fingerprint, "lora": None, "step": 4}))  # fmt: skip
+    (tag / "sftscale_state.json").write_text(
+        json.dumps({"world_size": 2, "data_fingerprint": fingerprint, "lora": None, "step": 4})
+    )
     (tag.parent / "latest").write_text(tag.name)
     with pytest.raises(ConfigError, match="saved by 2 workers .* scale.num_workers=2"):
         validate_run(_cfg(prepared_dir, *nvme), world_size=1)
@@ -194,5 +212,12 @@ def test_resume_on_other_data_fails_in_the_driver(tmp_path, prepared_dir):
     (tag / STATE_FILE).write_text(json.dumps({"data_fingerprint": "another"}))
     with pytest.raises(ConfigError, match=r"data\.path: checkpoint .* other data"):
         validate_run(cfg, world_size=1)
-    validate_run(_cfg(prepared_dir, f"logging.output_dir={tmp_path}", "logging.run_name=r",
-                      "checkpoint.resume=false"), world_size=1)  # fmt: skip
+    validate_run(
+        _cfg(
+            prepared_dir,
+            f"logging.output_dir={tmp_path}",
+            "logging.run_name=r",
+            "checkpoint.resume=false",
+        ),
+        world_size=1,
+    )

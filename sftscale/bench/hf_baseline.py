@@ -159,9 +159,10 @@ def main(spec_path: str) -> int:
     world = dist.get_world_size()
     if dist.get_rank() == 0:
         peak, peak_source = device_peak_flops(
-            shape, rows=spec["micro_batch_size"] * data.seq_len,
+            shape,
+            rows=spec["micro_batch_size"] * data.seq_len,
             dtype=torch.bfloat16 if bf16 else torch.float32,
-        )  # fmt: skip
+        )
         s = seconds.item()
         result = {
             **throughput(

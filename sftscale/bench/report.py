@@ -122,11 +122,30 @@ def plot(rows: list[tuple[dict, dict | None]], out: Path) -> None:
 
     def estimate(ax):
         est = [o["ds_memory_estimate"]["device_bytes"] / GIB for o in ours]
-        ax.scatter(x, est, marker="_", s=400, color="black", zorder=3,
-                   label="DeepSpeed estimate (model states)")  # fmt: skip
+        ax.scatter(
+            x,
+            est,
+            marker="_",
+            s=400,
+            color="black",
+            zorder=3,
+            label="DeepSpeed estimate (model states)",
+        )
 
-    bars("supervised_tokens_per_s", 1.0, ("sftscale", "HF Trainer"),
-         "supervised tokens / s (all ranks)", "Training throughput by configuration", "tokens_per_s.png")  # fmt: skip
-    bars("peak_memory_bytes", GIB, ("sftscale peak", "HF Trainer peak"),
-         "GiB per device (peak RSS per rank on CPU)", "Peak memory by configuration", "memory.png",
-         extra=estimate)  # fmt: skip
+    bars(
+        "supervised_tokens_per_s",
+        1.0,
+        ("sftscale", "HF Trainer"),
+        "supervised tokens / s (all ranks)",
+        "Training throughput by configuration",
+        "tokens_per_s.png",
+    )
+    bars(
+        "peak_memory_bytes",
+        GIB,
+        ("sftscale peak", "HF Trainer peak"),
+        "GiB per device (peak RSS per rank on CPU)",
+        "Peak memory by configuration",
+        "memory.png",
+        extra=estimate,
+    )

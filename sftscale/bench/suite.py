@@ -89,8 +89,10 @@ class Point:
         off = "" if self.offload == "none" else f"-off{self.offload}"
         sp = f"-sp{self.sequence_parallel_size}" if self.sequence_parallel_size > 1 else ""
         tiled = "-tiled" if self.tiled else ""
-        return (f"{self.preset}-s{self.seq_len}-m{self.micro_batch_size}-z{self.zero_stage}{off}-"
-                f"{gc}-{self.packing}{sp}{tiled}")  # fmt: skip
+        return (
+            f"{self.preset}-s{self.seq_len}-m{self.micro_batch_size}-z{self.zero_stage}{off}-"
+            f"{gc}-{self.packing}{sp}{tiled}"
+        )
 
     @property
     def mlp_tiles(self) -> int:
@@ -160,7 +162,7 @@ GRIDS = {
                 (2, True, (4096, 8192, 16384, 32768, 65536, 131072)),
             )
             for s in lengths
-        ),  # fmt: skip
+        ),
         warmup_steps=1,
         steps=2,
         conversations=4000,
@@ -175,7 +177,7 @@ GRIDS = {
             {"seq_len": 131072},
             {"tiled": False},
             {"sequence_parallel_size": 1},
-        ),  # fmt: skip
+        ),
         warmup_steps=3,
         steps=10,
         conversations=40000,
@@ -271,10 +273,19 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SOURCE, capture_output=True,
-                                text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE,
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=SOURCE,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=SOURCE,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         out["sftscale_commit"] = commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         out["sftscale_commit"] = "unknown"
@@ -297,23 +308,32 @@ def ds_memory_estimate(point: Point, *, vocab_size: int, world: int) -> dict[str
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     if point.zero_stage == 3:
         host, device, _ = estimate_zero3_model_states_mem_needs(
-            total, largest, num_gpus_per_node=world, num_nodes=1,
-            cpu_offload=point.offload != "none", cpu_offload_params=point.offload == "params",
-        )  # fmt: skip
+            total,
+            largest,
+            num_gpus_per_node=world,
+            num_nodes=1,
+            cpu_offload=point.offload != "none",
+            cpu_offload_params=point.offload == "params",
+        )
     else:
         host, device = estimate_zero2_model_states_mem_needs(
             total, num_gpus_per_node=world, num_nodes=1, cpu_offload=point.offload != "none"
         )
-    return {"params": total, "largest_layer_params": largest, "device_bytes": int(device),
-            "host_bytes": int(host)}  # fmt: skip
+    return {
+        "params": total,
+        "largest_layer_params": largest,
+        "device_bytes": int(device),
+        "host_bytes": int(host),
+    }
 
 
 # ---- running -----------------------------------------------------------------------------------
 
 
 class Bench:
-    def __init__(self, grid: Grid, *, out: Path, workdir: Path, nproc: int, baseline: bool,
-                 command: str) -> None:  # fmt: skip
+    def __init__(
+        self, grid: Grid, *, out: Path, workdir: Path, nproc: int, baseline: bool, command: str
+    ) -> None:
         self.grid, self.out, self.work, self.nproc = grid, out, workdir, nproc
         self.baseline, self.command = baseline, command
         self.device, self.versions = device_info(), versions()
@@ -337,14 +357,28 @@ class Bench:
             make_tokenizer(corpus, tok)
         out = self.work / f"data-{corpus.stem}-s{seq_len}-{packing}"
         if not (out / "manifest.json").is_file():
-            prepare([str(corpus)], tokenizer_path=str(tok), out_dir=str(out), options=PrepareOptions(
-                seq_len=seq_len, packing="bfd" if packing == "packed" else "none", progress=False))  # fmt: skip
+            prepare(
+                [str(corpus)],
+                tokenizer_path=str(tok),
+                out_dir=str(out),
+                options=PrepareOptions(
+                    seq_len=seq_len,
+                    packing="bfd" if packing == "packed" else "none",
+                    progress=False,
+                ),
+            )
         return out
 
     # runs ----------------------------------------------------------------------------------------
     def torchrun(self, args: list[str], log: Path) -> tuple[int, float]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={self.nproc}", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={self.nproc}",
+            *args,
+        ]
         t0 = time.perf_counter()
         with open(log, "w") as f:
             f.write(shlex.join(cmd) + "\n")
@@ -357,23 +391,41 @@ class Bench:
     def run_config(self, point: Point, run_dir: Path) -> Config:
         from sftscale.config import Config, from_dict
 
-        cfg = from_dict(Config, {
-            "model": {"name_or_path": point.preset, "gradient_checkpointing": point.gradient_checkpointing,
-                      "attn_implementation": "sdpa"},
-            "data": {"path": str(self.data_dir(point.seq_len, point.packing)), "seed": 0},
-            "optim": {"lr": 3e-4, "warmup_steps": 0, "schedule": "constant"},
-            "train": {"micro_batch_size": point.micro_batch_size, "grad_accum": 1,
-                      "max_steps": self.grid.warmup_steps + self.grid.steps, "seed": 0,
-                      "tiled_logits": point.tiled, "mlp_tiles": point.mlp_tiles},
-            "deepspeed": {"template": point.template, "precision": "bf16"},
-            # use_gpu false: local mode pins DeepSpeed to CPU
-            "scale": {"use_gpu": self.device["kind"] == "gpu",
-                      "num_workers": self.nproc,
-                      "sequence_parallel_size": point.sequence_parallel_size},
-            "checkpoint": {"at_end": False, "export": False, "resume": False},
-            "logging": {"output_dir": str(run_dir.parent), "run_name": run_dir.name,
-                        "every_n_steps": 1, "tensorboard": False, "progress_bar": False},
-        })  # fmt: skip
+        cfg = from_dict(
+            Config,
+            {
+                "model": {
+                    "name_or_path": point.preset,
+                    "gradient_checkpointing": point.gradient_checkpointing,
+                    "attn_implementation": "sdpa",
+                },
+                "data": {"path": str(self.data_dir(point.seq_len, point.packing)), "seed": 0},
+                "optim": {"lr": 3e-4, "warmup_steps": 0, "schedule": "constant"},
+                "train": {
+                    "micro_batch_size": point.micro_batch_size,
+                    "grad_accum": 1,
+                    "max_steps": self.grid.warmup_steps + self.grid.steps,
+                    "seed": 0,
+                    "tiled_logits": point.tiled,
+                    "mlp_tiles": point.mlp_tiles,
+                },
+                "deepspeed": {"template": point.template, "precision": "bf16"},
+                # use_gpu false: local mode pins DeepSpeed to CPU
+                "scale": {
+                    "use_gpu": self.device["kind"] == "gpu",
+                    "num_workers": self.nproc,
+                    "sequence_parallel_size": point.sequence_parallel_size,
+                },
+                "checkpoint": {"at_end": False, "export": False, "resume": False},
+                "logging": {
+                    "output_dir": str(run_dir.parent),
+                    "run_name": run_dir.name,
+                    "every_n_steps": 1,
+                    "tensorboard": False,
+                    "progress_bar": False,
+                },
+            },
+        )
         return cfg
 
     def run_sftscale(self, point: Point) -> dict[str, Any]:
@@ -435,11 +487,14 @@ class Bench:
             "seed": cfg.train.seed,
             "data_seed": cfg.data.seed,
             "shuffle": cfg.data.shuffle,
-            "lr": o.lr, "weight_decay": o.weight_decay, "betas": list(o.betas), "eps": o.eps,
+            "lr": o.lr,
+            "weight_decay": o.weight_decay,
+            "betas": list(o.betas),
+            "eps": o.eps,
             "max_grad_norm": o.max_grad_norm,
             "out_dir": str(self.work / "runs" / f"{point.id}.hf"),
             "result": str(self.work / "runs" / f"{point.id}.hf.json"),
-        }  # fmt: skip
+        }
         spec_path = self.work / "runs" / f"{point.id}.hf.spec.json"
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(json.dumps(spec, indent=2))
@@ -458,12 +513,12 @@ class Bench:
                 **dataclasses.asdict(point),
                 "template": point.template,
                 "baseline_id": point.baseline.id,
-            },  # fmt: skip
+            },
             "grid": {
                 "warmup_steps": self.grid.warmup_steps,
                 "steps": self.grid.steps,
                 "world_size": self.nproc,
-            },  # fmt: skip
+            },
             "device": self.device,
             "versions": self.versions,
             "command": self.command,
@@ -512,9 +567,11 @@ def _tail(log: Path, lines: int = 40) -> str:
 def _brief(fig: dict) -> str:
     if "error" in fig:
         return "FAILED: " + fig["error"].splitlines()[-1][:200]
-    return (f"{fig['supervised_tokens_per_s']:.0f} supervised tok/s, {fig['tokens_per_s']:.0f} tok/s, "
-            f"MFU {fig['mfu']:.1%}, peak {fig['peak_memory_bytes'] / 2**30:.2f} GiB, "
-            f"{fig['step_time_s']:.3f} s/step")  # fmt: skip
+    return (
+        f"{fig['supervised_tokens_per_s']:.0f} supervised tok/s, {fig['tokens_per_s']:.0f} tok/s, "
+        f"MFU {fig['mfu']:.1%}, peak {fig['peak_memory_bytes'] / 2**30:.2f} GiB, "
+        f"{fig['step_time_s']:.3f} s/step"
+    )
 
 
 def _say(msg: str) -> None:
@@ -528,12 +585,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=sorted(GRIDS),
         help="which grid (see sftscale/bench/suite.py)",
     )
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=V1,V2",
-                   help="cartesian product over these settings instead of the grid's variations")  # fmt: skip
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="cartesian product over these settings instead of the grid's variations",
+    )
     p.add_argument("--warmup-steps", type=int, default=None, help="steps not measured")
     p.add_argument("--steps", type=int, default=None, help="measured steps")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="ranks per run (default: 2 on CPU, every GPU on GPU)")  # fmt: skip
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks per run (default: 2 on CPU, every GPU on GPU)",
+    )
     p.add_argument(
         "--out", default=None, help="results directory (default benchmarks/results/bench-<grid>)"
     )
@@ -563,8 +629,11 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"sftscale bench: error: {e}", file=sys.stderr)
         return 2
     if args.warmup_steps is not None or args.steps is not None:
-        grid = dataclasses.replace(grid, warmup_steps=args.warmup_steps if args.warmup_steps is not None
-                                   else grid.warmup_steps, steps=args.steps or grid.steps)  # fmt: skip
+        grid = dataclasses.replace(
+            grid,
+            warmup_steps=args.warmup_steps if args.warmup_steps is not None else grid.warmup_steps,
+            steps=args.steps or grid.steps,
+        )
     if grid.warmup_steps < 1 or grid.steps < 1:
         print("sftscale bench: error: --warmup-steps and --steps must be >= 1", file=sys.stderr)
         return 2

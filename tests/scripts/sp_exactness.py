@@ -87,10 +87,12 @@ def main(out: str, attn: str) -> None:
     # Row 1: 3 documents and a padding tail.
     rows = packed_rows(rng, [[40, 50, 38], [20, 70, 30]])
     batch = collate(rows, seq_len=128, pad_id=0, pad_to_multiple_of=8).to(base.device)
-    result = {"supervised": batch.num_supervised,
-              "shard_supervised": [batch.shard(i, 2).num_supervised for i in range(2)],
-              "shard_tokens": [batch.shard(i, 2).num_tokens for i in range(2)],
-              "num_tokens": batch.num_tokens}  # fmt: skip
+    result = {
+        "supervised": batch.num_supervised,
+        "shard_supervised": [batch.shard(i, 2).num_supervised for i in range(2)],
+        "shard_tokens": [batch.shard(i, 2).num_tokens for i in range(2)],
+        "num_tokens": batch.num_tokens,
+    }
 
     ref_loss, ref_grads = loss_and_grads(reference, batch, sp=False)
     sp_loss, sp_grads = loss_and_grads(sp_model, batch, sp=True)
@@ -113,8 +115,10 @@ def main(out: str, attn: str) -> None:
         doc1_moved = (a[0, :40] - b[0, :40]).abs().max().item()
         return (a[0, 40:] - b[0, 40:]).abs().max().item(), doc1_moved
 
-    result["probe"] = {"sp1": later_docs_moved(reference, sp=False),
-                       "sp2": later_docs_moved(sp_model, sp=True)}  # fmt: skip
+    result["probe"] = {
+        "sp1": later_docs_moved(reference, sp=False),
+        "sp2": later_docs_moved(sp_model, sp=True),
+    }
 
     # A slice with no supervised token: rank 1's half of every row unsupervised.
     quiet = collate(rows, seq_len=128, pad_id=0, pad_to_multiple_of=8).to(base.device)
