@@ -29,8 +29,6 @@ $(STAMP): pyproject.toml
 	  { apt-get install -y -q libaio-dev >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libaio-dev >/dev/null 2>&1; }; } ; } || \
 	  echo "libaio-dev not installed: NVMe offload templates will not run here"
-	# DeepSpeed's JIT ops, built once into TORCH_EXTENSIONS_DIR: runs load them, never compile.
-	$(BIN)/python -m sftscale build-ops
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,7 +5,7 @@ sftscale inspect prepared/
 sftscale train configs/tiny-cpu.yaml [section.key=value ...] [--local] [--output-dir D] [--max-steps N]
 sftscale export runs/x/checkpoints --out runs/x/hf
 sftscale status runs/x                       # last step, its age, each rank's phase: slow or stuck?
-sftscale build-ops                           # DeepSpeed's JIT ops, once (make install runs it)
+sftscale build-ops [--all|NAME...]           # DeepSpeed's JIT ops ahead of time (runs build on first use)
 sftscale bench --grid cpu [--set gradient_checkpointing=on,off ...]
 """
 
@@ -108,9 +108,19 @@ def _cmd_build_ops(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from data_tools.console import say
-    from sftscale.jit_locks import prebuild_ops
+    from sftscale.jit_locks import OFFLOAD_OPS, RUN_OPS, op_builder_name, prebuild_ops
 
-    return 1 if prebuild_ops(log=say) else 0
+    if args.all:
+        names = RUN_OPS
+    elif args.ops:
+        try:
+            names = tuple(op_builder_name(n) for n in args.ops)
+        except ValueError as e:
+            say(f"error: {e}")
+            return 2
+    else:
+        names = OFFLOAD_OPS
+    return 1 if prebuild_ops(log=say, names=names) else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -268,8 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "build-ops",
-        help="build DeepSpeed's JIT ops once (make install does), so runs never compile",
+        help="build DeepSpeed's JIT ops ahead of time (cluster images); runs build what they "
+        "need on first use",
     )
+    p.add_argument(
+        "ops",
+        nargs="*",
+        help="ops to build: cpu_adam, async_io, fused_adam, shm_comm (default: cpu_adam and "
+        "async_io, what the offload templates load)",
+    )
+    p.add_argument("--all", action="store_true", help="every op a run can load")
     p.set_defaults(func=_cmd_build_ops)
 
     p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")

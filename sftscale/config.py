@@ -91,6 +91,9 @@ class DataConfig:
         _check(self.cache_max_gb > 0, "data.cache_max_gb", "must be > 0")
 
 
+ADAM_KERNELS = ("auto", "torch", "deepspeed")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
@@ -101,9 +104,22 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     max_grad_norm: float = 1.0
+    # Which AdamW steps the weights (sftscale.ds_config.adam_kernel):
+    #   auto       torch's fused AdamW, except where the template offloads the optimizer:
+    #              DeepSpeed's CPU Adam there. Nothing to compile on the default path.
+    #   torch      torch's fused AdamW everywhere (with offload too: no JIT op at all, a slower
+    #              step on the host than CPU Adam's).
+    #   deepspeed  DeepSpeed's FusedAdam (CPU Adam with offload): a JIT-built op, compiled on
+    #              first use; the choice where it measures faster than torch's (some GPUs).
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(
+            self.kernel in ADAM_KERNELS,
+            "optim.kernel",
+            f"{self.kernel!r} is not one of {', '.join(ADAM_KERNELS)}",
+        )
         _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(

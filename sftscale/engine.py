@@ -15,6 +15,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -37,8 +38,6 @@ from sftscale.precision import Precision, agree, choose, device_native_bf16
 def init_distributed(*, timeout_s: int = 1800) -> tuple[int, int]:
     """Join the process group (Ray Train has already created it, with its TorchConfig timeout;
     local mode creates it here). A collective waiting longer than `timeout_s` raises."""
-    from datetime import timedelta
-
     import deepspeed
     import torch.distributed as dist
 
@@ -46,6 +45,31 @@ def init_distributed(*, timeout_s: int = 1800) -> tuple[int, int]:
         # Before any CUDA allocation (zero.Init places partitions on the current device): one
         # GPU per rank. A launcher that shows each rank only its own GPU gets device 0.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    with _without_shm_comm_op():
+        _join(deepspeed, dist, timeout_s)
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def _without_shm_comm_op():
+    """DeepSpeed's CPU accelerator JIT-builds its shared-memory comm op when it joins the
+    process group (~1 min on 2 cores). The op serves only `inference_all_reduce` (tensor-parallel
+    inference kernels); training's collectives (ZeRO gathers, reduce-scatters, all-reduces) go
+    through torch.distributed over gloo either way. So training skips it, as DeepSpeed itself
+    does where the op is not compatible (build_shm_op returns None)."""
+    import importlib
+
+    # by module path: the package's attribute `deepspeed.comm.torch` is torch itself
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    build = ds_torch_comm.build_shm_op
+    ds_torch_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch_comm.build_shm_op = build
+
+
+def _join(deepspeed, dist, timeout_s: int) -> None:
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() else "gloo",
@@ -53,7 +77,6 @@ def init_distributed(*, timeout_s: int = 1800) -> tuple[int, int]:
         )
     else:
         deepspeed.init_distributed()  # wraps the existing group
-    return dist.get_rank(), dist.get_world_size()
 
 
 def choose_precision(requested: str, *, world: int) -> Precision:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def use_environment_ninja() -> None:
@@ -130,9 +131,131 @@ def watch_build_locks(
         thread.join(timeout=poll_s)
 
 
-# The ops a run loads: the optimizer (fused Adam; CPU Adam with offload), the CPU accelerator's
-# shared-memory all-reduce, and the async-I/O op of NVMe offload (needs libaio).
-RUN_OPS = ("FusedAdamBuilder", "CPUAdamBuilder", "ShareMemCommBuilder", "AsyncIOBuilder")
+# The ops DeepSpeed can JIT-build for a run. The default path needs none of them: torch's AdamW
+# steps the optimizer (optim.kernel=auto) and gloo carries every collective (the CPU
+# accelerator's shared-memory op serves only inference all-reduce; sftscale.engine skips it).
+RUN_OPS = ("CPUAdamBuilder", "AsyncIOBuilder", "FusedAdamBuilder", "ShareMemCommBuilder")
+OFFLOAD_OPS = ("CPUAdamBuilder", "AsyncIOBuilder")  # what the shipped offload templates load
+SHORT_NAMES = {
+    "cpu_adam": "CPUAdamBuilder",
+    "async_io": "AsyncIOBuilder",
+    "fused_adam": "FusedAdamBuilder",
+    "shm_comm": "ShareMemCommBuilder",
+}
+OP_NAMES = {
+    "CPUAdamBuilder": "CPU Adam",
+    "AsyncIOBuilder": "async I/O",
+    "FusedAdamBuilder": "fused Adam",
+    "ShareMemCommBuilder": "shared-memory comm",
+}
+
+
+def op_builder_name(name: str) -> str:
+    """cpu_adam -> CPUAdamBuilder; a builder's own name is accepted as is."""
+    if name in RUN_OPS:
+        return name
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]
+    raise ValueError(f"no op {name!r}: choose from {', '.join(SHORT_NAMES)}")
+
+
+def required_ops(ds_config: dict[str, Any], template: str) -> list[tuple[str, str]]:
+    """(op builder, why) for every JIT op a run with this resolved DeepSpeed config loads."""
+    zero = ds_config.get("zero_optimization", {})
+    opt_at = zero.get("offload_optimizer", {}).get("device")
+    par_at = zero.get("offload_param", {}).get("device")
+    optimizer = ds_config.get("optimizer", {})
+    adam = str(optimizer.get("type", "")).lower() in ("adam", "adamw")
+    ops = []
+    if adam and optimizer.get("params", {}).get("torch_adam") is not True:
+        if opt_at in ("cpu", "nvme"):
+            ops.append(
+                (
+                    "CPUAdamBuilder",
+                    f"deepspeed.template={template} steps the optimizer "
+                    f"on the host ({opt_at}) with DeepSpeed's CPU Adam",
+                )
+            )
+        else:
+            ops.append(("FusedAdamBuilder", "optim.kernel=deepspeed"))
+    if "nvme" in (opt_at, par_at):
+        ops.append(("AsyncIOBuilder", f"deepspeed.template={template} swaps to NVMe"))
+    return ops
+
+
+def is_built(name: str) -> bool:
+    """Whether op `name`'s library is already in the extensions directory (a load, no build)."""
+    from deepspeed.accelerator import get_accelerator
+
+    op = get_accelerator().create_op_builder(name).name
+    return (extensions_root() / op / f"{op}.so").is_file()
+
+
+def missing_build_tools(name: str) -> str | None:
+    """What this machine lacks to build op `name`, as the package to install; None: nothing."""
+    import shutil
+    import sysconfig
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return "a C++ compiler: apt-get install g++ (Debian, Ubuntu) or dnf install gcc-c++"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "the Python headers: apt-get install python3-dev or dnf install python3-devel"
+    if not op_available(name):
+        if name == "AsyncIOBuilder":
+            return "libaio: apt-get install libaio-dev (Debian, Ubuntu) or dnf install libaio-devel"
+        return f"what DeepSpeed's {name} needs (run `ds_report` for the reason)"
+    return None
+
+
+class OpBuildError(RuntimeError):
+    pass
+
+
+def ensure_ops(ops: list[tuple[str, str]], *, log: Callable[[str], None]) -> None:
+    """Build (first use) or load each op in `ops` now, in the driver, before any worker starts:
+    a line saying which op is built and why, and its time when done. Raises OpBuildError naming
+    what to install when this machine cannot build one."""
+    if not ops:
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
+    use_environment_ninja()
+    locks = BuildLockWatch(extensions_root(), log=log)
+    for name, why in ops:
+        missing = missing_build_tools(name)
+        if missing:
+            raise OpBuildError(
+                f"DeepSpeed's {OP_NAMES.get(name, name)} op ({why}) cannot be built on this "
+                f"machine: install {missing}; or choose a template without it"
+            )
+        built = is_built(name)
+        if not built:
+            log(
+                f"building DeepSpeed's {OP_NAMES.get(name, name)} op ({why}) into "
+                f"{extensions_root()}: first use only, a minute or more"
+            )
+        locks.scan()  # a lock a killed build left is removed, a live one is said
+        t0 = time.perf_counter()
+        _load(name, why)
+        if not built:
+            log(f"{OP_NAMES.get(name, name)} op built in {time.perf_counter() - t0:.0f} s")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _load(name: str, why: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        get_accelerator().create_op_builder(name).load(verbose=False)
+    except Exception as e:  # a compiler error: say which op, why it was wanted, the first line
+        first = (str(e) or type(e).__name__).splitlines()[0]
+        raise OpBuildError(
+            f"DeepSpeed's {OP_NAMES.get(name, name)} op ({why}) failed to build: {first}"
+        ) from e
 
 
 def op_available(name: str) -> bool:
@@ -145,9 +268,9 @@ def op_available(name: str) -> bool:
 
 
 def prebuild_ops(*, log: Callable[[str], None], names: tuple[str, ...] = RUN_OPS) -> int:
-    """Build (or load) DeepSpeed's JIT ops into the extensions directory now, as DeepSpeed
-    recommends for clusters, so that no run compiles or meets a build lock. Returns how many
-    ops could not be built although this machine supports them (0: all good)."""
+    """`sftscale build-ops`: build (or load) DeepSpeed's JIT ops into the extensions directory
+    ahead of time (cluster images), so that no run compiles or meets a build lock. Returns how
+    many ops could not be built although this machine supports them (0: all good)."""
     from deepspeed.accelerator import get_accelerator
 
     use_environment_ninja()
@@ -160,15 +283,13 @@ def prebuild_ops(*, log: Callable[[str], None], names: tuple[str, ...] = RUN_OPS
                 "skipped (a run that needs it says what to install)"
             )
             continue
-        # Once per op, no thread: a lock a killed build left is removed, a live one is said;
-        # the build below holds its own lock while it works.
         locks.scan()
         t0 = time.perf_counter()
         try:
-            get_accelerator().create_op_builder(name).load(verbose=False)
-        except Exception as e:  # a compiler error: say it, build the rest
+            _load(name, "sftscale build-ops")
+        except OpBuildError as e:  # say it, build the rest
             failed += 1
-            log(f"{name}: build failed: {(str(e) or type(e).__name__).splitlines()[0]}")
+            log(f"{name}: {e}")
             continue
         log(f"{name}: ready in {extensions_root()} ({time.perf_counter() - t0:.1f} s)")
     return failed

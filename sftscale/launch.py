@@ -14,6 +14,7 @@ from typing import Any
 from data_tools.console import say
 from sftscale.checkpoint import latest_checkpoint, read_state
 from sftscale.config import Config, ConfigError, save_config
+from sftscale.ds_config import resolve_ds_config
 from sftscale.heartbeat import StallReporter
 from sftscale.validate import validate_run
 
@@ -76,10 +77,28 @@ def run(cfg: Config, *, local: bool) -> dict[str, Any]:
     if local and "WORLD_SIZE" in os.environ:  # started by torchrun: one process per rank
         world = int(os.environ["WORLD_SIZE"])
     validate_run(cfg, world_size=world)
+    build_required_ops(cfg, world)
     run_dir = prepare_run_dir(cfg)
     if local:
         return run_local(cfg, run_dir)
     return run_ray(cfg, run_dir)
+
+
+def build_required_ops(cfg: Config, world: int) -> None:
+    """The JIT ops this run's template loads (none on the default path), built or loaded here,
+    in the driver, before any worker starts: workers on this host then only load them. A driver
+    without the workers' GPUs leaves CUDA ops to the workers (each builds on first use)."""
+    import torch
+
+    from sftscale.jit_locks import OpBuildError, ensure_ops, required_ops
+
+    if cfg.scale.use_gpu and not torch.cuda.is_available():
+        return
+    ds = resolve_ds_config(cfg, world_size=world, precision="fp32")  # ops: precision-free
+    try:
+        ensure_ops(required_ops(ds, cfg.deepspeed.template), log=say)
+    except OpBuildError as e:
+        raise ConfigError(str(e)) from e
 
 
 def run_local(cfg: Config, run_dir: Path) -> dict[str, Any]:

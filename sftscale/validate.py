@@ -314,8 +314,8 @@ def _check_async_io(where: str) -> None:
     if not op_available("AsyncIOBuilder"):
         raise ConfigError(
             f"{where}: NVMe offload needs DeepSpeed's async I/O op, which needs libaio on every "
-            "node: apt-get install libaio-dev (Debian, Ubuntu) or dnf install libaio-devel, then "
-            "`make install` (or `sftscale build-ops`); or choose a template without nvme"
+            "node: apt-get install libaio-dev (Debian, Ubuntu) or dnf install libaio-devel (the "
+            "op is then built on first use); or choose a template without nvme"
         )
 
 

@@ -63,3 +63,47 @@ def test_fixed_batch_in_template_must_match(tmp_path):
 def test_unknown_template():
     with pytest.raises(ConfigError, match="deepspeed.template"):
         resolve_ds_config(_cfg(deepspeed={"template": "zero9"}), world_size=1, precision="fp32")
+
+
+@pytest.mark.parametrize(
+    ("template", "kernel", "torch_adam", "ops"),
+    [
+        ("zero3", "auto", True, []),
+        ("zero2", "auto", True, []),
+        ("zero3_offload_params", "auto", False, ["CPUAdamBuilder"]),
+        ("zero3_offload_optimizer", "auto", False, ["CPUAdamBuilder"]),
+        ("zero3_nvme_optimizer", "auto", False, ["CPUAdamBuilder", "AsyncIOBuilder"]),
+        ("zero3_nvme", "auto", False, ["CPUAdamBuilder", "AsyncIOBuilder"]),
+        ("zero3_offload_optimizer", "torch", True, []),
+        ("zero3_nvme", "torch", True, ["AsyncIOBuilder"]),
+        ("zero3", "deepspeed", False, ["FusedAdamBuilder"]),
+    ],
+)
+def test_the_default_path_needs_no_jit_op(template, kernel, torch_adam, ops):
+    """Without optimizer offload the optimizer is torch's fused AdamW (no JIT op); offload
+    templates load DeepSpeed's CPU Adam, NVMe ones the async I/O op too."""
+    from sftscale.jit_locks import required_ops
+
+    cfg = _cfg(deepspeed={"template": template, "nvme_path": "/x"}, optim={"kernel": kernel})
+    resolved = resolve_ds_config(cfg, world_size=2, precision="fp32")
+    params = resolved["optimizer"]["params"]
+    assert params["torch_adam"] is torch_adam
+    assert params.get("fused") is (True if torch_adam else None)
+    assert [name for name, _ in required_ops(resolved, template)] == ops
+
+
+def test_a_template_of_ones_own_without_torch_adam_takes_the_kernel(tmp_path):
+    import json
+
+    own = json.loads((TEMPLATE_DIR / "zero3.json").read_text())
+    del own["optimizer"]["params"]["torch_adam"]
+    (tmp_path / "own.json").write_text(json.dumps(own))
+    cfg = _cfg(deepspeed={"template": str(tmp_path / "own.json")})
+    assert resolve_ds_config(cfg, world_size=1, precision="fp32")["optimizer"]["params"][
+        "torch_adam"
+    ]
+
+
+def test_optim_kernel_is_checked():
+    with pytest.raises(ConfigError, match="optim.kernel"):
+        _cfg(optim={"kernel": "apex"})

@@ -50,15 +50,7 @@ def test_stale_lock_is_removed_and_a_live_build_is_waited_for(tmp_path):
     assert watch.scan() == [building]  # its builder is gone: stale
 
 
-@pytest.mark.distributed
-def test_run_proceeds_past_a_lock_a_killed_run_left(tmp_path, prepared_dir):
-    """The reported hang: a lock file in fused_adam's build directory made every later run wait
-    in FileBaton.wait forever. Now the run removes it, says so, and trains."""
-    cache = tmp_path / "torch_extensions"
-    built = ROOT / ".cache" / "torch_extensions"
-    if built.is_dir():  # the ops built by earlier tests: no rebuild needed
-        shutil.copytree(built, cache, ignore=shutil.ignore_patterns("lock"))
-    lock = _plant(cache, "fused_adam", age_s=3600)
+def _train(tmp_path, prepared_dir, cache: Path, *overrides: str):
     cfg = {
         "model": {"name_or_path": "tiny-llama"},
         "data": {"path": str(prepared_dir)},
@@ -67,36 +59,67 @@ def test_run_proceeds_past_a_lock_a_killed_run_left(tmp_path, prepared_dir):
         "logging": {"output_dir": str(tmp_path / "runs"), "run_name": "t"},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "sftscale", "train", str(tmp_path / "cfg.yaml"), "--local"],
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sftscale",
+            "train",
+            str(tmp_path / "cfg.yaml"),
+            "--local",
+            *overrides,
+        ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(cache)},
     )
+
+
+@pytest.mark.distributed
+def test_the_default_path_compiles_nothing(tmp_path, prepared_dir):
+    """A run with the default template on an empty extensions directory trains without building
+    any DeepSpeed op (torch's AdamW, gloo without the shared-memory op); a lock a killed run left
+    there is still removed, and said."""
+    cache = tmp_path / "torch_extensions"
+    lock = _plant(cache, "fused_adam", age_s=3600)
+    proc = _train(tmp_path, prepared_dir, cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step     2/2" in proc.stdout
+    assert f"removed a stale JIT build lock {lock}" in proc.stdout
+    assert list(cache.rglob("*.so")) == [] and "building DeepSpeed" not in proc.stdout
+
+
+@pytest.mark.distributed
+def test_an_offload_template_builds_cpu_adam_in_the_driver_past_a_stale_lock(
+    tmp_path, prepared_dir
+):
+    """zero3_offload_optimizer loads DeepSpeed's CPU Adam: the driver builds it on first use
+    (or loads it) before any worker starts, past a lock a killed build left, and says why."""
+    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"])  # the suite's: built once, then loaded
+    built = (cache / "cpu_adam" / "cpu_adam.so").is_file()
+    lock = _plant(cache, "cpu_adam", age_s=3600)
+    proc = _train(tmp_path, prepared_dir, cache, "deepspeed.template=zero3_offload_optimizer")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"removed a stale JIT build lock {lock}" in proc.stdout
+    assert (cache / "cpu_adam" / "cpu_adam.so").is_file()
+    if not built:  # said before the first worker line
+        building = proc.stdout.index("building DeepSpeed's CPU Adam op (deepspeed.template=")
+        assert building < proc.stdout.index("precision fp32")
+        assert "CPU Adam op built in" in proc.stdout
     assert "step     2/2" in proc.stdout
 
 
 @pytest.mark.distributed
-def test_build_ops_fills_the_cache_past_a_stale_lock(tmp_path):
-    """`sftscale build-ops` (make install runs it): every op a run loads is built or loaded into
-    TORCH_EXTENSIONS_DIR, past a lock that a killed build left there, with the environment's
+def test_build_ops_ahead_of_time_past_a_stale_lock():
+    """`sftscale build-ops NAME` (cluster images) builds or loads an op into
+    TORCH_EXTENSIONS_DIR past a lock that a killed build left there, with the environment's
     ninja whatever PATH says (another ninja version would rebuild every op)."""
-    cache = tmp_path / "torch_extensions"
-    built = ROOT / ".cache" / "torch_extensions"
-    if built.is_dir():  # built by make install: loaded, not rebuilt
-        shutil.copytree(built, cache, ignore=shutil.ignore_patterns("lock"))
+    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     lock = _plant(cache, "cpu_adam", age_s=3600)
-    env = {
-        **os.environ,
-        "TORCH_EXTENSIONS_DIR": str(cache),
-        "DS_ACCELERATOR": "cpu",
-        "PATH": "/usr/bin:/bin",
-    }
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [sys.executable, "-m", "sftscale", "build-ops"],
+        [sys.executable, "-m", "sftscale", "build-ops", "cpu_adam"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -104,8 +127,26 @@ def test_build_ops_fills_the_cache_past_a_stale_lock(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"removed a stale JIT build lock {lock}" in proc.stdout
-    for op in ("FusedAdamBuilder", "CPUAdamBuilder", "ShareMemCommBuilder"):
-        assert f"{op}: ready in {cache}" in proc.stdout, proc.stdout
-    assert not lock.exists()
-    names = {p.name for p in cache.glob("*/*.so")}
-    assert {"cpu_adam.so", "deepspeed_shm_comm.so", "fused_adam.so"} <= names
+    assert f"CPUAdamBuilder: ready in {cache}" in proc.stdout, proc.stdout
+    assert not lock.exists() and (cache / "cpu_adam" / "cpu_adam.so").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "sftscale", "build-ops", "apex_adam"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and "choose from cpu_adam, async_io" in bad.stdout + bad.stderr
+
+
+def test_a_missing_compiler_is_named_before_any_worker_starts(monkeypatch, tmp_path):
+
+    from sftscale.jit_locks import OpBuildError, ensure_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda _: None)
+    with pytest.raises(
+        OpBuildError,
+        match=r"CPU Adam op \(why\) cannot be built.*install a C\+\+ compiler: apt-get install g\+\+",
+    ):
+        ensure_ops([("CPUAdamBuilder", "why")], log=print)
+    assert list(tmp_path.iterdir()) == []
