@@ -5,7 +5,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# DeepSpeed's CPU accelerator JIT-compiles a comm op on first use; keep the build between runs.
+# The default path compiles nothing; the offload templates JIT-build DeepSpeed's CPU Adam (and
+# async I/O for NVMe) on first use: keep those builds between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0

@@ -118,22 +118,20 @@ def planned(overrides: list[str], *, seq_len: int, memory_bytes: int) -> dict:
     """What the planner says for these overrides: the same call `sftscale train` makes."""
     from data_tools.schema import read_manifest
     from sftscale.config import load_config
-    from sftscale.model import model_config
-    from sftscale.plan import host_device, plan_run, with_vocabulary
+    from sftscale.devices import host_device
+    from sftscale.fit import plan_with_fixes
+    from sftscale.precision import choose
+    from sftscale.resolve import resolve_run
 
     cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
     vocab = read_manifest(cfg.data.path).tokenizer.vocab_size if Path(cfg.data.path).is_dir() else 0
-    mcfg = with_vocabulary(model_config(cfg.model.name_or_path, vocab_size=vocab), vocab)
-    # this host computes bf16 natively: auto is bf16 here, as in the measured runs
-    precision = "fp32" if cfg.deepspeed.precision == "fp32" else "bf16"
-    plan = plan_run(
-        cfg,
-        mcfg=mcfg,
-        world=2,
-        seq_len=seq_len,
-        precision=precision,
-        device=host_device(2, memory_bytes),
+    device = host_device(2, memory_bytes)
+    # the measured host computes bf16 natively: auto is bf16 there, as in the measured runs
+    precision = choose(cfg.deepspeed.precision, native_bf16=True, why="the measured host")
+    run = resolve_run(
+        cfg, world=2, seq_len=seq_len, vocab_size=vocab, precision=precision, device=device
     )
+    plan = plan_with_fixes(run, device)
     return {"peak_bytes": plan.peak_bytes, "fits": plan.fits, "table": plan.table()}
 
 
@@ -278,9 +276,9 @@ def grid_rows(grid: str) -> list[dict]:
     """The benchmark suite's saved runs (`sftscale bench`), planned the same way: each point's
     config on 2 ranks, its measured peak RSS per rank."""
     from sftscale.config import load_config
-    from sftscale.ds_config import resolve_ds_config
-    from sftscale.model import model_config
-    from sftscale.plan import host_device, plan_memory
+    from sftscale.devices import host_device
+    from sftscale.precision import Precision
+    from sftscale.resolve import resolve_run
 
     rows = []
     for path in sorted((HERE / "results" / grid).glob("*.sftscale.json")):
@@ -305,16 +303,14 @@ def grid_rows(grid: str) -> list[dict]:
                 f"model.gradient_checkpointing={str(pt['gradient_checkpointing']).lower()}",
             ],
         )
-        ds = resolve_ds_config(cfg, world_size=2, precision="bf16")
-        mcfg = model_config(pt["preset"], vocab_size=4010)  # the suite's tokenizer + markers
-        plan = plan_memory(
-            mcfg,
+        plan = resolve_run(
             cfg,
-            ds,
             world=2,
             seq_len=pt["seq_len"],
+            vocab_size=4010,  # the suite's tokenizer + markers
+            precision=Precision("bf16", "the suite's runs"),
             device=host_device(2, r["device"]["memory_bytes"]),
-        )
+        ).plan
         rows.append(
             {
                 "id": pt["id"],
@@ -405,7 +401,7 @@ def main() -> None:
     args = ap.parse_args()
     import psutil
 
-    from sftscale.plan import host_memory_bytes
+    from sftscale.devices import host_memory_bytes
 
     out_json = HERE / "results" / "plan_validation.json"
     memory = host_memory_bytes()

@@ -14,14 +14,14 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from sftscale.model import model_config
-from sftscale.plan import model_sizes
+from sftscale.shape import ModelShape
 
 
 def shape_params(name: str) -> tuple[int, int]:
     """(total parameters, largest layer's parameters) of a preset, as `sftscale plan` counts
     them (checked against the built model in tests/test_plan.py)."""
-    s = model_sizes(model_config(name, vocab_size=0))
-    return s["total"], max(s["embed"], s["layer"])
+    s = ModelShape.from_config(model_config(name, vocab_size=0))
+    return s.total_params, max(s.embed, s.layer_params)
 
 
 def main() -> None:
@@ -88,8 +88,10 @@ def plan_section() -> list[str]:
     rows, micro-batch 1, gradient checkpointing: what the planner adds is the run around the
     model states."""
     from sftscale.config import load_config
-    from sftscale.model import model_config
-    from sftscale.plan import GPUS, plan_run
+    from sftscale.devices import GPUS
+    from sftscale.fit import plan_with_fixes
+    from sftscale.precision import Precision
+    from sftscale.resolve import resolve_run
 
     gib = 2**30
     lines = [
@@ -125,10 +127,15 @@ def plan_section() -> list[str]:
                     f"scale.num_workers={n}",
                 ],
             )
-            mcfg = model_config(name, vocab_size=0)
-            plan = plan_run(
-                cfg, mcfg=mcfg, world=n, seq_len=4096, device=GPUS["h100"], precision="bf16"
+            run = resolve_run(
+                cfg,
+                world=n,
+                seq_len=4096,
+                vocab_size=0,
+                precision=Precision("bf16", "H100"),
+                device=GPUS["h100"],
             )
+            plan = plan_with_fixes(run, GPUS["h100"])
             fix = plan.fixes[0] if plan.fixes else ""
             lines.append(
                 f"| {name} | {total / 1e9:.2f}B | {n} | {ds_gpu / gib:.1f} GiB | "

@@ -444,41 +444,9 @@ def prepare(
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(tok_dir))
 
-    engine = _run_ray if options.engine == "ray" else _run_local
     source_hashes: list[dict] = []
     shards = _Shards(out, options)
-    counts: Counter = Counter()
-    reasons: Counter = Counter()
-    formats: Counter = Counter()
-    window: list[tuple[list[int], list[int]]] = []
-    bar = ProgressBar(desc="prepare", unit=" records", enabled=options.progress, rate="tokens")
-    try:
-        with open(out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
-            for results in engine(_batches(paths, source_hashes), tok_dir, options):
-                for r in results:
-                    counts["records"] += 1
-                    if not r["ok"]:
-                        counts["bad"] += 1
-                        reasons[r["reason"].split(":")[0]] += 1
-                        quarantine.write(_quarantine_line(r))
-                        continue
-                    formats[r["format"]] += 1
-                    counts["documents"] += len(r["pieces"])
-                    counts[r["overflow"] or "fit"] += 1
-                    counts["unsupervised_pieces"] += r["unsupervised_pieces"]
-                    window.extend(r["pieces"])
-                    bar.update(0, counted=sum(len(p[0]) for p in r["pieces"]))
-                    if len(window) >= options.window:
-                        shards.pack(window)
-                        window = []
-                bar.update(len(results))
-            if window:
-                shards.pack(window)
-            shards.flush()
-    except InputError as e:
-        raise PrepareError(str(e)) from e
-    finally:
-        bar.close()
+    counts, reasons, formats = _tokenize_and_pack(paths, tok_dir, options, shards, source_hashes)
 
     n, bad = counts["records"], counts["bad"]
     if n == 0:
@@ -527,6 +495,48 @@ def prepare(
     )
     schema.write_manifest(out, manifest)
     return manifest
+
+
+def _tokenize_and_pack(
+    paths: list, tok_dir: Path, options: PrepareOptions, shards: _Shards, source_hashes: list
+) -> tuple[Counter, Counter, Counter]:
+    """Read, tokenize and mask every record, quarantine the bad ones with their reason, and
+    pack the documents window by window into `shards`. Returns (counts, reasons, formats)."""
+    engine = _run_ray if options.engine == "ray" else _run_local
+    out = shards.out
+    counts: Counter = Counter()
+    reasons: Counter = Counter()
+    formats: Counter = Counter()
+    window: list[tuple[list[int], list[int]]] = []
+    bar = ProgressBar(desc="prepare", unit=" records", enabled=options.progress, rate="tokens")
+    try:
+        with open(out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
+            for results in engine(_batches(paths, source_hashes), tok_dir, options):
+                for r in results:
+                    counts["records"] += 1
+                    if not r["ok"]:
+                        counts["bad"] += 1
+                        reasons[r["reason"].split(":")[0]] += 1
+                        quarantine.write(_quarantine_line(r))
+                        continue
+                    formats[r["format"]] += 1
+                    counts["documents"] += len(r["pieces"])
+                    counts[r["overflow"] or "fit"] += 1
+                    counts["unsupervised_pieces"] += r["unsupervised_pieces"]
+                    window.extend(r["pieces"])
+                    bar.update(0, counted=sum(len(p[0]) for p in r["pieces"]))
+                    if len(window) >= options.window:
+                        shards.pack(window)
+                        window = []
+                bar.update(len(results))
+            if window:
+                shards.pack(window)
+            shards.flush()
+    except InputError as e:
+        raise PrepareError(str(e)) from e
+    finally:
+        bar.close()
+    return counts, reasons, formats
 
 
 def summary_line(m: schema.Manifest) -> str:

@@ -24,7 +24,7 @@ schema, prepare, inspect, console, synthetic):
     checkpoint   atomic checkpoints, sample ledger, universal (elastic) conversion
     preemption   SIGTERM and the STOP file: checkpoint and stop at a step boundary
     heartbeat    per-rank heartbeats, `sftscale status`, stall watchdog, named collective timeouts
-    jit_locks    DeepSpeed's JIT ops: prebuilt once, stale build locks removed
+    jit_locks    DeepSpeed's JIT ops: which a run needs, built on first use; stale build locks removed
     export       streaming safetensors export, from the engine or a checkpoint
     ds_config    the one resolver of ds_configs/ templates (shipped in the package)
     demo         `make demo`: corpus -> tokenizer -> shards -> train -> reload -> generate

@@ -22,6 +22,7 @@ and the stream position, so neither needs state of its own beyond these numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -33,10 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from sftscale.config import Config
+from sftscale.storage import carry_run_files
+
 STATE_FILE = "sftscale_state.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-RUN_FILES = "run_files"  # metrics and ledger a checkpoint carries (object storage)
 # Fault-injection point for the crash-during-checkpoint test: when set to a step number, the
 # process kills itself after DeepSpeed has written that step's files and before the rename.
 CRASH_ENV = "SFTSCALE_FAULT_KILL_DURING_CHECKPOINT"
@@ -104,10 +107,11 @@ def save_checkpoint(
     """Collective: every rank must call it. Returns the checkpoint directory.
 
     leader: this process commits the checkpoint in `root` (default: rank 0, for a directory
-        every rank shares). Where nodes share no disk, one rank per disk (elected in
-        `train.claim_directory`) commits that disk's copy, which holds its ranks' files.
-    run_files: files or directories (metrics, ledger) rank 0 copies into the checkpoint's
-        RUN_FILES folder, so that a checkpoint on object storage restores them too.
+        every rank shares). Where nodes share no disk, one rank per disk (elected by
+        `storage.claim_directory`) commits that disk's copy, which holds its ranks' files.
+    run_files: files or directories (metrics, ledger) rank 0 copies into the checkpoint
+        (storage.carry_run_files) before it is committed, so that a checkpoint on object
+        storage restores them too.
     """
     import torch.distributed as dist
 
@@ -128,6 +132,8 @@ def save_checkpoint(
         exclude_frozen_parameters=True,
     )
     torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
+    if rank == 0 and run_files:  # into the uncommitted directory: renamed with it
+        carry_run_files(list(run_files), root / tmp_tag)
     dist.barrier()  # collective: every rank's files are on disk
     if os.environ.get(CRASH_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -144,29 +150,8 @@ def save_checkpoint(
             tmp.replace(ledger_dir / f"upto_{step:08d}.npy")
         _atomic_write(root / LATEST, tag + "\n")
         _prune(root, keep_last=keep_last)
-    if rank == 0 and run_files:
-        for src in run_files:
-            dest = final / RUN_FILES / src.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir():
-                shutil.copytree(src, dest, dirs_exist_ok=True)
-            elif src.is_file():
-                shutil.copy2(src, dest)
     dist.barrier()  # collective: nobody proceeds (or reports) before the commit
     return final
-
-
-def restore_run_files(tag_dir: Path, run_dir: Path) -> None:
-    """Put the metrics and ledger a checkpoint carries (RUN_FILES) back into the run directory
-    (a node that has never seen this run: the checkpoint came from object storage)."""
-    saved = tag_dir / RUN_FILES
-    if not saved.is_dir():
-        return
-    for src in saved.iterdir():
-        if src.is_dir():
-            shutil.copytree(src, run_dir / src.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(src, run_dir / src.name)
 
 
 def _prune(root: Path, *, keep_last: int) -> None:
@@ -301,3 +286,11 @@ def universal_checkpoint(tag_dir: Path, *, leader: bool) -> Path:
         tmp.replace(out)
     dist.barrier()  # collective: the conversion is on disk for every rank
     return out
+
+
+def lora_state(cfg: Config) -> dict[str, Any] | None:
+    """What a checkpoint records of model.lora (what must not change on resume)."""
+    if cfg.model.lora is None:
+        return None
+    lora = dataclasses.asdict(cfg.model.lora)
+    return {**lora, "target_modules": sorted(lora["target_modules"])}

@@ -141,7 +141,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from sftscale.config import load_config
-    from sftscale.plan import plan_for_cli
+    from sftscale.fit import plan_for_cli
 
     cfg = load_config(args.config, list(args.overrides))
     plan = plan_for_cli(cfg, devices=args.devices, seq_len=args.seq_len, vocab_size=args.vocab_size)
@@ -167,6 +167,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_prepare(sub)
+    p = sub.add_parser("inspect", help="summarize a prepared directory and show what is supervised")
+    p.add_argument("dir")
+    p.add_argument("--samples", type=int, default=2, help="rows to decode")
+    p.set_defaults(func=_cmd_inspect)
+
+    _add_train_and_plan(sub)
+    p = sub.add_parser("status", help="a run's last step, its age and each rank's state")
+    p.add_argument("run_dir", help="the run directory (<logging.output_dir>/<logging.run_name>)")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "build-ops",
+        help="build DeepSpeed's JIT ops ahead of time (cluster images); runs build what they "
+        "need on first use",
+    )
+    p.add_argument(
+        "ops",
+        nargs="*",
+        help="ops to build: cpu_adam, async_io, fused_adam, shm_comm (default: cpu_adam and "
+        "async_io, what the offload templates load)",
+    )
+    p.add_argument("--all", action="store_true", help="every op a run can load")
+    p.set_defaults(func=_cmd_build_ops)
+
+    p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    p.add_argument("checkpoint", help="<run>/checkpoints (latest) or <run>/checkpoints/<tag>")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: the dtype the run trained in",
+    )
+    p.add_argument("--max-shard-mb", type=int, default=2000)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "bench", help="training throughput and memory over a grid, against the HF Trainer"
+    )
+    from sftscale.bench.suite import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _add_prepare(sub) -> None:
+    """`sftscale prepare`'s arguments."""
     p = sub.add_parser("prepare", help="tokenize, mask and pack chat JSONL into Arrow shards")
     p.add_argument(
         "inputs",
@@ -235,11 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("inspect", help="summarize a prepared directory and show what is supervised")
-    p.add_argument("dir")
-    p.add_argument("--samples", type=int, default=2, help="rows to decode")
-    p.set_defaults(func=_cmd_inspect)
 
+def _add_train_and_plan(sub) -> None:
+    """`sftscale train` and `sftscale plan`'s arguments."""
     p = sub.add_parser("train", help="fine-tune (Ray Train + DeepSpeed; --local for one process)")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
@@ -271,45 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer size for presets without a vocabulary (default: the data's)",
     )
     p.set_defaults(func=_cmd_plan)
-
-    p = sub.add_parser("status", help="a run's last step, its age and each rank's state")
-    p.add_argument("run_dir", help="the run directory (<logging.output_dir>/<logging.run_name>)")
-    p.set_defaults(func=_cmd_status)
-
-    p = sub.add_parser(
-        "build-ops",
-        help="build DeepSpeed's JIT ops ahead of time (cluster images); runs build what they "
-        "need on first use",
-    )
-    p.add_argument(
-        "ops",
-        nargs="*",
-        help="ops to build: cpu_adam, async_io, fused_adam, shm_comm (default: cpu_adam and "
-        "async_io, what the offload templates load)",
-    )
-    p.add_argument("--all", action="store_true", help="every op a run can load")
-    p.set_defaults(func=_cmd_build_ops)
-
-    p = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
-    p.add_argument("checkpoint", help="<run>/checkpoints (latest) or <run>/checkpoints/<tag>")
-    p.add_argument("--out", required=True)
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float32"],
-        help="auto: the dtype the run trained in",
-    )
-    p.add_argument("--max-shard-mb", type=int, default=2000)
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser(
-        "bench", help="training throughput and memory over a grid, against the HF Trainer"
-    )
-    from sftscale.bench.suite import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=_cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

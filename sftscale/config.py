@@ -308,6 +308,16 @@ class LoggingConfig:
             "must be a plain name",
         )
 
+    def sinks(self) -> dict[str, Any]:
+        """The metrics sinks' settings, as sftscale.metrics.MetricsLogger takes them."""
+        return {
+            "tensorboard": self.tensorboard,
+            "wandb": self.wandb,
+            "mlflow": self.mlflow,
+            "project": self.wandb_project,
+            "run_name": self.run_name,
+        }
+
 
 @dataclass
 class Config:

@@ -56,8 +56,25 @@ def uses_torch_adam(cfg: Config, template: dict[str, Any]) -> bool:
     return kernel == "torch" or (kernel == "auto" and optimizer_offload(template) is None)
 
 
+def with_adam_kernel(template: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A copy of `template` whose AdamW is optim.kernel's: `torch_adam` true or false (a template
+    of one's own without the field takes optim.kernel too), and torch's fused kernel (CPU and
+    CUDA), not its per-tensor loop, unless the template chose `foreach`. DeepSpeed passes the
+    remaining params to torch.optim.AdamW."""
+    template = copy.deepcopy(template)
+    optimizer = template.get("optimizer", {})
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
+        return template
+    params = optimizer.setdefault("params", {})
+    if params.get("torch_adam", "auto") == "auto":
+        params["torch_adam"] = uses_torch_adam(cfg, template)
+    if params["torch_adam"] is True and "foreach" not in params:
+        params.setdefault("fused", True)
+    return template
+
+
 def auto_values(
-    cfg: Config, world_size: int, precision: str, largest_weight: int = 0, torch_adam: bool = True
+    cfg: Config, world_size: int, precision: str, largest_weight: int = 0
 ) -> dict[str, Any]:
     """Values for every "auto" field a template may hold, keyed by dotted path.
 
@@ -75,7 +92,6 @@ def auto_values(
         "optimizer.params.betas": list(o.betas),
         "optimizer.params.eps": o.eps,
         "optimizer.params.weight_decay": o.weight_decay,
-        "optimizer.params.torch_adam": torch_adam,
         "zero_optimization.offload_optimizer.nvme_path": cfg.deepspeed.nvme_path,
         "zero_optimization.offload_param.nvme_path": cfg.deepspeed.nvme_path,
         "zero_optimization.offload_param.buffer_size": max(10**8, -(-largest_weight // world_size)),
@@ -106,23 +122,12 @@ def resolve_ds_config(
             f"deepspeed.precision is {cfg.deepspeed.precision} but the template enables bf16; "
             'set bf16.enabled to "auto"'
         )
-    template = copy.deepcopy(template)
-    optimizer = template.get("optimizer", {})
-    if str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
-        # A template of the user's own without the field takes optim.kernel too.
-        optimizer.setdefault("params", {}).setdefault("torch_adam", "auto")
-    torch_adam = uses_torch_adam(cfg, template)
     resolved = _fill(
-        template,
-        auto_values(cfg, world_size, precision, largest_weight, torch_adam),
+        with_adam_kernel(template, cfg),
+        auto_values(cfg, world_size, precision, largest_weight),
         "",
         cfg.deepspeed.template,
     )
-    params = resolved.get("optimizer", {}).get("params", {})
-    if params.get("torch_adam") is True and "foreach" not in params:
-        # DeepSpeed passes the remaining params to torch.optim.AdamW: its fused kernel (CPU and
-        # CUDA), not the per-tensor loop, unless the template chose otherwise.
-        params.setdefault("fused", True)
     t = cfg.train
     if resolved["train_batch_size"] != t.micro_batch_size * t.grad_accum * world_size:
         raise ConfigError(

@@ -31,11 +31,10 @@ raises the peak to the rate it saw and says so.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from sftscale.model import full_numel
+from sftscale.shape import ModelShape
 
 # Dense (no sparsity) bf16 peak, FLOP/s, from NVIDIA datasheets (SXM parts).
 GPU_PEAK_BF16 = {
@@ -47,43 +46,6 @@ GPU_PEAK_BF16 = {
     "A10G": 70.0e12,
     "L4": 121.0e12,
 }
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    matmul_params: int  # N above
-    n_layers: int
-    hidden: int
-    # (out_features, in_features) of every distinct weight matrix a matmul uses
-    weights: tuple[tuple[int, int], ...] = ()
-    # Of N, the frozen ones (LoRA's base): their weight gradients are never computed, so a
-    # token costs 6N - 2 * frozen, not 6N.
-    frozen_matmul_params: int = 0
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> ModelShape:
-        """From a (possibly ZeRO-3 partitioned) Hugging Face causal LM."""
-        cfg = model.config
-
-        total = sum(full_numel(p) for p in model.parameters())
-        embed = full_numel(model.get_input_embeddings().weight)
-        head = model.get_output_embeddings()
-        tied = head is not None and head.weight is model.get_input_embeddings().weight
-        n = total - embed + (embed if tied else 0)
-        embedding = model.get_input_embeddings().weight
-        matmul = [
-            p
-            for p in model.parameters()
-            if len(getattr(p, "ds_shape", p.shape)) == 2 and (p is not embedding or tied)
-        ]
-        weights = {tuple(getattr(p, "ds_shape", p.shape)) for p in matmul}
-        return cls(
-            frozen_matmul_params=sum(full_numel(p) for p in matmul if not p.requires_grad),
-            matmul_params=n,
-            n_layers=cfg.num_hidden_layers,
-            hidden=cfg.hidden_size,
-            weights=tuple(sorted(weights)),
-        )
 
 
 def doc_flops(lengths, shape: ModelShape) -> float:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.console import say
-from sftscale.checkpoint import latest_checkpoint, read_state
+from sftscale.checkpoint import STATE_FILE, latest_checkpoint, read_state
 from sftscale.config import Config, ConfigError, save_config
-from sftscale.ds_config import resolve_ds_config
 from sftscale.heartbeat import StallReporter
+from sftscale.resolve import ResolvedRun
+from sftscale.storage import fetch_checkpoint, join, upload_run_files
 from sftscale.validate import validate_run
 
 
@@ -76,15 +77,15 @@ def run(cfg: Config, *, local: bool) -> dict[str, Any]:
     world = 1 if local else cfg.scale.num_workers
     if local and "WORLD_SIZE" in os.environ:  # started by torchrun: one process per rank
         world = int(os.environ["WORLD_SIZE"])
-    validate_run(cfg, world_size=world)
-    build_required_ops(cfg, world)
+    checked = validate_run(cfg, world_size=world)
+    build_required_ops(checked.run)
     run_dir = prepare_run_dir(cfg)
     if local:
-        return run_local(cfg, run_dir)
-    return run_ray(cfg, run_dir)
+        return run_local(cfg, run_dir, expected=checked.expected)
+    return run_ray(cfg, run_dir, expected=checked.expected)
 
 
-def build_required_ops(cfg: Config, world: int) -> None:
+def build_required_ops(run: ResolvedRun) -> None:
     """The JIT ops this run's template loads (none on the default path), built or loaded here,
     in the driver, before any worker starts: workers on this host then only load them. A driver
     without the workers' GPUs leaves CUDA ops to the workers (each builds on first use)."""
@@ -92,16 +93,17 @@ def build_required_ops(cfg: Config, world: int) -> None:
 
     from sftscale.jit_locks import OpBuildError, ensure_ops, required_ops
 
-    if cfg.scale.use_gpu and not torch.cuda.is_available():
+    if run.config.scale.use_gpu and not torch.cuda.is_available():
         return
-    ds = resolve_ds_config(cfg, world_size=world, precision="fp32")  # ops: precision-free
     try:
-        ensure_ops(required_ops(ds, cfg.deepspeed.template), log=say)
+        ensure_ops(required_ops(run.ds_config, run.config.deepspeed.template), log=say)
     except OpBuildError as e:
         raise ConfigError(str(e)) from e
 
 
-def run_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def run_local(
+    cfg: Config, run_dir: Path, *, expected: dict[int, dict[str, str]] | None = None
+) -> dict[str, Any]:
     """One process, no Ray: the debug mode. Also works as one rank under torchrun."""
     for key, value in {
         **_worker_env(cfg),
@@ -117,7 +119,7 @@ def run_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from sftscale.train import train_worker
 
     try:
-        return train_worker(cfg, str(run_dir))
+        return train_worker(cfg, str(run_dir), expected=expected)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()  # gloo may abort at interpreter exit otherwise
@@ -140,7 +142,11 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     latest = ray.train.get_checkpoint()
     resume_from = None
     if latest is not None:  # on storage: each node downloads it once
-        resume_from = fetch_checkpoint(latest, run_dir / "checkpoints") if remote else latest.path
+        resume_from = (
+            fetch_checkpoint(latest, run_dir / "checkpoints", complete=STATE_FILE)
+            if remote
+            else latest.path
+        )
 
     def report(tag_dir: Path, metrics: dict[str, Any], leader: bool) -> None:
         # Every worker must call report (it is a barrier). Without storage the checkpoint is
@@ -163,59 +169,21 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
             )
 
-    result = train_worker(cfg, str(run_dir), resume_from=resume_from, on_checkpoint=report)
+    result = train_worker(
+        cfg,
+        str(run_dir),
+        resume_from=resume_from,
+        on_checkpoint=report,
+        expected=config.get("expected"),
+    )
     if remote and rank == 0:
-        upload_run_files(run_dir, f"{cfg.checkpoint.storage.rstrip('/')}/{run_dir.name}")
+        upload_run_files(run_dir, join(cfg.checkpoint.storage, run_dir.name))
     return result
 
 
-def fetch_checkpoint(checkpoint, root: Path) -> Path:
-    """This node's complete copy of a Ray checkpoint on storage (every rank's files: a
-    node's own commit holds only its ranks' files, and a resume on another world size reads
-    all of them), downloaded once per node: the first worker to get here downloads, the others
-    wait on the lock and find it there."""
-    import shutil
-
-    from sftscale.checkpoint import STATE_FILE
-    from sftscale.storage import locked
-
-    name = Path(checkpoint.path).name
-    into = root / FROM_STORAGE
-    dest = into / name
-    into.mkdir(parents=True, exist_ok=True)
-    with locked(into / f".{name}.lock"):
-        if not (dest / STATE_FILE).is_file():
-            tmp = into / f".download-{name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            checkpoint.to_directory(str(tmp))
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.replace(dest)
-    return dest
-
-
-FROM_STORAGE = "from_storage"  # under <run>/checkpoints: checkpoints downloaded to resume from
-
-
-# What a run leaves on storage besides its checkpoints: a user can reach these after the
-# cluster is gone.
-RUN_FILES_ON_STORAGE = ("export", "metrics.jsonl", "tensorboard", "ledger", "config.yaml")
-
-
-def upload_run_files(run_dir: Path, uri: str) -> None:
-    """Rank 0, at the end: the export, metrics, TensorBoard events and ledger to storage."""
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(uri)
-    for name in RUN_FILES_ON_STORAGE:
-        src = run_dir / name
-        if src.is_dir():
-            pafs.copy_files(str(src), f"{base}/{name}", destination_filesystem=fs)
-        elif src.is_file():
-            with fs.open_output_stream(f"{base}/{name}") as out:
-                out.write(src.read_bytes())
-
-
-def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def run_ray(
+    cfg: Config, run_dir: Path, *, expected: dict[int, dict[str, str]] | None = None
+) -> dict[str, Any]:
     """Ray Train (V2) TorchTrainer with `scale.num_workers` workers."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -233,7 +201,7 @@ def run_ray(cfg: Config, run_dir: Path) -> dict[str, Any]:
         trainer = TorchTrainer(
             _ray_train_loop,
             torch_config=TorchConfig(timeout_s=cfg.scale.collective_timeout_s),
-            train_loop_config={"cfg": cfg, "run_dir": str(run_dir)},
+            train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "expected": expected},
             scaling_config=ScalingConfig(
                 num_workers=(
                     (cfg.scale.min_workers, cfg.scale.num_workers)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from sftscale.flops import hardware_flops
 
@@ -169,3 +171,77 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+@dataclass
+class Peak:
+    """FLOP/s of one device for the run's step (sftscale.flops), and where the figure comes from."""
+
+    flops: float
+    source: str
+
+
+def window_record(
+    window: Window,
+    *,
+    engine,
+    step: int,
+    epoch: int,
+    lr: float,
+    world: int,
+    rank: int,
+    peak: Peak,
+    gradient_checkpointing: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The metrics record of the steps in `window`. Collective (loss sum, memory)."""
+    device = engine.device
+    loss_sum = torch.tensor([window.loss_sum], dtype=torch.float64, device=device)
+    dist.all_reduce(loss_sum)  # collective
+    memory = torch.tensor(
+        [peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # collective: the worst rank
+
+    def rates() -> dict[str, float]:
+        return throughput(
+            tokens=window.tokens,
+            supervised=window.supervised,
+            model_flops=window.flops,
+            seconds=window.seconds,
+            world=world,
+            peak_flops=peak.flops,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+
+    measured = rates()
+    if measured["hfu"] > 1:  # the probe ran slow (a noisy moment): raise the peak, HFU stays <= 1
+        raised = measured["hfu"] * peak.flops
+        if rank == 0:
+            log(
+                f"peak raised from {peak.flops / 1e12:.4f} to {raised / 1e12:.4f} TFLOP/s "
+                f"per device: step {step} ran faster than the probe measured"
+            )
+        peak.flops = raised
+        peak.source += f"; raised at step {step} to the rate the step reached"
+        measured = rates()
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": loss_sum.item() / max(window.supervised, 1.0),
+        "lr": lr,
+        "grad_norm": grad_norm(engine),
+        **measured,
+        "padding_fraction": 1.0 - window.tokens / window.capacity,
+        "rank_imbalance": window.max_imbalance,
+        "step_time_s": window.seconds / window.steps,
+        "peak_memory_bytes": int(memory[0].item()),
+        "peak_reserved_bytes": int(memory[1].item()),
+    }
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)

@@ -1,7 +1,8 @@
 """The optimizer's pieces that are ours: the learning-rate schedule and the parameter groups.
 
-The optimizer itself (AdamW: DeepSpeed's fused op, or its CPU Adam with optimizer offload) is
-built by DeepSpeed from the ds_configs/ template (sftscale.engine).
+The optimizer itself (AdamW: torch's fused kernel by default, DeepSpeed's CPU Adam with
+optimizer offload; `optim.kernel`) is built by DeepSpeed from the ds_configs/ template filled
+by sftscale.ds_config (sftscale.engine).
 """
 
 from __future__ import annotations

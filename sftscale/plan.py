@@ -1,10 +1,11 @@
 """Will this run fit? Memory per rank, broken down, before any worker starts.
 
     sftscale plan configs/tiny-cpu.yaml model.name_or_path=llama-3.1-8b --devices 8xH100
-    plan = plan_memory(mcfg, cfg, ds_config, world=8, seq_len=4096, device=DEVICES["h100"])
+    plan = plan_memory(shape, cfg, ds_config, world=8, seq_len=4096, device=GPUS["h100"])
 
-A pure function of (model config, training config, resolved ZeRO template, world size, row
-length, device). Model states follow DeepSpeed's accounting (bytes per parameter, partitioned by
+A pure function of (model shape, training config, resolved ZeRO template, world size, row
+length, device); sftscale.resolve calls it for every run, sftscale.fit searches the changes
+that make a run fit. Model states follow DeepSpeed's accounting (bytes per parameter, partitioned by
 the ZeRO stage, placed where the template offloads them); on top of that, what DeepSpeed's
 estimator (`estimate_zero3_model_states_mem_needs_all_live`) leaves out: the reduce bucket, the
 weights ZeRO-3 keeps gathered, the NVMe swap buffers, the optimizer step's fp32 gradient copy,
@@ -19,84 +20,12 @@ process's memory), "host" (CPU RAM per rank) or "nvme" (disk); phase is "held" (
 
 from __future__ import annotations
 
-import math
-import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    memory_bytes: int  # per rank
-    kind: str  # gpu | cpu
-    # What a training process holds besides tensors. GPU: the CUDA context, NCCL's buffers, the
-    # caching allocator's slack. CPU: the interpreter and libraries (torch, transformers,
-    # deepspeed, gloo, oneDNN's kernels), measured 0.45-0.5 GiB resident per rank here.
-    runtime_bytes: int
-
-
-GPUS = {
-    d.name.lower(): d
-    for d in (
-        Device("H100", 80 * GIB, "gpu", int(2.5 * GIB)),
-        Device("H200", 141 * GIB, "gpu", int(2.5 * GIB)),
-        Device("A100", 80 * GIB, "gpu", int(2.5 * GIB)),
-        Device("A100-40GB", 40 * GIB, "gpu", int(2.5 * GIB)),
-        Device("L40S", 48 * GIB, "gpu", 2 * GIB),
-        Device("A10G", 24 * GIB, "gpu", int(1.5 * GIB)),
-    )
-}
-CPU_RUNTIME_BYTES = int(0.5 * GIB)
-
-
-def host_memory_bytes() -> int:
-    """This host's memory, or the cgroup's limit when it is lower (a container)."""
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            total = min(total, int(limit))
-    except (OSError, ValueError):
-        pass
-    return total
-
-
-def host_device(ranks: int, memory_bytes: int | None = None) -> Device:
-    """This host as the device of `ranks` ranks: its memory shared between them."""
-    memory = host_memory_bytes() if memory_bytes is None else memory_bytes
-    return Device(
-        f"CPU host ({memory / GIB:.1f} GiB for {ranks} ranks)",
-        memory // ranks,
-        "cpu",
-        CPU_RUNTIME_BYTES,
-    )
-
-
-def cuda_device() -> Device:
-    """The driver's GPU 0 (the workers' GPUs are assumed alike)."""
-    import torch
-
-    props = torch.cuda.get_device_properties(0)
-    return Device(props.name, props.total_memory, "gpu", int(2.5 * GIB))
-
-
-def parse_devices(text: str) -> tuple[int, Device]:
-    """'8xH100' -> (8, H100); 'H100' -> (1, H100); '2xcpu' -> 2 ranks sharing this host."""
-    m = re.fullmatch(r"(?:(\d+)\s*x\s*)?([A-Za-z0-9-]+)", text.strip())
-    if not m or int(m.group(1) or 1) < 1:
-        raise ValueError(f"--devices {text!r}: expected COUNTxNAME, e.g. 8xH100 or 2xcpu")
-    count, name = int(m.group(1) or 1), m.group(2).lower()
-    if name == "cpu":
-        return count, host_device(count)
-    if name not in GPUS:
-        known = ", ".join(d.name for d in GPUS.values())
-        raise ValueError(f"--devices {text!r}: unknown device {name!r}; one of {known} or cpu")
-    return count, GPUS[name]
+from sftscale.config import Config
+from sftscale.devices import GIB, Device
+from sftscale.shape import ModelShape
 
 
 @dataclass
@@ -174,49 +103,9 @@ class Plan:
         return "\n".join(rows)
 
 
-def model_sizes(mcfg: Any) -> dict[str, int]:
-    """Parameter counts of a Llama / Qwen2 / Mistral-shaped config."""
-    t = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
-    h, i, n, v = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size
-    head_dim = getattr(t, "head_dim", None) or h // t.num_attention_heads
-    q, kv = t.num_attention_heads * head_dim, t.num_key_value_heads * head_dim
-    bias = q + 2 * kv if getattr(t, "attention_bias", False) or t.model_type == "qwen2" else 0
-    layer = 2 * h * q + 2 * h * kv + bias + 3 * h * i + 2 * h
-    tied = bool(getattr(t, "tie_word_embeddings", False))
-    return {
-        "total": n * layer + v * h * (1 if tied else 2) + h,
-        "layer": layer,
-        "embed": v * h,
-        "hidden": h,
-        "intermediate": i,
-        "layers": n,
-        "vocab": v,
-        "q": q,
-        "kv": kv,
-    }
-
-
-def with_vocabulary(mcfg: Any, vocab_size: int) -> Any:
-    """The model config as the run trains it: sftscale grows the embeddings to the tokenizer's
-    added tokens (a model directory's config still has the old vocabulary)."""
-    if vocab_size <= mcfg.vocab_size:
-        return mcfg
-    import copy
-
-    grown = copy.deepcopy(mcfg)
-    grown.vocab_size = vocab_size
-    return grown
-
-
-def largest_weight(mcfg: Any) -> int:
-    """Elements of the largest weight: the embedding, or an MLP projection."""
-    s = model_sizes(mcfg)
-    return max(s["embed"], s["hidden"] * s["intermediate"])
-
-
-def lora_params(s: dict[str, int], r: int, targets: list[str]) -> int:
+def lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
     """Adapter parameters: r x (in + out) per targeted Linear per layer."""
-    h, i, q, kv = s["hidden"], s["intermediate"], s["q"], s["kv"]
+    h, i, q, kv = s.hidden, s.intermediate, s.q, s.kv
     shapes = {
         "q_proj": (h, q),
         "k_proj": (h, kv),
@@ -226,26 +115,25 @@ def lora_params(s: dict[str, int], r: int, targets: list[str]) -> int:
         "up_proj": (h, i),
         "down_proj": (i, h),
     }
-    return s["layers"] * sum(r * sum(shapes[t]) for t in targets if t in shapes)
+    return s.n_layers * sum(r * sum(shapes[t]) for t in targets if t in shapes)
 
 
-def saved_per_token_layer(s: dict[str, int], b: int, mlp_tiles: int) -> float:
+def saved_per_token_layer(s: ModelShape, b: int, mlp_tiles: int) -> float:
     """Bytes one decoder layer saves for backward per token (sdpa): the two norms' inputs and
     their fp32 statistics, q, k, v, the attention output, the residual, and the MLP's gate, up,
     activation and product (1/tiles of them with a tiled MLP). Checked against autograd's saved
     tensors (bf16, per token per layer): small-llama 11.1 vs 11.3 KB, llama-100m 36.9 vs
     37.2 KB, Llama-3.2-1B 108 vs 109 KB."""
-    h, i = s["hidden"], s["intermediate"]
-    return (4 * h + 2 * s["q"] + 2 * s["kv"] + 4 * i / max(mlp_tiles, 1)) * b + 2 * h * 4
+    h, i = s.hidden, s.intermediate
+    return (4 * h + 2 * s.q + 2 * s.kv + 4 * i / max(mlp_tiles, 1)) * b + 2 * h * 4
 
 
 def plan_memory(
-    mcfg: Any, cfg: Any, ds: dict[str, Any], *, world: int, seq_len: int, device: Device
+    s: ModelShape, cfg: Config, ds: dict[str, Any], *, world: int, seq_len: int, device: Device
 ) -> Plan:
-    """Memory per rank of training `mcfg` with `cfg` and the resolved DeepSpeed config `ds` on
-    `world` ranks of `device`, rows of `seq_len` positions."""
-    s = model_sizes(mcfg)
-    p = s["total"]
+    """Memory per rank of training a model of shape `s` with `cfg` and the resolved DeepSpeed
+    config `ds` on `world` ranks of `device`, rows of `seq_len` positions."""
+    p = s.total_params
     z = ds.get("zero_optimization", {})
     stage = int(z.get("stage", 0))
     mixed = bool(ds.get("bf16", {}).get("enabled"))
@@ -289,7 +177,7 @@ def plan_memory(
         )
     group = min(int(z.get("sub_group_size", 10**9)), trained // o_shard)
     if stage == 3:  # a parameter larger than a sub-group is a sub-group of its own
-        group = max(group, (s["embed"] if lora is None else 0) // o_shard)
+        group = max(group, (s.embed if lora is None else 0) // o_shard)
     if opt_at == "nvme":
         plan.add(
             f"fp32 gradients, swapped out beside them (1/{o_shard})",
@@ -312,46 +200,7 @@ def plan_memory(
     if stage >= 2:
         plan.add("reduce bucket (reduce_bucket_size)", int(z.get("reduce_bucket_size", 5e8)) * b)
 
-    # Forward and backward
-    if stage == 3:
-        # DeepSpeed keeps gathered weights live up to stage3_max_live_parameters while they
-        # will be used again within stage3_max_reuse_distance: the templates' 1e9 keep a model
-        # below 1e9 parameters gathered whole from the first forward to the end of backward.
-        live = int(z.get("stage3_max_live_parameters", 10**9))
-        largest = max(s["embed"], s["layer"])
-        plan.gathered_bytes = b * max(min(p, live), largest)
-        plan.add(
-            f"gathered weights (up to stage3_max_live_parameters {live:.0e})",
-            plan.gathered_bytes,
-            phase="fwd/bwd",
-        )
-    tokens = cfg.train.micro_batch_size * seq_len // cfg.scale.sequence_parallel_size
-    n, h, v = s["layers"], s["hidden"], s["vocab"]
-    per_layer = saved_per_token_layer(s, b, cfg.train.mlp_tiles)
-    if cfg.model.gradient_checkpointing:
-        plan.add(
-            f"activations: {n} checkpointed layer inputs ({tokens} tokens)",
-            n * tokens * h * b,
-            phase="fwd/bwd",
-        )
-        layer_phase = 2 * tokens * per_layer  # one layer recomputed, and its gradients
-    else:
-        plan.add(
-            f"activations: {n} layers' saved tensors ({tokens} tokens)",
-            n * tokens * per_layer,
-            phase="fwd/bwd",
-        )
-        layer_phase = tokens * per_layer
-    chunk = min(cfg.train.loss_chunk_tokens or tokens, tokens)
-    if cfg.train.tiled_logits:
-        loss_phase = 3 * chunk * v * 4  # one tile's logits, log-softmax and gradient in fp32
-    else:
-        loss_phase = 2 * tokens * v * b + 3 * chunk * v * 4  # the logits, their gradient, a chunk
-    plan.add(
-        "the larger of: one layer's backward, the logits and the loss",
-        max(layer_phase, loss_phase),
-        phase="fwd/bwd",
-    )
+    _forward_backward(plan, s, cfg, z, seq_len=seq_len, b=b, stage=stage)
 
     # The optimizer step, one sub-group at a time: the partition's gradients flattened (b) and
     # cast to fp32 (4), stage3.py `_prepare_fp32_grad_for_sub_group`; an offloaded optimizer
@@ -377,266 +226,48 @@ def plan_memory(
     return plan
 
 
-TEMPLATES = (
-    "zero2",
-    "zero3",
-    "zero3_offload_optimizer",
-    "zero3_offload_params",
-    "zero3_nvme_optimizer",
-    "zero3_nvme",
-)  # less memory per rank, more traffic
-
-
-def plan_run(
-    cfg: Any,
-    *,
-    mcfg: Any,
-    world: int,
-    seq_len: int,
-    device: Device,
-    precision: str,
-    bf16_native: bool = True,
-) -> Plan:
-    """`plan_memory` for a Config (its template resolved for `precision`, bf16 | fp32); when the
-    run does not fit, `fixes` lists changes that make it fit, each planned the same way."""
-    plan = _resolve_and_plan(
-        cfg, mcfg=mcfg, world=world, seq_len=seq_len, device=device, precision=precision
-    )
-    if not plan.fits:
-        plan.fixes = fixes(
-            cfg,
-            mcfg=mcfg,
-            world=world,
-            seq_len=seq_len,
-            device=device,
-            precision=precision,
-            bf16_native=bf16_native,
+def _forward_backward(
+    plan: Plan, s: ModelShape, cfg: Config, z: dict[str, Any], *, seq_len: int, b: int, stage: int
+) -> None:
+    """The forward/backward lines: gathered weights, activations, one layer's backward or the
+    logits and the loss (`b` bytes an element)."""
+    p = s.total_params
+    if stage == 3:
+        # DeepSpeed keeps gathered weights live up to stage3_max_live_parameters while they
+        # will be used again within stage3_max_reuse_distance: the templates' 1e9 keep a model
+        # below 1e9 parameters gathered whole from the first forward to the end of backward.
+        live = int(z.get("stage3_max_live_parameters", 10**9))
+        largest = max(s.embed, s.layer_params)
+        plan.gathered_bytes = b * max(min(p, live), largest)
+        plan.add(
+            f"gathered weights (up to stage3_max_live_parameters {live:.0e})",
+            plan.gathered_bytes,
+            phase="fwd/bwd",
         )
-    return plan
-
-
-def _resolve_and_plan(
-    cfg: Any, *, mcfg: Any, world: int, seq_len: int, device: Device, precision: str
-) -> Plan:
-    from sftscale.ds_config import resolve_ds_config
-
-    ds = resolve_ds_config(
-        _with_nvme_path(cfg),
-        world_size=world,
-        precision=precision,
-        largest_weight=largest_weight(mcfg),
-    )
-    return plan_memory(mcfg, cfg, ds, world=world, seq_len=seq_len, device=device)
-
-
-def _with_nvme_path(cfg: Any) -> Any:
-    """A placeholder disk to plan an NVMe template with (where does not change the sizes)."""
-    if cfg.deepspeed.nvme_path:
-        return cfg
-    return _override(cfg, ["deepspeed.nvme_path=/nvme"])
-
-
-def _override(cfg: Any, overrides: list[str]) -> Any:
-    from sftscale.config import Config, apply_overrides, from_dict
-
-    return from_dict(Config, apply_overrides(cfg.to_dict(), overrides))
-
-
-def candidates(
-    cfg: Any, *, device: Device, precision: str, bf16_native: bool
-) -> list[tuple[list[str], int]]:
-    """(overrides, world multiplier) a user could change, cheapest first: the step's own
-    settings, then precision, then heavier ZeRO templates, then more ranks."""
-    t, sc = cfg.train, cfg.scale
-    out: list[tuple[list[str], int]] = []
-    if not t.tiled_logits:
-        out.append((["train.tiled_logits=true"], 1))
-    if not cfg.model.gradient_checkpointing:
-        out.append((["model.gradient_checkpointing=true"], 1))
-    if not t.mlp_tiles:
-        out.append((["train.mlp_tiles=4"], 1))
-    if t.micro_batch_size > 1:
-        out.append(
-            (
-                [
-                    "train.micro_batch_size=1",
-                    f"train.grad_accum={t.micro_batch_size * t.grad_accum}",
-                ],
-                1,
-            )
+    tokens = cfg.train.micro_batch_size * seq_len // cfg.scale.sequence_parallel_size
+    n, h, v = s.n_layers, s.hidden, s.vocab
+    per_layer = saved_per_token_layer(s, b, cfg.train.mlp_tiles)
+    if cfg.model.gradient_checkpointing:
+        plan.add(
+            f"activations: {n} checkpointed layer inputs ({tokens} tokens)",
+            n * tokens * h * b,
+            phase="fwd/bwd",
         )
-    if precision == "fp32" and bf16_native:
-        out.append((["deepspeed.precision=bf16"], 1))
-    current = TEMPLATES.index(cfg.deepspeed.template) if cfg.deepspeed.template in TEMPLATES else 0
-    for template in TEMPLATES[current + 1 :]:
-        nvme = (
-            ["deepspeed.nvme_path=<a local disk>"]
-            if "nvme" in template and not cfg.deepspeed.nvme_path
-            else []
-        )
-        out.append(([f"deepspeed.template={template}", *nvme], 1))
-    for k in (2, 4, 8):
-        out.append(([f"scale.num_workers={sc.num_workers * k}"], k))
-    sp = sc.sequence_parallel_size
-    out.append(
-        ([f"scale.sequence_parallel_size={sp * 2}", f"scale.num_workers={sc.num_workers * 2}"], 2)
-    )
-    return out
-
-
-def fixes(
-    cfg: Any,
-    *,
-    mcfg: Any,
-    world: int,
-    seq_len: int,
-    device: Device,
-    precision: str,
-    bf16_native: bool,
-    limit: int = 3,
-) -> list[str]:
-    """Up to `limit` changes that make the run fit by the same plan: single changes, else
-    pairs, cheapest first. More ranks on a CPU host means more hosts like this one."""
-    from sftscale.config import ConfigError
-
-    options = candidates(cfg, device=device, precision=precision, bf16_native=bf16_native)
-
-    def peak(combo: tuple[tuple[list[str], int], ...]) -> int | None:
-        overrides = [o for ov, _ in combo for o in ov]
-        planned = [o.replace("<a local disk>", "/nvme") for o in overrides]
-        precision_k = "bf16" if "deepspeed.precision=bf16" in overrides else precision
-        try:
-            p = _resolve_and_plan(
-                _override(cfg, planned),
-                mcfg=mcfg,
-                world=world * ranks_k(combo),
-                seq_len=seq_len,
-                device=device,
-                precision=precision_k,
-            )
-        except (ConfigError, ValueError):
-            return None
-        return p.peak_bytes if p.fits else None
-
-    def ranks_k(combo) -> int:
-        return math.prod(k for _, k in combo)
-
-    def say(combo, nbytes: int) -> str:
-        text = " ".join(o for ov, _ in combo for o in ov)
-        k = ranks_k(combo)
-        where = f", on {k}x the hosts" if k > 1 and device.kind == "cpu" else ""
-        return f"{text} ({nbytes / GIB:.1f} GiB per rank{where})"
-
-    # Changes on the same ranks first (single, then pairs), then more ranks (more hosts)
-    same = [o for o in options if o[1] == 1]
-    more = [o for o in options if o[1] > 1]
-    tiers = [
-        [(o,) for o in same],
-        [(a, b) for i, a in enumerate(same) for b in same[i + 1 :]],
-        [(o,) for o in more],
-        [(a, b) for a in same for b in more],
-    ]
-    found: list[str] = []
-    for combos in tiers:
-        for combo in combos:
-            nbytes = peak(combo)
-            if nbytes is not None and len(found) < limit:
-                found.append(say(combo, nbytes))
-        if found:
-            return found
-    return found
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan of a run as `sftscale plan` and `sftscale train` see it.
-
-
-def run_precision(cfg: Any, device: Device) -> tuple[str, bool]:
-    """(bf16 | fp32, whether the device computes bf16 natively) for deepspeed.precision on
-    `device`, as the workers resolve it (GPUs planned here compute bf16 natively)."""
-    if device.kind == "gpu":
-        native = True
+        layer_phase = 2 * tokens * per_layer  # one layer recomputed, and its gradients
     else:
-        from sftscale.precision import cpu_native_bf16
-
-        native = cpu_native_bf16()[0]
-    requested = cfg.deepspeed.precision
-    if requested == "auto":
-        return ("bf16" if native else "fp32"), native
-    return requested, native
-
-
-def this_device(cfg: Any, *, world: int, env: dict[str, str] | None = None) -> Device | None:
-    """The device a rank of this run gets, when the driver can know it: the driver's GPU, or
-    this host's memory shared by the ranks that run here (all of them, or torchrun's local
-    ones). None for CPU ranks on other hosts of a Ray cluster."""
-    env = dict(os.environ) if env is None else env
-    if cfg.scale.use_gpu:
-        import torch
-
-        return cuda_device() if torch.cuda.is_available() else None
-    if "LOCAL_WORLD_SIZE" not in env and (cfg.scale.ray_address or env.get("RAY_ADDRESS")):
-        return None
-    return host_device(ranks_here(world, env))
-
-
-def ranks_here(world: int, env: dict[str, str] | None = None) -> int:
-    """Ranks of this run on this host: torchrun's local ones, else all of them."""
-    env = os.environ if env is None else env
-    return int(env.get("LOCAL_WORLD_SIZE", world))
-
-
-def data_shape(cfg: Any, *, seq_len: int | None, vocab_size: int | None) -> tuple[int, int]:
-    """(row length, tokenizer size) from the arguments, else from the data's manifest."""
-    from sftscale.config import ConfigError
-
-    if seq_len is None or vocab_size is None:  # (0: not needed)
-        from sftscale.validate import load_manifest
-
-        try:
-            manifest = load_manifest(cfg.data.path, field="data.path")
-        except (ConfigError, OSError) as e:
-            raise ConfigError(
-                f"{e}; without prepared data give --seq-len (and --vocab-size for a preset "
-                "without a vocabulary of its own)"
-            ) from e
-        seq_len = seq_len or manifest.seq_len
-        vocab_size = manifest.tokenizer.vocab_size if vocab_size is None else vocab_size
-    return seq_len, vocab_size
-
-
-def plan_for_cli(
-    cfg: Any, *, devices: str | None, seq_len: int | None, vocab_size: int | None
-) -> Plan:
-    """`sftscale plan`: on --devices, else on the devices this run would get here."""
-    from sftscale.config import ConfigError
-    from sftscale.model import PRESETS, is_preset, model_config
-
-    if devices:
-        try:
-            world, device = parse_devices(devices)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    else:
-        world = cfg.scale.num_workers
-        device = this_device(cfg, world=world) or host_device(world)
-    if world % cfg.scale.sequence_parallel_size:
-        raise ConfigError(
-            f"--devices: {world} ranks do not split into sequence-parallel groups "
-            f"of {cfg.scale.sequence_parallel_size}"
+        plan.add(
+            f"activations: {n} layers' saved tensors ({tokens} tokens)",
+            n * tokens * per_layer,
+            phase="fwd/bwd",
         )
-    name = cfg.model.name_or_path
-    if vocab_size is None and not (is_preset(name) and PRESETS[name]["vocab_size"] is None):
-        vocab_size = 0  # the model's own vocabulary (a directory, or a preset that has one)
-    seq_len, vocab = data_shape(cfg, seq_len=seq_len, vocab_size=vocab_size)
-    mcfg = with_vocabulary(model_config(name, vocab_size=vocab), vocab)
-    precision, native = run_precision(cfg, device)
-    return plan_run(
-        cfg,
-        mcfg=mcfg,
-        world=world,
-        seq_len=seq_len,
-        device=device,
-        precision=precision,
-        bf16_native=native,
+        layer_phase = tokens * per_layer
+    chunk = min(cfg.train.loss_chunk_tokens or tokens, tokens)
+    if cfg.train.tiled_logits:
+        loss_phase = 3 * chunk * v * 4  # one tile's logits, log-softmax and gradient in fp32
+    else:
+        loss_phase = 2 * tokens * v * b + 3 * chunk * v * 4  # the logits, their gradient, a chunk
+    plan.add(
+        "the larger of: one layer's backward, the logits and the loss",
+        max(layer_phase, loss_phase),
+        phase="fwd/bwd",
     )

@@ -6,35 +6,36 @@ that names the field and the fix, not minutes later inside a Ray worker.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
+from dataclasses import dataclass
 from typing import Any
 
-from data_tools.schema import Manifest, ShardFormatError, read_manifest
-from sftscale.checkpoint import latest_checkpoint, read_state
+from data_tools.schema import Manifest
+from sftscale.checkpoint import latest_checkpoint, lora_state, read_state
 from sftscale.config import Config, ConfigError
 from sftscale.data import data_fingerprint
-from sftscale.ds_config import resolve_ds_config
+from sftscale.devices import Device, ranks_here, this_device
+from sftscale.fit import plan_with_fixes
 from sftscale.model import model_config
-from sftscale.storage import is_uri, read_remote_manifest
+from sftscale.resolve import ResolvedRun, precision_for, resolve_run
+from sftscale.storage import load_manifest
 
 
-def load_manifest(path: str, *, field: str) -> Manifest:
-    """The manifest of a prepared directory, local or on object storage; `field` names the
-    setting in the error."""
-    try:
-        return read_remote_manifest(path) if is_uri(path) else read_manifest(path)
-    except ShardFormatError as e:
-        raise ConfigError(f"{field}: {e}") from e
+@dataclass(frozen=True)
+class Validated:
+    """What the driver hands on: the data's manifest, the run resolved for its world size, and
+    the parts of the resolution for every world size it may run on (the workers compare)."""
+
+    manifest: Manifest
+    run: ResolvedRun
+    expected: dict[int, dict[str, str]]
 
 
-def validate_run(cfg: Config, *, world_size: int) -> Manifest:
-    """Raise ConfigError for any setting that cannot work; return the data manifest."""
+def validate_run(cfg: Config, *, world_size: int) -> Validated:
+    """Raise ConfigError for any setting that cannot work; return the resolved run."""
     manifest = load_manifest(cfg.data.path, field="data.path")
     eval_manifest = load_manifest(cfg.eval.path, field="eval.path") if cfg.eval.path else None
 
-    for world in range(cfg.scale.min_workers or world_size, world_size + 1):
-        cfg.for_world(world)  # an elastic run must be able to continue on each world size
     rows = manifest.num_rows
     need = cfg.global_batch_rows(world_size)
     if rows < need:
@@ -45,11 +46,14 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
 
     vocab = manifest.tokenizer.vocab_size
     try:
-        mcfg = model_config(cfg.model.name_or_path, vocab_size=vocab)
+        base = model_config(
+            cfg.model.name_or_path,
+            vocab_size=vocab,
+            attn_implementation=cfg.model.attn_implementation,
+        )
     except FileNotFoundError as e:
         raise ConfigError(f"model.name_or_path: {e}") from e
-    positions = getattr(mcfg, "max_position_embeddings", None) or manifest.seq_len
-    model_vocab = mcfg.vocab_size
+    positions = getattr(base, "max_position_embeddings", None) or manifest.seq_len
     if manifest.seq_len > positions:
         raise ConfigError(
             f"data.path: seq_len {manifest.seq_len} exceeds the model's max_position_embeddings "
@@ -58,14 +62,56 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
     # Added tokens (the chat template's markers that prepare adds, a user's own) beyond the
     # model's vocabulary are grown at load time, and the worker says so. A base vocabulary
     # larger than the model's is another tokenizer than the model's.
-    base = manifest.tokenizer.base_vocab_size or vocab
-    if base > model_vocab:
+    base_vocab = manifest.tokenizer.base_vocab_size or vocab
+    if base_vocab > base.vocab_size:
         raise ConfigError(
-            f"model.name_or_path: the data's tokenizer has {base} tokens before added ones but the "
-            f"model's vocabulary has {model_vocab}; use the tokenizer the model was trained with"
+            f"model.name_or_path: the data's tokenizer has {base_vocab} tokens before added ones "
+            f"but the model's vocabulary has {base.vocab_size}; use the tokenizer the model was "
+            "trained with"
         )
+    _check_devices(cfg)
+    if cfg.model.lora is not None:
+        _check_lora(cfg)
+    if cfg.scale.sequence_parallel_size > 1:
+        _check_sequence_parallel(cfg, base, world_size, manifest.seq_len)
+    _check_row_slices(cfg, manifest, eval_manifest)
+    for flag, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+        if getattr(cfg.logging, flag) and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"logging.{flag} is true but {module} is not installed: pip install {module}"
+            )
+    if eval_manifest is not None:
+        _check_eval_set(eval_manifest, manifest, positions)
+    _check_resume_data(cfg, manifest)
+
+    # The run, resolved once for every world size it may run on (an elastic run must be able
+    # to continue on each); the workers resolve again and compare.
+    device = this_device(cfg, world=world_size)
+    precision = precision_for(cfg, device)
+    runs = {
+        world: resolve_run(
+            cfg,
+            world=world,
+            seq_len=manifest.seq_len,
+            vocab_size=vocab,
+            precision=precision,
+            device=device if world == world_size else None,
+            base_model_config=base,
+        )
+        for world in range(cfg.scale.min_workers or world_size, world_size + 1)
+    }
+    run = runs[world_size]
+    _check_nvme_param_buffer(run)
+    _check_nvme_resume(run.ds_config, cfg, world_size)
+    _check_zero_options(run.ds_config, cfg)
+    if cfg.scale.memory_check and device is not None:
+        _check_memory(run, device)
+    return Validated(manifest, run, {w: r.parts() for w, r in runs.items()})
+
+
+def _check_devices(cfg: Config) -> None:
     if cfg.scale.use_gpu:
-        import torch
+        import torch  # heavy: only a GPU run asks
 
         if not torch.cuda.is_available() and not cfg.scale.ray_address:
             raise ConfigError(
@@ -80,34 +126,6 @@ def validate_run(cfg: Config, *, world_size: int) -> Manifest:
             raise ConfigError(
                 "model.attn_implementation=flash_attention_2 but flash_attn is not installed; use sdpa"
             )
-    if cfg.model.lora is not None:
-        _check_lora(cfg)
-    if cfg.scale.sequence_parallel_size > 1:
-        _check_sequence_parallel(cfg, mcfg, world_size, manifest.seq_len)
-    _check_row_slices(cfg, manifest, eval_manifest)
-    for flag, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
-        if getattr(cfg.logging, flag) and importlib.util.find_spec(module) is None:
-            raise ConfigError(
-                f"logging.{flag} is true but {module} is not installed: pip install {module}"
-            )
-    if eval_manifest is not None:
-        _check_eval_set(eval_manifest, manifest, positions)
-    _check_resume_data(cfg, manifest)
-    # Bad template / batch arithmetic. An auto precision is chosen on the workers' device;
-    # the template's checks do not depend on which.
-    precision = "bf16" if cfg.deepspeed.precision == "bf16" else "fp32"
-    from sftscale.plan import largest_weight, with_vocabulary
-
-    trained = with_vocabulary(mcfg, vocab)  # the shape the workers train (vocabulary grown)
-    ds_config = resolve_ds_config(
-        cfg, world_size=world_size, precision=precision, largest_weight=largest_weight(trained)
-    )
-    _check_nvme_param_buffer(ds_config, cfg, trained, world_size)
-    _check_nvme_resume(ds_config, cfg, world_size)
-    _check_zero_options(ds_config, cfg)
-    if cfg.scale.memory_check:
-        _check_memory(cfg, trained, world_size, manifest.seq_len)
-    return manifest
 
 
 def _check_nvme_resume(ds: dict, cfg: Config, world: int) -> None:
@@ -130,46 +148,31 @@ def _check_nvme_resume(ds: dict, cfg: Config, world: int) -> None:
         )
 
 
-def _check_nvme_param_buffer(ds: dict, cfg: Config, mcfg: Any, world: int) -> None:
+def _check_nvme_param_buffer(run: ResolvedRun) -> None:
     """ZeRO-Infinity swaps each weight's partition through buffers of offload_param.buffer_size
     elements; a larger partition (a large vocabulary's embedding on few ranks) fails in the
     workers after the model has loaded. The shipped template's "auto" sizes them; a template
     of one's own may not."""
-    offload = ds.get("zero_optimization", {}).get("offload_param", {})
+    offload = run.ds_config.get("zero_optimization", {}).get("offload_param", {})
     if offload.get("device") != "nvme":
         return
-    from sftscale.plan import largest_weight
-
-    largest = -(-largest_weight(mcfg) // world)
+    largest = -(-run.shape.largest_weight // run.world)
     size = int(offload.get("buffer_size", 10**8))
     if size < largest:
         raise ConfigError(
-            f"deepspeed.template={cfg.deepspeed.template}: offload_param.buffer_size is {size:,} "
-            f"elements but the largest weight's partition on {world} ranks has {largest:,}; copy "
-            f"the template to a .json file with offload_param.buffer_size >= {largest} and set "
-            "deepspeed.template=<that file>, or run on more ranks"
+            f"deepspeed.template={run.config.deepspeed.template}: offload_param.buffer_size is "
+            f"{size:,} elements but the largest weight's partition on {run.world} ranks has "
+            f"{largest:,}; copy the template to a .json file with offload_param.buffer_size >= "
+            f"{largest} and set deepspeed.template=<that file>, or run on more ranks"
         )
 
 
-def _check_memory(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
-    from sftscale.plan import plan_run, ranks_here, run_precision, this_device
-
-    device = this_device(cfg, world=world)
-    if device is None:  # ranks on other hosts: `sftscale plan --devices` tells
-        return
-    precision, native = run_precision(cfg, device)
-    plan = plan_run(
-        cfg,
-        mcfg=mcfg,
-        world=world,
-        seq_len=seq_len,
-        device=device,
-        precision=precision,
-        bf16_native=native,
-    )
+def _check_memory(run: ResolvedRun, device: Device) -> None:
+    cfg = run.config
+    plan = plan_with_fixes(run, device)
     gib = 2**30
     if plan.total("nvme") and cfg.deepspeed.nvme_path:
-        _check_nvme_space(cfg.deepspeed.nvme_path, plan.total("nvme") * ranks_here(world))
+        _check_nvme_space(cfg.deepspeed.nvme_path, plan.total("nvme") * ranks_here(run.world))
     if not plan.fits:
         raise ConfigError(
             f"this run does not fit: it needs about {plan.peak_bytes / gib:.1f} GiB per rank and "
@@ -285,14 +288,6 @@ def _check_resume_data(cfg: Config, manifest: Manifest) -> None:
             f"model.lora: checkpoint {latest} was trained with model.lora={state.get('lora')}, "
             f"this run asks for {lora}; set it back or start a new run (logging.run_name)"
         )
-
-
-def lora_state(cfg: Config) -> dict[str, Any] | None:
-    """What a checkpoint records of model.lora (what must not change on resume)."""
-    if cfg.model.lora is None:
-        return None
-    lora = dataclasses.asdict(cfg.model.lora)
-    return {**lora, "target_modules": sorted(lora["target_modules"])}
 
 
 def _check_eval_set(ev: Manifest, manifest: Manifest, positions: int) -> None:

@@ -7,19 +7,33 @@ per parameter) and the fixes it names are checked to fit by the same plan."""
 import pytest
 
 from sftscale.config import ConfigError, load_config
+from sftscale.devices import GIB, GPUS, host_device, parse_devices
 from sftscale.ds_config import resolve_ds_config
+from sftscale.fit import override as _override
+from sftscale.fit import plan_with_fixes
 from sftscale.model import model_config
-from sftscale.plan import (
-    GIB,
-    GPUS,
-    _override,
-    host_device,
-    model_sizes,
-    parse_devices,
-    plan_memory,
-    plan_run,
-)
+from sftscale.precision import Precision
+from sftscale.resolve import resolve_run
+from sftscale.shape import ModelShape
 from sftscale.validate import validate_run
+
+
+def model_sizes(mcfg):
+    return {"total": ModelShape.from_config(mcfg).total_params}
+
+
+def plan_run(cfg, *, mcfg, world, seq_len, device, precision):
+    """The run resolved on `device` and planned, with fixes when it does not fit."""
+    run = resolve_run(
+        cfg,
+        world=world,
+        seq_len=seq_len,
+        vocab_size=mcfg.vocab_size,
+        precision=Precision(precision, "test"),
+        device=device,
+        base_model_config=mcfg,
+    )
+    return plan_with_fixes(run, device)
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "llama-3.2-1b", "qwen2.5-1.5b"])
@@ -36,8 +50,16 @@ def test_parameter_count_equals_the_model(preset):
 def _plan(*overrides, world=8, seq_len=4096, device=GPUS["h100"], precision="bf16"):
     cfg = load_config(None, ["data.path=x", "train.micro_batch_size=1", *overrides])
     mcfg = model_config(cfg.model.name_or_path, vocab_size=32000)
-    ds = resolve_ds_config(cfg, world_size=world, precision=precision)
-    return cfg, mcfg, plan_memory(mcfg, cfg, ds, world=world, seq_len=seq_len, device=device)
+    run = resolve_run(
+        cfg,
+        world=world,
+        seq_len=seq_len,
+        vocab_size=32000,
+        precision=Precision(precision, "test"),
+        device=device,
+        base_model_config=mcfg,
+    )
+    return cfg, mcfg, run.plan
 
 
 def _line(plan, prefix):
@@ -192,7 +214,7 @@ def test_weight_buffers_hold_the_grown_vocabulary(tmp_path):
     """A model directory's config keeps its vocabulary; the workers grow the embedding to the
     tokenizer's added tokens, and ZeRO-Infinity's weight buffers must hold that partition (a
     1.24B run failed in DeepSpeed on 2 rows: 132,384,768 elements > 132,382,720)."""
-    from sftscale.plan import largest_weight, with_vocabulary
+    from sftscale.resolve import with_vocabulary
 
     model_config("llama-3.2-1b", vocab_size=129280).save_pretrained(tmp_path)
     mcfg = model_config(str(tmp_path), vocab_size=129282)
@@ -203,7 +225,10 @@ def test_weight_buffers_hold_the_grown_vocabulary(tmp_path):
         None, ["data.path=x", "deepspeed.template=zero3_nvme", "deepspeed.nvme_path=/x"]
     )
     ds = resolve_ds_config(
-        cfg, world_size=2, precision="bf16", largest_weight=largest_weight(grown)
+        cfg,
+        world_size=2,
+        precision="bf16",
+        largest_weight=ModelShape.from_config(grown).largest_weight,
     )
     assert ds["zero_optimization"]["offload_param"]["buffer_size"] == 129282 * 2048 // 2
 

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from sftscale.flops import ModelShape, device_peak_flops
+from sftscale.flops import device_peak_flops
 from sftscale.model import load_model
 from sftscale.precision import Precision, agree, choose, cpu_bf16_flags
+from sftscale.shape import ModelShape
 
 
 @pytest.mark.parametrize(

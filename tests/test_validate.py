@@ -106,7 +106,7 @@ def test_nvme_weight_buffer_must_hold_the_largest_partition(tmp_path, prepared_d
     refused before launch."""
     from sftscale.ds_config import load_template, resolve_ds_config
     from sftscale.model import model_config
-    from sftscale.plan import largest_weight
+    from sftscale.shape import ModelShape
 
     overrides = [
         "model.name_or_path=llama-3.2-1b",
@@ -118,7 +118,9 @@ def test_nvme_weight_buffer_must_hold_the_largest_partition(tmp_path, prepared_d
         cfg,
         world_size=2,
         precision="bf16",
-        largest_weight=largest_weight(model_config("llama-3.2-1b", vocab_size=0)),
+        largest_weight=ModelShape.from_config(
+            model_config("llama-3.2-1b", vocab_size=0)
+        ).largest_weight,
     )
     assert ds["zero_optimization"]["offload_param"]["buffer_size"] == 131334144
     try:

@@ -41,14 +41,13 @@ def main(spec_path: str) -> int:
         DataCollatorForSeq2Seq,
         Trainer,
         TrainerCallback,
-        TrainingArguments,
     )
 
     from sftscale.data import IGNORE_INDEX, PackedDataset, pad_token_id, stream_rows
     from sftscale.engine import init_distributed
-    from sftscale.flops import ModelShape, device_peak_flops, doc_flops
-    from sftscale.metrics import peak_memory_bytes, peak_reserved_bytes, throughput
+    from sftscale.flops import doc_flops
     from sftscale.model import enable_gradient_checkpointing, load_model
+    from sftscale.shape import ModelShape
 
     init_distributed()  # the same process group as sftscale's (gloo on CPU, NCCL on GPU)
 
@@ -61,30 +60,7 @@ def main(spec_path: str) -> int:
     steps = spec["warmup_steps"] + spec["steps"]
     bf16 = spec["precision"] == "bf16"
     use_gpu = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=spec["out_dir"],
-        per_device_train_batch_size=spec["micro_batch_size"],
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        learning_rate=spec["lr"],
-        weight_decay=spec["weight_decay"],
-        adam_beta1=spec["betas"][0],
-        adam_beta2=spec["betas"][1],
-        adam_epsilon=spec["eps"],
-        max_grad_norm=spec["max_grad_norm"],
-        bf16=bf16,
-        deepspeed=spec["ds_template"],  # "auto" fields filled by Trainer from the values above
-        seed=spec["seed"],
-        data_seed=spec["seed"],
-        save_strategy="no",
-        report_to="none",
-        logging_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        train_sampling_strategy="sequential",  # Documents below is already in stream order
-        use_cpu=not use_gpu,
-    )
+    args = training_arguments(spec, steps=steps, bf16=bf16, use_gpu=use_gpu)
     # After TrainingArguments: its DeepSpeed config makes transformers build the model inside
     # deepspeed.zero.Init under ZeRO-3, as sftscale does.
     torch.manual_seed(spec["seed"])
@@ -141,6 +117,49 @@ def main(spec_path: str) -> int:
     if not hasattr(engine, "zero_optimization_stage"):  # what was measured must be what we claim
         raise RuntimeError(f"Trainer did not run DeepSpeed (model is a {type(engine).__name__})")
 
+    report(spec, engine, data, shape, batches, step_ends, steps=steps, bf16=bf16)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def training_arguments(spec: dict, *, steps: int, bf16: bool, use_gpu: bool):
+    """The Trainer's arguments: the same optimizer, schedule inputs and DeepSpeed template."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=spec["out_dir"],
+        per_device_train_batch_size=spec["micro_batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=spec["lr"],
+        weight_decay=spec["weight_decay"],
+        adam_beta1=spec["betas"][0],
+        adam_beta2=spec["betas"][1],
+        adam_epsilon=spec["eps"],
+        max_grad_norm=spec["max_grad_norm"],
+        bf16=bf16,
+        deepspeed=spec["ds_template"],  # "auto" fields filled by Trainer from the values above
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        save_strategy="no",
+        report_to="none",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        train_sampling_strategy="sequential",  # Documents below is already in stream order
+        use_cpu=not use_gpu,
+    )
+
+
+def report(spec, engine, data, shape, batches, step_ends, *, steps: int, bf16: bool) -> None:
+    """Rank 0 writes the measured figures of the timed steps to spec["result"]. Collective."""
+    import torch.distributed as dist
+
+    from sftscale.flops import device_peak_flops
+    from sftscale.metrics import peak_memory_bytes, peak_reserved_bytes, throughput
+
     w, n = spec["warmup_steps"], spec["steps"]
     if len(step_ends) != steps or len(batches) < steps:
         raise RuntimeError(f"expected {steps} steps, saw {len(step_ends)} ({len(batches)} batches)")
@@ -186,9 +205,6 @@ def main(spec_path: str) -> int:
             "engine": type(engine).__name__,
         }
         Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

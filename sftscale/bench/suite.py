@@ -470,14 +470,15 @@ class Bench:
         }
 
     def run_baseline(self, point: Point) -> dict[str, Any]:
-        from sftscale.ds_config import load_template
+        from sftscale.ds_config import load_template, with_adam_kernel
 
         cfg = self.run_config(point, self.work / "runs" / f"{point.id}.hf")
         o = cfg.optim
         spec = {
             "preset": point.preset,
             "data_dir": str(self.data_dir(point.seq_len, "padded")),
-            "ds_template": load_template(point.template),
+            # the optimizer sftscale's side steps with (optim.kernel), "auto"s for Trainer
+            "ds_template": with_adam_kernel(load_template(point.template), cfg),
             "micro_batch_size": point.micro_batch_size,
             "gradient_checkpointing": point.gradient_checkpointing,
             "attn_implementation": cfg.model.attn_implementation,

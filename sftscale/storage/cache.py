@@ -1,5 +1,5 @@
-"""Prepared data on object storage: `data.path` may be a URI (s3://, gs://, anything pyarrow.fs
-reads). Each node copies the manifest, the tokenizer and the shards to its local disk once,
+"""The node's data cache: `data.path` may be a URI (s3://, gs://, anything pyarrow.fs reads).
+Each node copies the manifest, the tokenizer and the shards to its local disk once,
 checks every file against the manifest (size and sha256), and reads the copy memory-mapped as
 it reads a local directory, so a row is still one seek.
 
@@ -10,9 +10,6 @@ The cache holds one directory per URI; a complete copy carries a `.complete` mar
 reused while the manifest on storage is unchanged. Copies of other URIs are evicted, least
 recently used first, while the cache exceeds `max_bytes`. Processes on one node share a copy:
 the first takes a file lock and downloads, the others wait on the lock and find it complete.
-
-S3-compatible endpoints other than AWS: `AWS_ENDPOINT_URL` (or `?endpoint_override=host:port&
-scheme=http` in the URI), credentials from the usual AWS variables.
 """
 
 from __future__ import annotations
@@ -27,32 +24,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from data_tools import schema
+from sftscale.storage.remote import (
+    is_uri,
+    join,
+    list_files,
+    read_blocks,
+    read_remote_manifest,
+)
 
 COMPLETE = ".complete"
-
-
-def is_uri(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def filesystem(uri: str):
-    """(pyarrow filesystem, path inside it) for a URI."""
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(uri)
-
-
-def read_remote_manifest(uri: str) -> schema.Manifest:
-    fs, root = filesystem(uri)
-    try:
-        with fs.open_input_stream(f"{root}/{schema.MANIFEST_NAME}") as f:
-            raw = json.loads(f.read())
-    except (OSError, FileNotFoundError) as e:
-        raise schema.ShardFormatError(
-            f"{uri}: cannot read {schema.MANIFEST_NAME} ({str(e).splitlines()[0]}); point data.path "
-            "at a directory written by `sftscale prepare` and uploaded whole"
-        ) from e
-    return schema.Manifest.from_dict(raw)
 
 
 def default_cache_dir() -> Path:
@@ -89,21 +69,13 @@ def local_copy(
 def _download(
     uri: str, manifest: schema.Manifest, dest: Path, *, log: Callable[[str], None]
 ) -> int:
-    import pyarrow.fs as pafs
-
-    fs, root = filesystem(uri)
     shutil.rmtree(dest, ignore_errors=True)
     (dest / manifest.tokenizer.dir).mkdir(parents=True)
     wanted: list[tuple[str, int | None, str | None]] = [(schema.MANIFEST_NAME, None, None)]
     wanted += [(s.file, s.bytes, s.sha256) for s in manifest.shards]
     tok_files = manifest.tokenizer.files
     if not tok_files:  # an older manifest: whatever the tokenizer directory holds, unchecked
-        selector = pafs.FileSelector(f"{root}/{manifest.tokenizer.dir}", recursive=False)
-        tok_files = {
-            Path(i.path).name: None
-            for i in fs.get_file_info(selector)
-            if i.type == pafs.FileType.File
-        }
+        tok_files = dict.fromkeys(list_files(join(uri, manifest.tokenizer.dir)))
     wanted += [(f"{manifest.tokenizer.dir}/{name}", None, sha) for name, sha in tok_files.items()]
     unchecked = [s.file for s in manifest.shards if s.sha256 is None]
     if unchecked:
@@ -115,8 +87,8 @@ def _download(
     for rel, size, sha in wanted:
         tmp = dest / f"{rel}.part"
         digest = hashlib.sha256()
-        with fs.open_input_stream(f"{root}/{rel}") as src, open(tmp, "wb") as out:
-            while block := src.read(8 << 20):
+        with open(tmp, "wb") as out:
+            for block in read_blocks(join(uri, *rel.split("/"))):
                 digest.update(block)
                 out.write(block)
         got = tmp.stat().st_size

@@ -1,0 +1,114 @@
+"""The devices a run is planned for: a catalogue of GPUs, this host's memory, and which device
+a rank of a given run gets.
+
+    world, device = parse_devices("8xH100")      # --devices
+    device = this_device(cfg, world=2)           # what the ranks of this run get here (or None)
+
+A CPU host is a device too: its memory shared by the ranks that run on it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftscale.config import Config
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_bytes: int  # per rank
+    kind: str  # gpu | cpu
+    # What a training process holds besides tensors. GPU: the CUDA context, NCCL's buffers, the
+    # caching allocator's slack. CPU: the interpreter and libraries (torch, transformers,
+    # deepspeed, gloo, oneDNN's kernels), measured 0.45-0.5 GiB resident per rank here.
+    runtime_bytes: int
+    # Computes bf16 natively (every GPU of the catalogue: Ampere and newer). For a CPU host
+    # sftscale.precision reads the CPU's flags instead.
+    native_bf16: bool = True
+
+
+GPUS = {
+    d.name.lower(): d
+    for d in (
+        Device("H100", 80 * GIB, "gpu", int(2.5 * GIB)),
+        Device("H200", 141 * GIB, "gpu", int(2.5 * GIB)),
+        Device("A100", 80 * GIB, "gpu", int(2.5 * GIB)),
+        Device("A100-40GB", 40 * GIB, "gpu", int(2.5 * GIB)),
+        Device("L40S", 48 * GIB, "gpu", 2 * GIB),
+        Device("A10G", 24 * GIB, "gpu", int(1.5 * GIB)),
+    )
+}
+CPU_RUNTIME_BYTES = int(0.5 * GIB)
+
+
+def host_memory_bytes() -> int:
+    """This host's memory, or the cgroup's limit when it is lower (a container)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def host_device(ranks: int, memory_bytes: int | None = None) -> Device:
+    """This host as the device of `ranks` ranks: its memory shared between them."""
+    memory = host_memory_bytes() if memory_bytes is None else memory_bytes
+    return Device(
+        f"CPU host ({memory / GIB:.1f} GiB for {ranks} ranks)",
+        memory // ranks,
+        "cpu",
+        CPU_RUNTIME_BYTES,
+    )
+
+
+def cuda_device() -> Device:
+    """The driver's GPU 0 (the workers' GPUs are assumed alike)."""
+    import torch  # heavy: only a run on GPUs asks
+
+    props = torch.cuda.get_device_properties(0)
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return Device(props.name, props.total_memory, "gpu", int(2.5 * GIB), native)
+
+
+def parse_devices(text: str) -> tuple[int, Device]:
+    """'8xH100' -> (8, H100); 'H100' -> (1, H100); '2xcpu' -> 2 ranks sharing this host."""
+    m = re.fullmatch(r"(?:(\d+)\s*x\s*)?([A-Za-z0-9-]+)", text.strip())
+    if not m or int(m.group(1) or 1) < 1:
+        raise ValueError(f"--devices {text!r}: expected COUNTxNAME, e.g. 8xH100 or 2xcpu")
+    count, name = int(m.group(1) or 1), m.group(2).lower()
+    if name == "cpu":
+        return count, host_device(count)
+    if name not in GPUS:
+        known = ", ".join(d.name for d in GPUS.values())
+        raise ValueError(f"--devices {text!r}: unknown device {name!r}; one of {known} or cpu")
+    return count, GPUS[name]
+
+
+def this_device(cfg: Config, *, world: int, env: dict[str, str] | None = None) -> Device | None:
+    """The device a rank of this run gets, when the driver can know it: the driver's GPU, or
+    this host's memory shared by the ranks that run here (all of them, or torchrun's local
+    ones). None for CPU ranks on other hosts of a Ray cluster, and for GPU ranks planned from
+    a driver without a GPU."""
+    env = dict(os.environ) if env is None else env
+    if cfg.scale.use_gpu:
+        import torch  # heavy: only a run on GPUs asks
+
+        return cuda_device() if torch.cuda.is_available() else None
+    if "LOCAL_WORLD_SIZE" not in env and (cfg.scale.ray_address or env.get("RAY_ADDRESS")):
+        return None
+    return host_device(ranks_here(world, env))
+
+
+def ranks_here(world: int, env: dict[str, str] | None = None) -> int:
+    """Ranks of this run on this host: torchrun's local ones, else all of them."""
+    env = os.environ if env is None else env
+    return int(env.get("LOCAL_WORLD_SIZE", world))
