@@ -215,6 +215,7 @@ def _skip_space(text: str, at: int) -> int:
 
 
 def _iter_parquet(path: Path) -> Iterator[SourceRecord]:
+    # heavy (pyarrow): loaded only on the path that uses it
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -254,6 +255,7 @@ def _parquet_rows(batch: Any) -> Iterator[tuple[dict, BadRecord | None]]:
 
 
 def _iter_hf_dataset(path: Path) -> Iterator[SourceRecord]:
+    # heavy (datasets): loaded only on the path that uses it
     import datasets
 
     ds = datasets.load_from_disk(str(path))

@@ -43,6 +43,7 @@ def render_row(tokenizer, input_ids: list[int], loss_mask: list[int], doc_lens: 
 
 
 def inspect(data_dir: str, *, samples: int = 2) -> str:
+    # heavy (transformers): loaded only on the path that uses it
     from transformers import AutoTokenizer
 
     data_dir_p = Path(data_dir)

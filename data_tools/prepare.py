@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import multiprocessing as mp
+import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -153,6 +155,7 @@ def worker_tokenizer(tokenizer_dir: str | Path) -> Any:
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    # heavy (transformers): loaded only on the path that uses it
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -290,7 +293,6 @@ def _run_local(
         for batch in batches:
             yield _process_batch(batch)
         return
-    import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no fork of a process that may hold threads (tokenizers)
     with ctx.Pool(
@@ -340,9 +342,9 @@ def _run_ray(
 ) -> Iterator[list[dict]]:
     """The same per-record work on Ray Data (a running cluster, or a local Ray); the driver
     streams records in windows and packs in input order."""
-    import os
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # heavy (ray): loaded only on the path that uses it
     import ray
 
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)

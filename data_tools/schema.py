@@ -121,6 +121,7 @@ def shard_name(index: int) -> str:
 def _list_array(values: list, value_type: pa.DataType) -> pa.Array:
     """A list<value_type> array from a list of sequences (numpy arrays or lists), built from one
     flat buffer and offsets rather than element by element."""
+    # heavy (numpy): loaded only on the path that uses it
     import numpy as np
 
     lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))

@@ -73,6 +73,7 @@ def train_sentencepiece_tokenizer(
 ) -> Path:
     """Train a SentencePiece BPE model on `texts`; save it as a Hugging Face tokenizer directory
     with a ChatML template (`<|im_end|>` is EOS, so generation stops at the end of a turn)."""
+    # heavy (sentencepiece): loaded only on the path that uses it
     import sentencepiece as spm
 
     from data_tools.chat import BUILTIN_TEMPLATES
@@ -109,6 +110,7 @@ def train_sentencepiece_tokenizer(
 def train_bpe_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int) -> Path:
     """Train a byte-level BPE (GPT-2 / Llama 3 style) on `texts`; save it as a Hugging Face
     tokenizer directory with ChatML special tokens and template (`<|im_end|>` is EOS)."""
+    # heavy (tokenizers): loaded only on the path that uses it
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

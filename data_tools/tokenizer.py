@@ -13,6 +13,7 @@ from typing import Any
 def load_tokenizer(path: str | Path) -> Any:
     """A local Hugging Face tokenizer directory, or a SentencePiece .model file (ValueError
     for anything else)."""
+    # heavy (transformers): loaded only on the path that uses it
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -29,6 +30,7 @@ def tokenizer_from_sentencepiece(model_file: Path, *, eos_token: str | None = No
     """A Hugging Face (Llama-class) tokenizer for a SentencePiece model: its own special pieces,
     no BOS/EOS added when encoding, a prefix space only where the model adds one; `eos_token`
     overrides the model's EOS piece (a chat tokenizer's end of turn, say)."""
+    # heavy (sentencepiece): loaded only on the path that uses it
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
     from transformers import AutoTokenizer

@@ -22,6 +22,7 @@ and the stream position, so neither needs state of its own beyond these numbers.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from sftscale.config import Config
 from sftscale.storage import carry_run_files
@@ -113,7 +115,6 @@ def save_checkpoint(
         (storage.carry_run_files) before it is committed, so that a checkpoint on object
         storage restores them too.
     """
-    import torch.distributed as dist
 
     leader = rank == 0 if leader is None else leader
     step = state["step"]
@@ -175,10 +176,30 @@ def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     if engine.zero_nvme_offload_optimizer():
         restore_nvme_optimizer_state(engine, tag_dir)
+    unshare_step_counters(engine.optimizer)
     rng_file = tag_dir / f"rng_rank{rank}.pt"
     if state["world_size"] == _world_size() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def unshare_step_counters(optimizer) -> None:
+    """Give every parameter's AdamW state its own step counter.
+
+    DeepSpeed's universal-checkpoint load (stage3 `load_hp_checkpoint_state_from_checkpoint_dir_
+    stage3`) puts one and the same `step` object into every sub-group's state. torch's AdamW
+    keeps `step` as a tensor and advances it in place, once per sub-group it steps: a shared
+    tensor then advances by the number of sub-groups each step, and the bias correction of every
+    step after an elastic resume is wrong (losses 0.3-0.9% off an uninterrupted run). DeepSpeed's
+    own Adam kernels keep an int and are not affected."""
+    basic = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer under ZeRO's wrapper
+    seen: set[int] = set()
+    for state in basic.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
 
 
 def restore_nvme_optimizer_state(engine, tag_dir: Path) -> None:
@@ -237,7 +258,6 @@ def has_frozen(module: torch.nn.Module) -> bool:
 
 
 def _world_size() -> int:
-    import torch.distributed as dist
 
     return dist.get_world_size()
 
@@ -259,9 +279,6 @@ def universal_checkpoint(tag_dir: Path, *, leader: bool) -> Path:
     """Collective. DeepSpeed's universal (world-size-independent) form of a checkpoint, made
     once by the leader (rank 0, or one rank per disk where nodes share no disk) beside
     it; loading it needs `"checkpoint": {"load_universal": true}`."""
-    import argparse
-
-    import torch.distributed as dist
 
     out = tag_dir.parent / f"universal-{tag_dir.name}"
     if leader and not (out / STATE_FILE).is_file():

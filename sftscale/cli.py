@@ -3,6 +3,7 @@
 sftscale prepare data/*.jsonl --tokenizer TOKDIR --seq-len 2048 --out prepared/
 sftscale inspect prepared/
 sftscale train configs/tiny-cpu.yaml [section.key=value ...] [--local] [--output-dir D] [--max-steps N]
+sftscale plan configs/tiny-cpu.yaml [section.key=value ...] [--devices 8xH100]   # will it fit?
 sftscale export runs/x/checkpoints --out runs/x/hf
 sftscale status runs/x                       # last step, its age, each rank's phase: slow or stuck?
 sftscale build-ops [--all|NAME...]           # DeepSpeed's JIT ops ahead of time (runs build on first use)
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # Heavy imports (torch, transformers, deepspeed, ray) happen inside the commands, so
 # `sftscale --help` is instant.
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from data_tools.prepare import PrepareOptions, prepare, summary_line
 
     options = PrepareOptions(
@@ -46,6 +49,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from data_tools.inspect import inspect
 
     print(inspect(args.dir, samples=args.samples))
@@ -53,6 +57,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from data_tools.console import say
     from sftscale.config import load_config
 
@@ -63,6 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_config(args.config, overrides)
 
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from sftscale.launch import run
 
     launched = started_by_launcher(os.environ, args.local_rank)
@@ -95,8 +101,8 @@ def started_by_launcher(env, local_rank: int | None) -> bool:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from sftscale.heartbeat import status
 
     print(status(Path(args.run_dir)))
@@ -104,9 +110,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_ops(args: argparse.Namespace) -> int:
+    # heavy (torch): loaded only on the path that uses it
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from data_tools.console import say
     from sftscale.jit_locks import OFFLOAD_OPS, RUN_OPS, op_builder_name, prebuild_ops
 
@@ -124,6 +132,7 @@ def _cmd_build_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    # heavy (torch): loaded only on the path that uses it
     import torch
 
     from sftscale.export import export_from_checkpoint
@@ -140,6 +149,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from sftscale.config import load_config
     from sftscale.fit import plan_for_cli
 
@@ -150,6 +160,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from sftscale.bench.suite import main as bench
 
     return bench(args, args.argv)
@@ -207,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="training throughput and memory over a grid, against the HF Trainer"
     )
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from sftscale.bench.suite import add_arguments
 
     add_arguments(p)
@@ -321,6 +333,7 @@ def _add_train_and_plan(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
     from data_tools.prepare import PrepareError
     from sftscale.config import ConfigError
 

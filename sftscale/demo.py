@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(work)
 
+    # the pipeline's modules load torch and transformers: imported when the demo runs
     from data_tools.prepare import PrepareOptions, prepare, summary_line
     from data_tools.synthetic import (
         conversation_texts,
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_line(manifest))
 
     print("== 3. fine-tune" + (" (local mode)" if args.local else " (Ray Train, DeepSpeed ZeRO-3)"))
+    # the pipeline's modules load torch and transformers: imported when the demo runs
     from sftscale.config import load_config
     from sftscale.launch import run
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print("loss by logged step: " + " -> ".join(f"{x:.3f}" for x in losses))
 
     print("== 4. reload the export and generate")
+    # heavy (torch): loaded only on the path that uses it
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -12,6 +12,7 @@ every parameter is created inside deepspeed.zero.Init and each rank holds only i
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from sftscale.config import Config
 from sftscale.ds_config import zero_stage
@@ -38,8 +40,8 @@ from sftscale.precision import Precision, agree, choose, device_native_bf16
 def init_distributed(*, timeout_s: int = 1800) -> tuple[int, int]:
     """Join the process group (Ray Train has already created it, with its TorchConfig timeout;
     local mode creates it here). A collective waiting longer than `timeout_s` raises."""
+    # heavy (deepspeed): loaded only on the path that uses it
     import deepspeed
-    import torch.distributed as dist
 
     if torch.cuda.is_available():
         # Before any CUDA allocation (zero.Init places partitions on the current device): one
@@ -57,7 +59,6 @@ def _without_shm_comm_op():
     inference kernels); training's collectives (ZeRO gathers, reduce-scatters, all-reduces) go
     through torch.distributed over gloo either way. So training skips it, as DeepSpeed itself
     does where the op is not compatible (build_shm_op returns None)."""
-    import importlib
 
     # by module path: the package's attribute `deepspeed.comm.torch` is torch itself
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
@@ -81,7 +82,6 @@ def _join(deepspeed, dist, timeout_s: int) -> None:
 
 def choose_precision(requested: str, *, world: int) -> Precision:
     """`deepspeed.precision` resolved on this device, the same on every rank. Collective."""
-    import torch.distributed as dist
 
     native, why = device_native_bf16(cuda=torch.cuda.is_available())
     chosen = choose(requested, native_bf16=native, why=why)
@@ -113,6 +113,7 @@ def build_engine(
 ) -> Built:
     """Load the model partitioned (ZeRO-3) or whole, fit its vocabulary to the tokenizer, and
     wrap it in a DeepSpeed engine. Collective."""
+    # heavy (deepspeed): loaded only on the path that uses it
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -194,6 +195,7 @@ def make_adam_resumable(optimizer) -> None:
     uninterrupted one. Before every step this resets the kernel's cache to step 0, so that every
     step takes the pow() path and its update is a function of the saved step number alone.
     """
+    # heavy (deepspeed): loaded only on the path that uses it
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 

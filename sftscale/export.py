@@ -13,8 +13,12 @@ Either way `AutoModelForCausalLM.from_pretrained(DIR)` loads the result.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import json
 import math
+import mmap
 import shutil
 import struct
 from collections.abc import Iterator
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from sftscale.lora import peft_key
 from sftscale.model import full_numel
 
 MODEL_META_DIR = "hf_model"  # under the checkpoint root: config + tokenizer, written by training
@@ -159,6 +164,7 @@ def export_from_engine(
     module: torch.nn.Module, *, out_dir: Path, tokenizer_dir: Path, max_shard_bytes: int, rank: int
 ) -> None:
     """Collective: every rank must call it. Rank 0 writes `out_dir`."""
+    # heavy (deepspeed): loaded only on the path that uses it
     import deepspeed
 
     named = list(module.named_parameters())  # tied weights appear once
@@ -194,8 +200,6 @@ _MADV_DONTNEED = 4  # Linux
 def _release_pages(lazy) -> None:
     """Tell the kernel the memory-mapped pages behind a lazy tensor's slices are not needed:
     they are clean file pages, so they are dropped (and re-read from disk if touched again)."""
-    import ctypes
-    import mmap
 
     libc = ctypes.CDLL(None, use_errno=True)
     end_idx = lazy.offset + lazy.partitioned_numel
@@ -228,9 +232,8 @@ def export_from_checkpoint(
 
     dtype: of the written weights; None writes them in the dtype the run trained in.
     """
-    import contextlib
-    import io
 
+    # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, GenerationConfig
 
@@ -277,13 +280,10 @@ def export_from_checkpoint(
 def _adapter_from_checkpoint(root: Path, tag: str, *, meta: Path, out: Path) -> Path:
     """A LoRA checkpoint holds only the adapters (the base is model.name_or_path): write them
     in peft's format, fp32, with the run's adapter_config.json and tokenizer."""
-    import contextlib
-    import io
 
+    # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
-
-    from sftscale.lora import peft_key
 
     with contextlib.redirect_stdout(io.StringIO()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)

@@ -70,6 +70,7 @@ def save_export_meta(module: torch.nn.Module, tokenizer_dir: Path, dest: Path) -
 
 def _gathered(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[list[tuple[str, Any]]]:
     """Collective: yields bounded groups of (name, full tensor) on every rank."""
+    # heavy (deepspeed): loaded only on the path that uses it
     import deepspeed
 
     for group in bounded_groups(params):
@@ -83,6 +84,7 @@ def export_adapter(
     """Collective. Rank 0 writes `out_dir` in peft's format (adapter_config.json +
     adapter_model.safetensors + the tokenizer), for `PeftModel.from_pretrained(base, out_dir)`
     with the base model at `base_dir`."""
+    # heavy (safetensors): loaded only on the path that uses it
     from safetensors.torch import save_file
 
     state = {}
@@ -119,6 +121,7 @@ def export_base_and_merged(
     `base_out` and/or the merged model (every target weight W + scaling * B @ A) to
     `merged_out`, both plain Hugging Face directories, gathering a bounded group of parameters
     at a time: rank 0 holds about one group, never the model."""
+    # heavy (deepspeed): loaded only on the path that uses it
     import deepspeed
 
     layers = lora_layers(module)

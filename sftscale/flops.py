@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from sftscale.shape import ModelShape
 
@@ -101,7 +102,6 @@ def measure_gemm_peak(
     """Best FLOP/s over the GEMMs a training step runs for these weight shapes, in `dtype` with
     this process's threads: forward x W^T, backward g W and g^T x, with `rows` token rows
     (fewer for a weight so large that one GEMM would exceed `max_flop`, never under 256)."""
-    import torch.nn.functional as F
 
     best = 0.0
     gen = torch.Generator(device=device).manual_seed(0)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +42,7 @@ def extensions_root() -> Path:
     """Where torch builds JIT extensions: TORCH_EXTENSIONS_DIR, else torch's default."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    # heavy (torch): loaded only on the path that uses it
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(get_default_build_root())
@@ -185,6 +188,7 @@ def required_ops(ds_config: dict[str, Any], template: str) -> list[tuple[str, st
 
 def is_built(name: str) -> bool:
     """Whether op `name`'s library is already in the extensions directory (a load, no build)."""
+    # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.accelerator import get_accelerator
 
     op = get_accelerator().create_op_builder(name).name
@@ -193,8 +197,6 @@ def is_built(name: str) -> bool:
 
 def missing_build_tools(name: str) -> str | None:
     """What this machine lacks to build op `name`, as the package to install; None: nothing."""
-    import shutil
-    import sysconfig
 
     if not (shutil.which("c++") or shutil.which("g++")):
         return "a C++ compiler: apt-get install g++ (Debian, Ubuntu) or dnf install gcc-c++"
@@ -241,12 +243,14 @@ def ensure_ops(ops: list[tuple[str, str]], *, log: Callable[[str], None]) -> Non
 
 
 def _cuda() -> bool:
+    # heavy (torch): loaded only on the path that uses it
     import torch
 
     return torch.cuda.is_available()
 
 
 def _load(name: str, why: str) -> None:
+    # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.accelerator import get_accelerator
 
     try:
@@ -261,6 +265,7 @@ def _load(name: str, why: str) -> None:
 def op_available(name: str) -> bool:
     """Whether this machine can build DeepSpeed's op `name` for its accelerator (e.g. the async
     I/O op needs libaio)."""
+    # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder(name)
@@ -271,6 +276,7 @@ def prebuild_ops(*, log: Callable[[str], None], names: tuple[str, ...] = RUN_OPS
     """`sftscale build-ops`: build (or load) DeepSpeed's JIT ops into the extensions directory
     ahead of time (cluster images), so that no run compiles or meets a build lock. Returns how
     many ops could not be built although this machine supports them (0: all good)."""
+    # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.accelerator import get_accelerator
 
     use_environment_ninja()

@@ -15,6 +15,7 @@ from data_tools.console import say
 from sftscale.checkpoint import STATE_FILE, latest_checkpoint, read_state
 from sftscale.config import Config, ConfigError, save_config
 from sftscale.heartbeat import StallReporter
+from sftscale.jit_locks import OpBuildError, ensure_ops, required_ops
 from sftscale.resolve import ResolvedRun
 from sftscale.storage import fetch_checkpoint, join, upload_run_files
 from sftscale.validate import validate_run
@@ -89,9 +90,8 @@ def build_required_ops(run: ResolvedRun) -> None:
     """The JIT ops this run's template loads (none on the default path), built or loaded here,
     in the driver, before any worker starts: workers on this host then only load them. A driver
     without the workers' GPUs leaves CUDA ops to the workers (each builds on first use)."""
+    # heavy (torch): loaded only on the path that uses it
     import torch
-
-    from sftscale.jit_locks import OpBuildError, ensure_ops, required_ops
 
     if run.config.scale.use_gpu and not torch.cuda.is_available():
         return
@@ -114,6 +114,7 @@ def run_local(
         "MASTER_PORT": str(free_port()),
     }.items():
         os.environ.setdefault(key, value)
+    # heavy (torch): loaded only on the path that uses it
     import torch.distributed as dist
 
     from sftscale.train import train_worker
@@ -128,6 +129,7 @@ def run_local(
 def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's entry on every worker: resume from Ray's latest checkpoint (after a worker
     failure Ray restarts the whole group) and report each committed checkpoint to Ray."""
+    # heavy (ray): loaded only on the path that uses it
     import ray.train
     from ray.train import Checkpoint
     from ray.train.v2.api.report_config import CheckpointUploadMode
@@ -186,6 +188,7 @@ def run_ray(
 ) -> dict[str, Any]:
     """Ray Train (V2) TorchTrainer with `scale.num_workers` workers."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # heavy (ray): loaded only on the path that uses it
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -12,6 +12,8 @@ checkpoints.
 
 from __future__ import annotations
 
+import math
+import zlib
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ ADAPTER_NAME = "default"  # peft's
 def add_adapters(model: torch.nn.Module, lora: LoraConfig, *, seed: int) -> torch.nn.Module:
     """Wrap `model` in a peft LoRA model: every target Linear gets A (r x in) and B (out x r);
     everything else is frozen."""
+    # heavy (peft): loaded only on the path that uses it
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -59,8 +62,6 @@ def init_adapters(model: torch.nn.Module, *, seed: int) -> None:
     """peft's initialization (A: kaiming-uniform, B: zero), each A drawn from its own generator
     seeded by the run's seed and the parameter's name: the same on every rank and in any other
     loop that calls this, whatever random numbers were drawn before (zero.Init draws its own)."""
-    import math
-    import zlib
 
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -84,6 +85,7 @@ def peft_key(name: str) -> str:
 
 def lora_layers(module: torch.nn.Module) -> dict[str, Any]:
     """peft's LoRA layers by the name of their base weight (`...q_proj.base_layer.weight`)."""
+    # heavy (peft): loaded only on the path that uses it
     from peft.tuners.lora import LoraLayer
 
     return {

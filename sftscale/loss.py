@@ -7,6 +7,7 @@ data-parallel ranks), so the update does not depend on how the global batch is s
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from sftscale.data import IGNORE_INDEX
 
@@ -25,7 +26,6 @@ def token_loss_sum(
     n = flat_targets.numel()
     if not chunk_tokens or n <= chunk_tokens or not torch.is_grad_enabled():
         return _ce_sum(flat_logits, flat_targets)
-    from torch.utils.checkpoint import checkpoint
 
     # split, not slicing: the backward of one split is one concatenation, where each slice's
     # backward would add a whole-logits gradient (quadratic in the positions)
@@ -53,7 +53,6 @@ def tiled_head_loss_sum(
     pieces = zip(hidden.flatten(0, 1).split(sizes), targets.flatten().split(sizes), strict=True)
     if not torch.is_grad_enabled():
         return torch.stack([_head_ce_sum(head, h, t) for h, t in pieces]).sum()
-    from torch.utils.checkpoint import checkpoint
 
     parts = [checkpoint(_head_ce_sum, head, h, t, use_reentrant=False) for h, t in pieces]
     return torch.stack(parts).sum()

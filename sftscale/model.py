@@ -55,6 +55,7 @@ def is_preset(name_or_path: str) -> bool:
 
 def model_config(name_or_path: str, *, vocab_size: int, attn_implementation: str = "sdpa"):
     """The transformers config of a preset or a local model directory."""
+    # heavy (transformers): loaded only on the path that uses it
     from transformers import AutoConfig
 
     if is_preset(name_or_path):
@@ -84,6 +85,7 @@ def load_model(
 ) -> torch.nn.Module:
     """A preset with random init (seeded by the caller), or weights from a local directory.
     A directory's vocabulary may be smaller than the tokenizer's (`grow_vocabulary`)."""
+    # heavy (transformers): loaded only on the path that uses it
     from transformers import AutoModelForCausalLM
 
     cfg = model_config(name_or_path, vocab_size=vocab_size, attn_implementation=attn_implementation)

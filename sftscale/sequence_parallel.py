@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 # Core attentions that stay exact on packed rows under Ulysses (see the module docstring).
 EXACT_ON_PACKED_ROWS = ("sdpa", "flash_attention_2")
@@ -44,7 +45,6 @@ class SequenceParallelGroup:
 def sequence_parallel_group(size: int) -> SequenceParallelGroup:
     """Collective: ranks [0, size), [size, 2 * size), ... form the groups (consecutive ranks, as
     DeepSpeed's parallel_state_sp does, so a group stays on one node where it can)."""
-    import torch.distributed as dist
 
     world, rank = dist.get_world_size(), dist.get_rank()
     mine = None
@@ -105,6 +105,7 @@ def apply_document_attention(model: torch.nn.Module) -> str:
     where the device has one) and costs the document's own square
     (benchmarks/results/long_context.md). Returns the registered attention name.
     """
+    # heavy (transformers): loaded only on the path that uses it
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -122,6 +123,7 @@ def apply_ulysses(
     Registers the wrapped attention under its own name and points the model's config at it, so
     other models in the process keep their attention. Returns that name.
     """
+    # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -172,6 +174,7 @@ def tile_mlp(model: torch.nn.Module, tiles: int) -> int:
     of slices and TiledMLP needs them equal: rows are padded to a multiple of `tiles` positions
     per rank (see train.row_multiple).
     """
+    # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
     count = 0

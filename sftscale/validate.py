@@ -7,7 +7,9 @@ that names the field and the fix, not minutes later inside a Ray worker.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from data_tools.schema import Manifest
@@ -16,8 +18,10 @@ from sftscale.config import Config, ConfigError
 from sftscale.data import data_fingerprint
 from sftscale.devices import Device, ranks_here, this_device
 from sftscale.fit import plan_with_fixes
+from sftscale.jit_locks import op_available
 from sftscale.model import model_config
 from sftscale.resolve import ResolvedRun, precision_for, resolve_run
+from sftscale.sequence_parallel import EXACT_ON_PACKED_ROWS, sliding_window
 from sftscale.storage import load_manifest
 
 
@@ -185,8 +189,6 @@ def _check_memory(run: ResolvedRun, device: Device) -> None:
 def _check_nvme_space(nvme_path: str, need: int) -> None:
     """The swap files of this host's ranks must fit on the disk of deepspeed.nvme_path (those
     already there, of a run that resumes, are rewritten in place)."""
-    import shutil
-    from pathlib import Path
 
     path = Path(nvme_path)
     existing = sum(f.stat().st_size for f in path.rglob("*.swp")) if path.is_dir() else 0
@@ -220,8 +222,6 @@ def _check_lora(cfg: Config) -> None:
 
 
 def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int, seq_len: int) -> None:
-    from sftscale.sequence_parallel import EXACT_ON_PACKED_ROWS, sliding_window
-
     sp, key = cfg.scale.sequence_parallel_size, "scale.sequence_parallel_size"
     cfg.data_parallel_size(world)  # the world splits into whole groups
     arch = mcfg.get_text_config()
@@ -304,7 +304,6 @@ def _check_eval_set(ev: Manifest, manifest: Manifest, positions: int) -> None:
 
 def _check_async_io(where: str) -> None:
     """NVMe offload swaps through DeepSpeed's async I/O op, which links libaio."""
-    from sftscale.jit_locks import op_available
 
     if not op_available("AsyncIOBuilder"):
         raise ConfigError(

@@ -80,3 +80,23 @@ def test_torch_adamw_needs_no_wrapper():
     _, saved = _train("torch_fused", steps=STOP, wrap=False)
     resumed, _ = _train("torch_fused", steps=STEPS, wrap=False, state=saved)
     assert torch.equal(resumed, uninterrupted)
+
+
+def test_a_shared_step_counter_is_unshared_after_a_load():
+    """DeepSpeed's universal-checkpoint load hands every sub-group the same `step` object;
+    torch's AdamW advances it in place once per sub-group, so it must be unshared."""
+    from sftscale.checkpoint import unshare_step_counters
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(5))
+    opt = torch.optim.AdamW([a, b], lr=1e-2, fused=True)
+    shared = torch.tensor(7.0)
+    for p in (a, b):
+        opt.state[p] = {
+            "step": shared,
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
+    unshare_step_counters(opt)
+    a.grad, b.grad = torch.ones(3), torch.ones(5)
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in (a, b)] == [8.0, 8.0]

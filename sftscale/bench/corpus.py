@@ -139,6 +139,7 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> None:
 
 
 def make_tokenizer(corpus: Path, out: Path) -> None:
+    # heavy (sentencepiece, tokenizers behind it): only when a tokenizer is trained
     from data_tools.synthetic import train_bpe_tokenizer
 
     texts = [

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import torch.distributed as dist
+    # after DS_ACCELERATOR is set: these load transformers and deepspeed
     from transformers import (
         AutoTokenizer,
         DataCollatorForSeq2Seq,
@@ -125,6 +126,7 @@ def main(spec_path: str) -> int:
 
 def training_arguments(spec: dict, *, steps: int, bf16: bool, use_gpu: bool):
     """The Trainer's arguments: the same optimizer, schedule inputs and DeepSpeed template."""
+    # heavy (transformers): loaded only on the path that uses it
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -155,8 +157,8 @@ def training_arguments(spec: dict, *, steps: int, bf16: bool, use_gpu: bool):
 
 def report(spec, engine, data, shape, batches, step_ends, *, steps: int, bf16: bool) -> None:
     """Rank 0 writes the measured figures of the timed steps to spec["result"]. Collective."""
-    import torch.distributed as dist
 
+    # sftscale's modules load deepspeed: after DS_ACCELERATOR is set (main)
     from sftscale.flops import device_peak_flops
     from sftscale.metrics import peak_memory_bytes, peak_reserved_bytes, throughput
 

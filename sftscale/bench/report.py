@@ -86,9 +86,11 @@ def write_report(records: list[dict], out: Path, *, grid: Any, device: dict, com
 
 
 def plot(rows: list[tuple[dict, dict | None]], out: Path) -> None:
+    # heavy (matplotlib): loaded only on the path that uses it
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy (matplotlib): loaded only on the path that uses it
     import matplotlib.pyplot as plt
     import numpy as np
 

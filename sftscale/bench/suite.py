@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -238,6 +239,7 @@ def grid_with_sets(grid: Grid, sets: dict[str, list[Any]]) -> Grid:
 
 
 def device_info() -> dict[str, Any]:
+    # heavy (torch): loaded only on the path that uses it
     import torch
 
     if torch.cuda.is_available():
@@ -264,7 +266,6 @@ def device_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "deepspeed", "accelerate", "sftscale"):
@@ -295,6 +296,7 @@ def versions() -> dict[str, str]:
 def ds_memory_estimate(point: Point, *, vocab_size: int, world: int) -> dict[str, Any]:
     """DeepSpeed's estimate of model-state memory (weights, gradients, optimizer) per device
     and on the host, for this point's model, stage, offload and world size."""
+    # heavy (torch): loaded only on the path that uses it
     import torch
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -345,6 +347,7 @@ class Bench:
     # data ----------------------------------------------------------------------------------------
     def data_dir(self, seq_len: int, packing: str) -> Path:
         """A prepared directory of the shared corpus: packed rows, or one document per row."""
+        # heavy (torch, transformers behind it): only the bench step that needs it
         from data_tools.prepare import PrepareOptions, prepare
         from sftscale.bench.corpus import make_corpus, make_tokenizer
 
@@ -389,6 +392,7 @@ class Bench:
         return rc, time.perf_counter() - t0
 
     def run_config(self, point: Point, run_dir: Path) -> Config:
+        # heavy (torch, transformers behind it): only the bench step that needs it
         from sftscale.config import Config, from_dict
 
         cfg = from_dict(
@@ -429,6 +433,7 @@ class Bench:
         return cfg
 
     def run_sftscale(self, point: Point) -> dict[str, Any]:
+        # heavy (torch, transformers behind it): only the bench step that needs it
         from sftscale.config import save_config
 
         run_dir = self.work / "runs" / point.id
@@ -470,6 +475,7 @@ class Bench:
         }
 
     def run_baseline(self, point: Point) -> dict[str, Any]:
+        # heavy (torch, transformers behind it): only the bench step that needs it
         from sftscale.ds_config import load_template, with_adam_kernel
 
         cfg = self.run_config(point, self.work / "runs" / f"{point.id}.hf")
@@ -555,6 +561,7 @@ class Bench:
                 done[base] = self.run_baseline(base)
                 records.append(self.record("hf_trainer", base, done[base], estimate))
                 _say("    " + _brief(done[base]))
+        # heavy (torch, transformers behind it): only the bench step that needs it
         from sftscale.bench.report import write_report
 
         write_report(records, self.out, grid=self.grid, device=self.device, command=self.command)
@@ -621,6 +628,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    # heavy (torch): loaded only on the path that uses it
     import torch
 
     grid = GRIDS[args.grid]
