@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -36,12 +37,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_tools.console import say
 from sftscale.config import Config
+from sftscale.durable import atomic_write, fsync_dir, fsync_tree
 from sftscale.storage import carry_run_files
 
 STATE_FILE = "sftscale_state.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+TAG_PATTERN = re.compile(r"step_\d{8}")
 # Fault-injection point for the crash-during-checkpoint test: when set to a step number, the
 # process kills itself after DeepSpeed has written that step's files and before the rename.
 CRASH_ENV = "SFTSCALE_FAULT_KILL_DURING_CHECKPOINT"
@@ -51,23 +55,46 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
+def save_rng_state(tag_dir: Path, rank: int) -> None:
+    """This rank's python, numpy and torch (CPU, CUDA) RNG states, as JSON and safetensors:
+    nothing sftscale writes is loaded with pickle."""
+    from safetensors.torch import save_file  # heavy (safetensors): only when saving
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
     }
+    atomic_write(tag_dir / f"rng_rank{rank}.json", json.dumps(plain))
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(tag_dir / f"rng_rank{rank}.safetensors"))
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(tag_dir: Path, rank: int) -> bool:
+    """Restore what save_rng_state wrote; False when this checkpoint has no such files (one
+    written before they existed: its pickled RNG file is never loaded)."""
+    from safetensors.torch import load_file  # heavy (safetensors): only when resuming
+
+    plain_file, tensor_file = (
+        tag_dir / f"rng_rank{rank}.json",
+        tag_dir / f"rng_rank{rank}.safetensors",
+    )
+    if not (plain_file.is_file() and tensor_file.is_file()):
+        return False
+    plain = json.loads(plain_file.read_text())
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = load_file(str(tensor_file))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return True
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -75,7 +102,13 @@ def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    tag_dir = root / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not TAG_PATTERN.fullmatch(name):  # `latest` names a step, never a path
+        raise FileNotFoundError(
+            f"{pointer} holds {name[:80]!r}, not a checkpoint name (step_NNNNNNNN); remove it or "
+            "write the name of a checkpoint in that directory into it"
+        )
+    tag_dir = root / name
     if not (tag_dir / STATE_FILE).is_file():
         raise FileNotFoundError(f"{pointer} names {tag_dir.name}, which is incomplete or missing")
     return tag_dir
@@ -83,15 +116,6 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def read_state(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / STATE_FILE).read_text())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def save_checkpoint(
@@ -132,7 +156,7 @@ def save_checkpoint(
         save_latest=False,
         exclude_frozen_parameters=True,
     )
-    torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
+    save_rng_state(root / tmp_tag, rank)
     if rank == 0 and run_files:  # into the uncommitted directory: renamed with it
         carry_run_files(list(run_files), root / tmp_tag)
     dist.barrier()  # collective: every rank's files are on disk
@@ -140,23 +164,34 @@ def save_checkpoint(
         os.kill(os.getpid(), signal.SIGKILL)
     final = root / tag
     if leader:  # the leader's effects: commit
-        _atomic_write(root / tmp_tag / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        atomic_write(root / tmp_tag / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        fsync_tree(root / tmp_tag)  # DeepSpeed's files, the RNG, the run files: on disk
         if final.exists():
             shutil.rmtree(final)
         (root / tmp_tag).replace(final)
+        fsync_dir(root)
         if ledger is not None:
             ledger_dir.mkdir(parents=True, exist_ok=True)
             tmp = ledger_dir / f".upto_{step:08d}.npy"
-            np.save(tmp, ledger)
+            with open(tmp, "wb") as f:
+                np.save(f, ledger)
+                f.flush()
+                os.fsync(f.fileno())
             tmp.replace(ledger_dir / f"upto_{step:08d}.npy")
-        _atomic_write(root / LATEST, tag + "\n")
+            fsync_dir(ledger_dir)
+        atomic_write(root / LATEST, tag + "\n")
         _prune(root, keep_last=keep_last)
     dist.barrier()  # collective: nobody proceeds (or reports) before the commit
     return final
 
 
 def _prune(root: Path, *, keep_last: int) -> None:
-    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    """Keep the checkpoint `latest` names and the keep_last - 1 before it; a step directory
+    newer than `latest` (an orphan of a crashed run) is not counted and never deletes it."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= latest.name)
     for old in tags[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(root / f"universal-{old.name}", ignore_errors=True)  # its elastic-resume copy
@@ -177,9 +212,11 @@ def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
     if engine.zero_nvme_offload_optimizer():
         restore_nvme_optimizer_state(engine, tag_dir)
     unshare_step_counters(engine.optimizer)
-    rng_file = tag_dir / f"rng_rank{rank}.pt"
-    if state["world_size"] == _world_size() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    if state["world_size"] == _world_size() and not load_rng_state(tag_dir, rank):
+        say(
+            f"{tag_dir} holds no JSON/safetensors RNG state for rank {rank} (an older "
+            "checkpoint; its pickled file is not loaded): random streams restart from the seed"
+        )
     return state
 
 

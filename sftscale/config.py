@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,6 +94,7 @@ class DataConfig:
 
 
 ADAM_KERNELS = ("auto", "torch", "deepspeed")
+RESUME_MODES = ("auto", "never", "force")
 
 
 @dataclass
@@ -261,9 +264,12 @@ class ScaleConfig:
 class CheckpointConfig:
     every_n_steps: int = 0  # 0: only at the end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one commits
-    # Continue from <run>/checkpoints/latest when it exists (the same command resumes a stopped
-    # run); false starts over, which needs an empty run directory.
-    resume: bool = True
+    # auto: continue from <run>/checkpoints/latest when it exists (the same command resumes a
+    # stopped run), only if the checkpoint was written by this run (sftscale.identity: a
+    # changed defining setting is refused before launch, with the difference listed);
+    # never: start over, which needs an empty run directory; force: resume although defining
+    # settings changed, recorded in <run>/history.jsonl. true/false mean auto/never.
+    resume: bool | str = "auto"
     at_end: bool = True  # save a checkpoint after the last step (benchmarks turn it off)
     export: bool = True  # write a Hugging Face export under <run>/export at the end
     export_max_shard_mb: int = 2000
@@ -278,6 +284,13 @@ class CheckpointConfig:
     storage: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):
+            self.resume = "auto" if self.resume else "never"
+        _check(
+            self.resume in RESUME_MODES,
+            "checkpoint.resume",
+            f"{self.resume!r} is not one of {', '.join(RESUME_MODES)}",
+        )
         _check(self.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.export_max_shard_mb >= 1, "checkpoint.export_max_shard_mb", "must be >= 1")
@@ -494,5 +507,35 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return from_dict(Config, data)
 
 
+# Credentials a URI can carry: s3://KEY:SECRET@bucket/..., or pyarrow's query parameters.
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_URI_SECRET_PARAM = re.compile(
+    r"(?P<key>[?&](?:access_key|secret_key|session_token|password|token|credential[s]?)=)[^&\s]*",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URI in it replaced by ***."""
+    text = _URI_USERINFO.sub(r"\g<scheme>***@", text)
+    return _URI_SECRET_PARAM.sub(r"\g<key>***", text)
+
+
+def redacted(value: Any) -> Any:
+    """A config dict (or any JSON-like value) with every string passed through `redact`."""
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The config as YAML, URIs' credentials redacted, written atomically and durably."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from sftscale.durable import staging_dir, swap_in
 from sftscale.lora import peft_key
 from sftscale.model import full_numel
 
@@ -232,14 +233,36 @@ def export_from_checkpoint(
 
     dtype: of the written weights; None writes them in the dtype the run trained in.
     """
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise FileNotFoundError(
+            f"--out {out} exists and holds files that are not a model export; the export "
+            "replaces the whole directory: choose a new or empty one"
+        )
+    stage = staging_dir(out)  # written beside, swapped in whole: no stale file of a layout
+    shutil.rmtree(stage, ignore_errors=True)
+    _export_from_checkpoint(checkpoint, out=stage, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    swap_in(stage, out)
+    return out
 
+
+def is_export(path: Path) -> bool:
+    """Whether `path` holds a model export (what an export may replace)."""
+    return any((path / f).is_file() for f in ("config.json", "adapter_config.json")) or any(
+        path.glob("*.safetensors")
+    )
+
+
+def _export_from_checkpoint(
+    checkpoint: str | Path, *, out: Path, dtype: torch.dtype | None, max_shard_bytes: int
+) -> Path:
+    """export_from_checkpoint's work, into `out`."""
     # heavy (deepspeed): loaded only on the path that uses it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, GenerationConfig
 
     root, tag = resolve_checkpoint(checkpoint)
     meta = root / MODEL_META_DIR
-    out = Path(out_dir)
     if (meta / "adapter_config.json").is_file():  # a LoRA run: its checkpoints hold the adapter
         return _adapter_from_checkpoint(root, tag, meta=meta, out=out)
     if dtype is None:  # the dtype the run trained in (bf16 or fp32), as its own export has

@@ -14,6 +14,7 @@ are gathered first, then written in peft's format, so `PeftModel.from_pretrained
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from sftscale.config import Config
+from sftscale.durable import staging_dir, swap_in
 from sftscale.export import ShardWriter, bounded_groups, export_from_engine, save_model_meta
 from sftscale.lora import ADAPTER_NAME, adapter_parameters, hf_name, lora_layers, peft_key
 from sftscale.model import is_preset
@@ -40,32 +42,42 @@ def export_trained(
     """Collective: `out` holds the trained model; for a LoRA run the adapter (out/adapter), the
     base it applies to when that is not model.name_or_path as is (a preset, or a vocabulary
     grown for added tokens: out/base) and, with checkpoint.export_merged, the merged model
-    (out/merged)."""
+    (out/merged). Rank 0 writes it beside `out` and swaps it in whole at the end: a failed
+    export leaves the previous one, and no file of an earlier layout survives."""
+    stage = staging_dir(out)
+    if rank == 0:
+        shutil.rmtree(stage, ignore_errors=True)
     common = {"tokenizer_dir": tokenizer_dir, "rank": rank}
     shard_bytes = cfg.checkpoint.export_max_shard_mb * 2**20
     if cfg.model.lora is None:
-        export_from_engine(module, out_dir=out, max_shard_bytes=shard_bytes, **common)
-        return
-    own_base = is_preset(cfg.model.name_or_path) or vocab_grown
-    base = out / BASE_DIR if own_base else Path(cfg.model.name_or_path).resolve()
-    export_adapter(module, out_dir=out / ADAPTER_DIR, base_dir=str(base), **common)
-    if own_base or cfg.checkpoint.export_merged:
-        export_base_and_merged(
-            module,
-            base_out=base if own_base else None,
-            merged_out=out / MERGED_DIR if cfg.checkpoint.export_merged else None,
-            max_shard_bytes=shard_bytes,
-            **common,
-        )
+        export_from_engine(module, out_dir=stage, max_shard_bytes=shard_bytes, **common)
+    else:
+        own_base = is_preset(cfg.model.name_or_path) or vocab_grown
+        # the adapter names its base where it will be once swapped in
+        base = out / BASE_DIR if own_base else Path(cfg.model.name_or_path).resolve()
+        export_adapter(module, out_dir=stage / ADAPTER_DIR, base_dir=str(base), **common)
+        if own_base or cfg.checkpoint.export_merged:
+            export_base_and_merged(
+                module,
+                base_out=stage / BASE_DIR if own_base else None,
+                merged_out=stage / MERGED_DIR if cfg.checkpoint.export_merged else None,
+                max_shard_bytes=shard_bytes,
+                **common,
+            )
+    if rank == 0:  # rank-0-only effect
+        swap_in(stage, out)
 
 
 def save_export_meta(module: torch.nn.Module, tokenizer_dir: Path, dest: Path) -> None:
     """What `sftscale export` needs beside a checkpoint: the model's config and tokenizer, and
-    an adapter's peft config when the model carries one."""
-    save_model_meta(module, tokenizer_dir, dest)
+    an adapter's peft config when the model carries one. Written whole or not at all."""
+    stage = staging_dir(dest)
+    shutil.rmtree(stage, ignore_errors=True)
+    save_model_meta(module, tokenizer_dir, stage)
     peft_config = getattr(module, "peft_config", None)
     if peft_config is not None:
-        peft_config[ADAPTER_NAME].save_pretrained(str(dest))
+        peft_config[ADAPTER_NAME].save_pretrained(str(stage))
+    swap_in(stage, dest)
 
 
 def _gathered(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[list[tuple[str, Any]]]:

@@ -17,7 +17,8 @@ from sftscale.config import Config, ConfigError, save_config
 from sftscale.heartbeat import StallReporter
 from sftscale.jit_locks import OpBuildError, ensure_ops, required_ops
 from sftscale.resolve import ResolvedRun
-from sftscale.storage import fetch_checkpoint, join, upload_run_files
+from sftscale.rundir import own_run_dir, record_history
+from sftscale.storage import fetch_checkpoint, is_uri, join, upload_run_files
 from sftscale.validate import validate_run
 
 
@@ -45,32 +46,39 @@ STORAGE_ENV = (
     "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
-    "SFTSCALE_CACHE",
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
 )
 
 
 def _worker_env(cfg: Config, *, exclude: set[str] = frozenset()) -> dict[str, str]:
-    """Environment every worker needs before torch/deepspeed import."""
+    """Environment every worker needs before torch/deepspeed import. Object-storage credentials
+    travel only when a URI of the run needs them: Ray keeps a job's runtime env where its
+    dashboard, job API and agent logs show it."""
     env = {"OMP_NUM_THREADS": str(cfg.scale.cpus_per_worker)}
     if not cfg.scale.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE", *STORAGE_ENV):
+    uses_storage = any(is_uri(p) for p in (cfg.data.path, cfg.eval.path, cfg.checkpoint.storage))
+    for key in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "SFTSCALE_CACHE"):
+        if key in os.environ:
+            env.setdefault(key, os.environ[key])
+    for key in STORAGE_ENV if uses_storage else ():
         if key in os.environ:
             env.setdefault(key, os.environ[key])
     return {k: v for k, v in env.items() if k not in exclude}
 
 
-def prepare_run_dir(cfg: Config) -> Path:
+def prepare_run_dir(cfg: Config, *, write: bool = True) -> Path:
+    """The run directory, with the resolved config (URIs redacted) saved in it."""
     run_dir = cfg.run_dir.resolve()
-    if not cfg.checkpoint.resume and (run_dir / "checkpoints" / "latest").exists():
+    if cfg.checkpoint.resume == "never" and (run_dir / "checkpoints" / "latest").exists():
         raise ConfigError(
-            f"checkpoint.resume is false but {run_dir} already holds a run; "
+            f"checkpoint.resume is never but {run_dir} already holds a run; "
             "choose another logging.run_name or remove that directory"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")  # the resolved config, overrides applied
+    if write:
+        save_config(cfg, run_dir / "config.yaml")  # the resolved config, overrides applied
     return run_dir
 
 
@@ -80,10 +88,17 @@ def run(cfg: Config, *, local: bool) -> dict[str, Any]:
         world = int(os.environ["WORLD_SIZE"])
     checked = validate_run(cfg, world_size=world)
     build_required_ops(checked.run)
-    run_dir = prepare_run_dir(cfg)
-    if local:
-        return run_local(cfg, run_dir, expected=checked.expected)
-    return run_ray(cfg, run_dir, expected=checked.expected)
+    if local and os.environ.get("RANK", "0") != "0":  # a launched rank: rank 0 owns the dir
+        return run_local(cfg, prepare_run_dir(cfg, write=False), expected=checked.expected)
+    with own_run_dir(cfg.run_dir.resolve(), log=say):  # one launch at a time
+        run_dir = prepare_run_dir(cfg)
+        if checked.changes:  # checkpoint.resume=force: what changed, for the record
+            changes = [{"key": k, "was": old, "now": new} for k, old, new in checked.changes]
+            record_history(run_dir, {"event": "resume forced", "changes": changes})
+            say(f"resuming with changed settings (recorded in {run_dir / 'history.jsonl'})")
+        if local:
+            return run_local(cfg, run_dir, expected=checked.expected)
+        return run_ray(cfg, run_dir, expected=checked.expected)
 
 
 def build_required_ops(run: ResolvedRun) -> None:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from data_tools.console import ProgressBar, say
 from sftscale.checkpoint import lora_state, save_checkpoint
-from sftscale.config import Config
+from sftscale.config import Config, redacted
 from sftscale.data import Batch
 from sftscale.evaluate import evaluate
 from sftscale.export import MODEL_META_DIR
@@ -135,6 +135,7 @@ def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -
         "data_fingerprint": run.data_id,
         "sequence_parallel_size": run.cfg.scale.sequence_parallel_size,
         "lora": lora_state(run.cfg),
+        "identity": run.identity,
     }
     ckpt_root = run.out / "checkpoints"
     tag_dir = save_checkpoint(
@@ -188,7 +189,7 @@ def train_worker(
         run.out,
         enabled=rank0,
         resume_step=run.step,
-        config=cfg.to_dict(),
+        config=redacted(cfg.to_dict()),  # no credentials to W&B / MLflow
         **cfg.logging.sinks(),
     )
     progress = ProgressBar(

@@ -18,6 +18,7 @@ from sftscale.config import Config, ConfigError
 from sftscale.data import data_fingerprint
 from sftscale.devices import Device, ranks_here, this_device
 from sftscale.fit import plan_with_fixes
+from sftscale.identity import describe_changes, identity_changes, run_identity
 from sftscale.jit_locks import op_available
 from sftscale.model import model_config
 from sftscale.resolve import ResolvedRun, precision_for, resolve_run
@@ -33,6 +34,8 @@ class Validated:
     manifest: Manifest
     run: ResolvedRun
     expected: dict[int, dict[str, str]]
+    identity: dict[str, Any]  # the run's defining settings (sftscale.identity)
+    changes: list[tuple[str, Any, Any]]  # from the checkpoint it resumes (checkpoint.resume=force)
 
 
 def validate_run(cfg: Config, *, world_size: int) -> Validated:
@@ -86,7 +89,6 @@ def validate_run(cfg: Config, *, world_size: int) -> Validated:
             )
     if eval_manifest is not None:
         _check_eval_set(eval_manifest, manifest, positions)
-    _check_resume_data(cfg, manifest)
 
     # The run, resolved once for every world size it may run on (an elastic run must be able
     # to continue on each); the workers resolve again and compare.
@@ -110,7 +112,8 @@ def validate_run(cfg: Config, *, world_size: int) -> Validated:
     _check_zero_options(run.ds_config, cfg)
     if cfg.scale.memory_check and device is not None:
         _check_memory(run, device)
-    return Validated(manifest, run, {w: r.parts() for w, r in runs.items()})
+    identity, changes = check_resume(cfg, manifest, run)
+    return Validated(manifest, run, {w: r.parts() for w, r in runs.items()}, identity, changes)
 
 
 def _check_devices(cfg: Config) -> None:
@@ -144,7 +147,9 @@ def _check_nvme_resume(ds: dict, cfg: Config, world: int) -> None:
             "which a run on fewer workers cannot take over; set scale.min_workers=0 or use "
             "zero3_offload_optimizer"
         )
-    latest = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    latest = (
+        latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.checkpoint.resume != "never" else None
+    )
     if latest is not None and (saved := read_state(latest)["world_size"]) != world:
         raise ConfigError(
             f"{where}: checkpoint {latest} was saved by {saved} workers with the optimizer on "
@@ -271,12 +276,30 @@ def _check_row_slices(cfg: Config, manifest: Manifest, eval_manifest: Manifest |
             )
 
 
-def _check_resume_data(cfg: Config, manifest: Manifest) -> None:
-    """A run that will resume must read the rows its checkpoint's stream positions refer to."""
-    latest = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.checkpoint.resume else None
+def check_resume(
+    cfg: Config, manifest: Manifest, run: ResolvedRun
+) -> tuple[dict[str, Any], list[tuple[str, Any, Any]]]:
+    """The run's identity, and how it differs from the checkpoint it would resume (empty: the
+    same run, or nothing to resume). A difference is an error unless checkpoint.resume=force."""
+    ident = run_identity(
+        run, data_id=data_fingerprint(manifest), tokenizer_id=manifest.tokenizer.fingerprint
+    )
+    resuming = cfg.checkpoint.resume != "never"
+    latest = latest_checkpoint(cfg.run_dir / "checkpoints") if resuming else None
     if latest is None:
-        return
+        return ident, []
     state = read_state(latest)
+    if "identity" not in state:  # written before checkpoints recorded it: data and LoRA
+        _check_resume_data(cfg, manifest, state, latest)
+        return ident, []
+    changes = identity_changes(state["identity"], ident)
+    if changes and cfg.checkpoint.resume != "force":
+        raise ConfigError(describe_changes(changes, checkpoint=str(latest)))
+    return ident, changes
+
+
+def _check_resume_data(cfg: Config, manifest: Manifest, state: dict, latest: Path) -> None:
+    """A run that will resume must read the rows its checkpoint's stream positions refer to."""
     if state["data_fingerprint"] != data_fingerprint(manifest):
         raise ConfigError(
             f"data.path: checkpoint {latest} was trained on other data than {cfg.data.path}; "

@@ -20,12 +20,13 @@ from sftscale.checkpoint import (
     truncate_ledger,
     universal_checkpoint,
 )
-from sftscale.config import Config
+from sftscale.config import Config, ConfigError
 from sftscale.data import PackedDataset, data_fingerprint, pad_token_id, steps_per_epoch
 from sftscale.ds_config import zero_stage
 from sftscale.engine import build_engine, choose_precision, init_distributed
 from sftscale.flops import device_peak_flops
 from sftscale.heartbeat import Heartbeat
+from sftscale.identity import describe_changes, identity_changes, run_identity
 from sftscale.metrics import Peak
 from sftscale.resolve import check_same, resolve_run
 from sftscale.shape import ModelShape
@@ -51,6 +52,7 @@ class Run:
     heartbeat: Heartbeat
     leader: bool = True  # commits checkpoints in `out` (see setup)
     precision: str = "fp32"  # what the run computes in (bf16 | fp32)
+    identity: dict[str, Any] = field(default_factory=dict)  # sftscale.identity, in checkpoints
     vocab_grown: bool = False
     step: int = 0  # optimizer steps done
     position: int = 0  # stream position of the next step's first row
@@ -111,7 +113,17 @@ def setup(
     cfg = resolved.config  # elastic: the same global batch on however many workers run
     ds_config = copy.deepcopy(resolved.ds_config)
 
+    identity = run_identity(
+        resolved,
+        data_id=data_fingerprint(dataset.manifest),
+        tokenizer_id=dataset.manifest.tokenizer.fingerprint,
+    )
     resume_dir, load_dir, leader = resume_point(cfg, out, rank=rank, world=world, given=resume_from)
+    if resume_dir is not None:  # every resume path: the CLI's, SLURM's requeue, Ray's restart
+        saved = read_state(resume_dir).get("identity")
+        changes = identity_changes(saved, identity) if saved is not None else []
+        if changes and cfg.checkpoint.resume != "force":
+            raise ConfigError(describe_changes(changes, checkpoint=str(resume_dir)))
     if load_dir is not None and load_dir != resume_dir:  # elastic: a universal checkpoint
         ds_config["checkpoint"] = {"load_universal": True}
 
@@ -149,6 +161,7 @@ def setup(
         vocab_grown=built.vocab_grown,
         leader=leader,
         precision=precision.name,
+        identity=identity,
     )
     if load_dir is not None:
         state = load_checkpoint(run.engine, load_dir, rank=rank)
@@ -185,7 +198,7 @@ def resume_point(
     """(the checkpoint to resume from, the directory to load it from, whether this rank commits
     checkpoints in `out`). Collective where nodes share no disk."""
     resume_dir = Path(given) if given else None
-    if resume_dir is None and cfg.checkpoint.resume:
+    if resume_dir is None and cfg.checkpoint.resume != "never":
         resume_dir = latest_checkpoint(out / "checkpoints")
     # Who commits checkpoints in `out`: rank 0 of a run directory every rank shares; where
     # nodes share no disk (checkpoint.storage), one rank per disk.

@@ -260,8 +260,10 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
     assert {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-        "rng_rank0.pt",
-        "rng_rank1.pt",
+        "rng_rank0.json",
+        "rng_rank0.safetensors",
+        "rng_rank1.json",
+        "rng_rank1.safetensors",
         "sftscale_state.json",
     } <= names, names
     a, b = weights("base"), weights("killed")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from data_tools import schema
+from sftscale.config import redact
 from sftscale.storage.remote import (
     is_uri,
     join,
@@ -61,7 +62,7 @@ def local_copy(
             return dest
         total = _download(path, manifest, dest, log=log)
         (dest / COMPLETE).write_text(expected)
-        log(f"data: {path} copied to {dest} ({total / 2**20:.1f} MiB, every file checked)")
+        log(f"data: {redact(path)} copied to {dest} ({total / 2**20:.1f} MiB, every file checked)")
         _evict(cache, keep=dest, max_bytes=max_bytes, log=log)
     return dest
 
@@ -80,7 +81,7 @@ def _download(
     unchecked = [s.file for s in manifest.shards if s.sha256 is None]
     if unchecked:
         log(
-            f"data: {uri}: the manifest records no hash for {len(unchecked)} shard(s) (written by "
+            f"data: {redact(uri)}: the manifest records no hash for {len(unchecked)} shard(s) (written by "
             "an older `sftscale prepare`); they are checked by row count only"
         )
     total = 0
@@ -95,7 +96,7 @@ def _download(
         if (size is not None and got != size) or (sha is not None and digest.hexdigest() != sha):
             tmp.unlink()
             raise schema.ShardFormatError(
-                f"{uri}/{rel}: {got} bytes, sha256 {digest.hexdigest()[:16]}..., but the manifest "
+                f"{redact(uri)}/{rel}: {got} bytes, sha256 {digest.hexdigest()[:16]}..., but the manifest "
                 f"says {size} bytes, sha256 {(sha or '?')[:16]}...: the upload is incomplete or "
                 "from another `sftscale prepare`; upload the prepared directory again"
             )
@@ -103,7 +104,9 @@ def _download(
         total += got
     for s in manifest.shards:
         if s.sha256 is None and schema.open_shard(dest / s.file).num_rows != s.num_rows:
-            raise schema.ShardFormatError(f"{uri}/{s.file}: row count differs from the manifest")
+            raise schema.ShardFormatError(
+                f"{redact(uri)}/{s.file}: row count differs from the manifest"
+            )
     return total
 
 

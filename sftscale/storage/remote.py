@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_tools import schema
-from sftscale.config import ConfigError
+from sftscale.config import ConfigError, redact
 
 
 def is_uri(path: str) -> bool:
@@ -39,7 +39,7 @@ def read_remote_manifest(uri: str) -> schema.Manifest:
             raw = json.loads(f.read())
     except (OSError, FileNotFoundError) as e:
         raise schema.ShardFormatError(
-            f"{uri}: cannot read {schema.MANIFEST_NAME} ({str(e).splitlines()[0]}); point data.path "
+            f"{redact(uri)}: cannot read {schema.MANIFEST_NAME} ({str(e).splitlines()[0]}); point data.path "
             "at a directory written by `sftscale prepare` and uploaded whole"
         ) from e
     return schema.Manifest.from_dict(raw)

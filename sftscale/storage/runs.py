@@ -20,7 +20,15 @@ RUN_FILES = "run_files"  # in a checkpoint: the metrics and ledger it carries (o
 FROM_STORAGE = "from_storage"  # under <run>/checkpoints: checkpoints downloaded to resume from
 # What a run leaves on storage besides its checkpoints: a user can reach these after the
 # cluster is gone.
-RUN_FILES_ON_STORAGE = ("export", "metrics.jsonl", "tensorboard", "ledger", "config.yaml")
+RUN_FILES_ON_STORAGE = (
+    "export",
+    "metrics.jsonl",
+    "tensorboard",
+    "ledger",
+    "config.yaml",
+    "history.jsonl",
+    "checkpoints/hf_model",  # what `sftscale export` needs beside the checkpoints there
+)
 
 
 def local_data(data: DataConfig, path: str, *, log: Callable[[str], None] | None) -> Path:
@@ -103,4 +111,4 @@ def fetch_checkpoint(checkpoint, root: Path, *, complete: str) -> Path:
 def upload_run_files(run_dir: Path, uri: str) -> None:
     """Rank 0, at the end: the export, metrics, TensorBoard events and ledger to storage."""
     for name in RUN_FILES_ON_STORAGE:
-        upload(run_dir / name, join(uri, name))
+        upload(run_dir / name, join(uri, *name.split("/")))
