@@ -202,7 +202,11 @@ def run_ray(
     cfg: Config, run_dir: Path, *, expected: dict[int, dict[str, str]] | None = None
 ) -> dict[str, Any]:
     """Ray Train (V2) TorchTrainer with `scale.num_workers` workers."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not (cfg.scale.ray_address or os.environ.get("RAY_ADDRESS")):
+        # A local instance: its node address (and so GCS, raylet, object manager) on loopback,
+        # whatever the environment says; Ray >= 2.59 adds token authentication by default.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     # heavy (ray): loaded only on the path that uses it
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

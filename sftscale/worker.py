@@ -118,12 +118,9 @@ def setup(
         data_id=data_fingerprint(dataset.manifest),
         tokenizer_id=dataset.manifest.tokenizer.fingerprint,
     )
-    resume_dir, load_dir, leader = resume_point(cfg, out, rank=rank, world=world, given=resume_from)
-    if resume_dir is not None:  # every resume path: the CLI's, SLURM's requeue, Ray's restart
-        saved = read_state(resume_dir).get("identity")
-        changes = identity_changes(saved, identity) if saved is not None else []
-        if changes and cfg.checkpoint.resume != "force":
-            raise ConfigError(describe_changes(changes, checkpoint=str(resume_dir)))
+    resume_dir, load_dir, leader = resume_point(
+        cfg, out, rank=rank, world=world, given=resume_from, identity=identity
+    )
     if load_dir is not None and load_dir != resume_dir:  # elastic: a universal checkpoint
         ds_config["checkpoint"] = {"load_universal": True}
 
@@ -193,13 +190,20 @@ def describe(run: Run, stage: int) -> str:
 
 
 def resume_point(
-    cfg: Config, out: Path, *, rank: int, world: int, given: str | None
+    cfg: Config, out: Path, *, rank: int, world: int, given: str | None, identity: dict
 ) -> tuple[Path | None, Path | None, bool]:
     """(the checkpoint to resume from, the directory to load it from, whether this rank commits
-    checkpoints in `out`). Collective where nodes share no disk."""
+    checkpoints in `out`). A checkpoint of another run (sftscale.identity) is refused here too:
+    every resume path (the CLI's, SLURM's requeue, Ray's restart) passes. Collective where
+    nodes share no disk."""
     resume_dir = Path(given) if given else None
     if resume_dir is None and cfg.checkpoint.resume != "never":
         resume_dir = latest_checkpoint(out / "checkpoints")
+    if resume_dir is not None:
+        saved = read_state(resume_dir).get("identity")
+        changes = identity_changes(saved, identity) if saved is not None else []
+        if changes and cfg.checkpoint.resume != "force":
+            raise ConfigError(describe_changes(changes, checkpoint=str(resume_dir)))
     # Who commits checkpoints in `out`: rank 0 of a run directory every rank shares; where
     # nodes share no disk (checkpoint.storage), one rank per disk.
     leader = claim_directory(out, rank=rank) if cfg.checkpoint.storage else rank == 0

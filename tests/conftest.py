@@ -16,6 +16,10 @@ os.environ.setdefault(
     str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions"),
 )
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray >= 2.59 turns token auth on for a local instance and, without a token given, writes one
+# to ~/.ray/auth_token: the suite brings its own, so nothing lands in the user's home.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", __import__("secrets").token_hex(32))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from sftscale.jit_locks import use_environment_ninja  # noqa: E402
 

@@ -1,15 +1,20 @@
 """Launchers for real: `ray job submit` to a Ray cluster started with `ray start --head` on
 127.0.0.1, running the 2-worker ZeRO-3 training as a job."""
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from sftscale.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -47,15 +52,34 @@ def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
     }
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    _ray(
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        "--num-cpus=2",
-        "--disable-usage-stats",
+    # This test's own Ray head, on free ports, ended by its process group (never `ray stop`,
+    # which ends every Ray process on the host)
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+        ],
         env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = _ray("job", "list", "--address", address, env=env, check=False, timeout=60)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
     try:
         submit = subprocess.run(
             [
@@ -63,7 +87,7 @@ def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
                 "job",
                 "submit",
                 "--address",
-                "http://127.0.0.1:8265",
+                address,
                 "--runtime-env",
                 str(ROOT / "launchers/ray/runtime_env.yaml"),
                 "--working-dir",
@@ -91,7 +115,13 @@ def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
         assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
         assert (run_dir / "export" / "model.safetensors").is_file()
-        jobs = _ray("job", "list", "--address", "http://127.0.0.1:8265", env=env).stdout
+        jobs = _ray("job", "list", "--address", address, env=env).stdout
         assert "SUCCEEDED" in jobs
     finally:
-        _ray("stop", "--force", env=env, check=False)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()

@@ -157,13 +157,12 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     ]  # keep_last
 
 
-def _ray_worker_pids():
-    pids = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        text = " ".join(p.info["cmdline"] or []) + (p.info["name"] or "")
-        if "RayTrainWorker" in text:
-            pids.append(p.pid)
-    return pids
+def _ray_worker_pids(run_dir):
+    """This run's rank processes, from their heartbeats (never a process of anyone else's)."""
+    from sftscale.heartbeat import read_heartbeats
+
+    beats = sorted(read_heartbeats(run_dir), key=lambda b: b["rank"])
+    return [b["pid"] for b in beats if b["phase"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +207,7 @@ def test_ray_restarts_a_dead_or_stopped_worker(
         deadline = time.time() + 300
         while _last_step(cfg) < 7 and time.time() < deadline:
             time.sleep(0.02)
-        pids = _ray_worker_pids()
+        pids = _ray_worker_pids(cfg.run_dir)
         if pids:
             os.kill(pids[-1], getattr(signal, sig))
             hit.append(pids[-1])

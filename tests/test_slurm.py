@@ -3,6 +3,7 @@ started here): sbatch the script, deliver the pre-timeout USR1, and check that t
 checkpoints, requeues itself, resumes from the checkpoint and completes, with no sample skipped
 or repeated. Skips, saying why, where SLURM cannot be installed or started."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +19,6 @@ import yaml
 from sftscale.checkpoint import read_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
-SLURM_CONF = Path("/etc/slurm/slurm.conf")
 
 
 def _sh(cmd: str, **kw) -> subprocess.CompletedProcess:
@@ -40,23 +40,37 @@ def _wait(predicate, *, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(tmp_path_factory):
+    """munged, slurmctld and slurmd of this test only: their configuration, key, sockets, state
+    and logs in a temporary directory (clients find it through SLURM_CONF), on free ports, in a
+    private mount and pid namespace. Nothing on the host is written or ended: the namespace's
+    first process is ended at the end, which ends every process in it (the job's Ray too)."""
     if os.geteuid() != 0:
-        pytest.skip("starting SLURM daemons needs root")
-    if not shutil.which("slurmctld"):
-        install = _sh(
-            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge",
-            timeout=900,
+        pytest.skip("starting SLURM daemons (in a private namespace) needs root")
+    daemons = [shutil.which(d) or f"/usr/sbin/{d}" for d in ("munged", "slurmctld", "slurmd")]
+    if not all(Path(d).is_file() for d in daemons) or not shutil.which("unshare"):
+        pytest.skip(
+            "slurm-wlm and munge are not installed (`make test` installs them as root: "
+            "apt-get install slurm-wlm munge), or unshare is missing"
         )
-        if install.returncode != 0 or not shutil.which("slurmctld"):
-            pytest.skip(f"could not install slurm-wlm and munge: {install.stderr[-500:]}")
+    munged, slurmctld, slurmd = daemons
+    d = tmp_path_factory.mktemp("slurm")
     host = socket.gethostname().split(".")[0]
     mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
-    SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
-    SLURM_CONF.write_text(f"""ClusterName=sftscale
+    conf = d / "slurm.conf"
+    conf.write_text(f"""ClusterName=sftscale
 SlurmctldHost={host}
 SlurmUser=root
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthInfo=socket={d}/munge.socket
 NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 ProctrackType=proctrack/linuxproc
@@ -70,34 +84,63 @@ MinJobAge=300
 ReturnToService=2
 MpiDefault=none
 SwitchType=switch/none
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+StateSaveLocation={d}/slurmctld
+SlurmdSpoolDir={d}/slurmd
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
 """)
-    _sh("pkill -x slurmctld; pkill -x slurmd; pkill -x munged; sleep 1")
-    _sh(
-        "mkdir -p /run/munge /var/spool/slurmctld /var/spool/slurmd && chown munge:munge /run/munge"
+    key = d / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    script = f"""set -e
+mkdir -p /tmp/ray {d}/slurmctld {d}/slurmd
+mount -t tmpfs tmpfs /tmp/ray  # this SLURM's Ray sessions stay in the namespace
+{munged} --force --key-file={key} --socket={d}/munge.socket --pid-file={d}/munged.pid \
+  --log-file={d}/munged.log --seed-file={d}/munge.seed
+{slurmctld} -f {conf}
+{slurmd} -f {conf}
+exec sleep infinity
+"""
+    namespace = subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            script,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "SLURM_CONF": str(conf)},
     )
-    if not Path("/etc/munge/munge.key").is_file():
-        _sh("/usr/sbin/mungekey --create || create-munge-key")
-    started = _sh("runuser -u munge -- /usr/sbin/munged && /usr/sbin/slurmctld && /usr/sbin/slurmd")
-    if started.returncode != 0:
-        pytest.skip(f"could not start munged/slurmctld/slurmd: {started.stderr[-500:]}")
+    os.environ["SLURM_CONF"] = str(conf)  # this module's clients: sbatch, scontrol, sinfo
     try:
-        _wait(
-            lambda: "idle" in _sh("sinfo -h -o %T").stdout,
-            timeout=60,
-            what="the SLURM node to be idle",
-        )
-    except AssertionError:
-        pytest.skip(
-            f"SLURM node never became idle: {_sh('sinfo; scontrol show node').stdout[-800:]}"
-        )
-    yield host
-    _sh("scancel --user=root; sleep 1; pkill -x slurmd; pkill -x slurmctld; pkill -x munged")
-    # No Ray cluster of the job may outlive the test: later tests start their own local Ray.
-    _sh(f"{Path(sys.executable).parent / 'ray'} stop --force; rm -f /tmp/ray/ray_current_cluster")
+        with contextlib.suppress(AssertionError):
+            _wait(
+                lambda: namespace.poll() is not None or "idle" in _sh("sinfo -h -o %T").stdout,
+                timeout=60,
+                what="the SLURM node to be idle",
+            )
+        if namespace.poll() is not None or "idle" not in _sh("sinfo -h -o %T").stdout:
+            logs = " | ".join(f.read_text()[-300:] for f in sorted(d.glob("*.log")) if f.is_file())
+            pytest.skip(f"SLURM did not start: {_sh('sinfo').stdout[-300:]} {logs}")
+        yield host
+    finally:
+        os.environ.pop("SLURM_CONF", None)
+        # the namespace's init is unshare's child: ending it ends every process inside
+        inits = _sh(f"pgrep -P {namespace.pid}").stdout.split()
+        for pid in inits:
+            os.kill(int(pid), 9)
+        namespace.kill()
+        namespace.wait(timeout=30)
 
 
 @pytest.mark.distributed
