@@ -14,7 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # ninja version hashes build commands differently and would rebuild every op).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test test-deps lint install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,14 @@ $(STAMP): pyproject.toml
 	  { apt-get install -y -q libaio-dev >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libaio-dev >/dev/null 2>&1; }; } ; } || \
 	  echo "libaio-dev not installed: NVMe offload templates will not run here"
+	# What the test suite runs against beside the package: a real SLURM (slurm-wlm, munge) for
+	# the SLURM launcher's test, installed here (root with apt-get, ~10 s), never by a test;
+	# the test skips, saying why, where they are missing.
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  slurm-wlm munge >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1; }; }; } || \
+	  echo "slurm-wlm/munge not installed: the SLURM launcher's test will skip"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,17 +45,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m sftscale.demo --workdir runs/demo
 
-# What the test suite runs against beside the package: a real SLURM (slurm-wlm, munge) for the
-# SLURM launcher's test, installed here (root with apt-get), never by a test; the test skips
-# with the reason where they are missing.
-test-deps:
-	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { [ "$$(id -u)" = 0 ] && \
-	  command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	  slurm-wlm munge >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1; }; }; } || \
-	  echo "slurm-wlm/munge not installed: the SLURM launcher's test will skip"
-
-test: $(STAMP) test-deps
+test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(STAMP)

@@ -5,9 +5,11 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +57,10 @@ def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
     # This test's own Ray head, on free ports, ended by its process group (never `ray stop`,
     # which ends every Ray process on the host)
     port, dashboard = free_port(), free_port()
+    # its own temp dir (short: Ray's socket paths): its sessions and ray_current_cluster file
+    # land there, not in the host's /tmp/ray, where a later ray.init() would try to join it
+    ray_tmp = tempfile.mkdtemp(prefix="rayt-")
+    env = {**env, "RAY_TMPDIR": ray_tmp}
     head = subprocess.Popen(
         [
             str(BIN / "ray"),
@@ -67,6 +73,7 @@ def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
             f"--dashboard-port={dashboard}",
             "--num-cpus=2",
             "--disable-usage-stats",
+            f"--temp-dir={ray_tmp}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -125,3 +132,4 @@ def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
