@@ -415,6 +415,9 @@ class _Shards:
                 num_supervised_tokens=int(
                     sum(int(m.sum(dtype=np.int64)) for m in self.rows["loss_mask"])
                 ),
+                max_token_id=max(
+                    (int(np.max(r)) for r in self.rows["input_ids"] if len(r)), default=-1
+                ),
             )
         )
         self.rows = {k: [] for k in self.rows}

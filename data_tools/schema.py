@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class ShardInfo:
     # None in manifests written before they were recorded.
     bytes: int | None = None
     sha256: str | None = None
+    max_token_id: int | None = None  # checked against the model's vocabulary before launch
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,46 @@ class Manifest:
 
 class ShardFormatError(ValueError):
     """A prepared directory that this version cannot read; the message says what to do."""
+
+
+# What `prepare` writes, and so all a manifest may name: shard files and tokenizer files are
+# single path components, the tokenizer directory is TOKENIZER_DIR. A manifest is data, never a
+# path: anything else (`../x`, `/etc/x`, `a/b`) is refused before a byte is read or written.
+SHARD_NAME = re.compile(r"shard-\d{5,}\.arrow")
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+
+
+def check_names(m: Manifest, *, where: str) -> None:
+    for s in m.shards:
+        if not isinstance(s.file, str) or not SHARD_NAME.fullmatch(s.file):
+            raise ShardFormatError(
+                f"{where}: the manifest names a shard {str(s.file)[:120]!r}, which is not a shard "
+                "file name (shard-NNNNN.arrow); re-run `sftscale prepare` or fix the manifest"
+            )
+    if m.tokenizer.dir != TOKENIZER_DIR:
+        raise ShardFormatError(
+            f"{where}: the manifest names the tokenizer directory {str(m.tokenizer.dir)[:120]!r}; "
+            f"`sftscale prepare` writes {TOKENIZER_DIR!r}"
+        )
+    for name in m.tokenizer.files:
+        if not FILE_NAME.fullmatch(str(name)) or set(str(name)) <= {"."}:
+            raise ShardFormatError(
+                f"{where}: the manifest names a tokenizer file {str(name)[:120]!r}, which is not "
+                "a plain file name; re-run `sftscale prepare` or fix the manifest"
+            )
+
+
+def member(root: Path, name: str) -> Path:
+    """`root / name` for a name a manifest gave, refused if it resolves outside `root` (a
+    symlink that leads out of the prepared directory)."""
+    path = root / name
+    real, base = path.resolve(), root.resolve()
+    if base not in real.parents:
+        raise ShardFormatError(
+            f"{path} resolves to {real}, outside the prepared directory {base} (a symlink?); "
+            "the data must be the prepared directory's own files"
+        )
+    return path
 
 
 def shard_name(index: int) -> str:
@@ -186,8 +228,9 @@ def read_manifest(data_dir: str | Path) -> Manifest:
         raise ShardFormatError(
             f"{path}: not a complete sftscale manifest ({e}); re-run `sftscale prepare`"
         ) from e
+    check_names(manifest, where=str(data_dir))
     for shard in manifest.shards:
-        if not (data_dir / shard.file).is_file():
+        if not member(data_dir, shard.file).is_file():
             raise ShardFormatError(
                 f"{data_dir}: shard {shard.file} listed in the manifest is missing"
             )

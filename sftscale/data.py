@@ -31,7 +31,9 @@ class PackedDataset:
         self.dir = Path(data_dir)
         self.manifest = schema.read_manifest(self.dir)
         self.seq_len: int = self.manifest.seq_len
-        self._tables = [schema.open_shard(self.dir / s.file) for s in self.manifest.shards]
+        self._tables = [
+            schema.open_shard(schema.member(self.dir, s.file)) for s in self.manifest.shards
+        ]
         self._offsets = np.cumsum([0] + [t.num_rows for t in self._tables])
 
     def __len__(self) -> int:
@@ -39,7 +41,7 @@ class PackedDataset:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.dir / self.manifest.tokenizer.dir
+        return schema.member(self.dir, self.manifest.tokenizer.dir)
 
     def doc_lens(self, index: int) -> np.ndarray:
         return self.row(index)[2]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_tools.console import say
 from data_tools.schema import Manifest
 from sftscale.checkpoint import latest_checkpoint, lora_state, read_state
 from sftscale.config import Config, ConfigError
@@ -23,7 +24,9 @@ from sftscale.jit_locks import op_available
 from sftscale.model import model_config
 from sftscale.resolve import ResolvedRun, precision_for, resolve_run
 from sftscale.sequence_parallel import EXACT_ON_PACKED_ROWS, sliding_window
-from sftscale.storage import load_manifest
+from sftscale.storage import is_uri, load_manifest
+from sftscale.storage.cache import cache_root
+from sftscale.verify import check_token_ids, verify_data
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ def validate_run(cfg: Config, *, world_size: int) -> Validated:
     """Raise ConfigError for any setting that cannot work; return the resolved run."""
     manifest = load_manifest(cfg.data.path, field="data.path")
     eval_manifest = load_manifest(cfg.eval.path, field="eval.path") if cfg.eval.path else None
+    _check_data(cfg, manifest, "data.path", cfg.data.path)
+    if eval_manifest is not None:
+        _check_data(cfg, eval_manifest, "eval.path", cfg.eval.path)
 
     rows = manifest.num_rows
     need = cfg.global_batch_rows(world_size)
@@ -114,6 +120,24 @@ def validate_run(cfg: Config, *, world_size: int) -> Validated:
         _check_memory(run, device)
     identity, changes = check_resume(cfg, manifest, run)
     return Validated(manifest, run, {w: r.parts() for w, r in runs.items()}, identity, changes)
+
+
+def _check_data(cfg: Config, manifest: Manifest, field: str, path: str) -> None:
+    """The shards are what the manifest says (local data here; a URI's copy is checked file by
+    file as each node downloads it), and hold only the tokenizer's ids."""
+    vocab = manifest.tokenizer.vocab_size
+    if is_uri(path):
+        check_token_ids(manifest, field=field, vocab_size=vocab)
+        return
+    record_dir = cache_root(Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
+    verify_data(
+        Path(path.removeprefix("file://")),
+        manifest,
+        field=field,
+        vocab_size=vocab,
+        record_dir=record_dir,
+        log=say,
+    )
 
 
 def _check_devices(cfg: Config) -> None:

@@ -21,6 +21,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", __import__("secrets").token_hex(32))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The data cache (object-storage copies, shard verification records) in a directory of the
+# suite's own, removed at exit: nothing lands in the user's ~/.cache.
+if "SFTSCALE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["SFTSCALE_CACHE"] = tempfile.mkdtemp(prefix="sftscale-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SFTSCALE_CACHE"], True)
 from sftscale.jit_locks import use_environment_ninja  # noqa: E402
 
 use_environment_ninja()  # tests that build DeepSpeed's ops directly: no rebuild

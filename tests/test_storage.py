@@ -3,12 +3,16 @@ checked copy in its cache, reused, refused when a file differs from the manifest
 beyond the limit; a run trains from s3://."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from data_tools import schema
 from sftscale.storage import local_copy, read_remote_manifest
+from sftscale.storage.cache import CACHE_SUBDIR, CacheError, release
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,7 @@ def test_copies_of_other_uris_are_evicted_beyond_the_limit(s3, uploaded, prepare
     pafs.copy_files(str(prepared_dir), "runs/other", destination_filesystem=s3)
     first = local_copy(uploaded, cache_dir=tmp_path)
     size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+    release(first)  # its job has ended
     said = []
     second = local_copy(
         "s3://runs/other", cache_dir=tmp_path, max_bytes=int(size * 1.5), log=said.append
@@ -87,4 +92,72 @@ def test_training_reads_its_data_from_s3(uploaded, tmp_path):
     train_local_subprocess(cfg)
     records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2
-    assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
+    assert len(list((tmp_path / "cache" / CACHE_SUBDIR).glob("*/manifest.json"))) == 1
+
+
+def test_the_cache_deletes_only_what_it_made(s3, uploaded, prepared_dir, tmp_path):
+    """data.cache_dir may be a directory of the user's: their files there are never evicted."""
+    import pyarrow.fs as pafs
+
+    mine = tmp_path / "my_experiment_results"
+    mine.mkdir()
+    (mine / "results.csv").write_text("precious")
+    pafs.copy_files(str(prepared_dir), "runs/other2", destination_filesystem=s3)
+    first = local_copy(uploaded, cache_dir=tmp_path)
+    assert first.parent == tmp_path / CACHE_SUBDIR
+    size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+    release(first)
+    (first.parent / "not-ours").mkdir()  # a directory the cache did not make, even inside it
+    second = local_copy("s3://runs/other2", cache_dir=tmp_path, max_bytes=int(size * 1.5))
+    assert second.is_dir() and not first.exists()  # its own old copy evicted, nothing else
+    assert (mine / "results.csv").read_text() == "precious"
+    assert (first.parent / "not-ours").is_dir()
+
+
+def test_a_copy_in_use_is_not_evicted_and_the_limit_is_a_clear_error(s3, uploaded, tmp_path):
+    """train + eval copies under a limit smaller than both: the run's own train copy is kept,
+    and the eval copy is refused before it is downloaded, saying what to change."""
+    import pyarrow.fs as pafs
+
+    train = local_copy(uploaded, cache_dir=tmp_path)
+    size = sum(f.stat().st_size for f in train.rglob("*") if f.is_file())
+    pafs.copy_files(str(train), "runs/eval", destination_filesystem=s3)
+    with pytest.raises(CacheError, match="data.cache_max_gb"):
+        local_copy("s3://runs/eval", cache_dir=tmp_path, max_bytes=int(size * 1.5))
+    assert (train / "manifest.json").is_file()
+    release(train)
+
+
+def test_two_jobs_under_a_small_limit_do_not_deadlock(s3, uploaded, tmp_path):
+    """Two processes, each holding its own copy and asking for the other's URI under a limit
+    that fits one copy: neither waits on the other's lock; both end at once."""
+    import pyarrow.fs as pafs
+
+    first = local_copy(uploaded, cache_dir=tmp_path)
+    size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+    release(first)
+    pafs.copy_files(str(first), "runs/second", destination_filesystem=s3)
+    script = """import sys, time
+from pathlib import Path
+from sftscale.storage import local_copy
+mine, other, cache, limit = sys.argv[1:5]
+local_copy(mine, cache_dir=Path(cache), max_bytes=10**12)
+time.sleep(2)  # both hold theirs now
+try:
+    local_copy(other, cache_dir=Path(cache), max_bytes=int(limit))
+    print("fitted")
+except Exception as e:
+    print("refused:", type(e).__name__)
+"""
+    env = {**os.environ}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, a, b, str(tmp_path), str(int(size * 1.5))],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for a, b in ((uploaded, "s3://runs/second"), ("s3://runs/second", uploaded))
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all("refused: CacheError" in o or "fitted" in o for o in outs), outs

@@ -42,7 +42,14 @@ def read_remote_manifest(uri: str) -> schema.Manifest:
             f"{redact(uri)}: cannot read {schema.MANIFEST_NAME} ({str(e).splitlines()[0]}); point data.path "
             "at a directory written by `sftscale prepare` and uploaded whole"
         ) from e
-    return schema.Manifest.from_dict(raw)
+    try:
+        manifest = schema.Manifest.from_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise schema.ShardFormatError(
+            f"{redact(uri)}: not a complete sftscale manifest ({e})"
+        ) from e
+    schema.check_names(manifest, where=redact(uri))
+    return manifest
 
 
 def load_manifest(path: str, *, field: str) -> schema.Manifest:
