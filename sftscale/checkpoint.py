@@ -40,7 +40,7 @@ import torch.distributed as dist
 from data_tools.console import say
 from sftscale.config import Config
 from sftscale.durable import atomic_write, fsync_dir, fsync_tree
-from sftscale.storage import carry_run_files
+from sftscale.storage import RUN_FILES, carry_run_files
 
 STATE_FILE = "sftscale_state.json"
 LATEST = "latest"
@@ -159,6 +159,10 @@ def save_checkpoint(
     save_rng_state(root / tmp_tag, rank)
     if rank == 0 and run_files:  # into the uncommitted directory: renamed with it
         carry_run_files(list(run_files), root / tmp_tag)
+        if ledger is not None:  # and this step's ledger segment, which the commit writes
+            carried = root / tmp_tag / RUN_FILES / ledger_dir.name
+            carried.mkdir(parents=True, exist_ok=True)
+            np.save(carried / f"upto_{step:08d}.npy", ledger)
     dist.barrier()  # collective: every rank's files are on disk
     if os.environ.get(CRASH_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
