@@ -105,6 +105,19 @@ def precision_for(cfg: Config, device: Device | None) -> Precision:
     return choose(cfg.deepspeed.precision, native_bf16=native, why=why)
 
 
+def base_config(cfg: Config, vocab_size: int) -> Any:
+    """The model's own config (a preset's sized for `vocab_size` tokens); ConfigError when
+    model.name_or_path names neither a preset nor a model directory."""
+    try:
+        return load_model_config(
+            cfg.model.name_or_path,
+            vocab_size=vocab_size,
+            attn_implementation=cfg.model.attn_implementation,
+        )
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.name_or_path: {e}") from e
+
+
 def resolve_run(
     cfg: Config,
     *,
@@ -120,14 +133,7 @@ def resolve_run(
     caller has read it already (else read from model.name_or_path)."""
     cfg = cfg.for_world(world)
     if base_model_config is None:
-        try:
-            base_model_config = load_model_config(
-                cfg.model.name_or_path,
-                vocab_size=vocab_size,
-                attn_implementation=cfg.model.attn_implementation,
-            )
-        except FileNotFoundError as e:
-            raise ConfigError(f"model.name_or_path: {e}") from e
+        base_model_config = base_config(cfg, vocab_size)
     mcfg = with_vocabulary(base_model_config, vocab_size)
     shape = ModelShape.from_config(mcfg)
     ds_config = resolve_ds_config(

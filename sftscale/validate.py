@@ -21,8 +21,7 @@ from sftscale.devices import Device, ranks_here, this_device
 from sftscale.fit import plan_with_fixes
 from sftscale.identity import describe_changes, identity_changes, run_identity
 from sftscale.jit_locks import op_available
-from sftscale.model import model_config
-from sftscale.resolve import ResolvedRun, precision_for, resolve_run
+from sftscale.resolve import ResolvedRun, base_config, precision_for, resolve_run
 from sftscale.sequence_parallel import EXACT_ON_PACKED_ROWS, sliding_window
 from sftscale.storage import is_uri, load_manifest
 from sftscale.storage.cache import cache_root
@@ -58,14 +57,7 @@ def validate_run(cfg: Config, *, world_size: int) -> Validated:
         )
 
     vocab = manifest.tokenizer.vocab_size
-    try:
-        base = model_config(
-            cfg.model.name_or_path,
-            vocab_size=vocab,
-            attn_implementation=cfg.model.attn_implementation,
-        )
-    except FileNotFoundError as e:
-        raise ConfigError(f"model.name_or_path: {e}") from e
+    base = base_config(cfg, vocab)
     positions = getattr(base, "max_position_embeddings", None) or manifest.seq_len
     if manifest.seq_len > positions:
         raise ConfigError(
