@@ -25,7 +25,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -58,6 +57,7 @@ from data_tools.formats import (
     normalize,
     parse,
 )
+from data_tools.outdir import OutputError, new_output
 from data_tools.pack import pack_best_fit_decreasing
 from data_tools.tokenizer import load_tokenizer
 
@@ -438,17 +438,52 @@ def prepare(
     except ValueError as e:
         raise PrepareError(str(e)) from e
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("shard-*.arrow"):  # a previous run's shards must not mix with ours
-        stale.unlink()
-    # The tokenizer travels with the shards, template included, so training and export use
-    # exactly the ids the data was made with; the workers load this copy.
-    tok_dir = out / schema.TOKENIZER_DIR
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    tokenizer.chat_template = template
-    tokenizer.save_pretrained(str(tok_dir))
+    try:
+        with new_output(Path(out_dir), log=_say if options.progress else _quiet) as staged:
+            # The tokenizer travels with the shards, template included, so training and export
+            # use exactly the ids the data was made with; the workers load this copy.
+            tokenizer.chat_template = template
+            tokenizer.save_pretrained(str(staged / schema.TOKENIZER_DIR))
+            try:
+                manifest = _write(
+                    paths, staged, tokenizer, template, tokens, tokenizer_path, options
+                )
+            except PrepareError as e:
+                raise PrepareError(f"{e}{_keep_quarantine(staged, Path(out_dir))}") from None
+    except OutputError as e:
+        raise PrepareError(str(e)) from e
+    return manifest
 
+
+def _keep_quarantine(staged: Path, out: Path) -> str:
+    """Keep the bad records of a prepare that writes no output beside `out`; say where."""
+    found = staged / schema.QUARANTINE_NAME
+    if not found.is_file() or not found.stat().st_size:
+        return ""
+    kept = out.with_name(f"{out.name}.{schema.QUARANTINE_NAME}")
+    found.replace(kept)
+    return f". Nothing was written to {out}; the bad records are in {kept}"
+
+
+def _say(message: str) -> None:
+    print(f"prepare: {message}", flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _write(
+    paths: list[Path],
+    out: Path,
+    tokenizer: Any,
+    template: str,
+    tokens: dict,
+    tokenizer_path: str,
+    options: PrepareOptions,
+) -> schema.Manifest:
+    """Tokenize, pack and write shards, quarantine and manifest into the new directory `out`."""
+    tok_dir = out / schema.TOKENIZER_DIR
     source_hashes: list[dict] = []
     shards = _Shards(out, options)
     counts, reasons, formats = _tokenize_and_pack(paths, tok_dir, options, shards, source_hashes)
@@ -458,11 +493,11 @@ def prepare(
         raise PrepareError(f"no records in {', '.join(map(str, paths))}")
     if bad / n > options.max_bad_fraction:
         raise PrepareError(
-            f"{bad} of {n} records are bad ({bad / n:.1%} > --max-bad-fraction {options.max_bad_fraction:.1%}); "
-            f"see {out / schema.QUARANTINE_NAME}"
+            f"{bad} of {n} records are bad ({bad / n:.1%} > --max-bad-fraction "
+            f"{options.max_bad_fraction:.1%}); reasons: {dict(reasons.most_common(5))}"
         )
     if not shards.shards:
-        raise PrepareError(f"every record was quarantined; see {out / schema.QUARANTINE_NAME}")
+        raise PrepareError(f"every record was quarantined; reasons: {dict(reasons.most_common(5))}")
 
     num_tokens = sum(s.num_tokens for s in shards.shards)
     source_hash = hashlib.sha256("".join(s["sha256"] for s in source_hashes).encode()).hexdigest()

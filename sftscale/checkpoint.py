@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 
 from data_tools.console import say
+from data_tools.durable import atomic_write, fsync_dir, fsync_tree
 from sftscale.config import Config
-from sftscale.durable import atomic_write, fsync_dir, fsync_tree
 from sftscale.storage import RUN_FILES, carry_run_files
 
 STATE_FILE = "sftscale_state.json"

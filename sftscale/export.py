@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sftscale.durable import staging_dir, swap_in
+from data_tools.durable import staging_dir, swap_in
 from sftscale.lora import peft_key
 from sftscale.model import full_numel
 

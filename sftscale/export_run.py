@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from data_tools.durable import staging_dir, swap_in
 from sftscale.config import Config
-from sftscale.durable import staging_dir, swap_in
 from sftscale.export import ShardWriter, bounded_groups, export_from_engine, save_model_meta
 from sftscale.lora import ADAPTER_NAME, adapter_parameters, hf_name, lora_layers, peft_key
 from sftscale.model import is_preset

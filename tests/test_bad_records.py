@@ -43,8 +43,10 @@ def _run(tmp: Path, inputs: list[Path], tokenizer: Path, **kw) -> tuple[dict | N
         if "every record was quarantined" not in str(e):
             raise
         m = None
+    # a prepare that writes no output keeps its bad records beside the output it did not write
+    quarantine = out / schema.QUARANTINE_NAME if m else tmp / f"out.{schema.QUARANTINE_NAME}"
     # lines end at "\n" only: a raw U+0085 or U+2028 inside a string is not a line break
-    lines = (out / schema.QUARANTINE_NAME).read_text(encoding="utf-8").split("\n")[:-1]
+    lines = quarantine.read_text(encoding="utf-8").split("\n")[:-1]
     return m, [json.loads(line) for line in lines]
 
 

@@ -222,13 +222,12 @@ def test_fuzzed_records_are_packed_or_quarantined_never_crash(
             out_dir=str(tmp / "o"),
             options=_opts(),
         )
-        good = m.num_records - m.quarantined_rows
-    except (
-        PrepareError
-    ) as e:  # every record bad (or none): a clear error, the quarantine still written
+        good, quarantine = m.num_records - m.quarantined_rows, tmp / "o" / schema.QUARANTINE_NAME
+    except PrepareError as e:  # every record bad (or none): a clear error, no output written
         assert ("quarantined" in str(e)) if nonblank else ("no records" in str(e))
-        good = 0
-    q = [json.loads(x) for x in (tmp / "o" / schema.QUARANTINE_NAME).read_text().splitlines()]
+        assert not (tmp / "o").exists()
+        good, quarantine = 0, tmp / f"o.{schema.QUARANTINE_NAME}"  # kept beside it
+    q = [json.loads(x) for x in quarantine.read_text().splitlines()] if nonblank else []
     assert all(r["reason"] and r["source"] == str(src) for r in q)
     assert good + len(q) == len(nonblank)  # each record either trained on or quarantined
     assert {r["line"] for r in q} <= set(nonblank)

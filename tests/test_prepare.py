@@ -95,7 +95,8 @@ def test_overflow_truncate_and_quarantine(tmp_path, sp_tokenizer_dir):
             out_dir=str(tmp_path / "a"),
             options=PrepareOptions(seq_len=32),
         )
-    q = (tmp_path / "a" / schema.QUARANTINE_NAME).read_text()
+    assert not (tmp_path / "a").exists()  # no output, and the bad records beside it
+    q = (tmp_path / f"a.{schema.QUARANTINE_NAME}").read_text()
     assert "zero supervised tokens" in q
     with pytest.raises(PrepareError):
         prepare(
@@ -104,7 +105,7 @@ def test_overflow_truncate_and_quarantine(tmp_path, sp_tokenizer_dir):
             out_dir=str(tmp_path / "b"),
             options=PrepareOptions(seq_len=32, overflow="quarantine"),
         )
-    assert "too long" in (tmp_path / "b" / schema.QUARANTINE_NAME).read_text()
+    assert "too long" in (tmp_path / f"b.{schema.QUARANTINE_NAME}").read_text()
 
 
 def test_same_inputs_give_byte_identical_output(tmp_path, corpus_path, sp_tokenizer_dir):

@@ -55,25 +55,33 @@ def staging_dir(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.tmp")
 
 
-def swap_in(staged: Path, dest: Path) -> None:
+def swap_in(staged: Path, dest: Path, *, old: Path | None = None) -> None:
     """Replace the directory `dest` by `staged` (written and complete) so that at every instant
-    `dest` is the whole old version or the whole new one; the old one is then deleted. Nothing
-    of the old version survives in the new one (a stale shard of another layout, say)."""
+    `dest` is the whole old version or the whole new one. The old version is then deleted, or
+    moved to `old` when given (the caller deletes what it knows). Nothing of the old version
+    survives in the new one (a stale shard of another layout, say)."""
     fsync_tree(staged)
     if dest.exists() and _exchange(staged, dest):
         fsync_dir(dest.parent)
-        shutil.rmtree(staged)  # now the old version
+        _retire(staged, old)  # `staged` now names the old version
         return
     if dest.exists():  # no renameat2 (not Linux, old kernel, some filesystems): two renames
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
+        aside = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        dest.rename(aside)
         staged.rename(dest)
         fsync_dir(dest.parent)
-        shutil.rmtree(old)
+        _retire(aside, old)
         return
     staged.rename(dest)
     fsync_dir(dest.parent)
+
+
+def _retire(previous: Path, old: Path | None) -> None:
+    if old is None:
+        shutil.rmtree(previous)
+    else:
+        previous.rename(old)
 
 
 def _exchange(a: Path, b: Path) -> bool:
