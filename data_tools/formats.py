@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import glob
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from data_tools.jsonstream import JsonDocumentError, json_records
 
 FORMATS = ("messages", "prompt", "alpaca", "sharegpt", "text")
 ROLES = ("system", "user", "assistant")
@@ -80,20 +81,45 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def iter_records(path: Path) -> Iterator[SourceRecord]:
+MAX_RECORD_BYTES = 16 << 20  # a record larger than this is quarantined, not read
+
+
+def iter_records(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[SourceRecord]:
+    """The records of one input, each read with bounded memory: a record over `max_bytes` is
+    a BadRecord ("too large") with a preview of its start; its source and line find it whole."""
     if path.is_dir():
-        yield from _iter_hf_dataset(path)
+        yield from _iter_hf_dataset(path, max_bytes)
     elif path.suffix == ".parquet":
-        yield from _iter_parquet(path)
+        yield from _iter_parquet(path, max_bytes)
     elif path.suffix == ".json":
-        yield from _iter_json(path)
+        yield from _iter_json(path, max_bytes)
     else:  # .jsonl and anything else: one JSON value per line
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, max_bytes)
 
 
-def _iter_jsonl(path: Path) -> Iterator[SourceRecord]:
+def _too_large(size: int, max_bytes: int) -> BadRecord:
+    return BadRecord(f"too large: {size} bytes > --max-record-bytes {max_bytes}")
+
+
+def _preview(text: str, size: int) -> str:
+    return f"{text[:200]}... ({size} bytes in all)"
+
+
+def _iter_jsonl(path: Path, max_bytes: int) -> Iterator[SourceRecord]:
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while raw := f.readline(max_bytes + 1):
+            lineno += 1
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):  # longer: skip the rest
+                head, size = raw[:200].decode("utf-8", "replace"), len(raw)
+                while rest := f.readline(1 << 20):
+                    size += len(rest.rstrip(b"\n"))
+                    if rest.endswith(b"\n"):
+                        break
+                yield SourceRecord(
+                    str(path), lineno, _preview(head, size), _too_large(size, max_bytes)
+                )
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -107,134 +133,59 @@ def _iter_jsonl(path: Path) -> Iterator[SourceRecord]:
             if not text.strip():
                 continue
             text = text.rstrip("\n")
-            record: Any = RawJSON(text)
-            yield SourceRecord(str(path), lineno, text, record)
+            yield SourceRecord(str(path), lineno, text, RawJSON(text))
 
 
-def _iter_json(path: Path) -> Iterator[SourceRecord]:
-    # surrogateescape: an undecodable byte inside a string spoils only the record holding it
-    # (normalize rejects the string); outside a string it is not JSON, and the file is refused.
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(
-            f"{path}: not a JSON document ({e}); for one record per line name it .jsonl"
-        ) from e
-    except (RecursionError, ValueError):  # one record json cannot read: it alone is bad
-        yield from _iter_json_by_record(path, text)
-        return
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise InputError(f"{path}: a JSON object must hold exactly one list of records")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a list of records")
-    for i, record in enumerate(data, start=1):
-        yield _json_record(path, i, record)
-
-
-def _json_record(path: Path, line: int, value: Any, *, text: str = "") -> SourceRecord:
-    """A record of a .json document, shipped to the workers as its JSON text as a JSONL line
-    is: a string pickles cheaply and at any depth (pickle fails on lists ~500 deep). `text`,
-    its source text, stands in for it in the quarantine when json cannot write it back."""
-    try:
-        raw = json.dumps(value, ensure_ascii=False)
-    except RecursionError as e:
-        return SourceRecord(str(path), line, text, _unreadable_json(e))
-    return SourceRecord(str(path), line, raw, RawJSON(raw))
-
-
-_SPACE = re.compile(r"[ \t\n\r]*")
-_MEMBER = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"[ \t\n\r]*:[ \t\n\r]*', re.S)  # "key":
-_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)  # a string, or a bracket
-_SCALAR = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^,\]}\s]*', re.S)  # a string, number or literal
-
-
-def _iter_json_by_record(path: Path, text: str) -> Iterator[SourceRecord]:
-    """The records of a .json document that json.loads cannot read whole (a record nested too
-    deeply, a number of more than 4300 digits), parsed one by one: only that record is bad."""
-    decoder = json.JSONDecoder()
-    at, line = _skip_space(text, _records_list_at(path, text) + 1), 0
-    while not text.startswith("]", at):
-        line += 1
+def _iter_json(path: Path, max_bytes: int) -> Iterator[SourceRecord]:
+    """The records of a .json document, streamed (data_tools.jsonstream): each travels to the
+    workers as its own JSON text, as a JSONL line does (a string pickles cheaply and at any
+    depth; pickle fails on lists ~500 deep)."""
+    with open(path, "rb") as f:
         try:
-            value, end = decoder.raw_decode(text, at)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not a JSON document ({e})") from e
-        except (RecursionError, ValueError) as e:
-            end = _value_end(path, text, at)
-            yield SourceRecord(str(path), line, text[at:end], _unreadable_json(e))
-        else:
-            yield _json_record(path, line, value, text=text[at:end])
-        at = _skip_space(text, end)
-        if text.startswith(",", at):
-            at = _skip_space(text, at + 1)
-        elif not text.startswith("]", at):
-            raise InputError(f"{path}: not a JSON document (expected ',' or ']' at offset {at})")
+            for line, text, bad in json_records(f, max_bytes=max_bytes):
+                yield SourceRecord(str(path), line, text, BadRecord(bad) if bad else RawJSON(text))
+        except JsonDocumentError as e:
+            raise InputError(f"{path}: {e}; for one record per line name it .jsonl") from None
 
 
-def _records_list_at(path: Path, text: str) -> int:
-    """Offset of the list of records: the document, or the one list an object holds."""
-    at = _skip_space(text, 0)
-    if text.startswith("[", at):
-        return at
-    if not text.startswith("{", at):
-        raise InputError(f"{path}: expected a list of records")
-    lists, at = [], _skip_space(text, at + 1)
-    while not text.startswith("}", at):
-        member = _MEMBER.match(text, at)
-        if member is None:
-            raise InputError(f"{path}: not a JSON document (expected a key at offset {at})")
-        if text.startswith("[", member.end()):
-            lists.append(member.end())
-        at = _skip_space(text, _value_end(path, text, member.end()))
-        if text.startswith(",", at):
-            at = _skip_space(text, at + 1)
-    if len(lists) != 1:
-        raise InputError(f"{path}: a JSON object must hold exactly one list of records")
-    return lists[0]
-
-
-def _value_end(path: Path, text: str, at: int) -> int:
-    """Where the JSON value at `at` ends, found by counting brackets (no recursion, so at any
-    depth); strings are skipped whole, so brackets inside them do not count."""
-    if not text.startswith(("[", "{"), at):
-        return _SCALAR.match(text, at).end()
-    depth = 0
-    for token in _TOKEN.finditer(text, at):
-        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(text[token.start()], 0)
-        if depth == 0:
-            return token.end()
-    raise InputError(f"{path}: not a JSON document (a bracket at offset {at} is never closed)")
-
-
-def _skip_space(text: str, at: int) -> int:
-    return _SPACE.match(text, at).end()
-
-
-def _iter_parquet(path: Path) -> Iterator[SourceRecord]:
+def _iter_parquet(path: Path, max_bytes: int) -> Iterator[SourceRecord]:
     # heavy (pyarrow): loaded only on the path that uses it
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
     try:  # Parquet nests at most ~50 lists deep: a deeper schema is refused here, file and all
-        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
         for batch in batches:
-            for record, bad in _parquet_rows(batch):
+            for record, bad in _parquet_rows(batch, max_bytes):
                 row += 1
-                raw = json.dumps(record, ensure_ascii=False, default=str)
-                yield SourceRecord(str(path), row, raw, bad or record)
+                yield _row_record(path, row, record, bad)
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"{path}: cannot read Parquet ({row} rows read): {e}") from e
 
 
-def _parquet_rows(batch: Any) -> Iterator[tuple[dict, BadRecord | None]]:
-    """A batch's rows, each with the reason it is bad (None: it is not). Arrow does not check
-    that a string column written by another tool holds UTF-8; one that does not makes its row
-    bad, and only its row."""
+def _row_record(path: Path, row: int, record: Any, bad: BadRecord | None) -> SourceRecord:
+    """A table row as a record; one too large to convert is its description."""
+    if isinstance(record, str):
+        return SourceRecord(str(path), row, record, bad)
+    raw = json.dumps(record, ensure_ascii=False, default=str)
+    return SourceRecord(str(path), row, raw, bad or record)
+
+
+def _parquet_rows(batch: Any, max_bytes: int) -> Iterator[tuple[Any, BadRecord | None]]:
+    """A batch's rows, each with the reason it is bad (None: it is not). A row over
+    `max_bytes` (Arrow's own size of its values) is not converted: a preview of its first
+    column stands for it. Arrow does not check that a string column written by another tool
+    holds UTF-8; one that does not makes its row bad, and only its row."""
+    if batch.nbytes > max_bytes:  # some row may be too large: convert the batch row by row
+        for i in range(batch.num_rows):
+            one = batch.slice(i, 1)
+            if one.nbytes > max_bytes:  # not converted: a description stands for it
+                what = f"<a row of {one.nbytes} bytes; columns {', '.join(one.schema.names)}>"
+                yield what, _too_large(one.nbytes, max_bytes)
+            else:
+                yield from _parquet_rows(one, max_bytes)
+        return
     try:
         rows = batch.to_pylist()
     except UnicodeDecodeError:
@@ -254,7 +205,7 @@ def _parquet_rows(batch: Any) -> Iterator[tuple[dict, BadRecord | None]]:
         yield row, BadRecord(reason) if bad else None
 
 
-def _iter_hf_dataset(path: Path) -> Iterator[SourceRecord]:
+def _iter_hf_dataset(path: Path, max_bytes: int) -> Iterator[SourceRecord]:
     # heavy (datasets): loaded only on the path that uses it
     import datasets
 
@@ -263,11 +214,12 @@ def _iter_hf_dataset(path: Path) -> Iterator[SourceRecord]:
         if "train" not in ds:
             raise InputError(f"{path}: a DatasetDict without a 'train' split")
         ds = ds["train"]
-    for i, record in enumerate(ds.iter(batch_size=1), start=1):
-        record = {k: v[0] for k, v in record.items()}
-        yield SourceRecord(
-            str(path), i, json.dumps(record, ensure_ascii=False, default=str), record
-        )
+    table = ds.with_format("arrow")
+    for start in range(0, len(ds), 1024):  # rows as Parquet rows are read: sized before use
+        batch = table[start : start + 1024].combine_chunks().to_batches()
+        rows = (r for b in batch for r in _parquet_rows(b, max_bytes))
+        for i, (record, bad) in enumerate(rows, start=start + 1):
+            yield _row_record(path, i, record, bad)
 
 
 def detect_format(record: dict) -> str:

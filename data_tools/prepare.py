@@ -48,6 +48,7 @@ from data_tools.chat import (
 from data_tools.console import ProgressBar
 from data_tools.formats import (
     FORMATS,
+    MAX_RECORD_BYTES,
     BadRecord,
     InputError,
     RawJSON,
@@ -85,6 +86,11 @@ class PrepareOptions:
     engine: str = "local"
     window: int = 50_000  # documents packed together; bounds memory
     packing: str = "bfd"  # bfd: best-fit decreasing; none: one document per row (padding baselines)
+    # Bounds per record, each a quarantine reason: its size as read, its messages (rendering a
+    # new sequence of roles costs one template rendering per assistant turn), its tokens.
+    max_record_bytes: int = MAX_RECORD_BYTES
+    max_turns: int = 1024
+    max_doc_tokens: int = 1 << 20
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -105,6 +111,9 @@ class PrepareOptions:
             (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
             (self.window >= 1, "--window must be >= 1"),
             (self.packing in PACKING_MODES, f"--packing must be one of {', '.join(PACKING_MODES)}"),
+            (self.max_record_bytes >= 1, "--max-record-bytes must be >= 1"),
+            (self.max_turns >= 2, "--max-turns must be >= 2"),
+            (self.max_doc_tokens >= 1, "--max-doc-tokens must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -188,6 +197,10 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
             kind, value = normalize(
                 record, options.format, keep_empty_replies=options.keep_empty_replies
             )
+            if kind == "messages" and len(value) > options.max_turns:
+                raise BadRecord(
+                    f"too many turns: {len(value)} messages > --max-turns {options.max_turns}"
+                )
             segments = (
                 text_segments(value)
                 if kind == "text"
@@ -246,6 +259,8 @@ def _fit(doc, options: PrepareOptions) -> dict:
     """Fit a document to seq_len per --overflow; pieces without a supervised token are dropped
     (and counted): they would cost compute and teach nothing."""
     n, overflow = len(doc.input_ids), None
+    if n > options.max_doc_tokens:
+        raise BadRecord(f"too many tokens: {n} > --max-doc-tokens {options.max_doc_tokens}")
     if n <= options.seq_len:
         pieces = [(doc.input_ids, doc.loss_mask)]
     elif options.overflow == "quarantine":
@@ -270,11 +285,11 @@ def _fit(doc, options: PrepareOptions) -> dict:
 # ---- engines: results in input order ----------------------------------------------------------
 
 
-def _batches(paths: list[Path], source_hashes: list[dict]) -> Iterator[list[tuple]]:
+def _batches(paths: list[Path], source_hashes: list[dict], max_bytes: int) -> Iterator[list[tuple]]:
     def items():
         for path in paths:
             h = hashlib.sha256()
-            for rec in iter_records(path):
+            for rec in iter_records(path, max_bytes):
                 h.update(rec.raw.encode("utf-8", "replace"))
                 h.update(b"\n")
                 yield (rec.source, rec.line, rec.raw, rec.record)
@@ -551,7 +566,9 @@ def _tokenize_and_pack(
     bar = ProgressBar(desc="prepare", unit=" records", enabled=options.progress, rate="tokens")
     try:
         with open(out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
-            for results in engine(_batches(paths, source_hashes), tok_dir, options):
+            for results in engine(
+                _batches(paths, source_hashes, options.max_record_bytes), tok_dir, options
+            ):
                 for r in results:
                     counts["records"] += 1
                     if not r["ok"]:

@@ -38,6 +38,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         engine=args.engine,
         window=args.window,
         packing=args.packing,
+        max_record_bytes=args.max_record_bytes,
+        max_turns=args.max_turns,
+        max_doc_tokens=args.max_doc_tokens,
         progress=not args.no_progress,
     )
     manifest = prepare(
@@ -292,6 +295,21 @@ def _add_prepare(sub) -> None:
         default="bfd",
         choices=["bfd", "none"],
         help="bfd: best-fit decreasing into rows of --seq-len; none: one document per row",
+    )
+    p.add_argument(
+        "--max-record-bytes",
+        type=int,
+        default=16 << 20,
+        help="a larger record is quarantined without being read whole (default 16 MiB)",
+    )
+    p.add_argument(
+        "--max-turns", type=int, default=1024, help="a record with more messages is quarantined"
+    )
+    p.add_argument(
+        "--max-doc-tokens",
+        type=int,
+        default=1 << 20,
+        help="a document of more tokens (before --overflow) is quarantined",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
