@@ -10,12 +10,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data_tools import schema
-from data_tools.chat import BUILTIN_TEMPLATES, Renderer, split_supervised_text
 from data_tools.formats import iter_records
 from data_tools.jsonstream import json_records
 from data_tools.prepare import PrepareOptions, prepare
@@ -114,45 +114,49 @@ def test_a_10000_turn_record_is_quarantined_and_1000_turns_are_masked_exactly(
             ]
         }
 
-    src = tmp_path / "a.jsonl"
-    src.write_text(
-        "".join(json.dumps(r) + "\n" for r in (conversation(10_000), conversation(1000)))
+    m, q = _prepare(
+        tmp_path,
+        sp_tokenizer_dir,
+        [conversation(10_000), conversation(1000)],
+        seq_len=16384,
+        chat_template="chatml",
     )
-    options = PrepareOptions(seq_len=16384, chat_template="chatml", progress=False)
-    m = prepare(
-        [str(src)],
-        tokenizer_path=str(sp_tokenizer_dir),
-        out_dir=str(tmp_path / "o"),
-        options=options,
-    )
-    q = json.loads((tmp_path / "o" / schema.QUARANTINE_NAME).read_text())
-    assert q["line"] == 1 and q["reason"] == "too many turns: 10000 messages > --max-turns 1024"
+    assert [(r["line"], r["reason"]) for r in q] == [
+        (1, "too many turns: 10000 messages > --max-turns 1024")
+    ]
     assert m.num_documents == 1
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "o" / schema.TOKENIZER_DIR)
-    segments = split_supervised_text(
-        tok, Renderer(tok, BUILTIN_TEMPLATES["chatml"]), conversation(1000)["messages"]
-    )
-    supervised = [text for text, s in segments if s]
+    row = schema.open_shard(tmp_path / "o" / m.shards[0].file).to_pylist()[0]
+    ids, mask = np.array(row["input_ids"]), np.array(row["loss_mask"], dtype=bool)
+    runs = np.split(ids, np.flatnonzero(np.diff(mask.astype(int))) + 1)
+    starts = np.r_[0, np.flatnonzero(np.diff(mask.astype(int))) + 1]
+    supervised = [tok.decode(r) for r, at in zip(runs, starts, strict=True) if mask[at]]
     assert supervised == [f"turn {i}<|im_end|>\n" for i in range(1, 1000, 2)]
 
 
-def test_a_document_over_the_token_bound_is_quarantined(tmp_path, sp_tokenizer_dir):
-    src = tmp_path / "a.jsonl"
-    src.write_text(json.dumps({"text": "word " * 500}) + "\n" + json.dumps({"text": "hi"}) + "\n")
-    options = PrepareOptions(seq_len=64, overflow="split", max_doc_tokens=200, progress=False)
+def _prepare(tmp: Path, tok: Path, records: list[dict], **options) -> tuple[object, list[dict]]:
+    src = tmp / "a.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
     m = prepare(
         [str(src)],
-        tokenizer_path=str(sp_tokenizer_dir),
-        out_dir=str(tmp_path / "o"),
-        options=options,
+        tokenizer_path=str(tok),
+        out_dir=str(tmp / "o"),
+        options=PrepareOptions(progress=False, **options),
     )
-    q = json.loads((tmp_path / "o" / schema.QUARANTINE_NAME).read_text())
+    lines = (tmp / "o" / schema.QUARANTINE_NAME).read_text().splitlines()
+    return m, [json.loads(line) for line in lines]
+
+
+def test_a_document_over_the_token_bound_is_quarantined(tmp_path, sp_tokenizer_dir):
+    records = [{"text": "word " * 500}, {"text": "hi"}]
+    m, q = _prepare(
+        tmp_path, sp_tokenizer_dir, records, seq_len=64, overflow="split", max_doc_tokens=200
+    )
+    assert len(q) == 1 and q[0]["line"] == 1
     assert (
-        q["line"] == 1
-        and q["reason"].startswith("too many tokens:")
-        and "--max-doc-tokens 200" in q["reason"]
+        q[0]["reason"].startswith("too many tokens:") and "--max-doc-tokens 200" in q[0]["reason"]
     )
     assert m.num_documents == 1
