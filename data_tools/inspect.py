@@ -42,6 +42,26 @@ def render_row(tokenizer, input_ids: list[int], loss_mask: list[int], doc_lens: 
     return "".join(parts)
 
 
+def mixture_lines(m: schema.Manifest) -> list[str]:
+    """Each source of a weighted mixture: what it asked, what was read, what was mixed."""
+    if not m.mixture:
+        return []
+    lines = [f"mixture (seed {m.mixture['seed']}): source, asked, read -> mixed"]
+    for s in m.mixture["sources"]:
+        asked = f"weight {s['weight']:g}" if s["weight"] is not None else f"{s['epochs']:g}x"
+        read, mixed = s["read"], s["mixed"]
+        lines.append(
+            f"  {s['input']}: {asked}; read {read['records']} records "
+            f"({read['quarantined']} quarantined), {read['documents']} documents, "
+            f"{read['tokens']} tokens ({read['supervised_tokens']} supervised) -> "
+            f"{mixed['documents']} documents, {mixed['tokens']} tokens "
+            f"({mixed['supervised_tokens']} supervised), {mixed['share']:.1%} of the mix"
+        )
+        for reason, n in read["quarantine_reasons"].items():
+            lines.append(f"    {n:>7}  {reason}")
+    return lines
+
+
 def inspect(data_dir: str, *, samples: int = 2) -> str:
     # heavy (transformers): loaded only on the path that uses it
     from transformers import AutoTokenizer
@@ -60,6 +80,7 @@ def inspect(data_dir: str, *, samples: int = 2) -> str:
     ]
     for reason, count in m.quarantine_reasons.items():
         lines.append(f"    {count:>7}  {reason}")
+    lines.extend(mixture_lines(m))
     tables = [schema.open_shard(data_dir_p / s.file) for s in m.shards]
     doc_lengths = [n for t in tables for row in t.column("doc_lens").to_pylist() for n in row]
     lines.append("document lengths (tokens):")

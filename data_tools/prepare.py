@@ -20,11 +20,13 @@ Imports neither torch, ray (except for --engine ray) nor deepspeed.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -58,6 +60,7 @@ from data_tools.formats import (
     normalize,
     parse,
 )
+from data_tools.mixture import MixtureError, Source, Spill, parse_inputs, select, targets
 from data_tools.outdir import OutputError, new_output
 from data_tools.pack import pack_best_fit_decreasing
 from data_tools.tokenizer import load_tokenizer
@@ -91,6 +94,7 @@ class PrepareOptions:
     max_record_bytes: int = MAX_RECORD_BYTES
     max_turns: int = 1024
     max_doc_tokens: int = 1 << 20
+    seed: int = 0  # a mixture's sampling (data_tools.mixture)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -285,14 +289,22 @@ def _fit(doc, options: PrepareOptions) -> dict:
 # ---- engines: results in input order ----------------------------------------------------------
 
 
-def _batches(paths: list[Path], source_hashes: list[dict], max_bytes: int) -> Iterator[list[tuple]]:
+def _batches(
+    paths: list[Path], source_hashes: list[dict], max_bytes: int, starts: list[int]
+) -> Iterator[list[tuple]]:
+    """Batches of records of every path in turn; `starts` gets the number of the first record
+    of each path as it is read."""
+
     def items():
+        n = 0
         for path in paths:
+            starts.append(n)
             h = hashlib.sha256()
             for rec in iter_records(path, max_bytes):
                 h.update(rec.raw.encode("utf-8", "replace"))
                 h.update(b"\n")
                 yield (rec.source, rec.line, rec.raw, rec.record)
+                n += 1
             source_hashes.append({"path": str(path), "sha256": h.hexdigest()})
 
     it = items()
@@ -443,9 +455,15 @@ def prepare(
 ) -> schema.Manifest:
     """Run the pipeline; return the manifest."""
     try:
-        paths = expand_inputs(inputs)
-    except InputError as e:
+        sources = parse_inputs(inputs)
+        paths, path_source = [], []
+        for k, source in enumerate(sources):
+            found = expand_inputs([source.input])
+            paths += found
+            path_source += [k] * len(found)
+    except (InputError, MixtureError) as e:
         raise PrepareError(str(e)) from e
+    read_from = _Inputs(paths, sources, path_source)
     try:
         tokenizer = load_tokenizer(tokenizer_path)
         template = resolve_template(tokenizer, options.chat_template)
@@ -461,7 +479,7 @@ def prepare(
             tokenizer.save_pretrained(str(staged / schema.TOKENIZER_DIR))
             try:
                 manifest = _write(
-                    paths, staged, tokenizer, template, tokens, tokenizer_path, options
+                    read_from, staged, tokenizer, template, tokens, tokenizer_path, options
                 )
             except PrepareError as e:
                 raise PrepareError(f"{e}{_keep_quarantine(staged, Path(out_dir))}") from None
@@ -488,8 +506,19 @@ def _quiet(message: str) -> None:
     pass
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    paths: list[Path]  # every file, in order
+    sources: list[Source]  # what the command line named (a mixture when weighted)
+    path_source: list[int]  # the source of each path
+
+    @property
+    def mixing(self) -> bool:
+        return any(s.weight is not None or s.epochs is not None for s in self.sources)
+
+
 def _write(
-    paths: list[Path],
+    inputs: _Inputs,
     out: Path,
     tokenizer: Any,
     template: str,
@@ -501,11 +530,13 @@ def _write(
     tok_dir = out / schema.TOKENIZER_DIR
     source_hashes: list[dict] = []
     shards = _Shards(out, options)
-    counts, reasons, formats = _tokenize_and_pack(paths, tok_dir, options, shards, source_hashes)
+    counts, reasons, formats, mix = _tokenize_and_pack(
+        inputs, tok_dir, options, shards, source_hashes
+    )
 
     n, bad = counts["records"], counts["bad"]
     if n == 0:
-        raise PrepareError(f"no records in {', '.join(map(str, paths))}")
+        raise PrepareError(f"no records in {', '.join(map(str, inputs.paths))}")
     if bad / n > options.max_bad_fraction:
         raise PrepareError(
             f"{bad} of {n} records are bad ({bad / n:.1%} > --max-bad-fraction "
@@ -547,53 +578,128 @@ def _write(
             k: v for k, v in asdict(options).items() if k not in ("num_proc", "engine", "progress")
         },
         shards=shards.shards,
+        mixture=mix,
     )
     schema.write_manifest(out, manifest)
     return manifest
 
 
 def _tokenize_and_pack(
-    paths: list, tok_dir: Path, options: PrepareOptions, shards: _Shards, source_hashes: list
-) -> tuple[Counter, Counter, Counter]:
+    inputs: _Inputs, tok_dir: Path, options: PrepareOptions, shards: _Shards, source_hashes: list
+) -> tuple[Counter, Counter, Counter, dict | None]:
     """Read, tokenize and mask every record, quarantine the bad ones with their reason, and
-    pack the documents window by window into `shards`. Returns (counts, reasons, formats)."""
+    pack the documents window by window into `shards` (a mixture: once every source is read).
+    Returns (counts, reasons, formats, the mixture's account or None)."""
     engine = _run_ray if options.engine == "ray" else _run_local
-    out = shards.out
-    counts: Counter = Counter()
-    reasons: Counter = Counter()
-    formats: Counter = Counter()
-    window: list[tuple[list[int], list[int]]] = []
+    counts, reasons, formats = Counter(), Counter(), Counter()
+    per_source = [Counter() for _ in inputs.sources]  # records, bad, and reasons per source
+    spill = Spill(shards.out / ".mixture", len(inputs.sources)) if inputs.mixing else None
+    window: list[tuple[np.ndarray, np.ndarray]] = []
+    starts: list[int] = []
+    batches = _batches(inputs.paths, source_hashes, options.max_record_bytes, starts)
     bar = ProgressBar(desc="prepare", unit=" records", enabled=options.progress, rate="tokens")
     try:
-        with open(out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
-            for results in engine(
-                _batches(paths, source_hashes, options.max_record_bytes), tok_dir, options
-            ):
+        with open(shards.out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
+            for results in engine(batches, tok_dir, options):
                 for r in results:
+                    k = inputs.path_source[bisect.bisect_right(starts, counts["records"]) - 1]
                     counts["records"] += 1
+                    per_source[k]["records"] += 1
                     if not r["ok"]:
+                        reason = r["reason"].split(":")[0]
                         counts["bad"] += 1
-                        reasons[r["reason"].split(":")[0]] += 1
+                        reasons[reason] += 1
+                        per_source[k]["bad"] += 1
+                        per_source[k][f"reason:{reason}"] += 1
                         quarantine.write(_quarantine_line(r))
                         continue
                     formats[r["format"]] += 1
                     counts["documents"] += len(r["pieces"])
                     counts[r["overflow"] or "fit"] += 1
                     counts["unsupervised_pieces"] += r["unsupervised_pieces"]
-                    window.extend(r["pieces"])
                     bar.update(0, counted=sum(len(p[0]) for p in r["pieces"]))
+                    if spill is not None:
+                        spill.add(k, r["pieces"])
+                        continue
+                    window.extend(r["pieces"])
                     if len(window) >= options.window:
                         shards.pack(window)
                         window = []
                 bar.update(len(results))
             if window:
                 shards.pack(window)
-            shards.flush()
     except InputError as e:
         raise PrepareError(str(e)) from e
     finally:
         bar.close()
-    return counts, reasons, formats
+    mix = None
+    if spill is not None:
+        mix = _mix(spill, inputs.sources, per_source, options, shards)
+        counts["documents"] = sum(s["mixed"]["documents"] for s in mix["sources"])
+    shards.flush()
+    return counts, reasons, formats, mix
+
+
+def _mix(
+    spill: Spill,
+    sources: list[Source],
+    per_source: list[Counter],
+    options: PrepareOptions,
+    shards: _Shards,
+) -> dict:
+    """Choose each source's documents (data_tools.mixture), pack them interleaved in a seeded
+    order, and return the mixture's account for the manifest."""
+    spill.done()
+    try:
+        read = [int(x.sum()) for x in spill.lengths]
+        try:
+            wanted = targets(sources, read)
+        except MixtureError as e:
+            raise PrepareError(str(e)) from e
+        chosen = [
+            select(spill.lengths[k], wanted[k], np.random.default_rng([options.seed, k]))
+            for k in range(len(sources))
+        ]
+        pairs = np.concatenate(
+            [np.stack([np.full(len(c), k), c], axis=1) for k, c in enumerate(chosen)]
+        )
+        order = np.random.default_rng([options.seed, len(sources)]).permutation(len(pairs))
+        for at in range(0, len(order), options.window):
+            shards.pack(
+                [spill.document(int(k), int(i)) for k, i in pairs[order[at : at + options.window]]]
+            )
+    finally:
+        shutil.rmtree(spill.dir)
+    total = sum(int(spill.lengths[k][c].sum()) for k, c in enumerate(chosen)) or 1
+    return {
+        "seed": options.seed,
+        "sources": [
+            {
+                "input": s.input,
+                "weight": s.weight,
+                "epochs": s.epochs,
+                "read": {
+                    "records": per_source[k]["records"],
+                    "quarantined": per_source[k]["bad"],
+                    "quarantine_reasons": {
+                        key.split(":", 1)[1]: n
+                        for key, n in sorted(per_source[k].items())
+                        if key.startswith("reason:")
+                    },
+                    "documents": len(spill.lengths[k]),
+                    "tokens": read[k],
+                    "supervised_tokens": int(spill.supervised[k].sum()),
+                },
+                "mixed": {
+                    "documents": len(chosen[k]),
+                    "tokens": int(spill.lengths[k][chosen[k]].sum()),
+                    "supervised_tokens": int(spill.supervised[k][chosen[k]].sum()),
+                    "share": int(spill.lengths[k][chosen[k]].sum()) / total,
+                },
+            }
+            for k, s in enumerate(sources)
+        ],
+    }
 
 
 def summary_line(m: schema.Manifest) -> str:
@@ -605,6 +711,12 @@ def summary_line(m: schema.Manifest) -> str:
         f"quarantined {m.quarantined_rows} of {m.num_records} records"
         + (f" {m.quarantine_reasons}" if m.quarantined_rows else "")
         + (f"; added special tokens {tok.added_tokens}" if tok.added_tokens else "")
+        + (
+            "; mixed "
+            + ", ".join(f"{s['input']} {s['mixed']['share']:.1%}" for s in m.mixture["sources"])
+            if m.mixture
+            else ""
+        )
         + (
             f"; a turn ends with token {tok.end_of_turn_id}"
             if tok.end_of_turn_id is not None

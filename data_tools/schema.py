@@ -93,6 +93,7 @@ class Manifest:
     formats: dict[str, int] = field(default_factory=dict)  # records per input format
     overflow: dict[str, int] = field(default_factory=dict)  # truncated / split documents
     options: dict[str, Any] = field(default_factory=dict)  # the prepare options that shape rows
+    mixture: dict[str, Any] | None = None  # a weighted mixture: per source, as read and as mixed
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:

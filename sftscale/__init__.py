@@ -1,7 +1,7 @@
 """sftscale: supervised fine-tuning of causal LMs on packed shards with Ray Train + DeepSpeed ZeRO-3.
 
-Module map (data preparation lives in data_tools/: formats, chat, encode, tokenizer, pack,
-schema, prepare, inspect, console, synthetic):
+Module map (data preparation lives in data_tools/: formats, jsonstream, chat, encode,
+tokenizer, mixture, pack, schema, prepare, outdir, durable, inspect, console, synthetic):
 
     cli          the `sftscale` command: prepare, inspect, train, plan, status, export, bench,
                  build-ops

@@ -23,8 +23,18 @@ from pathlib import Path
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
-    from data_tools.prepare import PrepareOptions, prepare, summary_line
+    from data_tools.mixture import MixtureError, read_mixture_file
+    from data_tools.prepare import PrepareError, PrepareOptions, prepare, summary_line
 
+    inputs, seed = list(args.inputs), None
+    if args.mixture:
+        try:
+            listed, seed = read_mixture_file(args.mixture)
+        except MixtureError as e:
+            raise PrepareError(str(e)) from None
+        inputs += listed
+    if not inputs:
+        raise PrepareError("no inputs: name files, directories or globs, or --mixture FILE")
     options = PrepareOptions(
         seq_len=args.seq_len,
         chat_template=args.chat_template,
@@ -41,11 +51,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         max_record_bytes=args.max_record_bytes,
         max_turns=args.max_turns,
         max_doc_tokens=args.max_doc_tokens,
+        seed=args.seed if args.seed is not None else (seed or 0),
         progress=not args.no_progress,
     )
-    manifest = prepare(
-        args.inputs, tokenizer_path=args.tokenizer, out_dir=args.out, options=options
-    )
+    manifest = prepare(inputs, tokenizer_path=args.tokenizer, out_dir=args.out, options=options)
     print(summary_line(manifest))
     print(f"wrote {args.out}")
     return 0
@@ -234,9 +243,15 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize, mask and pack chat JSONL into Arrow shards")
     p.add_argument(
         "inputs",
-        nargs="+",
-        help="JSONL / JSON / Parquet files or globs, or dataset directories (save_to_disk)",
+        nargs="*",
+        help="JSONL / JSON / Parquet files or globs, or dataset directories (save_to_disk); "
+        "PATH:0.7 gives a source a share of the tokens, PATH:2x a number of epochs "
+        "(a weighted mixture: docs/data.md)",
     )
+    p.add_argument(
+        "--mixture", help="a YAML file listing sources with a weight or epochs (docs/data.md)"
+    )
+    p.add_argument("--seed", type=int, help="a mixture's sampling seed (default 0)")
     p.add_argument(
         "--tokenizer",
         required=True,
