@@ -237,16 +237,23 @@ class Renderer:
             cls._shared[key] = cls(tokenizer, template)
         return cls._shared[key]
 
-    def __call__(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    def __call__(
+        self, messages: list[dict], *, add_generation_prompt: bool, tools: list | None = None
+    ) -> str:
+        extra = {"tools": tools} if tools else {}
         if self._compiled is None:
             return self.tokenizer.apply_chat_template(
                 messages,
                 chat_template=self.template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
+                **extra,
             )
         return self._compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self._special
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **self._special,
+            **extra,
         )
 
 
@@ -308,33 +315,40 @@ def split_supervised_text(
     messages: list[dict[str, str]],
     *,
     mask: str = "assistant",
+    tools: list | None = None,
+    train_tool_results: bool = False,
 ) -> list[tuple[str, bool]]:
     """The rendered conversation as consecutive (text, supervised) segments.
 
     An assistant turn's segment runs from the end of the generation prompt before it to the end
     of the conversation rendered through that turn, so it includes the end-of-turn token.
     mask: "assistant" supervises every assistant turn, "last" only the last one, "all" the
-    whole conversation (prompts included).
+    whole conversation (prompts included). `tools` go to the template; with
+    `train_tool_results`, tool messages are supervised too (from the end of the conversation
+    before them to the end of the conversation through them).
     """
     if mask not in MASK_MODES:
         raise ValueError(f"mask {mask!r} is not one of {', '.join(MASK_MODES)}")
     render = template if isinstance(template, Renderer) else Renderer(tokenizer, template)
-    full = render(messages, add_generation_prompt=False)
+    full = render(messages, add_generation_prompt=False, tools=tools)
     if mask == "all":
         return [(full, True)]
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = ("assistant", "tool") if train_tool_results else ("assistant",)
+    turns = [i for i, m in enumerate(messages) if m["role"] in trained]
     if mask == "last":
-        turns = turns[-1:]
-    bounds = render.turn_bounds(messages, turns, full)
+        turns = [i for i in turns if messages[i]["role"] == "assistant"][-1:]
+    simple = tools is None and not train_tool_results
+    bounds = render.turn_bounds(messages, turns, full) if simple else None
     if bounds is None:  # render every prefix
         bounds = []
         for i in turns:
-            prompt = render(messages[:i], add_generation_prompt=True)
+            assistant = messages[i]["role"] == "assistant"
+            prompt = render(messages[:i], add_generation_prompt=assistant, tools=tools)
             # the conversation through its last message is `full`, already rendered
             through = (
                 full
                 if i == len(messages) - 1
-                else render(messages[: i + 1], add_generation_prompt=False)
+                else render(messages[: i + 1], add_generation_prompt=False, tools=tools)
             )
             if not (full.startswith(through) and through.startswith(prompt)):
                 raise BadRecord(
@@ -357,6 +371,42 @@ def split_supervised_text(
     if pos < len(full):
         segments.append((full[pos:], False))
     return segments
+
+
+def supervised_documents(
+    tokenizer: Any,
+    render: Renderer,
+    messages: list[dict],
+    *,
+    mask: str,
+    tools: list | None = None,
+    train_tool_results: bool = False,
+) -> list[list[tuple[str, bool]]]:
+    """The documents a conversation trains as: itself, cut into turns; or, when its template
+    renders history unlike a last turn (Qwen3 drops earlier reasoning) so that one rendering
+    cannot be cut into turns, one document per assistant turn: the conversation through it,
+    that turn alone supervised."""
+    try:
+        return [
+            split_supervised_text(
+                tokenizer,
+                render,
+                messages,
+                mask=mask,
+                tools=tools,
+                train_tool_results=train_tool_results,
+            )
+        ]
+    except BadRecord:
+        if mask == "all" or not any("reasoning_content" in m for m in messages):
+            raise
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if mask == "last":
+        ends = ends[-1:]
+    return [
+        split_supervised_text(tokenizer, render, messages[: i + 1], mask="last", tools=tools)
+        for i in ends
+    ]
 
 
 def tokenize_segments(tokenizer: Any, docs: list[list[tuple[str, bool]]]) -> list[TokenizedDoc]:

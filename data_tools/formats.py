@@ -6,13 +6,18 @@ source and line (or row) number so a bad one can be quarantined with its origin.
 
 Formats, auto-detected per record from its keys (or forced with --format):
 
-    messages   {"messages": [{"role": "system|user|assistant", "content": str}, ...]}
+    messages   {"messages": [{"role": "system|user|assistant|tool", "content": str}, ...],
+                "tools": [...] (optional)}; an assistant message may carry "tool_calls"
+                (OpenAI / Hugging Face form) and "reasoning_content"; a tool message may carry
+                "tool_call_id" and "name"
     prompt     {"prompt": str, "completion": str}
     alpaca     {"instruction": str, "input": str (optional), "output": str}
-    sharegpt   {"conversations": [{"from": "system|human|gpt", "value": str}, ...]}
+    sharegpt   {"conversations": [{"from": "system|human|gpt|function_call|observation",
+                "value": str}, ...]} (function_call: a JSON tool call; observation: its result)
     text       {"text": str}   (continued pretraining: every token supervised)
 
-Normalized: ("messages", [{"role", "content"}, ...]) or ("text", str).
+Normalized: ("messages", [{"role", "content", and the optional keys above}, ...]) or
+("text", str); a record's tools list is read by `tools_of`.
 
 Whatever a record holds (bytes that are not UTF-8, lone surrogates, nesting deeper than json
 reads, wrong types, an empty reply), it is a BadRecord whose message is the quarantine reason,
@@ -33,13 +38,16 @@ from typing import Any
 from data_tools.jsonstream import JsonDocumentError, json_records
 
 FORMATS = ("messages", "prompt", "alpaca", "sharegpt", "text")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "function_call": "assistant",  # its value is the tool call, as JSON
+    "observation": "tool",
+    "tool": "tool",
 }
 
 
@@ -352,19 +360,100 @@ def _messages(
     for i, m in enumerate(items):
         if not isinstance(m, dict):
             raise BadRecord(f"{field}[{i}] is a {type(m).__name__}, expected an object")
-        role, content = m.get(role_key), m.get(content_key)
-        if roles is not None:
-            role = roles.get(role, role) if isinstance(role, str) else role
+        given, content = m.get(role_key), m.get(content_key)
+        role = roles.get(given, given) if roles is not None and isinstance(given, str) else given
         if role not in ROLES:
-            raise BadRecord(
-                f"{field}[{i}].{role_key} {_shown(m.get(role_key))} is not a known role"
-            )
-        if not isinstance(content, str):
+            raise BadRecord(f"{field}[{i}].{role_key} {_shown(given)} is not a known role")
+        if given == "function_call":  # sharegpt: the value is the call itself
+            message = {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [_call_of(content, field, i)],
+            }
+        elif content is None and role == "assistant" and m.get("tool_calls"):
+            message = {"role": role, "content": ""}  # a reply that only calls tools
+        elif not isinstance(content, str):
             raise BadRecord(
                 f"{field}[{i}].{content_key} is a {type(content).__name__}, expected a string"
             )
-        out.append({"role": role, "content": _utf8(content, f"{field}[{i}].{content_key}")})
+        else:
+            message = {"role": role, "content": _utf8(content, f"{field}[{i}].{content_key}")}
+        message.update(_extras(m, role, f"{field}[{i}]"))
+        out.append(message)
     return out
+
+
+def _extras(m: dict, role: str, where: str) -> dict:
+    """The optional keys of a message: tool calls and reasoning (assistant), the call a tool
+    result answers (tool)."""
+    extra: dict = {}
+    if role == "assistant" and m.get("tool_calls") is not None:
+        calls = m["tool_calls"]
+        if not isinstance(calls, list) or not calls:
+            raise BadRecord(f"{where}.tool_calls must be a non-empty list")
+        extra["tool_calls"] = [_call_of(c, where, k) for k, c in enumerate(calls)]
+    for key in ("reasoning_content", "reasoning"):
+        if role == "assistant" and m.get(key) is not None:
+            if not isinstance(m[key], str):
+                raise BadRecord(f"{where}.{key} is a {type(m[key]).__name__}, expected a string")
+            extra["reasoning_content"] = _utf8(m[key], f"{where}.{key}")
+            break
+    for key in ("tool_call_id", "name"):
+        if role == "tool" and isinstance(m.get(key), str):
+            extra[key] = _utf8(m[key], f"{where}.{key}")
+    return extra
+
+
+def _call_of(call: Any, where: str, k: int) -> dict:
+    """A tool call in the Hugging Face form {"type": "function", "function": {"name",
+    "arguments"}} (plus its "id"), from that form, the flat {"name", "arguments"} one, or JSON
+    text of either. Arguments given as JSON text become an object."""
+    if isinstance(call, str):
+        try:
+            call = json.loads(call)
+        except ValueError:
+            raise BadRecord(f"{where}: tool call {k} is text that is not JSON") from None
+    if not isinstance(call, dict):
+        raise BadRecord(f"{where}: tool call {k} is a {type(call).__name__}, expected an object")
+    fn = call.get("function", call)
+    name, args = (fn.get("name"), fn.get("arguments", {})) if isinstance(fn, dict) else (None, None)
+    if not isinstance(name, str) or not name:
+        raise BadRecord(f"{where}: tool call {k} has no function name")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise BadRecord(
+                f"{where}: tool call {k} ({name}) has arguments that are not JSON"
+            ) from None
+    if not isinstance(args, dict):
+        raise BadRecord(
+            f"{where}: tool call {k} ({name}) arguments are a {type(args).__name__}, expected an object"
+        )
+    _utf8(json.dumps(args, ensure_ascii=False), f"{where}: tool call {k} arguments")
+    out = {
+        "type": "function",
+        "function": {"name": _utf8(name, f"{where}: tool call {k} name"), "arguments": args},
+    }
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def tools_of(record: Any) -> list[dict] | None:
+    """The tools (function schemas) a messages record offers, or None."""
+    tools = record.get("tools") if isinstance(record, dict) else None
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise BadRecord("'tools' is text that is not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRecord("'tools' must be a list of objects (function schemas)")
+    _utf8(json.dumps(tools, ensure_ascii=False), "tools")
+    return tools or None
 
 
 def _check_conversation(messages: list[dict], *, keep_empty_replies: bool) -> None:
@@ -378,11 +467,16 @@ def _check_conversation(messages: list[dict], *, keep_empty_replies: bool) -> No
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if not any(m["role"] == "user" for m in messages[:first]):
         raise BadRecord("the first assistant turn answers no user message")
+    for i, m in enumerate(messages):
+        if m["role"] == "tool" and not any("tool_calls" in p for p in messages[:i]):
+            raise BadRecord(
+                f"message {i} is a tool result, but no assistant turn before it calls a tool"
+            )
     if keep_empty_replies:
         return
     for i, m in enumerate(messages):
         # An empty reply trains only the end-of-turn token: the model learns to say nothing.
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not (m["content"].strip() or m.get("tool_calls")):
             what = "whitespace only" if m["content"] else "empty"
             raise BadRecord(
                 f"empty assistant turn: message {i} is {what} "

@@ -43,7 +43,6 @@ from data_tools.chat import (
     close_text_doc,
     end_of_turn,
     resolve_template,
-    split_supervised_text,
     text_segments,
     tokenize_segments,
 )
@@ -59,11 +58,13 @@ from data_tools.formats import (
     iter_records,
     normalize,
     parse,
+    tools_of,
 )
 from data_tools.mixture import MixtureError, Source, Spill, parse_inputs, select, targets
 from data_tools.outdir import OutputError, new_output
 from data_tools.pack import pack_best_fit_decreasing
 from data_tools.tokenizer import load_tokenizer
+from data_tools.toolchat import REASONING_MODES, ChatOptions, chat_documents
 
 OVERFLOW_MODES = ("truncate", "split", "quarantine")
 ENGINES = ("local", "ray")
@@ -94,6 +95,8 @@ class PrepareOptions:
     max_record_bytes: int = MAX_RECORD_BYTES
     max_turns: int = 1024
     max_doc_tokens: int = 1 << 20
+    reasoning: str = "train"  # reasoning spans: train, mask (kept, not supervised) or drop
+    train_tool_results: bool = False  # tool results supervised too
     seed: int = 0  # a mixture's sampling (data_tools.mixture)
     progress: bool = True
 
@@ -116,6 +119,10 @@ class PrepareOptions:
             (self.window >= 1, "--window must be >= 1"),
             (self.packing in PACKING_MODES, f"--packing must be one of {', '.join(PACKING_MODES)}"),
             (self.max_record_bytes >= 1, "--max-record-bytes must be >= 1"),
+            (
+                self.reasoning in REASONING_MODES,
+                f"--reasoning must be one of {', '.join(REASONING_MODES)}",
+            ),
             (self.max_turns >= 2, "--max-turns must be >= 2"),
             (self.max_doc_tokens >= 1, "--max-doc-tokens must be >= 1"),
         ]
@@ -191,8 +198,9 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
     tokenizer rejects costs only its own record).
     """
     render = Renderer.shared(tokenizer, template)
+    chat = ChatOptions(options.reasoning, options.train_tool_results)
     out: list[dict] = []
-    pending: list[tuple[int, str, list]] = []  # (index in out, kind, segments)
+    pending: list[tuple[int, str, list]] = []  # (index in out, kind, documents' segments)
     for source, line, raw, record in items:
         try:
             if isinstance(record, BadRecord):
@@ -205,36 +213,53 @@ def process_records(items, tokenizer, template: str, options: PrepareOptions) ->
                 raise BadRecord(
                     f"too many turns: {len(value)} messages > --max-turns {options.max_turns}"
                 )
-            segments = (
-                text_segments(value)
+            documents = (
+                [text_segments(value)]
                 if kind == "text"
-                else split_supervised_text(tokenizer, render, value, mask=options.mask)
+                else chat_documents(
+                    tokenizer,
+                    render,
+                    value,
+                    tools_of(record),
+                    mask=options.mask,
+                    options=chat,
+                    builtin=options.chat_template,
+                )
             )
             fmt = "text" if kind == "text" else (options.format or detect_format(record))
             out.append({"ok": True, "format": fmt, "source": source, "line": line, "raw": raw})
-            pending.append((len(out) - 1, kind, segments))
+            pending.append((len(out) - 1, kind, documents))
         except BadRecord as e:
             out.append(_bad(source, line, raw, str(e)))
         except Exception as e:  # a record the template rejects must not end the job
             out.append(_bad(source, line, raw, f"cannot render: {type(e).__name__}: {e}"))
-    batch = [segments for _, _, segments in pending]
+    batch = [segments for _, _, documents in pending for segments in documents]
     try:
-        docs: list = tokenize_segments(tokenizer, batch)
+        tokenized: list = tokenize_segments(tokenizer, batch)
     except Exception:  # e.g. tokenizers' TypeError on a string UTF-8 cannot encode
-        docs = []
+        tokenized = []
         for segments in batch:
             try:
-                docs += tokenize_segments(tokenizer, [segments])
+                tokenized += tokenize_segments(tokenizer, [segments])
             except Exception as e:
-                docs.append(BadRecord(f"cannot tokenize: {type(e).__name__}: {e}"))
-    for (i, kind, _), doc in zip(pending, docs, strict=True):
-        r = out[i]
+                tokenized.append(BadRecord(f"cannot tokenize: {type(e).__name__}: {e}"))
+    at = 0
+    for i, kind, documents in pending:
+        r, docs = out[i], tokenized[at : at + len(documents)]
+        at += len(documents)
         try:
-            if isinstance(doc, BadRecord):
-                raise doc
-            if kind == "text":
-                doc = close_text_doc(tokenizer, doc)
-            r.update(_fit(doc, options))
+            fitted = []
+            for doc in docs:
+                if isinstance(doc, BadRecord):
+                    raise doc
+                fitted.append(
+                    _fit(close_text_doc(tokenizer, doc) if kind == "text" else doc, options)
+                )
+            r.update(
+                pieces=[p for f in fitted for p in f["pieces"]],
+                overflow=next((f["overflow"] for f in fitted if f["overflow"]), None),
+                unsupervised_pieces=sum(f["unsupervised_pieces"] for f in fitted),
+            )
         except BadRecord as e:
             out[i] = _bad(r["source"], r["line"], r["raw"], str(e))
         for key in ("source", "line", "raw"):

@@ -51,6 +51,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         max_record_bytes=args.max_record_bytes,
         max_turns=args.max_turns,
         max_doc_tokens=args.max_doc_tokens,
+        reasoning=args.reasoning,
+        train_tool_results=args.train_tool_results,
         seed=args.seed if args.seed is not None else (seed or 0),
         progress=not args.no_progress,
     )
@@ -325,6 +327,18 @@ def _add_prepare(sub) -> None:
         type=int,
         default=1 << 20,
         help="a document of more tokens (before --overflow) is quarantined",
+    )
+    p.add_argument(
+        "--reasoning",
+        default="train",
+        choices=["train", "mask", "drop"],
+        help="reasoning (reasoning_content, <think> blocks): trained, kept but not supervised, "
+        "or removed",
+    )
+    p.add_argument(
+        "--train-tool-results",
+        action="store_true",
+        help="supervise tool results too (default: only assistant text and tool calls)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
