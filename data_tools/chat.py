@@ -103,13 +103,16 @@ def end_of_turn(tokenizer: Any, template: str) -> EndOfTurn:
     except Exception as e:
         raise ValueError(f"the chat template cannot render a user/assistant exchange: {e}") from e
     segment = through[len(prompt) :] if through.startswith(prompt) else ""
-    if not segment.startswith(reply):
+    if reply not in segment:
         raise ValueError(
             "the chat template does not write an assistant reply verbatim after its "
             "generation prompt; cannot find where a turn ends"
         )
-    closing = segment[len(reply) :]
-    content_ids = tokenizer.encode(reply, add_special_tokens=False)
+    # what the template writes before the reply (Qwen3: an empty <think> block) is part of
+    # the turn; what it writes after it ends the turn
+    before = segment[: segment.index(reply)]
+    closing = segment[len(before) + len(reply) :]
+    content_ids = tokenizer.encode(before + reply, add_special_tokens=False)
     ids = tokenizer.encode(segment, add_special_tokens=False)
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     if (
@@ -383,9 +386,10 @@ def supervised_documents(
     train_tool_results: bool = False,
 ) -> list[list[tuple[str, bool]]]:
     """The documents a conversation trains as: itself, cut into turns; or, when its template
-    renders history unlike a last turn (Qwen3 drops earlier reasoning) so that one rendering
-    cannot be cut into turns, one document per assistant turn: the conversation through it,
-    that turn alone supervised."""
+    renders history unlike a last turn (Qwen3 drops earlier reasoning and writes an empty
+    <think> block in the last turn only) so that one rendering cannot be cut into turns, one
+    document per assistant turn: the conversation through it, that turn alone supervised, as
+    the model sees it when it writes that turn."""
     try:
         return [
             split_supervised_text(
@@ -398,7 +402,7 @@ def supervised_documents(
             )
         ]
     except BadRecord:
-        if mask == "all" or not any("reasoning_content" in m for m in messages):
+        if mask == "all":
             raise
     ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if mask == "last":

