@@ -1,11 +1,14 @@
 """`sftscale inspect DIR`: what the model will learn from.
 
 Prints the manifest summary, a document-length histogram, quarantine reasons by count, and
-sample rows decoded with supervised spans marked [[like this]].
+sample rows decoded with supervised spans marked [[like this]], reasoning blocks marked
+<<reasoning: ...>> and tool calls <<tool call: ...>> (inside or outside the brackets, as they
+are trained or not).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from data_tools import schema
@@ -23,6 +26,24 @@ def _histogram(lengths: list[int], seq_len: int, bins: int = 8) -> list[str]:
     ]
 
 
+# reasoning and tool calls as the common templates write them (Qwen, Hermes, DeepSeek-R1,
+# Mistral, Llama 3.1's python tag)
+_MARKS = [
+    (re.compile(r"<think>(.*?)</think>", re.S), "reasoning"),
+    (re.compile(r"<tool_call>(.*?)</tool_call>", re.S), "tool call"),
+    (re.compile(r"\[TOOL_CALLS\](.*?)(?=</s>|$)", re.S), "tool call"),
+    (re.compile(r"<\|python_tag\|>(.*?)(?=<\|eo[mt]_id\|>|$)", re.S), "tool call"),
+]
+
+
+def mark_parts(text: str) -> str:
+    """`text` with its reasoning blocks and tool calls shown as <<reasoning: ...>> and
+    <<tool call: ...>>."""
+    for pattern, name in _MARKS:
+        text = pattern.sub(lambda m, name=name: f"<<{name}: {m[1].strip()}>>", text)
+    return text
+
+
 def render_row(tokenizer, input_ids: list[int], loss_mask: list[int], doc_lens: list[int]) -> str:
     """Decode a row, marking supervised spans with [[ ]] and document starts with a rule."""
     parts: list[str] = []
@@ -35,7 +56,7 @@ def render_row(tokenizer, input_ids: list[int], loss_mask: list[int], doc_lens: 
             j = i
             while j < n and mask[j] == mask[i]:
                 j += 1
-            text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
+            text = mark_parts(tokenizer.decode(ids[i:j], skip_special_tokens=False))
             parts.append(f"[[{text}]]" if mask[i] else text)
             i = j
         start += n

@@ -243,3 +243,21 @@ def test_a_template_that_loses_a_tool_call_is_refused(bpe_tokenizer):
 def test_bad_tool_records_are_quarantined_with_a_reason(messages, reason):
     with pytest.raises(BadRecord, match=reason):
         normalize({"messages": messages})
+
+
+def test_inspect_shows_tool_calls_and_reasoning(bpe_tokenizer_dir, tmp_path):
+    from data_tools.inspect import inspect
+
+    record = {
+        "messages": [
+            *TOOL_RECORD["messages"][:3],
+            {"role": "assistant", "reasoning_content": "It said 18.", "content": "18 °C."},
+        ],
+        "tools": [WEATHER],
+    }
+    _, out = _prepare(tmp_path, bpe_tokenizer_dir, [record], reasoning="mask")
+    text = inspect(str(out), samples=1)
+    assert (
+        '[[<<tool call: {"name": "get_weather", "arguments": {"city": "Paris"}}>><|im_end|>' in text
+    )
+    assert "<<reasoning: It said 18.>>\n\n[[18 °C.<|im_end|>" in text  # masked: outside [[ ]]
