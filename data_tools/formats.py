@@ -378,7 +378,8 @@ def _messages(
             )
         else:
             message = {"role": role, "content": _utf8(content, f"{field}[{i}].{content_key}")}
-        message.update(_extras(m, role, f"{field}[{i}]"))
+        if len(m) > 2:  # only role and content: nothing more to read (the common case)
+            message.update(_extras(m, role, f"{field}[{i}]"))
         out.append(message)
     return out
 

@@ -620,14 +620,18 @@ def _tokenize_and_pack(
     per_source = [Counter() for _ in inputs.sources]  # records, bad, and reasons per source
     spill = Spill(shards.out / ".mixture", len(inputs.sources)) if inputs.mixing else None
     window: list[tuple[np.ndarray, np.ndarray]] = []
-    starts: list[int] = []
+    starts: list[int] = []  # the number of each path's first record
     batches = _batches(inputs.paths, source_hashes, options.max_record_bytes, starts)
+
+    def source_of(record: int) -> int:
+        return inputs.path_source[bisect.bisect_right(starts, record) - 1]
+
     bar = ProgressBar(desc="prepare", unit=" records", enabled=options.progress, rate="tokens")
     try:
         with open(shards.out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
             for results in engine(batches, tok_dir, options):
                 for r in results:
-                    k = inputs.path_source[bisect.bisect_right(starts, counts["records"]) - 1]
+                    k = source_of(counts["records"]) if spill is not None else 0
                     counts["records"] += 1
                     per_source[k]["records"] += 1
                     if not r["ok"]:

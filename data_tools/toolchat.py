@@ -80,11 +80,14 @@ class ChatOptions:
 
 
 def has_extras(messages: list[dict], tools: list | None) -> bool:
-    return (
-        bool(tools)
-        or any(len(m) > 2 or m["role"] == "tool" for m in messages)
-        or any(m["role"] == "assistant" and "<think>" in m["content"] for m in messages)
-    )
+    """Whether a normalized conversation holds more than roles and contents."""
+    if tools:
+        return True
+    for m in messages:
+        role = m["role"]
+        if len(m) != 2 or role == "tool" or (role == "assistant" and "<think>" in m["content"]):
+            return True
+    return False
 
 
 def for_template(

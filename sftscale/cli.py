@@ -313,6 +313,13 @@ def _add_prepare(sub) -> None:
         choices=["bfd", "none"],
         help="bfd: best-fit decreasing into rows of --seq-len; none: one document per row",
     )
+    _add_prepare_bounds(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _add_prepare_bounds(p) -> None:
+    """`sftscale prepare`'s bounds per record, reasoning and tool results."""
     p.add_argument(
         "--max-record-bytes",
         type=int,
@@ -340,8 +347,6 @@ def _add_prepare(sub) -> None:
         action="store_true",
         help="supervise tool results too (default: only assistant text and tool calls)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_prepare)
 
 
 def _add_train_and_plan(sub) -> None:
