@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_tools.jsonstream import JsonDocumentError, json_records
+from data_tools.jsonstream import JsonDocumentError, json_records, unreadable_reason
 
 FORMATS = ("messages", "prompt", "alpaca", "sharegpt", "text")
 ROLES = ("system", "user", "assistant", "tool")
@@ -296,9 +296,7 @@ def parse(record: Any) -> Any:
 
 def _unreadable_json(e: Exception) -> BadRecord:
     """The reason for valid JSON that json cannot read (or write back)."""
-    if isinstance(e, RecursionError):
-        return BadRecord("nested too deeply: more levels of lists/objects than json can read")
-    return BadRecord(f"unreadable JSON: {e}")  # e.g. an integer of more than 4300 digits
+    return BadRecord(unreadable_reason(e))
 
 
 def normalize(

@@ -183,7 +183,7 @@ def _record(r: _Reader, decoder: json.JSONDecoder, max_bytes: int) -> tuple[str,
                 raise r.error(e.msg) from None
             end = None
         except (RecursionError, ValueError) as e:  # valid JSON json cannot read
-            return _skipped(r, max_bytes, _unreadable(e))
+            return _skipped(r, max_bytes, unreadable_reason(e))
         complete = end is not None and (end < len(r.buf) or r.eof)
         if complete and (end - start <= max_bytes // 4 or _size(r.buf[start:end]) <= max_bytes):
             r.at = end
@@ -217,7 +217,8 @@ def _size(text: str) -> int:
     return len(text.encode("utf-8", "surrogateescape"))
 
 
-def _unreadable(e: Exception) -> str:
+def unreadable_reason(e: Exception) -> str:
+    """Why valid JSON is unreadable: too deep for json's recursion, or a number too long."""
     if isinstance(e, RecursionError):
         return "nested too deeply: more levels of lists/objects than json can read"
     return f"unreadable JSON: {e}"  # e.g. an integer of more than 4300 digits
