@@ -213,24 +213,27 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
                 "train",
                 str(_job_config(tmp_path, name, "s3://runs/cluster-data", **scale)),
             ]
-            return subprocess.Popen(
-                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
+            # output to a file: a pipe read only at the end would stall a chatty job
+            out = open(tmp_path / f"{name}.out", "w")  # noqa: SIM115
+            return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+        def output(job, name, timeout=900):
+            job.wait(timeout=timeout)
+            return (tmp_path / f"{name}.out").read_text()
 
         def when_a_checkpoint_is_registered(job, name):
             registered_checkpoint(s3, f"runs/cluster/{name}", timeout=600)
-            assert job.poll() is None, job.communicate()[0][-4000:]
+            assert job.poll() is None, (tmp_path / f"{name}.out").read_text()[-4000:]
 
         base = submit("base")
-        out, _ = base.communicate(timeout=900)
+        out = output(base, "base")
         assert base.returncode == 0, out[-4000:]
 
         job = submit("killed")
         when_a_checkpoint_is_registered(job, "killed")
         nodes[1].kill()  # raylet, workers, the node's disk
         nodes.append(Node("node-c", env=env, head_port=head_port, head=False))
-        out, _ = job.communicate(timeout=900)
-        (tmp_path / "killed.out").write_text(out)
+        out = output(job, "killed")
         assert job.returncode == 0, out[-4000:]
         assert "resumed from" in out, out[-4000:]
 
@@ -238,8 +241,7 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
         job = submit("elastic", min_workers=1)
         when_a_checkpoint_is_registered(job, "elastic")
         nodes[2].kill()
-        out, _ = job.communicate(timeout=900)
-        (tmp_path / "elastic.out").write_text(out)
+        out = output(job, "elastic")
         assert job.returncode == 0, out[-4000:]
         assert "saved by 2 worker(s), now 1" in out, out[-4000:]
     finally:

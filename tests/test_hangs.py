@@ -58,9 +58,8 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path, prepared_dir):
         str(tmp_path / "cfg.yaml"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    log = open(tmp_path / "run.out", "w")  # noqa: SIM115 (a file: an unread pipe could stall it)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     victim = None
     try:
         deadline = time.time() + 300
@@ -69,12 +68,13 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path, prepared_dir):
             if 1 in beats and beats[1]["phase"] == "train" and beats[1]["step"] >= 3:
                 victim = beats[1]["pid"]
             time.sleep(0.2)
-        assert victim is not None, proc.communicate(timeout=60)[0][-3000:]
+        assert victim is not None, (tmp_path / "run.out").read_text()[-3000:]
         os.kill(victim, signal.SIGSTOP)
         stopped_at = time.time()
         time.sleep(2)
         assert "process gone or stopped" in status(run_dir).splitlines()[2]  # rank 1's line
-        out, _ = proc.communicate(timeout=240)
+        proc.wait(timeout=240)
+        out = (tmp_path / "run.out").read_text()
         waited = time.time() - stopped_at
     finally:
         if victim is not None:

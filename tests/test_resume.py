@@ -67,6 +67,34 @@ def _last_step(cfg):
         return 0
 
 
+def _start_until(cfg, step: int, *, timeout_s: float = 300, watch=lambda: None):
+    """Start a run with its output in a file (a pipe nobody reads would stall a chatty run, e.g.
+    compiler warnings of a first op build) and wait until it logged `step`; if it ends or hangs
+    before that, fail with its output."""
+    log = open(cfg.run_dir.parent / f"{cfg.logging.run_name}.out", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(_cmd(cfg), stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout_s
+    while _last_step(cfg) < step and proc.poll() is None and time.time() < deadline:
+        watch()
+        time.sleep(0.02)
+    if _last_step(cfg) < step:
+        proc.kill()
+        proc.wait()
+        log.seek(0)
+        pytest.fail(
+            f"the run never reached step {step} (rc {proc.returncode}):\n{log.read()[-3000:]}"
+        )
+    return proc, log
+
+
+def _finish(proc, log) -> str:
+    proc.wait(timeout=300)
+    log.seek(0)
+    out = log.read()
+    log.close()
+    return out
+
+
 def _weights(cfg):
     from transformers import AutoModelForCausalLM
 
@@ -112,15 +140,12 @@ def uninterrupted(tmp_path_factory, prepared_dir):
 @pytest.mark.parametrize("how", ["sigterm", "stop-file"])
 def test_stop_request_checkpoints_and_resume_is_exact(tmp_path, prepared_dir, uninterrupted, how):
     cfg = _cfg(tmp_path, prepared_dir, "preempted")
-    proc = subprocess.Popen(_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while _last_step(cfg) < 6 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    proc, log = _start_until(cfg, 6)
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)  # preemption, as a scheduler sends it
     else:
         (cfg.run_dir / "STOP").touch()  # what the SLURM trap does
-    out, _ = proc.communicate(timeout=300)
+    out = _finish(proc, log)
     assert proc.returncode == 143, out[-3000:]
     assert not (cfg.run_dir / "STOP").exists()  # served, so the rerun does not stop again
     stopped = _last_step(cfg)
@@ -257,6 +282,15 @@ def test_nvme_offload_equals_cpu_offload_and_resumes(tmp_path, prepared_dir, sp_
         vocab_size=len(sp_tokenizer),
     )
     AutoModelForCausalLM.from_config(shape).save_pretrained(tmp_path / "model")
+    # the async I/O op is built first, outside the run's deadline: on a fresh machine its first
+    # build alone takes minutes (6 min of CPU on a 2-core AVX2 host)
+    build = subprocess.run(
+        [sys.executable, "-m", "sftscale", "build-ops", "cpu_adam", "async_io"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     steps = ["train.max_steps=12", f"model.name_or_path={tmp_path / 'model'}"]
     cpu = _cfg(tmp_path, prepared_dir, "cpu", *steps, "deepspeed.template=zero3_offload_optimizer")
     subprocess.run(_cmd(cpu), check=True, capture_output=True)
@@ -269,14 +303,14 @@ def test_nvme_offload_equals_cpu_offload_and_resumes(tmp_path, prepared_dir, sp_
         "deepspeed.template=zero3_nvme",
         f"deepspeed.nvme_path={swap}",
     )
-    proc = subprocess.Popen(_cmd(nvme), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     swapped = set()
-    deadline = time.time() + 300
-    while _last_step(nvme) < 5 and proc.poll() is None and time.time() < deadline:
-        swapped |= {str(p.relative_to(swap)) for p in swap.rglob("*.tensor.swp")}
-        time.sleep(0.02)
+
+    def note_swapped():
+        swapped.update(str(p.relative_to(swap)) for p in swap.rglob("*.tensor.swp"))
+
+    proc, log = _start_until(nvme, 5, watch=note_swapped)
     (nvme.run_dir / "STOP").touch()
-    out, _ = proc.communicate(timeout=300)
+    out = _finish(proc, log)
     assert proc.returncode == 143, out[-3000:]
     stopped = _last_step(nvme)
     assert 5 <= stopped < 12
