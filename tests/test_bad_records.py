@@ -383,7 +383,9 @@ def test_a_text_the_tokenizer_rejects_costs_only_its_record(tmp_path, sp_tokeniz
 
     q = [json.loads(x) for x in (tmp_path / "a" / schema.QUARANTINE_NAME).open()]
     assert [(r["line"], r["reason"].split(":")[0]) for r in q] == [(4, "cannot tokenize")]
-    assert "TypeError" in q[0]["reason"]
+    # the Rust encoder's TypeError, or the fast path's (a SentencePiece model here) clearer
+    # "surrogates not allowed"
+    assert "TypeError" in q[0]["reason"] or "surrogates not allowed" in q[0]["reason"]
     m = schema.read_manifest(tmp_path / "a")
     assert m.num_documents == 6
     for shard in m.shards:  # the other records' ids are the batched call's, to the byte

