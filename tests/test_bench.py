@@ -83,9 +83,15 @@ def test_smoke_grid_writes_every_output(tmp_path):
     packed = records["tiny-llama-s256-m2-z3-gc-packed.sftscale.json"]["figures"]
     assert packed["padding_fraction"] < ours["padding_fraction"]
 
+    # both sides train in what auto picks on this device (fp32 without native bf16), and say so
+    from sftscale.precision import cpu_native_bf16
+
+    expected = "bf16" if cpu_native_bf16()[0] else "fp32"
+    assert {r["point"]["resolved_precision"] for r in records.values()} == {expected}
     summary = (out / "summary.md").read_text()
     for point in ("tiny-llama-s256-m2-z3-gc-packed", "tiny-llama-s256-m2-z3-gc-padded"):
         row = next(line for line in summary.splitlines() if line.startswith(f"| `{point}`"))
         assert row.rstrip().endswith("x |"), row  # a ratio to the baseline
+        assert row.split("|")[2].strip() == expected, row
     for png in ("tokens_per_s.png", "memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

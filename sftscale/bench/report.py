@@ -37,6 +37,12 @@ def ratio(ours: dict, theirs: dict | None) -> float | None:
     return ours["figures"]["supervised_tokens_per_s"] / theirs["figures"]["supervised_tokens_per_s"]
 
 
+def _precision(ours: dict, theirs: dict | None) -> str:
+    """The precision both runs of a point trained in (they resolve it alike)."""
+    sides = {r["point"].get("resolved_precision", "?") for r in (ours, theirs) if r is not None}
+    return " / ".join(sorted(sides))
+
+
 def write_report(records: list[dict], out: Path, *, grid: Any, device: dict, command: str) -> None:
     rows = pairs(records)
     first = records[0]
@@ -53,14 +59,14 @@ def write_report(records: list[dict], out: Path, *, grid: Any, device: dict, com
         "GPU, peak RSS per rank process on CPU (largest rank); DeepSpeed's estimate covers model",
         "states only (weights, gradients, optimizer), per device, host per node in parentheses.",
         "",
-        "| point | tok/s | supervised tok/s | MFU | HFU | s/step | padding | peak mem | DS estimate | HF supervised tok/s | HF peak mem | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| point | precision (both sides) | tok/s | supervised tok/s | MFU | HFU | s/step | padding | peak mem | DS estimate | HF supervised tok/s | HF peak mem | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ours, theirs in rows:
         est = ours["ds_memory_estimate"]
         r = ratio(ours, theirs)
         lines.append(
-            f"| `{ours['point']['id']}` | {_fig(ours, 'tokens_per_s', '.0f')} "
+            f"| `{ours['point']['id']}` | {_precision(ours, theirs)} | {_fig(ours, 'tokens_per_s', '.0f')} "
             f"| {_fig(ours, 'supervised_tokens_per_s', '.0f')} | {_fig(ours, 'mfu', '.1%')} "
             f"| {_fig(ours, 'hfu', '.1%')} | {_fig(ours, 'step_time_s', '.3f')} "
             f"| {_fig(ours, 'padding_fraction', '.1%')} "

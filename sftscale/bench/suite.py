@@ -70,6 +70,9 @@ class Point:
     packing: str = "packed"  # packed (BFD rows of seq_len) | padded (one document per row)
     sequence_parallel_size: int = 1  # Ulysses groups of this many ranks split each row
     tiled: bool = False  # train.tiled_logits and train.mlp_tiles (see mlp_tiles)
+    # auto: what a user's run on this device gets (bf16 where it is native, else fp32); both
+    # sides of a point run the same resolved precision
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if (self.zero_stage, self.offload) not in TEMPLATES:
@@ -79,6 +82,8 @@ class Point:
             )
         if self.packing not in ("packed", "padded"):
             raise ValueError(f"packing must be packed or padded, got {self.packing!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
     @property
     def template(self) -> str:
@@ -90,9 +95,10 @@ class Point:
         off = "" if self.offload == "none" else f"-off{self.offload}"
         sp = f"-sp{self.sequence_parallel_size}" if self.sequence_parallel_size > 1 else ""
         tiled = "-tiled" if self.tiled else ""
+        precision = "" if self.precision == "auto" else f"-{self.precision}"
         return (
             f"{self.preset}-s{self.seq_len}-m{self.micro_batch_size}-z{self.zero_stage}{off}-"
-            f"{gc}-{self.packing}{sp}{tiled}"
+            f"{gc}-{self.packing}{sp}{tiled}{precision}"
         )
 
     @property
@@ -413,7 +419,7 @@ class Bench:
                     "tiled_logits": point.tiled,
                     "mlp_tiles": point.mlp_tiles,
                 },
-                "deepspeed": {"template": point.template, "precision": "bf16"},
+                "deepspeed": {"template": point.template, "precision": self.precision(point)},
                 # use_gpu false: local mode pins DeepSpeed to CPU
                 "scale": {
                     "use_gpu": self.device["kind"] == "gpu",
@@ -431,6 +437,15 @@ class Bench:
             },
         )
         return cfg
+
+    def precision(self, point: Point) -> str:
+        """The point's precision, `auto` resolved as a training run on this device resolves
+        it (sftscale.precision), so both sides run what a user's run would."""
+        # heavy (torch): only the bench step that needs it
+        from sftscale.precision import choose, device_native_bf16
+
+        native, why = device_native_bf16(cuda=self.device["kind"] == "gpu")
+        return choose(point.precision, native_bf16=native, why=why).name
 
     def run_sftscale(self, point: Point) -> dict[str, Any]:
         # heavy (torch, transformers behind it): only the bench step that needs it
@@ -520,6 +535,7 @@ class Bench:
                 **dataclasses.asdict(point),
                 "template": point.template,
                 "baseline_id": point.baseline.id,
+                "resolved_precision": self.precision(point),
             },
             "grid": {
                 "warmup_steps": self.grid.warmup_steps,
