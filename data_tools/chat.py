@@ -419,10 +419,13 @@ def tokenize_segments(tokenizer: Any, docs: list[list[tuple[str, bool]]]) -> lis
 
     The batch's ids and mask are built as two flat arrays; each document gets views of them."""
     texts = [text for segments in docs for text, _ in segments]
+    # a document's later segments are tokenized as they are inside the whole text: no prefix
+    # space or U+2581 where the tokenizer puts one at a text's start
+    continued = [k > 0 for segments in docs for k in range(len(segments))]
     if not texts:
         ids_list = []
     elif getattr(tokenizer, "is_fast", False):  # the fast tokenizer's own ids, sooner
-        ids_list = Encoder.of(tokenizer)(texts)
+        ids_list = Encoder.of(tokenizer)(texts, continued)
     else:
         ids_list = tokenizer(texts, add_special_tokens=False)["input_ids"]
     lengths = np.fromiter(map(len, ids_list), dtype=np.int64, count=len(ids_list))

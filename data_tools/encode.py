@@ -258,22 +258,24 @@ class _Path:
         added = backend.get_added_tokens_decoder().values()
         return not any(t.lstrip or t.rstrip or t.single_word or not t.content for t in added)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, continued: bool = False) -> list[int]:
         ids: list[int] = []
-        self._encode(text, 0, ids, True)
+        self._encode(text, 0, ids, "continued" if continued else "start")
         return ids
 
-    def _encode(self, text: str, npass: int, ids: list[int], first: bool) -> None:
+    def _encode(self, text: str, npass: int, ids: list[int], where: str) -> None:
+        """`where` the part begins: "start" (of a text), "continued" (of a text that continues
+        another, see Encoder), "after" (an added token)."""
         if npass == len(self.passes):
-            self._part(text, ids, first)
+            self._part(text, ids, where)
             return
         for k, part in enumerate(self.passes[npass].split(text)):
             if k % 2:  # the split regex captures the added tokens: they sit at odd positions
                 ids.append(self.added[part])
             elif part:
-                self._encode(part, npass + 1, ids, first and k == 0)
+                self._encode(part, npass + 1, ids, where if k == 0 else "after")
 
-    def _part(self, text: str, ids: list[int], first: bool) -> None:
+    def _part(self, text: str, ids: list[int], where: str) -> None:
         raise NotImplementedError
 
     def takes(self, text: str) -> bool:
@@ -323,11 +325,10 @@ class _MetaspacePath(_Path):
             return None
         return cls(backend, pre["prepend_scheme"])
 
-    def _part(self, text: str, ids: list[int], first: bool) -> None:
+    def _part(self, text: str, ids: list[int], where: str) -> None:
         text = text.replace(" ", "\u2581")
-        if (
-            self.prepend == "always" or (self.prepend == "first" and first)
-        ) and not text.startswith("\u2581"):
+        prepend = where == "start" if self.prepend == "first" else where != "continued"
+        if self.prepend != "never" and prepend and not text.startswith("\u2581"):
             text = "\u2581" + text
         ids.extend(itertools.chain.from_iterable(map(self.pieces.__getitem__, self.chunk(text))))
 
@@ -373,7 +374,7 @@ class _FastPath(_Path):
             return False
         return self.characters.allow(text)
 
-    def _part(self, text: str, ids: list[int], first: bool) -> None:
+    def _part(self, text: str, ids: list[int], where: str) -> None:
         if self.ascii_split is not None and text.isascii():
             pieces = self.ascii_split(text)
             ids.extend(itertools.chain.from_iterable(map(self.pieces.__getitem__, pieces)))
@@ -430,6 +431,7 @@ class Encoder:
         self.path: _Path | None = _FastPath.build(backend) or _MetaspacePath.build(backend)
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use
         self._rust = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self._continued: Any = None  # the Rust encoder for continued texts, built when needed
 
     @classmethod
     def of(cls, tokenizer: Any) -> Encoder:
@@ -442,16 +444,61 @@ class Encoder:
     def fast(self) -> bool:
         return self.path is not None
 
-    def __call__(self, texts: list[str]) -> list[list[int]]:
-        if self.path is None:
-            return [e.ids for e in self._rust(texts, add_special_tokens=False)]
-        encode, takes = self.path.encode, self.path.takes
-        self.path.learn(texts)
-        out: list[list[int] | None] = [encode(t) if takes(t) else None for t in texts]
-        rest = [i for i, ids in enumerate(out) if ids is None]
-        if rest:
-            for i, e in zip(
-                rest, self._rust([texts[i] for i in rest], add_special_tokens=False), strict=True
-            ):
-                out[i] = e.ids
+    def __call__(self, texts: list[str], continued: list[bool] | None = None) -> list[list[int]]:
+        """`continued[i]`: text i continues the one before it (a later segment of a document):
+        it gets the ids it has inside the whole text, so without the prefix some tokenizers put
+        at a text's start (SentencePiece's U+2581, a byte-level prefix space)."""
+        continued = continued or [False] * len(texts)
+        out: list[list[int] | None] = [None] * len(texts)
+        if self.path is not None:
+            encode, takes = self.path.encode, self.path.takes
+            self.path.learn(texts)
+            for i, (text, cont) in enumerate(zip(texts, continued, strict=True)):
+                if takes(text):
+                    out[i] = encode(text, continued=cont)
+        for cont in (False, True):
+            rest = [i for i, ids in enumerate(out) if ids is None and continued[i] == cont]
+            if rest:
+                rust = self._rust_continued() if cont else self._rust
+                for i, e in zip(
+                    rest, rust([texts[i] for i in rest], add_special_tokens=False), strict=True
+                ):
+                    out[i] = e.ids
         return out  # type: ignore[return-value]
+
+    def _rust_continued(self) -> Any:
+        """The Rust encoder without a text-start prefix: a copy of the tokenizer whose Metaspace
+        prepends nothing, whose ByteLevel adds no prefix space and whose normalizer prepends
+        nothing (the legacy Llama form); the tokenizer itself when it has none of these."""
+        if self._continued is None:
+            config = json.loads(self.backend.to_str())
+            changed = _drop_start_prefix(config)
+            if changed:
+                # light (tokenizers): imported with every fast tokenizer already
+                from tokenizers import Tokenizer
+
+                backend = Tokenizer.from_str(json.dumps(config))
+                self._continued = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            else:
+                self._continued = self._rust
+        return self._continued
+
+
+def _drop_start_prefix(config: dict) -> bool:
+    """Removes from a tokenizer.json's pipeline what adds a prefix at a text's start; whether
+    there was any."""
+    changed = False
+    pre = config.get("pre_tokenizer") or {}
+    for p in [pre, *pre.get("pretokenizers", [])]:
+        if p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never":
+            p["prepend_scheme"], changed = "never", True
+        if p.get("type") == "ByteLevel" and p.get("add_prefix_space"):
+            p["add_prefix_space"], changed = False, True
+    norm = config.get("normalizer") or {}
+    if norm.get("type") == "Prepend":
+        config["normalizer"], changed = None, True
+    elif norm.get("type") == "Sequence":
+        kept = [n for n in norm.get("normalizers", []) if n.get("type") != "Prepend"]
+        changed = changed or len(kept) != len(norm.get("normalizers", []))
+        norm["normalizers"] = kept
+    return changed

@@ -382,3 +382,51 @@ def test_a_vocabulary_joining_across_a_space_falls_back_to_rust():
     enc = Encoder(tok)
     assert not enc.fast
     assert enc(["a b"]) == _rust(tok, ["a b"]) == [[3, 2]]
+
+
+@pytest.mark.parametrize("path", ["fast", "rust"])
+def test_a_documents_later_segments_are_tokenized_as_inside_the_whole_text(path, monkeypatch):
+    """Mistral's v3 SentencePiece puts U+2581 at a text's start: prepare tokenizes each segment
+    of a conversation on its own, and a later segment must not get one (the benchmark found
+    28,886 extra tokens on 34,410 conversations). The segments' ids are the whole rendered
+    conversation's, on the fast path and on the Rust encoder's."""
+    from data_tools.chat import BUILTIN_TEMPLATES, tokenize_conversation
+    from data_tools.tokenizer import tokenizer_from_sentencepiece
+
+    if path == "rust":
+        monkeypatch.setattr(encode._MetaspacePath, "build", classmethod(lambda cls, b: None))
+    tok = tokenizer_from_sentencepiece(pypi_files.mistral_sentencepiece_model())
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    template = BUILTIN_TEMPLATES["chatml"]
+    rng = random.Random(5)
+    for _ in range(30):
+        messages = [
+            {
+                "role": role,
+                "content": "".join(rng.choices(UNICODE_FRAGMENTS[:60], k=rng.randint(1, 30))),
+            }
+            for role in ["system", "user", "assistant", "user", "assistant"][rng.randint(0, 1) :]
+        ]
+        doc = tokenize_conversation(tok, template, messages)
+        text = tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+        assert doc.input_ids.tolist() == tok(text, add_special_tokens=False)["input_ids"], messages
+    assert (Encoder.of(tok).path is not None) == (path == "fast")
+
+
+def test_continued_texts_on_the_fast_path_match_the_rust_encoder_without_a_prefix():
+    tok = tokenizer_from_sentencepiece_backend()
+    enc = Encoder(tok)
+    rng = random.Random(6)
+    fragments = [*UNICODE_FRAGMENTS, "\u2581", "  ", " x", "<s>", "[INST]"]
+    texts = ["".join(rng.choices(fragments, k=rng.randint(0, 40))) for _ in range(500)]
+    continued = [rng.random() < 0.5 for _ in texts]
+    ours = enc(texts, continued)
+    enc.path = None  # the Rust encoders: the tokenizer's, and its copy without the prefix
+    assert ours == enc(texts, continued)
+    assert any(a != b for a, b in zip(ours, enc(texts), strict=True))  # the flag matters
+
+
+def tokenizer_from_sentencepiece_backend() -> Tokenizer:
+    from data_tools.tokenizer import tokenizer_from_sentencepiece
+
+    return tokenizer_from_sentencepiece(pypi_files.mistral_sentencepiece_model()).backend_tokenizer
