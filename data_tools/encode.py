@@ -83,6 +83,10 @@ _INERT_POST_PROCESSORS = (
 )
 _WORD_CACHE_SIZE = 1 << 18  # distinct pieces memoized per process (~40 MB at most)
 _CHUNK_CACHE_SIZE = 1 << 18  # distinct chunks (a word and its leading space), likewise
+# Below this share of characters in chunks found in the memo (measured over _MEASURED_CHARS),
+# text is too new for the memo to pay: on text seen once (chatterbot-corpus's dialogs, People's
+# Daily) the Rust encoder was faster
+_REPEATED, _MEASURED_CHARS = 0.8, 50_000
 
 
 def _normalizer(config: dict) -> str | None:
@@ -351,6 +355,11 @@ class _FastPath(_Path):
         self.characters = Characters()
         self.pieces = _Pieces(backend.model)
         self.chunks: dict[str, list[int]] = {}
+        # characters of chunks found in the memo / looked up; while text rarely repeats (too
+        # few found), the Rust encoder is faster for it: batches go there, every 8th still here
+        # to measure
+        self.found = self.looked_up = self.batches = 0
+        self.bypass = False
 
     @classmethod
     def build(cls, backend: Any) -> _FastPath | None:
@@ -361,14 +370,22 @@ class _FastPath(_Path):
         return cls(backend, patterns, ascii, _normalizer(config) == "NFC")
 
     def learn(self, texts: list[str]) -> None:
-        if self.splits:
+        self.batches += 1
+        measuring = self.batches % 8 == 0
+        if self.looked_up >= _MEASURED_CHARS or measuring:
+            if self.looked_up:
+                self.bypass = self.found < _REPEATED * self.looked_up
+            self.found = self.looked_up = 0
+        if measuring:
+            self.bypass = False
+        if self.splits and not self.bypass:
             self.characters.learn([t for t in texts if not t.isascii()])
 
     def takes(self, text: str) -> bool:
         """Whether this path gives `text` the Rust encoder's ids (else Rust must encode it)."""
         if text.isascii() and self.ascii_split is not None:
             return True
-        if not self.splits:
+        if not self.splits or self.bypass:
             return False
         if self.nfc and not unicodedata.is_normalized("NFC", text):
             return False
@@ -382,9 +399,12 @@ class _FastPath(_Path):
             self._chunked(text, ids)
 
     def _chunked(self, text: str, ids: list[int]) -> None:
+        self.looked_up += len(text)
         for chunk in chunks(text):
             found = self.chunks.get(chunk)
-            if found is None:
+            if found is not None:
+                self.found += len(chunk)
+            else:
                 found = list(
                     itertools.chain.from_iterable(map(self.pieces.__getitem__, self.split(chunk)))
                 )
