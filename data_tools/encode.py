@@ -39,6 +39,7 @@ Imports neither torch, ray nor deepspeed.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import re
@@ -97,18 +98,25 @@ def _normalizer(config: dict) -> str | None:
     return norm.get("type")
 
 
+def _plain_bpe(config: dict) -> bool:
+    """What both fast roads need of a tokenizer.json beyond its pre-tokenizer: no truncation or
+    padding, post-processing that adds nothing without special tokens, a BPE model without
+    dropout."""
+    if config.get("truncation") or config.get("padding"):
+        return False
+    post = config.get("post_processor") or {}
+    posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    if any(p.get("type") not in _INERT_POST_PROCESSORS for p in posts if p):
+        return False
+    model = config.get("model") or {}
+    return model.get("type") == "BPE" and not model.get("dropout")
+
+
 def split_patterns(config: dict) -> tuple[str, ...] | None:
     """The pre-tokenizer's split regexes, in order, when the rest of a tokenizer.json's
     pipeline is one the fast path reproduces (byte-level BPE, inert post-processing), else
     None. The normalizer is the caller's to check."""
-    if config.get("truncation") or config.get("padding"):
-        return None
-    post = config.get("post_processor") or {}
-    posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
-    if any(p.get("type") not in _INERT_POST_PROCESSORS for p in posts if p):
-        return None
-    model = config.get("model") or {}
-    if model.get("type") != "BPE" or model.get("dropout"):
+    if not _plain_bpe(config):
         return None
     pre = config.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
@@ -160,9 +168,9 @@ class Characters:
         self.unsafe: set[str] = set()
 
     def allow(self, text: str) -> bool:
-        chars = set(text)
-        if chars <= self.safe:
+        if self.safe.issuperset(text):
             return True
+        chars = set(text)
         new = chars - self.safe - self.unsafe
         if new:
             self._check(new)
@@ -170,7 +178,7 @@ class Characters:
 
     def learn(self, texts: list[str]) -> None:
         """Checks at once the characters of `texts` not seen before (one check per batch)."""
-        chars = set().union(*map(set, texts)) - self.safe - self.unsafe
+        chars = set("".join(texts)) - self.safe - self.unsafe
         if chars:
             self._check(chars)
 
@@ -305,27 +313,19 @@ class _MetaspacePath(_Path):
         self.pieces = _Pieces(backend.model, byte_level=False)
 
     @classmethod
-    def build(cls, backend: Any) -> _MetaspacePath | None:
-        config = json.loads(backend.to_str())
-        pre, model = config.get("pre_tokenizer") or {}, config.get("model") or {}
+    def build(cls, backend: Any, config: dict) -> _MetaspacePath | None:
+        pre = config.get("pre_tokenizer") or {}
         if (
-            _normalizer(config) is not None
+            not _plain_bpe(config)
+            or (config.get("model") or {}).get("ignore_merges")
+            or _normalizer(config) is not None
             or pre.get("type") != "Metaspace"
             or pre.get("split", True)
             or pre.get("replacement") != "\u2581"
             or pre.get("prepend_scheme") not in ("first", "always", "never")
-            or model.get("type") != "BPE"
-            or model.get("dropout")
-            or model.get("ignore_merges")
-            or config.get("truncation")
-            or config.get("padding")
             or not cls.added_tokens_supported(backend)
             or any(re.search("[^\u2581]\u2581", t) for t in backend.get_vocab())
         ):
-            return None
-        post = config.get("post_processor") or {}
-        posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
-        if any(p.get("type") not in _INERT_POST_PROCESSORS for p in posts if p):
             return None
         return cls(backend, pre["prepend_scheme"])
 
@@ -362,8 +362,7 @@ class _FastPath(_Path):
         self.bypass = False
 
     @classmethod
-    def build(cls, backend: Any) -> _FastPath | None:
-        config = json.loads(backend.to_str())
+    def build(cls, backend: Any, config: dict) -> _FastPath | None:
         ascii, patterns = ascii_pattern(config), unicode_patterns(config)
         if (ascii is None and patterns is None) or not cls.added_tokens_supported(backend):
             return None
@@ -448,7 +447,10 @@ class Encoder:
             backend.no_padding()
             backend.no_truncation()
         self.backend = backend
-        self.path: _Path | None = _FastPath.build(backend) or _MetaspacePath.build(backend)
+        self.config = json.loads(backend.to_str())  # read once: megabytes for a large vocabulary
+        self.path: _Path | None = _FastPath.build(backend, self.config) or _MetaspacePath.build(
+            backend, self.config
+        )
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use
         self._rust = getattr(backend, "encode_batch_fast", backend.encode_batch)
         self._continued: Any = None  # the Rust encoder for continued texts, built when needed
@@ -491,7 +493,7 @@ class Encoder:
         prepends nothing, whose ByteLevel adds no prefix space and whose normalizer prepends
         nothing (the legacy Llama form); the tokenizer itself when it has none of these."""
         if self._continued is None:
-            config = json.loads(self.backend.to_str())
+            config = copy.deepcopy(self.config)
             changed = _drop_start_prefix(config)
             if changed:
                 # light (tokenizers): imported with every fast tokenizer already

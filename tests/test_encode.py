@@ -394,7 +394,9 @@ def test_a_documents_later_segments_are_tokenized_as_inside_the_whole_text(path,
     from data_tools.tokenizer import tokenizer_from_sentencepiece
 
     if path == "rust":
-        monkeypatch.setattr(encode._MetaspacePath, "build", classmethod(lambda cls, b: None))
+        monkeypatch.setattr(
+            encode._MetaspacePath, "build", classmethod(lambda cls, backend, config: None)
+        )
     tok = tokenizer_from_sentencepiece(pypi_files.mistral_sentencepiece_model())
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     template = BUILTIN_TEMPLATES["chatml"]
