@@ -65,10 +65,18 @@ class ModelConfig:
     # Train LoRA adapters instead of every weight (`model.lora={}` for the defaults, or
     # `model.lora.r=8`); null: full fine-tuning.
     lora: LoraConfig | None = None
+    # Mixtures of experts: the weight of the routers' load-balancing loss in the training loss
+    # (sftscale.moe); null: the model config's router_aux_loss_coef (0 where it has none).
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
         _check(
             bool(self.name_or_path), "model.name_or_path", "must name a preset or a local directory"
+        )
+        _check(
+            self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+            "model.router_aux_loss_coef",
+            f"must be >= 0 (or null for the model's own), got {self.router_aux_loss_coef}",
         )
         _check(
             self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),

@@ -33,6 +33,7 @@ from sftscale.model import (
     model_vocab_size,
     set_special_token_ids,
 )
+from sftscale.moe import RouterTap, mark_zero3_leaves, routing_of
 from sftscale.optim import param_groups
 from sftscale.precision import Precision, agree, choose, device_native_bf16
 
@@ -99,6 +100,7 @@ class Built:
     optimizer: Any
     shape: ModelShape
     vocab_grown: bool = False  # rows added for the tokenizer's added tokens
+    router: RouterTap | None = None  # a mixture of experts' routers (sftscale.moe)
 
 
 def build_engine(
@@ -175,13 +177,27 @@ def build_engine(
         model = add_adapters(model, cfg.model.lora, seed=cfg.train.seed)
         log(describe(model, cfg.model.lora))
     shape = ModelShape.of(model)
+    router = None
+    if shape.experts:  # before initialize: ZeRO-3 registers its hooks there
+        router = RouterTap(routing_of(model.config, cfg.model.router_aux_loss_coef)).attach(model)
+        blocks = mark_zero3_leaves(model)
+        log(
+            f"mixture of experts: {shape.experts} experts, top {shape.top_k}, "
+            f"{shape.active_matmul_params / 1e6:.1f}M of {shape.matmul_params / 1e6:.1f}M matmul "
+            f"params per token; balance loss x {router.routing.coef:g}; ZeRO-3 leaf modules: "
+            f"{', '.join(blocks)}"
+        )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )
     del hf_ds
     make_adam_resumable(optimizer)  # DeepSpeed's CPU Adam kernels: bitwise-exact resume
     return Built(
-        engine=engine, optimizer=optimizer, shape=shape, vocab_grown=old_rows < len(tokenizer)
+        engine=engine,
+        optimizer=optimizer,
+        shape=shape,
+        vocab_grown=old_rows < len(tokenizer),
+        router=router,
     )
 
 

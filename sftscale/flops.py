@@ -4,7 +4,9 @@ Model FLOPs of one document of L tokens (forward + backward = 3x forward):
 
     6 * N * L                      matmuls of the weights; N = parameters that take part in a
                                    matmul (every parameter except the input embedding table;
-                                   the LM head counts even when tied)
+                                   the LM head counts even when tied). In a mixture of
+                                   experts, only the top_k routed experts a token runs count
+                                   (the router and any shared expert always)
   + 6 * n_layers * d_model * L^2   causal attention: QK^T and AV are 2 * L^2 * d_model
                                    multiply-adds per layer forward, halved because only the
                                    causal triangle is needed, times 3 for forward + backward
@@ -56,7 +58,7 @@ def doc_flops(lengths, shape: ModelShape) -> float:
     total = 0.0
     for n in lengths:
         n = float(n)
-        total += (6.0 * shape.matmul_params - 2.0 * shape.frozen_matmul_params) * n
+        total += (6.0 * shape.active_matmul_params - 2.0 * shape.frozen_matmul_params) * n
         total += 6.0 * shape.n_layers * shape.hidden * n * n
     return total
 

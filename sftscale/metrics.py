@@ -68,9 +68,28 @@ class Window:
     max_imbalance: float = 0.0
     seconds: float = 0.0
     steps: int = 0
+    balance_sum: float = 0.0  # MoE: documents' tokens x balance loss, this rank
+    expert_tokens: torch.Tensor | None = None  # MoE: (layers, experts) tokens, this rank
 
-    def add(self, *, loss_sum, supervised, tokens, capacity, flops, imbalance, seconds) -> None:
+    def add(
+        self,
+        *,
+        loss_sum,
+        supervised,
+        tokens,
+        capacity,
+        flops,
+        imbalance,
+        seconds,
+        balance_sum=0.0,
+        expert_tokens=None,
+    ) -> None:
         self.loss_sum += loss_sum
+        self.balance_sum += balance_sum
+        if expert_tokens is not None:
+            self.expert_tokens = expert_tokens + (
+                0 if self.expert_tokens is None else self.expert_tokens
+            )
         self.supervised += supervised
         self.tokens += tokens
         self.capacity += capacity
@@ -197,8 +216,14 @@ def window_record(
 ) -> dict[str, Any]:
     """The metrics record of the steps in `window`. Collective (loss sum, memory)."""
     device = engine.device
-    loss_sum = torch.tensor([window.loss_sum], dtype=torch.float64, device=device)
-    dist.all_reduce(loss_sum)  # collective
+    sums = torch.tensor([window.loss_sum, window.balance_sum], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)  # collective
+    loss_sum, balance_sum = sums.tolist()
+    experts = {}
+    if window.expert_tokens is not None:  # a mixture of experts (every rank has one)
+        counts = window.expert_tokens.to(device=device, dtype=torch.float64)
+        dist.all_reduce(counts)  # collective
+        experts = expert_metrics(counts, balance_loss=balance_sum / max(window.tokens, 1.0))
     memory = torch.tensor(
         [peak_memory_bytes(), peak_reserved_bytes()], dtype=torch.float64, device=device
     )
@@ -229,7 +254,7 @@ def window_record(
     return {
         "step": step,
         "epoch": epoch,
-        "loss": loss_sum.item() / max(window.supervised, 1.0),
+        "loss": loss_sum / max(window.supervised, 1.0),
         "lr": lr,
         "grad_norm": grad_norm(engine),
         **measured,
@@ -238,6 +263,19 @@ def window_record(
         "step_time_s": window.seconds / window.steps,
         "peak_memory_bytes": int(memory[0].item()),
         "peak_reserved_bytes": int(memory[1].item()),
+        **experts,
+    }
+
+
+def expert_metrics(counts: torch.Tensor, *, balance_loss: float) -> dict[str, Any]:
+    """What a MoE's routers did over a window, from the tokens each expert received in each
+    layer (all ranks): the balance loss (top_k when every expert gets the same share), the tokens
+    per expert summed over layers, and the worst layer's busiest expert over its mean."""
+    per_layer = counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)
+    return {
+        "balance_loss": balance_loss,
+        "expert_tokens": [int(x) for x in counts.sum(dim=0).tolist()],
+        "expert_imbalance": float(per_layer.max().item()) - 1.0,
     }
 
 

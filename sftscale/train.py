@@ -17,6 +17,7 @@ and data-parallel ranks. So (micro 4, accum 1, 1 rank), (micro 1, accum 4, 1 ran
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -54,6 +55,8 @@ class StepResult:
     tokens: float  # the step's non-pad tokens, all ranks
     stop_requested: bool  # some rank was asked to checkpoint and stop
     seconds: float
+    balance_sum: float = 0.0  # MoE: this rank's documents' tokens x balance loss (sftscale.moe)
+    expert_tokens: torch.Tensor | None = None  # MoE: this rank's tokens per expert per layer
 
 
 def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.0) -> StepResult:
@@ -91,37 +94,65 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
     # of them: under sequence parallelism each rank's loss is its slice's share);
     # scaling by (grad_accum * world) undoes both so gradients are sum / global supervised.
     scale = t.grad_accum * run.world / max(supervised, 1.0)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # A MoE's balance loss is a sum over documents of tokens x loss, over the step's tokens
+    balance_scale = t.grad_accum * run.world / max(tokens, 1.0)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # SFT loss, balance loss
+    expert_tokens = None
     with awaited(
         "the step's forward/backward collectives (ZeRO parameter gathers, gradient reductions)",
         **run.where,
     ):
         for batch in plan.micro:
-            loss_sum += micro_step(run, batch.to(device), scale=scale)  # on device: no sync
+            m = micro_step(run, batch.to(device), scale=scale, balance_scale=balance_scale)
+            sums += m.sums  # on device: no sync
+            if m.expert_tokens is not None:
+                expert_tokens = m.expert_tokens + (0 if expert_tokens is None else expert_tokens)
     run.step += 1
     run.position += plan.rows
     run.ledger.extend(
         (run.step, int(e), int(r)) for e, r in zip(plan.epochs, plan.step_rows, strict=True)
     )
+    loss_sum, balance_sum = sums.tolist()  # CPU-GPU sync, once a step
     return StepResult(
         plan=plan,
         lr=lr,
-        loss_sum=loss_sum.item(),  # CPU-GPU sync, once a step
+        loss_sum=loss_sum,
         supervised=supervised,
         tokens=tokens,
         stop_requested=stop_votes > 0,
         seconds=time.perf_counter() - t0,
+        balance_sum=balance_sum,
+        expert_tokens=expert_tokens,
     )
 
 
-def micro_step(run: Run, batch: Batch, *, scale: float) -> torch.Tensor:
-    """Forward + backward of one micro-batch; returns its summed token loss (detached)."""
-    total = forward_loss_sum(
-        run.engine, batch, run.cfg, rows=run.cfg.train.micro_batch_size, seq_len=run.dataset.seq_len
-    )
-    run.engine.backward(total * scale)
+@dataclass
+class MicroResult:
+    sums: torch.Tensor  # (summed token loss, documents' tokens x balance loss), detached
+    expert_tokens: torch.Tensor | None  # MoE: tokens per expert per layer
+
+
+def micro_step(run: Run, batch: Batch, *, scale: float, balance_scale: float) -> MicroResult:
+    """Forward + backward of one micro-batch. `scale` turns its summed token loss into its
+    share of the step's loss; `balance_scale` does the same for a MoE's balance loss."""
+    router = run.router
+    with router.recording() if router is not None else contextlib.nullcontext():
+        total = forward_loss_sum(
+            run.engine,
+            batch,
+            run.cfg,
+            rows=run.cfg.train.micro_batch_size,
+            seq_len=run.dataset.seq_len,
+        )
+    loss, balance, expert_tokens = total * scale, total.new_zeros(()), None
+    if router is not None:
+        balance, expert_tokens = router.balance(batch)
+        if router.routing.coef:
+            loss = loss + router.routing.coef * balance_scale * balance
+    run.engine.backward(loss)
     run.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-    return total.detach().double()
+    sums = torch.stack([total.detach(), balance.detach()]).double()
+    return MicroResult(sums=sums, expert_tokens=expert_tokens)
 
 
 def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -> None:
@@ -204,15 +235,7 @@ def train_worker(
     while run.step < t.max_steps:
         r = train_step(run, preemption=preemption, last_seconds=seconds)
         seconds = r.seconds
-        window.add(
-            loss_sum=r.loss_sum,
-            supervised=r.supervised,
-            tokens=r.tokens,
-            capacity=r.plan.rows * run.dataset.seq_len,
-            flops=r.plan.model_flops,
-            imbalance=r.plan.imbalance,
-            seconds=r.seconds,
-        )
+        add_step(window, r, seq_len=run.dataset.seq_len)
         last = run.step == t.max_steps
         if run.step % cfg.logging.every_n_steps == 0 or last:
             losses.append(log_window(run, window, r, metrics))  # collective
@@ -258,6 +281,20 @@ def train_worker(
         "preempted": preempted,
         "step": run.step,
     }
+
+
+def add_step(window: Window, r: StepResult, *, seq_len: int) -> None:
+    window.add(
+        loss_sum=r.loss_sum,
+        supervised=r.supervised,
+        tokens=r.tokens,
+        capacity=r.plan.rows * seq_len,
+        flops=r.plan.model_flops,
+        imbalance=r.plan.imbalance,
+        seconds=r.seconds,
+        balance_sum=r.balance_sum,
+        expert_tokens=r.expert_tokens,
+    )
 
 
 def log_window(run: Run, window: Window, r: StepResult, metrics: MetricsLogger) -> float:

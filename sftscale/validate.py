@@ -23,6 +23,7 @@ from sftscale.identity import describe_changes, identity_changes, run_identity
 from sftscale.jit_locks import op_available
 from sftscale.resolve import ResolvedRun, base_config, precision_for, resolve_run
 from sftscale.sequence_parallel import EXACT_ON_PACKED_ROWS, sliding_window
+from sftscale.shape import ModelShape
 from sftscale.storage import is_uri, load_manifest
 from sftscale.storage.cache import cache_root
 from sftscale.verify import check_token_ids, verify_data
@@ -79,6 +80,7 @@ def validate_run(cfg: Config, *, world_size: int) -> Validated:
         _check_lora(cfg)
     if cfg.scale.sequence_parallel_size > 1:
         _check_sequence_parallel(cfg, base, world_size, manifest.seq_len)
+    _check_experts(cfg, base)
     _check_row_slices(cfg, manifest, eval_manifest)
     for flag, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if getattr(cfg.logging, flag) and importlib.util.find_spec(module) is None:
@@ -270,6 +272,28 @@ def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int, seq_len: int) -
             f"model.attn_implementation={impl} with {key}={sp} needs a full seq x "
             "seq mask, which sequence parallelism exists to avoid; use sdpa (one "
             "attention call per document) or flash_attention_2 on GPUs"
+        )
+
+
+def _check_experts(cfg: Config, mcfg: Any) -> None:
+    """What sftscale does not do with a mixture of experts, refused before any worker starts."""
+    shape = ModelShape.from_config(mcfg)
+    if not shape.experts:
+        if cfg.model.router_aux_loss_coef:
+            raise ConfigError(
+                f"model.router_aux_loss_coef={cfg.model.router_aux_loss_coef}: "
+                f"{cfg.model.name_or_path} has no experts (a dense model); remove it"
+            )
+        return
+    if cfg.scale.sequence_parallel_size > 1:  # a document's balance loss needs all its tokens
+        raise ConfigError(
+            f"scale.sequence_parallel_size={cfg.scale.sequence_parallel_size}: sequence "
+            "parallelism is not supported for mixtures of experts yet (docs/moe.md); use 1"
+        )
+    if cfg.train.mlp_tiles > 1:
+        raise ConfigError(
+            f"train.mlp_tiles={cfg.train.mlp_tiles}: a MoE layer's MLP is its experts, which "
+            "sftscale does not tile; use train.mlp_tiles=0"
         )
 
 

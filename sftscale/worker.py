@@ -28,6 +28,7 @@ from sftscale.flops import device_peak_flops
 from sftscale.heartbeat import Heartbeat
 from sftscale.identity import describe_changes, identity_changes, run_identity
 from sftscale.metrics import Peak
+from sftscale.moe import RouterTap
 from sftscale.resolve import check_same, resolve_run
 from sftscale.shape import ModelShape
 from sftscale.storage import claim_directory, local_data, restore_run_files
@@ -54,6 +55,7 @@ class Run:
     precision: str = "fp32"  # what the run computes in (bf16 | fp32)
     identity: dict[str, Any] = field(default_factory=dict)  # sftscale.identity, in checkpoints
     vocab_grown: bool = False
+    router: RouterTap | None = None  # a mixture of experts' routers (sftscale.moe)
     step: int = 0  # optimizer steps done
     position: int = 0  # stream position of the next step's first row
     ledger: list[tuple[int, int, int]] = field(default_factory=list)  # (step, epoch, row)
@@ -156,6 +158,7 @@ def setup(
         peak=Peak(peak_flops, peak_source),
         heartbeat=heartbeat,
         vocab_grown=built.vocab_grown,
+        router=built.router,
         leader=leader,
         precision=precision.name,
         identity=identity,

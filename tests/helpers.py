@@ -111,3 +111,26 @@ def registered_checkpoint(s3, run: str, *, timeout: float) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError(f"no checkpoint of {run} was registered within {timeout} s")
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` with `nproc` ranks on a free port, then `args` (a
+    script, or `-m module ...`)."""
+    import sys
+
+    from sftscale.launch import free_port
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
+
+
+# ranks of a CPU test share 2 cores; DeepSpeed picks its accelerator at import
+RANK_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}

@@ -1,0 +1,358 @@
+"""Mixtures of experts (sftscale.moe, docs/moe.md): shapes counted as transformers builds them,
+FLOPs of the active experts, the balance loss per document, ZeRO-3 runs that match a plain
+fp32 PyTorch loop, ranks that route to disjoint experts, resume and export."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reference import reference_run
+
+from helpers import RANK_ENV, torchrun, train_local_subprocess
+from sftscale.config import ConfigError, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MOE_PRESETS = [
+    "tiny-qwen3-moe",
+    "tiny-mixtral",
+    "tiny-deepseek-v3",
+    "qwen3-30b-a3b",
+    "mixtral-8x7b",
+    "deepseek-v3-16b",
+]
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _extra_configs():
+    """Layouts the presets do not cover: Qwen2-MoE's gated shared expert with dense layers,
+    DeepSeek latent attention with a query LoRA and biases."""
+    from transformers import AutoConfig
+
+    small = dict(hidden_size=64, num_attention_heads=4, vocab_size=500, num_hidden_layers=3)
+    return [
+        AutoConfig.for_model(
+            "qwen2_moe",
+            **small,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=96,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,
+            mlp_only_layers=[0],
+        ),
+        AutoConfig.for_model(
+            "deepseek_v3",
+            **small,
+            num_key_value_heads=4,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+            attention_bias=True,
+        ),
+    ]
+
+
+def test_shapes_count_what_transformers_builds():
+    """Total, largest and active parameters from the config alone (the planner's view) equal
+    the counts on the model transformers builds: active = every matmul parameter but the
+    input embedding, with the routed experts' weights counted top_k / experts."""
+    from sftscale.model import model_config
+    from sftscale.shape import ModelShape
+
+    configs = [model_config(n, vocab_size=1000) for n in MOE_PRESETS] + _extra_configs()
+    for config in configs:
+        model = _meta_model(config)
+        shape = ModelShape.from_config(config)
+        params = dict(model.named_parameters())
+        assert shape.total_params == sum(p.numel() for p in params.values()), config.model_type
+        assert shape.largest_param == max(p.numel() for p in params.values())
+        routed = sum(p.numel() for n, p in params.items() if ".mlp.experts." in n)
+        embedding = model.get_input_embeddings().weight.numel()
+        active = shape.total_params - embedding - routed + routed * shape.top_k // shape.experts
+        assert shape.active_matmul_params == active, config.model_type
+    # Qwen3-30B-A3B: 30.5B parameters, 3.3B active with the embedding (3.0B of matmuls)
+    q = ModelShape.from_config(model_config("qwen3-30b-a3b", vocab_size=0))
+    assert round(q.total_params / 1e9, 1) == 30.5
+    assert 3.3e9 <= q.active_matmul_params + q.embed < 3.4e9
+
+
+def test_flops_count_the_experts_a_token_runs():
+    from sftscale.flops import doc_flops
+    from sftscale.model import model_config
+    from sftscale.shape import ModelShape
+
+    s = ModelShape.from_config(model_config("mixtral-8x7b", vocab_size=0))
+    n = 1000
+    assert (
+        doc_flops([n], s) == 6.0 * s.active_matmul_params * n + 6.0 * s.n_layers * s.hidden * n * n
+    )
+    assert s.active_matmul_params < 0.3 * s.matmul_params  # 2 of 8 experts
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v3"])
+def test_balance_loss_is_per_document(preset):
+    """A document's balance loss is transformers' own for it alone; a packed row's is the sum
+    of its documents' (padding counts nowhere), whatever else shares the row."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from sftscale.data import collate
+    from sftscale.model import model_config
+    from sftscale.moe import RouterTap, routing_of
+
+    torch.manual_seed(0)
+    config = model_config(preset, vocab_size=300)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    routing = routing_of(config, None)
+    tap = RouterTap(routing).attach(model)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 300, size=n) for n in (7, 12, 5)]
+
+    def run(rows, seq_len):
+        batch = collate(
+            [
+                (np.concatenate(r), np.ones(sum(map(len, r)), np.int8), np.array(list(map(len, r))))
+                for r in rows
+            ],
+            seq_len=seq_len,
+            pad_id=0,
+        )
+        with torch.no_grad(), tap.recording():
+            out = model(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                output_router_logits=not routing.sigmoid,
+            )
+        return out, *tap.balance(batch)
+
+    alone = [run([[d]], len(d)) for d in docs]
+    if not routing.sigmoid:  # transformers' function is the softmax routers' loss
+        for d, (out, loss, _) in zip(docs, alone, strict=True):
+            want = load_balancing_loss_func(out.router_logits, routing.experts, routing.top_k)
+            torch.testing.assert_close(loss, len(d) * want, rtol=1e-6, atol=0)
+    _, packed, counts = run([docs[:2], docs[2:]], 24)  # two rows, the second one padded
+    torch.testing.assert_close(packed, sum(x[1] for x in alone), rtol=1e-6, atol=0)
+    assert torch.equal(counts, sum(x[2] for x in alone))
+    layers = counts.shape[0]
+    assert counts.sum() == routing.top_k * layers * sum(map(len, docs))
+
+
+def test_what_moe_does_not_support_is_refused_before_any_worker():
+    from sftscale.model import model_config
+    from sftscale.validate import _check_experts
+
+    moe, dense = (
+        model_config("tiny-qwen3-moe", vocab_size=100),
+        model_config("tiny-llama", vocab_size=100),
+    )
+    base = ["data.path=/d", "model.name_or_path=tiny-qwen3-moe"]
+    with pytest.raises(ConfigError, match="sequence parallelism is not supported for mixtures"):
+        _check_experts(load_config(None, [*base, "scale.sequence_parallel_size=2"]), moe)
+    with pytest.raises(ConfigError, match="train.mlp_tiles=0"):
+        _check_experts(load_config(None, [*base, "train.mlp_tiles=2"]), moe)
+    with pytest.raises(ConfigError, match="has no experts"):
+        _check_experts(load_config(None, [*base, "model.router_aux_loss_coef=0.1"]), dense)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        load_config(None, [*base, "model.router_aux_loss_coef=-1"])
+
+
+# ---- runs: ZeRO-3 against a plain fp32 PyTorch loop --------------------------------------
+
+STEPS = 8
+COEF = 0.05  # larger than the preset's 0.01 so the balance loss moves the weights visibly
+
+
+@pytest.fixture(scope="module")
+def moe_model_dir(tmp_path_factory, sp_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from sftscale.model import model_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        model_config("tiny-qwen3-moe", vocab_size=len(sp_tokenizer))
+    )
+    out = tmp_path_factory.mktemp("moe_model")
+    model.save_pretrained(str(out))
+    return out
+
+
+def _cfg(root, prepared_dir, model_dir, name, *, micro, accum, workers=1, extra=()):
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            f"model.router_aux_loss_coef={COEF}",
+            f"data.path={prepared_dir}",
+            "deepspeed.precision=fp32",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=2",
+            "optim.weight_decay=0.1",
+            f"train.micro_batch_size={micro}",
+            f"train.grad_accum={accum}",
+            f"train.max_steps={STEPS}",
+            f"scale.num_workers={workers}",
+            "checkpoint.every_n_steps=4",
+            f"logging.output_dir={root}",
+            f"logging.run_name={name}",
+            "logging.tensorboard=false",
+            *extra,
+        ],
+    )
+
+
+def _records(cfg):
+    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def _export(cfg):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(cfg.run_dir / "export"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory, prepared_dir, moe_model_dir):
+    cfg = _cfg(tmp_path_factory.mktemp("ref"), prepared_dir, moe_model_dir, "ref", micro=4, accum=1)
+    return reference_run(str(moe_model_dir), cfg, world_size=1, balance_coef=COEF)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, prepared_dir, moe_model_dir):
+    """1 rank, micro-batch 2, 2 accumulation steps, activation checkpointing."""
+    cfg = _cfg(tmp_path_factory.mktemp("one"), prepared_dir, moe_model_dir, "one", micro=2, accum=2)
+    train_local_subprocess(cfg)
+    return cfg
+
+
+def _assert_matches(cfg, reference):
+    ref_losses, ref_weights = reference
+    records = _records(cfg)
+    losses = [r["loss"] for r in records]
+    rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
+    print(f"{cfg.logging.run_name}: max relative loss difference to the reference {rel:.2e}")
+    assert len(losses) == STEPS and rel <= 1e-5
+    model = _export(cfg)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_weights[name], atol=1e-5, rtol=1e-4, msg=name)
+    for r in records:  # top_k slots per token and MoE layer, all counted
+        assert r["balance_loss"] > 0 and sum(r["expert_tokens"]) % (2 * 2) == 0
+        assert len(r["expert_tokens"]) == 4 and r["expert_imbalance"] >= 0
+    return records, model
+
+
+@pytest.mark.distributed
+def test_one_rank_with_accumulation_matches_the_reference(one_rank, moe_reference, sp_tokenizer):
+    _, model = _assert_matches(one_rank, moe_reference)
+    # the export is a Hugging Face MoE directory that reloads and generates
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    ids = torch.tensor([sp_tokenizer("hello there").input_ids])
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_the_reference_and_one_rank(
+    tmp_path, prepared_dir, moe_model_dir, moe_reference, one_rank
+):
+    """2 ranks x micro-batch 2 x no accumulation: the same loss, balance loss and update as
+    1 rank accumulating twice and the single-process loop (the balance loss is normalized by
+    the step's tokens, across ranks and micro-steps)."""
+    cfg = _cfg(tmp_path, prepared_dir, moe_model_dir, "two", micro=2, accum=1, workers=2)
+    path = tmp_path / "two.yaml"
+    save_config(cfg, path)
+    cmd = torchrun("-m", "sftscale", "train", str(path))
+    env = {**os.environ, **RANK_ENV}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert "ZeRO-3 leaf modules: Qwen3MoeSparseMoeBlock" in proc.stdout
+    two, _ = _assert_matches(cfg, moe_reference)
+    one = _records(one_rank)
+    for a, b in zip(two, one, strict=True):
+        assert abs(a["balance_loss"] - b["balance_loss"]) <= 1e-6 * b["balance_loss"]
+        assert a["expert_tokens"] == b["expert_tokens"]
+
+
+@pytest.mark.distributed
+def test_stopped_and_resumed_moe_run_is_exact(tmp_path, prepared_dir, moe_model_dir, one_rank):
+    cfg = _cfg(tmp_path, prepared_dir, moe_model_dir, "stopped", micro=2, accum=2)
+    path = tmp_path / "stopped.yaml"
+    save_config(cfg, path)
+    cmd = [sys.executable, "-m", "sftscale", "train", str(path), "--local"]
+    with open(tmp_path / "first.out", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if (cfg.run_dir / "metrics.jsonl").exists() and _records(cfg):
+                (cfg.run_dir / "STOP").touch()  # checkpoint after this step and leave
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=600)
+    first = (tmp_path / "first.out").read_text()
+    # 143: stopped on request (a scheduler requeues it), after its checkpoint
+    assert proc.returncode == 143 and "preempted: checkpoint at step" in first, first[-3000:]
+    stopped_at = _records(cfg)[-1]["step"]
+    assert stopped_at < STEPS, "the run finished before it was stopped"
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    assert [r["loss"] for r in _records(cfg)] == [r["loss"] for r in _records(one_rank)]
+    assert [r["balance_loss"] for r in _records(cfg)] == [
+        r["balance_loss"] for r in _records(one_rank)
+    ]
+    a, b = dict(_export(cfg).named_parameters()), dict(_export(one_rank).named_parameters())
+    for name, p in a.items():
+        assert torch.equal(p, b[name]), name
+
+
+@pytest.mark.distributed
+def test_ranks_routing_to_disjoint_experts_finish(tmp_path):
+    """Rank 0's tokens reach experts {0, 1}, rank 1's {2, 3, 4, 5}; with transformers' eager
+    experts (a loop over the experts that received tokens) the ranks' ZeRO-3 traces differ.
+    Marked as leaf modules (what the training loop does), the run finishes; unmarked (the
+    negative control; DeepSpeed's own default list emptied), DeepSpeed fails it."""
+    script = ROOT / "tests/scripts/moe_disjoint_routing.py"
+    env = {**os.environ, **RANK_ENV}
+    results = {}
+    for mode in ("leaf", "no-leaf"):
+        out = tmp_path / mode
+        out.mkdir()
+        cmd = torchrun(str(script), str(out), mode, "eager")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+            results[mode] = (proc.returncode, proc.stdout + proc.stderr)
+        except subprocess.TimeoutExpired as e:  # a hang is the failure mode too
+            results[mode] = (None, str(e.stdout or "") + str(e.stderr or ""))
+        routed = [json.loads((out / f"rank{r}.json").read_text())["experts"] for r in (0, 1)]
+        assert routed == [[0, 1], [2, 3, 4, 5]], routed
+        results[mode] += (sorted(p.name for p in out.glob("*.done")),)
+    rc, log, done = results["leaf"]
+    assert rc == 0 and done == ["rank0.done", "rank1.done"], log[-4000:]
+    rc, log, done = results["no-leaf"]
+    assert rc != 0 and not done, log[-4000:]
+    assert rc is None or "disagreement" in log, log[-4000:]
