@@ -243,6 +243,9 @@ class ScaleConfig:
     # Ulysses sequence parallelism (DeepSpeed ALST): each group of this many consecutive ranks
     # splits every row along the sequence; data parallelism is num_workers / this.
     sequence_parallel_size: int = 1
+    # Mixtures of experts: each group of this many ranks holds 1/this of every MoE layer's
+    # experts and sends tokens to the rank with their expert (DeepSpeed AutoEP, docs/moe.md).
+    expert_parallel_size: int = 1
     # Before any worker starts, `sftscale plan`'s memory plan per rank is checked against the
     # device (this host's memory shared by its ranks, or the driver's GPU); a run that does not
     # fit stops with the changes that would make it fit. false: launch anyway.
@@ -251,6 +254,7 @@ class ScaleConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1")
         _check(self.sequence_parallel_size >= 1, "scale.sequence_parallel_size", "must be >= 1")
+        _check(self.expert_parallel_size >= 1, "scale.expert_parallel_size", "must be >= 1")
         _check(
             0 <= self.min_workers <= self.num_workers,
             "scale.min_workers",
