@@ -137,6 +137,9 @@ def resolve_ds_config(
         )
     if resolved.get("fp16", {}).get("enabled"):
         raise ConfigError("deepspeed.template: fp16 is not supported (use bf16)")
+    ep = cfg.scale.expert_parallel_size
+    if ep > 1:  # DeepSpeed AutoEP: finds the MoE blocks and replaces them at initialize
+        resolved["expert_parallel"] = {"enabled": True, "autoep_size": ep}
     return resolved
 
 

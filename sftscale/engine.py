@@ -33,7 +33,12 @@ from sftscale.model import (
     model_vocab_size,
     set_special_token_ids,
 )
-from sftscale.moe import RouterTap, mark_zero3_leaves, routing_of
+from sftscale.moe import (
+    RouterTap,
+    autoep_compatible_transformers,
+    mark_zero3_leaves,
+    routing_of,
+)
 from sftscale.optim import param_groups
 from sftscale.precision import Precision, agree, choose, device_native_bf16
 
@@ -101,6 +106,7 @@ class Built:
     shape: ModelShape
     vocab_grown: bool = False  # rows added for the tokenizer's added tokens
     router: RouterTap | None = None  # a mixture of experts' routers (sftscale.moe)
+    hf_names: dict[int, str] | None = None  # id(parameter) -> its name before AutoEP
 
 
 def build_engine(
@@ -177,19 +183,17 @@ def build_engine(
         model = add_adapters(model, cfg.model.lora, seed=cfg.train.seed)
         log(describe(model, cfg.model.lora))
     shape = ModelShape.of(model)
-    router = None
-    if shape.experts:  # before initialize: ZeRO-3 registers its hooks there
-        router = RouterTap(routing_of(model.config, cfg.model.router_aux_loss_coef)).attach(model)
-        blocks = mark_zero3_leaves(model)
-        log(
-            f"mixture of experts: {shape.experts} experts, top {shape.top_k}, "
-            f"{shape.active_matmul_params / 1e6:.1f}M of {shape.matmul_params / 1e6:.1f}M matmul "
-            f"params per token; balance loss x {router.routing.coef:g}; ZeRO-3 leaf modules: "
-            f"{', '.join(blocks)}"
+    router = prepare_experts(model, shape, cfg, log) if shape.experts else None
+    autoep = "expert_parallel" in ds_config
+    hf_names = {id(p): n for n, p in model.named_parameters()} if autoep else None
+    with autoep_compatible_transformers() if autoep else contextlib.nullcontext():
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=ds_config,
         )
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
-    )
+    if router is not None:  # after initialize: AutoEP replaces the MoE blocks there
+        router.attach(engine.module)
     del hf_ds
     make_adam_resumable(optimizer)  # DeepSpeed's CPU Adam kernels: bitwise-exact resume
     return Built(
@@ -198,7 +202,29 @@ def build_engine(
         shape=shape,
         vocab_grown=old_rows < len(tokenizer),
         router=router,
+        hf_names=hf_names,
     )
+
+
+def prepare_experts(
+    model: torch.nn.Module, shape: ModelShape, cfg: Config, log: Callable[[str], None]
+) -> RouterTap:
+    """Before initialize (ZeRO-3 registers its hooks there): the MoE blocks become ZeRO-3
+    leaf modules; returns the router tap to attach once the engine exists."""
+    router = RouterTap(routing_of(model.config, cfg.model.router_aux_loss_coef))
+    blocks = mark_zero3_leaves(model)
+    ep = cfg.scale.expert_parallel_size
+    layout = (
+        f"expert parallel: groups of {ep} ranks, {shape.experts // ep} experts each"
+        if ep > 1
+        else f"ZeRO-3 leaf modules: {', '.join(blocks)}"
+    )
+    log(
+        f"mixture of experts: {shape.experts} experts, top {shape.top_k}, "
+        f"{shape.active_matmul_params / 1e6:.1f}M of {shape.matmul_params / 1e6:.1f}M matmul "
+        f"params per token; balance loss x {router.routing.coef:g}; {layout}"
+    )
+    return router
 
 
 def make_adam_resumable(optimizer) -> None:

@@ -23,6 +23,7 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -162,24 +163,114 @@ def bounded_groups(
 
 
 def export_from_engine(
-    module: torch.nn.Module, *, out_dir: Path, tokenizer_dir: Path, max_shard_bytes: int, rank: int
+    module: torch.nn.Module,
+    *,
+    out_dir: Path,
+    tokenizer_dir: Path,
+    max_shard_bytes: int,
+    rank: int,
+    hf_names: dict[int, str] | None = None,
 ) -> None:
-    """Collective: every rank must call it. Rank 0 writes `out_dir`."""
+    """Collective: every rank must call it. Rank 0 writes `out_dir`: the parameters and
+    persistent buffers (DeepSeek-V3's expert score bias) under the model's Hugging Face names.
+    hf_names: id(parameter) -> name before DeepSpeed AutoEP replaced the MoE blocks."""
     # heavy (deepspeed): loaded only on the path that uses it
     import deepspeed
 
-    named = list(module.named_parameters())  # tied weights appear once
-    layout = [(n, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in named]
+    items = export_items(module, hf_names or {})
+    layout = [(n, shape, dtype) for n, shape, dtype, _ in items]
     writer = ShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes) if rank == 0 else None
-    for group in bounded_groups(named):
-        # Collective: all-gathers the group's partitions on every rank; freed on exit.
-        with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
-            if writer is not None:
-                for n, q in group:
-                    writer.write(n, q.data)
+    plain = [(n, x) for n, _, _, x in items if isinstance(x, torch.Tensor)]
+    groups = iter(bounded_groups(plain))
+    pending: list[tuple[str, torch.Tensor]] = []
+    for name, _, _, source in items:
+        if isinstance(source, torch.Tensor):
+            if not pending:  # the next bounded group: all-gathered on every rank, freed on exit
+                group = next(groups)
+                with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
+                    pending = [(n, q.data.clone() if writer else q.data) for n, q in group]
+            n, tensor = pending.pop(0)
+            assert n == name
+        else:  # a MoE layer's experts, spread over an expert-parallel group
+            tensor = gather_experts(*source)
+        if writer is not None:
+            writer.write(name, tensor)
     if writer is not None:  # rank-0-only effect
         writer.close()
         save_model_meta(module, tokenizer_dir, out_dir)
+
+
+def export_items(
+    module: torch.nn.Module, hf_names: dict[int, str]
+) -> list[tuple[str, tuple[int, ...], torch.dtype, Any]]:
+    """(Hugging Face name, shape, dtype, source) of everything an export writes, in order:
+    parameters (tied ones once), persistent buffers, and for each DeepSpeed AutoEP layer its
+    router as the model's `gate` and its experts as the fused `experts.gate_up_proj` /
+    `experts.down_proj` transformers stores (source: (layer, gate_up))."""
+    autoep = {n: m for n, m in module.named_modules() if type(m).__name__ == "AutoEPMoELayer"}
+    items = []
+    for name, p in [*module.named_parameters(), *persistent_buffers(module)]:
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        prefix = next((k for k in autoep if name.startswith(k + ".")), None)
+        if prefix is None:
+            items.append((name, shape, p.dtype, p))
+            continue
+        layer, rest = autoep[prefix], name[len(prefix) + 1 :]
+        experts = layer.num_experts
+        if rest == "experts.w1":  # with w3: gate_up_proj, (experts, 2 x intermediate, hidden)
+            gate_up = (experts, 2 * shape[1], shape[2])
+            items.append((f"{prefix}.experts.gate_up_proj", gate_up, p.dtype, (layer, True)))
+        elif rest == "experts.w2":  # down_proj, (experts, hidden, intermediate)
+            items.append(
+                (f"{prefix}.experts.down_proj", (experts, *shape[1:]), p.dtype, (layer, False))
+            )
+        elif rest.startswith("router."):
+            items.append((f"{prefix}.gate.{rest.split('.', 2)[-1]}", shape, p.dtype, p))
+        elif id(p) in hf_names:  # a shared expert: the model's own module, kept by AutoEP
+            items.append((hf_names[id(p)], shape, p.dtype, p))
+        elif rest != "experts.w3":
+            raise ValueError(f"export: no Hugging Face name for {name} of an AutoEP layer")
+    return items
+
+
+def persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Buffers a state dict holds (e.g. DeepSeek-V3's e_score_correction_bias), not rotary
+    caches and other non-persistent ones."""
+    out = []
+    for prefix, m in module.named_modules():
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, b))
+    return out
+
+
+def gather_experts(layer: Any, gate_up: bool) -> torch.Tensor:
+    """Collective over the world: every expert of an AutoEP layer, in the model's order, as
+    transformers stores them (gate_up_proj = gate rows then up rows)."""
+    # heavy (deepspeed): loaded only on the path that uses it
+    import deepspeed
+    import torch.distributed as dist
+
+    weights = [layer.experts.w1, layer.experts.w3] if gate_up else [layer.experts.w2]
+    # gathered within the expert-data-parallel group: this rank's experts whole
+    with deepspeed.zero.GatheredParameters(weights, modifier_rank=None):
+        local = torch.cat([w.data for w in weights], dim=1).contiguous()
+    group = layer.ep_group
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    owned = [None] * len(parts)
+    dist.all_gather_object(owned, list(layer_experts(layer)), group=group)
+    full = torch.empty((layer.num_experts, *local.shape[1:]), dtype=local.dtype)
+    for part, ids in zip(parts, owned, strict=True):
+        full[ids] = part
+    return full
+
+
+def layer_experts(layer: Any) -> list[int]:
+    """The experts (global ids) this rank holds of an AutoEP layer, in its local order."""
+    from deepspeed.checkpoint.autoep_affine import autoep_experts_for_rank  # heavy: workers
+
+    return list(autoep_experts_for_rank(layer.expert_placement_descriptor, layer.ep_rank))
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:

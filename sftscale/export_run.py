@@ -38,6 +38,7 @@ def export_trained(
     tokenizer_dir: Path,
     rank: int,
     vocab_grown: bool,
+    hf_names: dict[int, str] | None = None,
 ) -> None:
     """Collective: `out` holds the trained model; for a LoRA run the adapter (out/adapter), the
     base it applies to when that is not model.name_or_path as is (a preset, or a vocabulary
@@ -50,7 +51,9 @@ def export_trained(
     common = {"tokenizer_dir": tokenizer_dir, "rank": rank}
     shard_bytes = cfg.checkpoint.export_max_shard_mb * 2**20
     if cfg.model.lora is None:
-        export_from_engine(module, out_dir=stage, max_shard_bytes=shard_bytes, **common)
+        export_from_engine(
+            module, out_dir=stage, max_shard_bytes=shard_bytes, hf_names=hf_names, **common
+        )
     else:
         own_base = is_preset(cfg.model.name_or_path) or vocab_grown
         # the adapter names its base where it will be once swapped in

@@ -93,17 +93,33 @@ class RouterTap:
     routing: Routing
     layers: list[_Layer] = field(default_factory=list)
     _on: bool = False
+    _logits: torch.Tensor | None = None
 
     def attach(self, model: torch.nn.Module) -> RouterTap:
-        router = router_class(model)
-        for m in model.modules():
-            if isinstance(m, router):
-                m.register_forward_hook(self._hook)
+        """Hooks on the routers of `model`: transformers' own, or DeepSpeed AutoEP's (which
+        replaces each MoE block at initialize)."""
+        autoep = [m for m in model.modules() if type(m).__name__ == "AutoEPMoELayer"]
+        for m in autoep:  # its router returns (scores, chosen experts, counts); logits: gate
+            m.router.gate.register_forward_hook(self._logits_hook)
+            m.router.register_forward_hook(self._chosen_hook)
+        if not autoep:
+            router = router_class(model)
+            for m in model.modules():
+                if isinstance(m, router):
+                    m.register_forward_hook(self._hook)
         return self
 
     def _hook(self, module, args, output) -> None:
         if self._on:  # (router logits, routing weights, chosen experts)
             self.layers.append(_Layer(logits=output[0], chosen=output[2]))
+
+    def _logits_hook(self, module, args, output) -> None:
+        self._logits = output  # the router's own call to its gate comes right before its end
+
+    def _chosen_hook(self, module, args, output) -> None:
+        if self._on:
+            self.layers.append(_Layer(logits=self._logits, chosen=output[1]))
+        self._logits = None
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[RouterTap]:
@@ -176,3 +192,27 @@ def mark_zero3_leaves(model: torch.nn.Module) -> list[str]:
     classes = moe_block_classes(model)
     set_z3_leaf_modules(model, classes)
     return [c.__name__ for c in classes]
+
+
+@contextlib.contextmanager
+def autoep_compatible_transformers() -> Iterator[None]:
+    """DeepSpeed 0.19.8's AutoEP retargets transformers' output recorders through
+    `_CAN_RECORD_REGISTRY.get(key, default)`, a dict's signature; transformers 5.24 made the
+    registry a class whose `get` takes a model only (TypeError at deepspeed.initialize). For the
+    duration of initialize, string keys are looked up as in a dict."""
+    from transformers.utils import output_capturing  # heavy: workers only
+
+    registry = getattr(output_capturing, "_CanRecordRegistry", None)
+    if registry is None:
+        yield
+        return
+    original = registry.get
+
+    def get(self, key, *default):
+        return dict.get(self, key, *default) if isinstance(key, str) else original(self, key)
+
+    registry.get = get
+    try:
+        yield
+    finally:
+        registry.get = original

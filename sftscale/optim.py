@@ -33,7 +33,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     for p in model.parameters():
         if p.requires_grad:
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    # named: DeepSpeed's expert parallelism splits each group by name into expert and other
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]

@@ -165,6 +165,7 @@ def save(run: Run, on_checkpoint: Callable | None, *, last_loss: float | None) -
         "rows_per_step": run.rows_per_step,
         "data_fingerprint": run.data_id,
         "sequence_parallel_size": run.cfg.scale.sequence_parallel_size,
+        "expert_parallel_size": run.cfg.scale.expert_parallel_size,
         "lora": lora_state(run.cfg),
         "identity": run.identity,
     }
@@ -269,6 +270,7 @@ def train_worker(
             tokenizer_dir=run.dataset.tokenizer_dir,
             rank=run.rank,
             vocab_grown=run.vocab_grown,
+            hf_names=run.hf_names,
         )
     metrics.close()
     dist.barrier()  # collective: no rank leaves while another still writes

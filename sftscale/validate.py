@@ -295,6 +295,26 @@ def _check_experts(cfg: Config, mcfg: Any) -> None:
             f"train.mlp_tiles={cfg.train.mlp_tiles}: a MoE layer's MLP is its experts, which "
             "sftscale does not tile; use train.mlp_tiles=0"
         )
+    if cfg.scale.expert_parallel_size > 1:
+        _check_expert_parallel(cfg, shape.experts)
+
+
+def _check_expert_parallel(cfg: Config, experts: int) -> None:
+    """DeepSpeed AutoEP under ZeRO-3, as sftscale tests it (docs/moe.md)."""
+    ep, key, s = cfg.scale.expert_parallel_size, "scale.expert_parallel_size", cfg.scale
+    fits = [d for d in range(1, experts + 1) if experts % d == 0 and s.num_workers % d == 0]
+    if experts % ep or s.num_workers % ep:
+        raise ConfigError(
+            f"{key}={ep}: it must divide the model's {experts} experts and the "
+            f"{s.num_workers} workers; use one of {fits}"
+        )
+    if s.min_workers and s.min_workers != s.num_workers:
+        raise ConfigError(
+            f"{key}={ep} with scale.min_workers={s.min_workers}: an expert-parallel run "
+            "resumes on its own layout only; set scale.min_workers=0"
+        )
+    if cfg.model.lora is not None:
+        raise ConfigError(f"{key}={ep}: LoRA with expert parallelism is not supported; use 1")
 
 
 def _check_row_slices(cfg: Config, manifest: Manifest, eval_manifest: Manifest | None) -> None:
@@ -401,3 +421,11 @@ def _check_zero_options(ds: dict, cfg: Config) -> None:
             )
     if any(zero.get(k, {}).get("device") == "nvme" for k in ("offload_param", "offload_optimizer")):
         _check_async_io(where)
+    ep = cfg.scale.expert_parallel_size
+    offload = any(zero.get(k, {}).get("device", "none") != "none" for k in zero if "offload" in k)
+    if ep > 1 and (stage != 3 or offload):
+        raise ConfigError(
+            f"scale.expert_parallel_size={ep} with {where}: expert parallelism runs under ZeRO-3 "
+            "without offload in sftscale (zero3); use that template or "
+            "scale.expert_parallel_size=1"
+        )

@@ -56,6 +56,7 @@ class Run:
     identity: dict[str, Any] = field(default_factory=dict)  # sftscale.identity, in checkpoints
     vocab_grown: bool = False
     router: RouterTap | None = None  # a mixture of experts' routers (sftscale.moe)
+    hf_names: dict[int, str] | None = None  # export names of parameters AutoEP moved
     step: int = 0  # optimizer steps done
     position: int = 0  # stream position of the next step's first row
     ledger: list[tuple[int, int, int]] = field(default_factory=list)  # (step, epoch, row)
@@ -159,6 +160,7 @@ def setup(
         heartbeat=heartbeat,
         vocab_grown=built.vocab_grown,
         router=built.router,
+        hf_names=built.hf_names,
         leader=leader,
         precision=precision.name,
         identity=identity,
@@ -192,6 +194,20 @@ def describe(run: Run, stage: int) -> str:
     )
 
 
+def check_expert_layout(state: dict, cfg: Config, *, world: int, checkpoint: Path) -> None:
+    """A checkpoint of an expert-parallel run resumes on its own layout only (each rank holds
+    its own experts; converting them to another layout is not supported yet, docs/moe.md)."""
+    saved, ep = state.get("expert_parallel_size", 1), cfg.scale.expert_parallel_size
+    if saved == ep == 1 or (saved == ep and state["world_size"] == world):
+        return
+    raise ConfigError(
+        f"checkpoint {checkpoint} was saved by {state['world_size']} ranks with "
+        f"scale.expert_parallel_size={saved}; this run has {world} ranks with {ep}. Resuming "
+        "across expert-parallel layouts is not supported yet: resume with the checkpoint's "
+        "layout, or choose another logging.run_name to start a new run"
+    )
+
+
 def resume_point(
     cfg: Config, out: Path, *, rank: int, world: int, given: str | None, identity: dict
 ) -> tuple[Path | None, Path | None, bool]:
@@ -213,6 +229,8 @@ def resume_point(
     if resume_dir is not None and rank == 0 and cfg.checkpoint.storage:
         restore_run_files(resume_dir, out)  # metrics and ledger, from the downloaded checkpoint
     load_dir = resume_dir
+    if resume_dir is not None:
+        check_expert_layout(read_state(resume_dir), cfg, world=world, checkpoint=resume_dir)
     if resume_dir is not None and read_state(resume_dir)["world_size"] != world:
         # Elastic resume: ZeRO partitions depend on the world size, so the checkpoint is
         # converted to DeepSpeed's universal (world-size-free) format first.

@@ -179,6 +179,27 @@ def test_what_moe_does_not_support_is_refused_before_any_worker():
         _check_experts(load_config(None, [*base, "model.router_aux_loss_coef=0.1"]), dense)
     with pytest.raises(ConfigError, match="must be >= 0"):
         load_config(None, [*base, "model.router_aux_loss_coef=-1"])
+    ep = [*base, "scale.num_workers=6"]
+    with pytest.raises(ConfigError, match=r"4 experts and the 6 workers; use one of \[1, 2\]"):
+        _check_experts(load_config(None, [*ep, "scale.expert_parallel_size=3"]), moe)
+    with pytest.raises(ConfigError, match="scale.min_workers=0"):
+        _check_experts(
+            load_config(None, [*ep, "scale.expert_parallel_size=2", "scale.min_workers=2"]), moe
+        )
+
+
+def test_an_expert_parallel_checkpoint_resumes_on_its_own_layout_only(tmp_path):
+    from sftscale.worker import check_expert_layout
+
+    def cfg(ep):
+        return load_config(None, ["data.path=/d", f"scale.expert_parallel_size={ep}"])
+
+    saved = {"world_size": 4, "expert_parallel_size": 2}
+    check_expert_layout(saved, cfg(2), world=4, checkpoint=tmp_path)  # the same layout
+    check_expert_layout({"world_size": 4}, cfg(1), world=2, checkpoint=tmp_path)  # no EP: elastic
+    for ep, world in ((1, 4), (2, 2), (4, 4)):
+        with pytest.raises(ConfigError, match="across expert-parallel layouts is not supported"):
+            check_expert_layout(saved, cfg(ep), world=world, checkpoint=tmp_path)
 
 
 # ---- runs: ZeRO-3 against a plain fp32 PyTorch loop --------------------------------------
@@ -277,22 +298,69 @@ def test_one_rank_with_accumulation_matches_the_reference(one_rank, moe_referenc
     assert out.shape[1] > ids.shape[1]
 
 
-@pytest.mark.distributed
-def test_two_ranks_match_the_reference_and_one_rank(
-    tmp_path, prepared_dir, moe_model_dir, moe_reference, one_rank
-):
-    """2 ranks x micro-batch 2 x no accumulation: the same loss, balance loss and update as
-    1 rank accumulating twice and the single-process loop (the balance loss is normalized by
-    the step's tokens, across ranks and micro-steps)."""
-    cfg = _cfg(tmp_path, prepared_dir, moe_model_dir, "two", micro=2, accum=1, workers=2)
-    path = tmp_path / "two.yaml"
+def _command(cfg, ranks: int) -> list[str]:
+    """`sftscale train` of `cfg`: --local in this process's image, or under torchrun."""
+    path = cfg.run_dir.parent / f"{cfg.logging.run_name}.yaml"
     save_config(cfg, path)
-    cmd = torchrun("-m", "sftscale", "train", str(path))
-    env = {**os.environ, **RANK_ENV}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if ranks == 1:
+        return [sys.executable, "-m", "sftscale", "train", str(path), "--local"]
+    return torchrun("-m", "sftscale", "train", str(path), nproc=ranks)
+
+
+def _train(cfg, ranks: int) -> str:
+    proc = subprocess.run(
+        _command(cfg, ranks),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **RANK_ENV},
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    assert "ZeRO-3 leaf modules: Qwen3MoeSparseMoeBlock" in proc.stdout
-    two, _ = _assert_matches(cfg, moe_reference)
+    return proc.stdout
+
+
+def _stop_and_resume(cfg, ranks: int) -> None:
+    """Run `cfg`, ask it to stop after its first logged step (the STOP file), run it again."""
+    out = cfg.run_dir.parent / f"{cfg.logging.run_name}.out"
+    with open(out, "w") as log:
+        env = {**os.environ, **RANK_ENV}
+        proc = subprocess.Popen(_command(cfg, ranks), stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if (cfg.run_dir / "metrics.jsonl").exists() and _records(cfg):
+                (cfg.run_dir / "STOP").touch()  # checkpoint after this step and leave
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=600)
+    first = out.read_text()
+    # stopped on request (143: a scheduler requeues it), after its checkpoint
+    assert proc.returncode != 0 and "preempted: checkpoint at step" in first, first[-3000:]
+    assert _records(cfg)[-1]["step"] < STEPS, "the run finished before it was stopped"
+    assert "resumed from" in _train(cfg, ranks)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, prepared_dir, moe_model_dir):
+    """2 ranks x micro-batch 2 x no accumulation, the experts on every rank (ZeRO-3 only)."""
+    cfg = _cfg(
+        tmp_path_factory.mktemp("two"),
+        prepared_dir,
+        moe_model_dir,
+        "two",
+        micro=2,
+        accum=1,
+        workers=2,
+    )
+    assert "ZeRO-3 leaf modules: Qwen3MoeSparseMoeBlock" in _train(cfg, 2)
+    return cfg
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_the_reference_and_one_rank(two_ranks, moe_reference, one_rank):
+    """The same loss, balance loss and update as 1 rank accumulating twice and the
+    single-process loop (the balance loss is normalized by the step's tokens, across ranks
+    and micro-steps)."""
+    two, _ = _assert_matches(two_ranks, moe_reference)
     one = _records(one_rank)
     for a, b in zip(two, one, strict=True):
         assert abs(a["balance_loss"] - b["balance_loss"]) <= 1e-6 * b["balance_loss"]
@@ -302,25 +370,7 @@ def test_two_ranks_match_the_reference_and_one_rank(
 @pytest.mark.distributed
 def test_stopped_and_resumed_moe_run_is_exact(tmp_path, prepared_dir, moe_model_dir, one_rank):
     cfg = _cfg(tmp_path, prepared_dir, moe_model_dir, "stopped", micro=2, accum=2)
-    path = tmp_path / "stopped.yaml"
-    save_config(cfg, path)
-    cmd = [sys.executable, "-m", "sftscale", "train", str(path), "--local"]
-    with open(tmp_path / "first.out", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 600
-        while proc.poll() is None and time.time() < deadline:
-            if (cfg.run_dir / "metrics.jsonl").exists() and _records(cfg):
-                (cfg.run_dir / "STOP").touch()  # checkpoint after this step and leave
-                break
-            time.sleep(0.05)
-        proc.wait(timeout=600)
-    first = (tmp_path / "first.out").read_text()
-    # 143: stopped on request (a scheduler requeues it), after its checkpoint
-    assert proc.returncode == 143 and "preempted: checkpoint at step" in first, first[-3000:]
-    stopped_at = _records(cfg)[-1]["step"]
-    assert stopped_at < STEPS, "the run finished before it was stopped"
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    _stop_and_resume(cfg, 1)
     assert [r["loss"] for r in _records(cfg)] == [r["loss"] for r in _records(one_rank)]
     assert [r["balance_loss"] for r in _records(cfg)] == [
         r["balance_loss"] for r in _records(one_rank)
@@ -328,6 +378,40 @@ def test_stopped_and_resumed_moe_run_is_exact(tmp_path, prepared_dir, moe_model_
     a, b = dict(_export(cfg).named_parameters()), dict(_export(one_rank).named_parameters())
     for name, p in a.items():
         assert torch.equal(p, b[name]), name
+
+
+@pytest.mark.distributed
+def test_expert_parallel_matches_and_resumes(tmp_path, prepared_dir, moe_model_dir, two_ranks):
+    """DeepSpeed AutoEP on CPU/gloo: 2 ranks each holding 2 of the 4 experts, tokens sent
+    with all_to_all, stopped and resumed, match the same run with every expert on every rank;
+    the export is the model's own Hugging Face layout (fused experts, in order)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(
+        tmp_path,
+        prepared_dir,
+        moe_model_dir,
+        "ep2",
+        micro=2,
+        accum=1,
+        workers=2,
+        extra=["scale.expert_parallel_size=2"],
+    )
+    _stop_and_resume(cfg, 2)
+    assert (
+        "expert parallel: groups of 2 ranks, 2 experts each" in (tmp_path / "ep2.out").read_text()
+    )
+    for a, b in zip(_records(cfg), _records(two_ranks), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
+        assert abs(a["balance_loss"] - b["balance_loss"]) <= 1e-5 * b["balance_loss"]
+        assert a["expert_tokens"] == b["expert_tokens"]
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(cfg.run_dir / "export"), dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    want = dict(_export(two_ranks).named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.distributed
