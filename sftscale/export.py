@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from data_tools.durable import staging_dir, swap_in
+from sftscale.checkpoint import STATE_FILE
 from sftscale.lora import peft_key
 from sftscale.model import full_numel
 
@@ -354,6 +355,15 @@ def _export_from_checkpoint(
 
     root, tag = resolve_checkpoint(checkpoint)
     meta = root / MODEL_META_DIR
+    state_file = root / tag / STATE_FILE
+    ep = json.loads(state_file.read_text()).get("expert_parallel_size", 1)
+    if ep > 1:  # each rank's file holds its own experts, under AutoEP's names
+        raise ValueError(
+            f"{root / tag} was saved with scale.expert_parallel_size={ep}; exporting such a "
+            "checkpoint offline is not supported yet. The run exports at its end "
+            "(checkpoint.export, <run>/export); or resume it for one step with "
+            "train.max_steps=<its step + 1> to export"
+        )
     if (meta / "adapter_config.json").is_file():  # a LoRA run: its checkpoints hold the adapter
         return _adapter_from_checkpoint(root, tag, meta=meta, out=out)
     if dtype is None:  # the dtype the run trained in (bf16 or fp32), as its own export has

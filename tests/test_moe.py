@@ -479,3 +479,16 @@ def test_other_moe_families_train_and_export(tmp_path, prepared_dir, sp_tokenize
         files = (cfg.run_dir / "export").glob("*.safetensors")
         keys = set().union(*(safe_open(str(f), "pt").keys() for f in files))
         assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
+
+
+def test_an_expert_parallel_checkpoint_is_not_exported_offline_into_a_wrong_layout(tmp_path):
+    from sftscale.export import export_from_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "hf_model").mkdir(parents=True)
+    (root / "step_00000004").mkdir()
+    (root / "step_00000004" / "sftscale_state.json").write_text('{"expert_parallel_size": 2}')
+    (root / "latest").write_text("step_00000004\n")
+    with pytest.raises(ValueError, match="expert_parallel_size=2; exporting such a checkpoint"):
+        export_from_checkpoint(root, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
