@@ -44,21 +44,29 @@ def override(cfg: Config, overrides: list[str]) -> Config:
 
 def candidates(run: ResolvedRun, *, bf16_native: bool) -> list[tuple[list[str], int]]:
     """(overrides, world multiplier) a user could change, cheapest first: the step's own
-    settings, then precision, then heavier ZeRO templates, then more ranks."""
+    settings, then precision, then expert parallelism, then heavier ZeRO templates, then more
+    ranks. A mixture of experts tiles no MLP and runs no sequence parallelism
+    (sftscale.validate refuses both)."""
     cfg = run.config
     t, sc = cfg.train, cfg.scale
+    experts = run.shape.experts
     out: list[tuple[list[str], int]] = []
     if not t.tiled_logits:
         out.append((["train.tiled_logits=true"], 1))
     if not cfg.model.gradient_checkpointing:
         out.append((["model.gradient_checkpointing=true"], 1))
-    if not t.mlp_tiles:
+    if not t.mlp_tiles and not experts:
         out.append((["train.mlp_tiles=4"], 1))
     if t.micro_batch_size > 1:
         accum = f"train.grad_accum={t.micro_batch_size * t.grad_accum}"
         out.append((["train.micro_batch_size=1", accum], 1))
     if run.precision.name == "fp32" and bf16_native:
         out.append((["deepspeed.precision=bf16"], 1))
+    # each rank gathers 1/e of a MoE layer's experts: e divides the world and the experts
+    ep = sc.expert_parallel_size
+    for e in range(ep + 1, run.world + 1):
+        if experts and run.world % e == 0 and experts % e == 0:
+            out.append(([f"scale.expert_parallel_size={e}"], 1))
     current = TEMPLATES.index(cfg.deepspeed.template) if cfg.deepspeed.template in TEMPLATES else 0
     for template in TEMPLATES[current + 1 :]:
         nvme = []
@@ -67,10 +75,9 @@ def candidates(run: ResolvedRun, *, bf16_native: bool) -> list[tuple[list[str], 
         out.append(([f"deepspeed.template={template}", *nvme], 1))
     for k in (2, 4, 8):
         out.append(([f"scale.num_workers={sc.num_workers * k}"], k))
-    sp = sc.sequence_parallel_size
-    out.append(
-        ([f"scale.sequence_parallel_size={sp * 2}", f"scale.num_workers={sc.num_workers * 2}"], 2)
-    )
+    if not experts:
+        sp, workers = sc.sequence_parallel_size, f"scale.num_workers={sc.num_workers * 2}"
+        out.append(([f"scale.sequence_parallel_size={sp * 2}", workers], 2))
     return out
 
 

@@ -12,6 +12,10 @@ weights ZeRO-3 keeps gathered, the NVMe swap buffers, the optimizer step's fp32 
 activations with and without gradient checkpointing, the logits and the loss's chunk, and the
 runtime's own memory. Each term was checked against tensors counted on a running ZeRO-3 engine
 (benchmarks/plan_validation.py); the validation table is benchmarks/results/plan_validation.md.
+Mixtures of experts add the routers' scores, the experts' inputs and, with expert parallelism
+(scale.expert_parallel_size), the all-to-all buffers, and gather 1/e of a layer's experts; these
+MoE terms are counted from the code (transformers, sftscale.moe, AutoEP), not yet measured
+(benchmarks/results/moe_plan.md).
 
 Each line is (what, bytes, where, phase): where is "device" (GPU memory; on a CPU host the
 process's memory), "host" (CPU RAM per rank) or "nvme" (disk); phase is "held" (all run long),
@@ -23,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftscale.config import Config
+from sftscale.config import Config, ConfigError
 from sftscale.devices import GIB, Device
 from sftscale.shape import ModelShape
 
@@ -123,9 +127,42 @@ def saved_per_token_layer(s: ModelShape, b: int, mlp_tiles: int) -> float:
     their fp32 statistics, q, k, v, the attention output, the residual, and the MLP's gate, up,
     activation and product (1/tiles of them with a tiled MLP). Checked against autograd's saved
     tensors (bf16, per token per layer): small-llama 11.1 vs 11.3 KB, llama-100m 36.9 vs
-    37.2 KB, Llama-3.2-1B 108 vs 109 KB."""
+    37.2 KB, Llama-3.2-1B 108 vs 109 KB. A MoE layer's MLP is the token's top_k experts (and
+    any shared one: `intermediate` counts them all); it also saves the router's probabilities
+    (the softmax's output, experts x fp32) and the token's top_k copies as the experts take
+    them (indexed out per expert, or permuted for a grouped GEMM)."""
     h, i = s.hidden, s.intermediate
-    return (4 * h + 2 * s.q + 2 * s.kv + 4 * i / max(mlp_tiles, 1)) * b + 2 * h * 4
+    saved = (4 * h + 2 * s.q + 2 * s.kv + 4 * i / max(mlp_tiles, 1)) * b + 2 * h * 4
+    if s.experts:
+        saved += s.experts * 4 + s.top_k * h * b
+    return saved
+
+
+def expert_parallel(s: ModelShape, cfg: Config, z: dict[str, Any], *, world: int) -> int:
+    """scale.expert_parallel_size, checked against the model, the ZeRO settings `z` and the
+    world: each group of e consecutive ranks splits every MoE layer's experts, so e must divide
+    both; the plan counts AutoEP under ZeRO-3 without offload (as sftscale runs it)."""
+    e = cfg.scale.expert_parallel_size
+    if e == 1:
+        return e
+    if not s.experts:
+        raise ConfigError(
+            f"scale.expert_parallel_size={e}: {cfg.model.name_or_path} has no experts to split "
+            "(a dense model); use 1"
+        )
+    offload = [z.get(k, {}).get("device") for k in ("offload_optimizer", "offload_param")]
+    if int(z.get("stage", 0)) != 3 or {"cpu", "nvme"} & set(offload):
+        raise ConfigError(
+            f"scale.expert_parallel_size={e} with deepspeed.template={cfg.deepspeed.template}: "
+            "expert parallelism runs under ZeRO-3 without offload (zero3); use that or 1"
+        )
+    if world % e or s.experts % e:
+        sizes = [d for d in range(1, world + 1) if world % d == 0 and s.experts % d == 0]
+        raise ConfigError(
+            f"scale.expert_parallel_size={e}: {world} ranks and {s.experts} experts must both "
+            f"split into groups of it; sizes that divide both: {', '.join(map(str, sizes))}"
+        )
+    return e
 
 
 def plan_memory(
@@ -146,6 +183,7 @@ def plan_memory(
     par_at = where.get(z.get("offload_param", {}).get("device"), "device")
     lora = cfg.model.lora
     trained = lora_params(s, lora.r, lora.target_modules) if lora is not None else p
+    ep = expert_parallel(s, cfg, z, world=world)
     plan = Plan(device=device, world=world)
 
     # Model states (DeepSpeed's accounting: counted on the engine, 16 B per trained parameter
@@ -200,7 +238,7 @@ def plan_memory(
     if stage >= 2:
         plan.add("reduce bucket (reduce_bucket_size)", int(z.get("reduce_bucket_size", 5e8)) * b)
 
-    _forward_backward(plan, s, cfg, z, seq_len=seq_len, b=b, stage=stage)
+    _forward_backward(plan, s, cfg, z, seq_len=seq_len, b=b, stage=stage, ep=ep)
 
     # The optimizer step, one sub-group at a time: the partition's gradients flattened (b) and
     # cast to fp32 (4), stage3.py `_prepare_fp32_grad_for_sub_group`; an offloaded optimizer
@@ -227,20 +265,31 @@ def plan_memory(
 
 
 def _forward_backward(
-    plan: Plan, s: ModelShape, cfg: Config, z: dict[str, Any], *, seq_len: int, b: int, stage: int
+    plan: Plan,
+    s: ModelShape,
+    cfg: Config,
+    z: dict[str, Any],
+    *,
+    seq_len: int,
+    b: int,
+    stage: int,
+    ep: int,
 ) -> None:
     """The forward/backward lines: gathered weights, activations, one layer's backward or the
-    logits and the loss (`b` bytes an element)."""
-    p = s.total_params
+    logits and the loss (`b` bytes an element); a MoE's router scores and all-to-all (`ep`:
+    the expert-parallel size)."""
     if stage == 3:
         # DeepSpeed keeps gathered weights live up to stage3_max_live_parameters while they
         # will be used again within stage3_max_reuse_distance: the templates' 1e9 keep a model
         # below 1e9 parameters gathered whole from the first forward to the end of backward.
+        # A parameter is gathered whole, and a MoE block at once (ZeRO-3 leaf module): the
+        # largest layer with all its experts, or with expert parallelism its 1/ep of them.
         live = int(z.get("stage3_max_live_parameters", 10**9))
-        largest = max(s.embed, s.layer_params)
-        plan.gathered_bytes = b * max(min(p, live), largest)
+        p, layer = s.gathered(ep)
+        plan.gathered_bytes = b * max(min(p, live), s.embed, layer)
         plan.add(
-            f"gathered weights (up to stage3_max_live_parameters {live:.0e})",
+            f"gathered weights (up to stage3_max_live_parameters {live:.0e}"
+            + (f"; experts 1/{ep})" if ep > 1 else ")"),
             plan.gathered_bytes,
             phase="fwd/bwd",
         )
@@ -261,6 +310,8 @@ def _forward_backward(
             phase="fwd/bwd",
         )
         layer_phase = tokens * per_layer
+    if s.experts:
+        _experts(plan, s, tokens=tokens, b=b, ep=ep)
     chunk = min(cfg.train.loss_chunk_tokens or tokens, tokens)
     if cfg.train.tiled_logits:
         loss_phase = 3 * chunk * v * 4  # one tile's logits, log-softmax and gradient in fp32
@@ -271,3 +322,26 @@ def _forward_backward(
         max(layer_phase, loss_phase),
         phase="fwd/bwd",
     )
+
+
+def _experts(plan: Plan, s: ModelShape, *, tokens: int, b: int, ep: int) -> None:
+    """A MoE's lines beside the layers' own: the routers' scores the balance loss keeps, and
+    with expert parallelism one MoE layer's all-to-all buffers."""
+    # sftscale.moe's balance loss takes every MoE layer's router logits after the forward and
+    # keeps their softmax (fp32) for backward, outside the checkpointed layers (DeepSeek-V3's
+    # normalized sigmoid keeps about twice that)
+    plan.add(
+        f"router scores of {s.moe_layers} MoE layers for the balance loss (fp32)",
+        s.moe_layers * tokens * s.experts * 4,
+        phase="fwd/bwd",
+    )
+    if ep > 1:
+        # AutoEP, one MoE layer at a time: the tokens sent to their experts' ranks (dispatch),
+        # the experts' outputs sent back (combine), and the received tokens permuted by expert
+        # for the grouped GEMM, each tokens x top_k rows of the hidden size (balanced routing:
+        # a rank receives as many rows as it sends; an overloaded rank receives more)
+        plan.add(
+            f"expert parallel all-to-all: dispatch, combine, permuted ({tokens} x top {s.top_k})",
+            3 * tokens * s.top_k * s.hidden * b,
+            phase="fwd/bwd",
+        )

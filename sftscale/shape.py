@@ -41,6 +41,8 @@ class ModelShape:
     top_k: int = 0  # routed experts each token runs
     expert_params: int = 0  # every routed expert of every MoE layer
     largest_param: int = 0  # elements of the largest single parameter (ZeRO-3 gathers it whole)
+    # (parameters, of them routed experts) of each decoder layer, in order
+    layer_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def active_matmul_params(self) -> int:
@@ -48,6 +50,21 @@ class ModelShape:
         if not self.experts:
             return self.matmul_params
         return self.matmul_params - self.expert_params * (self.experts - self.top_k) // self.experts
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(1 for _, routed in self.layer_sizes if routed)
+
+    def gathered(self, expert_parallel: int = 1) -> tuple[int, int]:
+        """Parameters ZeRO-3 gathers on one rank: (of the whole model, of its largest decoder
+        layer). A MoE layer's experts are fused 3-D parameters, each gathered whole; with expert
+        parallelism a rank holds, and so gathers, only 1/expert_parallel of each MoE layer's
+        routed experts (the router and any shared expert: all of them)."""
+        e = expert_parallel
+        if not self.layer_sizes:  # a shape built by hand
+            return self.total_params, self.layer_params
+        layer = max(p - routed + routed // e for p, routed in self.layer_sizes)
+        return self.total_params - self.expert_params + self.expert_params // e, layer
 
     @property
     def embed(self) -> int:
@@ -66,13 +83,13 @@ class ModelShape:
         attention, q, kv, weights = _attention(t)
         moe = _moe(t)
         dense_mlp = 3 * h * i
+        routed = [moe.routed if moe and moe.sparse(k) else 0 for k in range(n)]
         layers = [
             attention + 2 * h + (moe.mlp if moe and moe.sparse(k) else dense_mlp) for k in range(n)
         ]
         weights |= {(i, h), (h, i), (v, h)} | (moe.weights if moe else set())
         tied = bool(getattr(t, "tie_word_embeddings", False))
         total = sum(layers) + v * h * (1 if tied else 2) + h
-        moe_layers = sum(moe.sparse(k) for k in range(n)) if moe else 0
         return cls(
             matmul_params=total - (0 if tied else v * h),
             n_layers=n,
@@ -88,8 +105,9 @@ class ModelShape:
             tied=tied,
             experts=moe.experts if moe else 0,
             top_k=moe.top_k if moe else 0,
-            expert_params=moe_layers * moe.routed if moe else 0,
+            expert_params=sum(routed),
             largest_param=max(v * h, h * i, moe.largest if moe else 0),
+            layer_sizes=tuple(zip(layers, routed, strict=True)),
         )
 
     @classmethod

@@ -4,14 +4,18 @@ The planner's figures against measured runs are in benchmarks/results/plan_valid
 its parts are checked against what they count (parameters of real models, DeepSpeed's bytes
 per parameter) and the fixes it names are checked to fit by the same plan."""
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from sftscale.config import ConfigError, load_config
 from sftscale.devices import GIB, GPUS, host_device, parse_devices
-from sftscale.ds_config import resolve_ds_config
+from sftscale.ds_config import load_template, resolve_ds_config
+from sftscale.fit import candidates, plan_with_fixes
 from sftscale.fit import override as _override
-from sftscale.fit import plan_with_fixes
 from sftscale.model import model_config
+from sftscale.plan import saved_per_token_layer
 from sftscale.precision import Precision
 from sftscale.resolve import resolve_run
 from sftscale.shape import ModelShape
@@ -273,3 +277,137 @@ def test_auto_precision_is_planned_as_the_workers_resolve_it(prepared_dir):
         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
     ).stdout
     assert "weights, fp32" in out and "fits" in out
+
+
+def _lines(plan):
+    return {what: b for what, b, _, _ in plan.lines}
+
+
+def _moe_plan(name, *overrides, world=8):
+    cfg = load_config(None, ["data.path=x", "train.micro_batch_size=1", *overrides])
+    cfg = _override(cfg, [f"model.name_or_path={name}"])
+    mcfg = model_config(name, vocab_size=0)
+    run = resolve_run(
+        cfg,
+        world=world,
+        seq_len=4096,
+        vocab_size=mcfg.vocab_size,
+        precision=Precision("bf16", "test"),
+        device=GPUS["h100"],
+        base_model_config=mcfg,
+    )
+    return mcfg, run.plan
+
+
+def test_expert_parallelism_gathers_a_layers_share_of_the_experts(tmp_path):
+    """ZeRO-3 gathers a MoE block whole (a leaf module; its experts are fused 3-D parameters);
+    with expert parallelism e a rank gathers only its 1/e of the experts."""
+    # Qwen3-30B-A3B: a layer is 0.62B parameters, 0.60B of them its 128 experts. The shipped
+    # templates keep 1e9 parameters gathered (stage3_max_live_parameters), more than a layer
+    # with all its experts: the line is the same with e = 1 and 8.
+    mcfg, one = _moe_plan("qwen3-30b-a3b")
+    _, eight = _moe_plan("qwen3-30b-a3b", "scale.expert_parallel_size=8")
+    assert _line(one, "gathered weights") == _line(eight, "gathered weights") == 2 * 10**9
+    # With fewer kept live, the largest gathered unit shows: the whole layer with e = 1; with
+    # e = 8 the layer keeps 16 of 128 experts (0.09B), below the embedding (0.31B)
+    template = load_template("zero3")
+    template["zero_optimization"]["stage3_max_live_parameters"] = 10**8
+    path = tmp_path / "zero3_live1e8.json"
+    path.write_text(json.dumps(template))
+    _, one = _moe_plan("qwen3-30b-a3b", f"deepspeed.template={path}")
+    _, eight = _moe_plan(
+        "qwen3-30b-a3b", f"deepspeed.template={path}", "scale.expert_parallel_size=8"
+    )
+    shape = ModelShape.from_config(mcfg)
+    experts = 128 * 3 * 2048 * 768  # one layer's gate_up_proj [E, 2I, H] and down_proj [E, H, I]
+    assert _line(one, "gathered weights") == 2 * shape.layer_params
+    assert shape.layer_params - experts + experts // 8 < shape.embed == 151936 * 2048
+    assert _line(eight, "gathered weights") == 2 * shape.embed
+    assert _line(one, "gathered weights") - _line(eight, "gathered weights") == 2 * (
+        shape.layer_params - shape.embed
+    )
+    # e = 2: 64 of 128 experts, still above the embedding: the experts' half comes off
+    _, two = _moe_plan(
+        "qwen3-30b-a3b", f"deepspeed.template={path}", "scale.expert_parallel_size=2"
+    )
+    assert _line(one, "gathered weights") - _line(two, "gathered weights") == 2 * experts // 2
+    assert "experts 1/8" in eight.table() and "experts 1/" not in one.table()
+    # Mixtral-8x7B: a layer (1.45B, 1.41B of it experts) is above 1e9, so e = 8 gathers less
+    # with the shipped template: its 1e9 instead of the whole layer
+    mcfg, one = _moe_plan("mixtral-8x7b")
+    _, eight = _moe_plan("mixtral-8x7b", "scale.expert_parallel_size=8")
+    assert _line(one, "gathered weights") == 2 * ModelShape.from_config(mcfg).layer_params
+    assert _line(eight, "gathered weights") == 2 * 10**9
+
+
+def test_moe_activations_and_all_to_all():
+    """A MoE layer saves its router's probabilities and the tokens its experts take; the balance
+    loss keeps every layer's router scores; expert parallelism adds one layer's all-to-all."""
+    mcfg, one = _moe_plan("qwen3-30b-a3b")
+    _, eight = _moe_plan("qwen3-30b-a3b", "scale.expert_parallel_size=8")
+    shape = ModelShape.from_config(mcfg)
+    assert shape.intermediate == 8 * 768  # top_k experts' MLP per token
+    dense_like = saved_per_token_layer(replace(shape, experts=0, top_k=0), 2, 0)
+    assert saved_per_token_layer(shape, 2, 0) == dense_like + 128 * 4 + 8 * 2048 * 2
+    scores = "router scores of 48 MoE layers for the balance loss (fp32)"
+    assert _lines(one)[scores] == _lines(eight)[scores] == 48 * 4096 * 128 * 4
+    all_to_all = "expert parallel all-to-all: dispatch, combine, permuted (4096 x top 8)"
+    assert all_to_all not in _lines(one)
+    assert _lines(eight)[all_to_all] == 3 * 4096 * 8 * 2048 * 2  # bf16
+    # model states are still partitioned over all 8 ranks
+    for prefix in ("weights", "gradients", "fp32 master", "AdamW"):
+        assert _line(one, prefix) == _line(eight, prefix)
+
+
+def test_expert_parallel_size_must_divide_the_ranks_and_the_experts():
+    with pytest.raises(ConfigError, match=r"8 ranks and 128 experts .* divide both: 1, 2, 4, 8$"):
+        _moe_plan("qwen3-30b-a3b", "scale.expert_parallel_size=3")
+    with pytest.raises(ConfigError, match=r"=16: 8 ranks and 128 experts"):
+        _moe_plan("qwen3-30b-a3b", "scale.expert_parallel_size=16")
+    with pytest.raises(ConfigError, match=r"=16: 64 ranks and 8 experts .*: 1, 2, 4, 8$"):
+        _moe_plan("mixtral-8x7b", "scale.expert_parallel_size=16", world=64)
+    with pytest.raises(ConfigError, match="llama-3.1-8b has no experts"):
+        _plan("model.name_or_path=llama-3.1-8b", "scale.expert_parallel_size=2")
+    with pytest.raises(ConfigError, match="=2 with deepspeed.template=zero3_offload_optimizer"):
+        _moe_plan(
+            "qwen3-30b-a3b",
+            "scale.expert_parallel_size=2",
+            "deepspeed.template=zero3_offload_optimizer",
+        )
+    _moe_plan("mixtral-8x7b", "scale.expert_parallel_size=8", world=64)
+
+
+def test_fixes_for_a_moe_try_expert_parallelism_not_tiles_or_sequence_parallelism():
+    cfg = load_config(None, ["data.path=x", "model.name_or_path=mixtral-8x7b"])
+    mcfg = model_config("mixtral-8x7b", vocab_size=0)
+    run = resolve_run(
+        cfg,
+        world=8,
+        seq_len=4096,
+        vocab_size=mcfg.vocab_size,
+        precision=Precision("bf16", "test"),
+        device=GPUS["h100"],
+        base_model_config=mcfg,
+    )
+    tried = [" ".join(overrides) for overrides, _ in candidates(run, bf16_native=True)]
+    assert [t for t in tried if "expert_parallel" in t] == [
+        f"scale.expert_parallel_size={e}" for e in (2, 4, 8)
+    ]
+    assert not [t for t in tried if "mlp_tiles" in t or "sequence_parallel" in t]
+
+
+def test_dense_plans_are_unchanged_by_the_moe_terms():
+    """Llama-3.1-8B on 8 x H100 at 4096 positions, as planned before mixtures of experts."""
+    _, _, plan = _plan("model.name_or_path=llama-3.1-8b")
+    assert _lines(plan) == {
+        "weights, bf16 (1/8 of 8,030.3M)": 2007565312,
+        "gradients (1/8)": 2007565312,
+        "fp32 master weights (1/8)": 4015130624,
+        "AdamW moments, fp32 (1/8)": 8030261248,
+        "reduce bucket (reduce_bucket_size)": 100000000,
+        "gathered weights (up to stage3_max_live_parameters 1e+09)": 2000000000,
+        "activations: 32 checkpointed layer inputs (4096 tokens)": 1073741824,
+        "the larger of: one layer's backward, the logits and the loss": 3677356032,
+        "optimizer step: the largest sub-group's gradient flattened + fp32": 6000000000,
+        "runtime (CUDA context, NCCL, allocator slack)": 2684354560,
+    }
