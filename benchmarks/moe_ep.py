@@ -158,8 +158,9 @@ def report(results: dict[int, list[dict]]) -> str:
         f"{SHAPE['num_experts']} experts of 256, top-{SHAPE['num_experts_per_tok']}, vocabulary "
         f"{SHAPE['vocab_size']}; {ROWS} packed rows of {SEQ_LEN} per rank and step; fp32, "
         "ZeRO-3, gloo, 1 thread per rank). Step time: median over the timed steps, worst rank, "
-        "median over repeats. Bytes: rank 0's collectives per step, by DeepSpeed's comms "
-        "logger (message sizes of every call).",
+        "median over repeats. Bytes: rank 0's collectives per step as DeepSpeed's comms "
+        "logger sizes each call (an all-gather by the rank's partition, a reduce-scatter by "
+        "the whole bucket, an all-to-all by what the rank sends).",
         "",
         "| layout | s/step | vs ZeRO-3 | peak RSS (worst rank) | all_gather | "
         "reduce_scatter | all_to_all | all_reduce | total per step |",
