@@ -87,3 +87,45 @@ def test_ulysses_sp2_with_flash_attention_2_matches_sp1(tmp_path):
     later, first = r["probe"]["sp2"]
     assert first > 1e-2 and later <= 1e-3, r["probe"]
     assert r["quiet"]["finite"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_expert_parallel_on_two_gpus_matches_every_expert_on_every_gpu(tmp_path, prepared_dir):
+    """tests/test_moe.py's CPU comparison on 2 GPUs (nccl, bf16): DeepSpeed AutoEP with its
+    CUDA path (grouped GEMM, permutation) against ZeRO-3 with every expert on every GPU."""
+    import json
+    import os
+    import subprocess
+
+    from helpers import torchrun
+    from sftscale.config import load_config, save_config
+
+    losses = {}
+    for ep in (1, 2):
+        cfg = load_config(
+            None,
+            [
+                "model.name_or_path=tiny-qwen3-moe",
+                f"data.path={prepared_dir}",
+                "deepspeed.precision=bf16",
+                "scale.use_gpu=true",
+                "scale.num_workers=2",
+                f"scale.expert_parallel_size={ep}",
+                "train.micro_batch_size=2",
+                "train.max_steps=4",
+                f"logging.output_dir={tmp_path}",
+                f"logging.run_name=ep{ep}",
+                "logging.tensorboard=false",
+            ],
+        )
+        path = tmp_path / f"ep{ep}.yaml"
+        save_config(cfg, path)
+        env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+        cmd = torchrun("-m", "sftscale", "train", str(path))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+        lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+        losses[ep] = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+    assert len(losses[2]) == 4
+    for a, b in zip(losses[2], losses[1], strict=True):
+        assert abs(a - b) <= 2e-2 * abs(b)  # bf16: kernels reduce in different orders
