@@ -176,7 +176,7 @@ def balance_loss_sum(
         keep = valid[:, None].to(probs.dtype)
         prob_sum = prob_sum.index_add(0, doc, probs * keep)
         slot_sum = slot_sum.index_add(0, doc, slots.detach() * keep)
-        counts.append((slots.detach() * keep).sum(0))
+        counts.append((slots.detach() * keep).sum(0).double())  # exact past 2^24
     tokens = torch.zeros(docs, dtype=torch.float32, device=device).index_add(0, doc, valid.float())
     rows = (tokens * len(logits)).clamp(min=1.0)[:, None]  # a document's tokens x layers
     per_doc = e * ((slot_sum / rows) * (prob_sum / rows)).sum(dim=1)

@@ -278,6 +278,15 @@ def _check_sequence_parallel(cfg: Config, mcfg: Any, world: int, seq_len: int) -
 def _check_experts(cfg: Config, mcfg: Any) -> None:
     """What sftscale does not do with a mixture of experts, refused before any worker starts."""
     shape = ModelShape.from_config(mcfg)
+    text = mcfg.get_text_config()
+    counts = ("num_experts", "num_local_experts", "n_routed_experts")
+    if not shape.experts and any(getattr(text, k, None) for k in counts):
+        raise ConfigError(
+            f"model.name_or_path: {cfg.model.name_or_path} is a mixture of experts of type "
+            f"{text.model_type!r}, which sftscale does not support yet (its routers, balance loss "
+            "and FLOPs would be wrong); supported: qwen2_moe, qwen3_moe, mixtral, deepseek_v3 "
+            "(docs/moe.md)"
+        )
     if not shape.experts:
         if cfg.model.router_aux_loss_coef:
             raise ConfigError(

@@ -188,6 +188,18 @@ def test_what_moe_does_not_support_is_refused_before_any_worker():
         )
 
 
+def test_a_mixture_of_experts_sftscale_does_not_know_is_refused():
+    """Its experts would be counted as dense parameters and its routers never balanced."""
+    from transformers import AutoConfig
+
+    from sftscale.validate import _check_experts
+
+    gpt_oss = AutoConfig.for_model("gpt_oss", num_hidden_layers=2, num_local_experts=4)
+    cfg = load_config(None, ["data.path=/d"])
+    with pytest.raises(ConfigError, match="'gpt_oss', which sftscale does not support yet"):
+        _check_experts(cfg, gpt_oss)
+
+
 def test_an_expert_parallel_checkpoint_resumes_on_its_own_layout_only(tmp_path):
     from sftscale.worker import check_expert_layout
 
