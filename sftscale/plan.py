@@ -76,7 +76,9 @@ class Plan:
     def advice(self) -> str:
         if self.fixes:
             return "to make it fit (cheapest first): " + "; ".join(self.fixes)
-        largest = sorted(self.lines, key=lambda line: -line[1])[:3]
+        # only what lives in the memory that is short: not NVMe, not a GPU run's host RAM
+        short = [line for line in self.lines if self._on_device(line[2])]
+        largest = sorted(short, key=lambda line: -line[1])[:3]
         return (
             "no change sftscale tries (tiling, checkpointing, micro-batch, precision, ZeRO "
             "templates, up to 8x the ranks, alone or in pairs) makes it fit; the largest parts: "

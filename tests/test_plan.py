@@ -411,3 +411,20 @@ def test_dense_plans_are_unchanged_by_the_moe_terms():
         "optimizer step: the largest sub-group's gradient flattened + fp32": 6000000000,
         "runtime (CUDA context, NCCL, allocator slack)": 2684354560,
     }
+
+
+def test_the_largest_parts_are_those_in_the_memory_that_is_short():
+    """What lives on NVMe (or, for a GPU run, in host RAM) is not what a user must shrink."""
+    from sftscale.devices import GIB, Device
+    from sftscale.plan import Plan
+
+    plan = Plan(device=Device("cpu host", 4 * GIB, "cpu", 0), world=1)
+    plan.add("moments on NVMe", 40 * GIB, where="nvme")
+    plan.add("weights", 3 * GIB)
+    plan.add("swap buffers", 2 * GIB, where="host")
+    plan.add("activations", 1 * GIB, phase="fwd/bwd")
+    assert plan.advice().endswith("weights 3.0 GiB, swap buffers 2.0 GiB, activations 1.0 GiB")
+    gpu = Plan(device=Device("GPU", 4 * GIB, "gpu", 0), world=1)
+    gpu.add("optimizer in host RAM", 40 * GIB, where="host")
+    gpu.add("weights", 5 * GIB)
+    assert gpu.advice().endswith("the largest parts: weights 5.0 GiB")
