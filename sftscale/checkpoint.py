@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from data_tools.console import say
 from data_tools.durable import atomic_write, fsync_dir, fsync_tree
-from sftscale.config import Config
+from sftscale.config import Config, ConfigError
 from sftscale.storage import RUN_FILES, carry_run_files
 
 STATE_FILE = "sftscale_state.json"
@@ -344,6 +344,25 @@ def universal_checkpoint(tag_dir: Path, *, leader: bool) -> Path:
         tmp.replace(out)
     dist.barrier()  # collective: the conversion is on disk for every rank
     return out
+
+
+def check_expert_layout(state: dict, cfg: Config, *, world: int, checkpoint: Path) -> None:
+    """A checkpoint of an expert-parallel run resumes on its own layout only: the same
+    scale.expert_parallel_size on as many ranks. DeepSpeed's universal checkpoint converts an
+    AutoEP checkpoint to another layout (EP=2 on 2 ranks to EP=4 on 4 loads, weights exact),
+    but the first update after it differs from an uninterrupted run's by 3e-5 in the next loss
+    (the same layout: 1e-7), so sftscale does not offer it (docs/moe.md). Between expert
+    parallelism on and off the parameters have other names altogether."""
+    saved, ep = state.get("expert_parallel_size", 1), cfg.scale.expert_parallel_size
+    if saved == ep == 1 or (saved == ep and state["world_size"] == world):
+        return
+    raise ConfigError(
+        f"checkpoint {checkpoint} was saved by {state['world_size']} ranks with "
+        f"scale.expert_parallel_size={saved}; this run has {world} ranks with {ep}. An "
+        "expert-parallel checkpoint resumes on its own layout only: resume it with "
+        f"scale.expert_parallel_size={saved} on {state['world_size']} ranks, or choose another "
+        "logging.run_name to start a new run"
+    )
 
 
 def lora_state(cfg: Config) -> dict[str, Any] | None:

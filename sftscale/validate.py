@@ -14,7 +14,7 @@ from typing import Any
 
 from data_tools.console import say
 from data_tools.schema import Manifest
-from sftscale.checkpoint import latest_checkpoint, lora_state, read_state
+from sftscale.checkpoint import check_expert_layout, latest_checkpoint, lora_state, read_state
 from sftscale.config import Config, ConfigError
 from sftscale.data import data_fingerprint
 from sftscale.devices import Device, ranks_here, this_device
@@ -358,6 +358,7 @@ def check_resume(
     if latest is None:
         return ident, []
     state = read_state(latest)
+    check_expert_layout(state, cfg, world=run.world, checkpoint=latest)
     if "identity" not in state:  # written before checkpoints recorded it: data and LoRA
         _check_resume_data(cfg, manifest, state, latest)
         return ident, []

@@ -14,6 +14,7 @@ import torch
 
 from data_tools.console import say
 from sftscale.checkpoint import (
+    check_expert_layout,
     latest_checkpoint,
     load_checkpoint,
     read_state,
@@ -194,20 +195,6 @@ def describe(run: Run, stage: int) -> str:
     )
 
 
-def check_expert_layout(state: dict, cfg: Config, *, world: int, checkpoint: Path) -> None:
-    """A checkpoint of an expert-parallel run resumes on its own layout only (each rank holds
-    its own experts; converting them to another layout is not supported yet, docs/moe.md)."""
-    saved, ep = state.get("expert_parallel_size", 1), cfg.scale.expert_parallel_size
-    if saved == ep == 1 or (saved == ep and state["world_size"] == world):
-        return
-    raise ConfigError(
-        f"checkpoint {checkpoint} was saved by {state['world_size']} ranks with "
-        f"scale.expert_parallel_size={saved}; this run has {world} ranks with {ep}. Resuming "
-        "across expert-parallel layouts is not supported yet: resume with the checkpoint's "
-        "layout, or choose another logging.run_name to start a new run"
-    )
-
-
 def resume_point(
     cfg: Config, out: Path, *, rank: int, world: int, given: str | None, identity: dict
 ) -> tuple[Path | None, Path | None, bool]:
@@ -230,9 +217,10 @@ def resume_point(
         restore_run_files(resume_dir, out)  # metrics and ledger, from the downloaded checkpoint
     load_dir = resume_dir
     if resume_dir is not None:
-        check_expert_layout(read_state(resume_dir), cfg, world=world, checkpoint=resume_dir)
-    if resume_dir is not None and read_state(resume_dir)["world_size"] != world:
-        # Elastic resume: ZeRO partitions depend on the world size, so the checkpoint is
-        # converted to DeepSpeed's universal (world-size-free) format first.
-        load_dir = universal_checkpoint(resume_dir, leader=leader)
+        state = read_state(resume_dir)
+        check_expert_layout(state, cfg, world=world, checkpoint=resume_dir)
+        if state["world_size"] != world:
+            # Elastic resume: ZeRO partitions depend on the world size, so the checkpoint is
+            # converted to DeepSpeed's universal (world-size-free) format first.
+            load_dir = universal_checkpoint(resume_dir, leader=leader)
     return resume_dir, load_dir, leader

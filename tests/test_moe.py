@@ -201,7 +201,7 @@ def test_a_mixture_of_experts_sftscale_does_not_know_is_refused():
 
 
 def test_an_expert_parallel_checkpoint_resumes_on_its_own_layout_only(tmp_path):
-    from sftscale.worker import check_expert_layout
+    from sftscale.checkpoint import check_expert_layout
 
     def cfg(ep):
         return load_config(None, ["data.path=/d", f"scale.expert_parallel_size={ep}"])
@@ -209,8 +209,9 @@ def test_an_expert_parallel_checkpoint_resumes_on_its_own_layout_only(tmp_path):
     saved = {"world_size": 4, "expert_parallel_size": 2}
     check_expert_layout(saved, cfg(2), world=4, checkpoint=tmp_path)  # the same layout
     check_expert_layout({"world_size": 4}, cfg(1), world=2, checkpoint=tmp_path)  # no EP: elastic
+    want = "own layout only: resume it with scale.expert_parallel_size=2 on 4 ranks"
     for ep, world in ((1, 4), (2, 2), (4, 4)):
-        with pytest.raises(ConfigError, match="across expert-parallel layouts is not supported"):
+        with pytest.raises(ConfigError, match=want):
             check_expert_layout(saved, cfg(ep), world=world, checkpoint=tmp_path)
 
 
@@ -331,23 +332,30 @@ def _train(cfg, ranks: int) -> str:
     return proc.stdout
 
 
-def _stop_and_resume(cfg, ranks: int) -> None:
-    """Run `cfg`, ask it to stop after its first logged step (the STOP file), run it again."""
+def _run_until_stopped(cfg, ranks: int) -> str:
+    """Run `cfg` (or resume it) and ask it to stop once it logged a step more (the STOP file,
+    as a scheduler's trap does): it checkpoints and leaves. Returns its output."""
     out = cfg.run_dir.parent / f"{cfg.logging.run_name}.out"
+    before = len(_records(cfg)) if (cfg.run_dir / "metrics.jsonl").exists() else 0
     with open(out, "w") as log:
         env = {**os.environ, **RANK_ENV}
         proc = subprocess.Popen(_command(cfg, ranks), stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 600
         while proc.poll() is None and time.time() < deadline:
-            if (cfg.run_dir / "metrics.jsonl").exists() and _records(cfg):
-                (cfg.run_dir / "STOP").touch()  # checkpoint after this step and leave
+            if (cfg.run_dir / "metrics.jsonl").exists() and len(_records(cfg)) > before:
+                (cfg.run_dir / "STOP").touch()
                 break
             time.sleep(0.05)
         proc.wait(timeout=600)
-    first = out.read_text()
+    text = out.read_text()
     # stopped on request (143: a scheduler requeues it), after its checkpoint
-    assert proc.returncode != 0 and "preempted: checkpoint at step" in first, first[-3000:]
+    assert proc.returncode != 0 and "preempted: checkpoint at step" in text, text[-3000:]
     assert _records(cfg)[-1]["step"] < STEPS, "the run finished before it was stopped"
+    return text
+
+
+def _stop_and_resume(cfg, ranks: int) -> None:
+    _run_until_stopped(cfg, ranks)
     assert "resumed from" in _train(cfg, ranks)
 
 
@@ -394,29 +402,36 @@ def test_stopped_and_resumed_moe_run_is_exact(tmp_path, prepared_dir, moe_model_
 
 @pytest.mark.distributed
 def test_expert_parallel_matches_and_resumes(tmp_path, prepared_dir, moe_model_dir, two_ranks):
-    """DeepSpeed AutoEP on CPU/gloo: 2 ranks each holding 2 of the 4 experts, tokens sent
-    with all_to_all, stopped and resumed, match the same run with every expert on every rank;
-    the export is the model's own Hugging Face layout (fused experts, in order)."""
+    """DeepSpeed AutoEP on CPU/gloo: 2 ranks each holding 2 of the 4 experts (tokens sent with
+    all_to_all), stopped and resumed twice, match the same run with every expert on every rank;
+    the export is the model's own Hugging Face layout. Another layout is refused."""
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(
-        tmp_path,
-        prepared_dir,
-        moe_model_dir,
-        "ep2",
-        micro=2,
-        accum=1,
-        workers=2,
-        extra=["scale.expert_parallel_size=2"],
-    )
-    _stop_and_resume(cfg, 2)
-    assert (
-        "expert parallel: groups of 2 ranks, 2 experts each" in (tmp_path / "ep2.out").read_text()
-    )
+    from sftscale.validate import validate_run
+
+    def ep(size, ranks):
+        extra = [f"scale.expert_parallel_size={size}"]
+        return _cfg(
+            tmp_path,
+            prepared_dir,
+            moe_model_dir,
+            "ep",
+            micro=4 // ranks,
+            accum=1,
+            workers=ranks,
+            extra=extra,
+        )
+
+    cfg = ep(2, 2)
+    assert "expert parallel: groups of 2 ranks, 2 experts each" in _run_until_stopped(cfg, 2)
+    assert "resumed from" in _run_until_stopped(cfg, 2)  # stopped twice
+    assert "resumed from" in _train(cfg, 2)
     for a, b in zip(_records(cfg), _records(two_ranks), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
         assert abs(a["balance_loss"] - b["balance_loss"]) <= 1e-5 * b["balance_loss"]
         assert a["expert_tokens"] == b["expert_tokens"]
+    with pytest.raises(ConfigError, match="resumes on its own layout only"):  # before any rank
+        validate_run(ep(4, 4), world_size=4)
     model, info = AutoModelForCausalLM.from_pretrained(
         str(cfg.run_dir / "export"), dtype=torch.float32, output_loading_info=True
     )
