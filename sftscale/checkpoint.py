@@ -204,6 +204,7 @@ def _prune(root: Path, *, keep_last: int) -> None:
 def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
     """Restore weights, optimizer state and this rank's RNG; return the sftscale state."""
     state = read_state(tag_dir)
+    groups = own_group_settings(engine.optimizer)
     load_dir, _ = engine.load_checkpoint(
         str(tag_dir.parent),
         tag=tag_dir.name,
@@ -216,12 +217,32 @@ def load_checkpoint(engine, tag_dir: Path, *, rank: int) -> dict[str, Any]:
     if engine.zero_nvme_offload_optimizer():
         restore_nvme_optimizer_state(engine, tag_dir)
     unshare_step_counters(engine.optimizer)
+    restore_group_settings(engine.optimizer, groups)
     if state["world_size"] == _world_size() and not load_rng_state(tag_dir, rank):
         say(
             f"{tag_dir} holds no JSON/safetensors RNG state for rank {rank} (an older "
             "checkpoint; its pickled file is not loaded): random streams restart from the seed"
         )
     return state
+
+
+GROUP_SETTINGS = ("name", "weight_decay", "betas", "eps")  # not lr: the loop sets it each step
+
+
+def own_group_settings(optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings as this run built them (sftscale.optim.param_groups)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in inner.param_groups]
+
+
+def restore_group_settings(optimizer, groups: list[dict[str, Any]]) -> None:
+    """Put back each parameter group's own settings after a load. DeepSpeed's universal
+    checkpoint load (an elastic resume) gives every group the first saved group's: weight decay
+    on the norms and biases of the no-decay group, 4.5e-5 off in the loss two steps later (a
+    tiny Llama, weight decay 0.1)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group, own in zip(inner.param_groups, groups, strict=True):
+        group.update(own)
 
 
 def unshare_step_counters(optimizer) -> None:
@@ -346,22 +367,20 @@ def universal_checkpoint(tag_dir: Path, *, leader: bool) -> Path:
     return out
 
 
-def check_expert_layout(state: dict, cfg: Config, *, world: int, checkpoint: Path) -> None:
-    """A checkpoint of an expert-parallel run resumes on its own layout only: the same
-    scale.expert_parallel_size on as many ranks. DeepSpeed's universal checkpoint converts an
-    AutoEP checkpoint to another layout (EP=2 on 2 ranks to EP=4 on 4 loads, weights exact),
-    but the first update after it differs from an uninterrupted run's by 3e-5 in the next loss
-    (the same layout: 1e-7), so sftscale does not offer it (docs/moe.md). Between expert
-    parallelism on and off the parameters have other names altogether."""
+def check_expert_layout(state: dict, cfg: Config, *, world: int, checkpoint: Path) -> bool:
+    """Whether the checkpoint's expert layout differs from this run's; it is then loaded
+    through DeepSpeed's universal form, as for another world size (AutoEP's experts are
+    consolidated and split again). Between expert parallelism on (any size >= 2) and off the
+    parameters have other names (transformers' fused experts, AutoEP's w1/w2/w3): refused."""
     saved, ep = state.get("expert_parallel_size", 1), cfg.scale.expert_parallel_size
-    if saved == ep == 1 or (saved == ep and state["world_size"] == world):
-        return
+    if (saved == 1) == (ep == 1):
+        return saved != ep
+    want = "scale.expert_parallel_size=1" if saved == 1 else "a scale.expert_parallel_size >= 2"
     raise ConfigError(
         f"checkpoint {checkpoint} was saved by {state['world_size']} ranks with "
-        f"scale.expert_parallel_size={saved}; this run has {world} ranks with {ep}. An "
-        "expert-parallel checkpoint resumes on its own layout only: resume it with "
-        f"scale.expert_parallel_size={saved} on {state['world_size']} ranks, or choose another "
-        "logging.run_name to start a new run"
+        f"scale.expert_parallel_size={saved}; this run has {world} ranks with {ep}. A checkpoint "
+        "resumes with expert parallelism on or off as it was saved: resume it with "
+        f"{want}, or choose another logging.run_name to start a new run"
     )
 
 

@@ -218,9 +218,9 @@ def resume_point(
     load_dir = resume_dir
     if resume_dir is not None:
         state = read_state(resume_dir)
-        check_expert_layout(state, cfg, world=world, checkpoint=resume_dir)
-        if state["world_size"] != world:
-            # Elastic resume: ZeRO partitions depend on the world size, so the checkpoint is
-            # converted to DeepSpeed's universal (world-size-free) format first.
+        other_experts = check_expert_layout(state, cfg, world=world, checkpoint=resume_dir)
+        if state["world_size"] != world or other_experts:
+            # Elastic resume (or another expert-parallel size): ZeRO partitions depend on the
+            # world, so the checkpoint is converted to DeepSpeed's universal format first.
             load_dir = universal_checkpoint(resume_dir, leader=leader)
     return resume_dir, load_dir, leader

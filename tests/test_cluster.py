@@ -148,7 +148,8 @@ def _job_config(tmp_path: Path, name: str, data: str, **scale) -> Path:
         "model": {"name_or_path": "tiny-llama"},
         "data": {"path": data, "cache_dir": f"{NODE_DISK}/cache"},
         "deepspeed": {"precision": "fp32"},
-        "optim": {"lr": 2e-3, "warmup_steps": 3},
+        # weight decay: an elastic resume must keep each parameter group's own
+        "optim": {"lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.1},
         "train": {"micro_batch_size": 1, "grad_accum": 1, "max_steps": STEPS},
         "scale": {"num_workers": 2, "max_failures": 2, "collective_timeout_s": 60, **scale},
         "checkpoint": {"every_n_steps": 4, "storage": "s3://runs/cluster"},

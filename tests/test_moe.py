@@ -200,19 +200,23 @@ def test_a_mixture_of_experts_sftscale_does_not_know_is_refused():
         _check_experts(cfg, gpt_oss)
 
 
-def test_an_expert_parallel_checkpoint_resumes_on_its_own_layout_only(tmp_path):
+def test_an_expert_parallel_checkpoint_resumes_with_expert_parallelism_on(tmp_path):
+    """Another expert-parallel size or world goes through DeepSpeed's universal checkpoint;
+    between on and off the parameters have other names: refused, saying what to set."""
     from sftscale.checkpoint import check_expert_layout
 
     def cfg(ep):
         return load_config(None, ["data.path=/d", f"scale.expert_parallel_size={ep}"])
 
     saved = {"world_size": 4, "expert_parallel_size": 2}
-    check_expert_layout(saved, cfg(2), world=4, checkpoint=tmp_path)  # the same layout
-    check_expert_layout({"world_size": 4}, cfg(1), world=2, checkpoint=tmp_path)  # no EP: elastic
-    want = "own layout only: resume it with scale.expert_parallel_size=2 on 4 ranks"
-    for ep, world in ((1, 4), (2, 2), (4, 4)):
-        with pytest.raises(ConfigError, match=want):
-            check_expert_layout(saved, cfg(ep), world=world, checkpoint=tmp_path)
+    assert not check_expert_layout(saved, cfg(2), world=4, checkpoint=tmp_path)
+    assert not check_expert_layout(saved, cfg(2), world=2, checkpoint=tmp_path)  # elastic
+    assert check_expert_layout(saved, cfg(4), world=4, checkpoint=tmp_path)
+    assert not check_expert_layout({"world_size": 4}, cfg(1), world=2, checkpoint=tmp_path)
+    with pytest.raises(ConfigError, match="resume it with a scale.expert_parallel_size >= 2"):
+        check_expert_layout(saved, cfg(1), world=4, checkpoint=tmp_path)
+    with pytest.raises(ConfigError, match="resume it with scale.expert_parallel_size=1,"):
+        check_expert_layout({"world_size": 4}, cfg(2), world=4, checkpoint=tmp_path)
 
 
 # ---- runs: ZeRO-3 against a plain fp32 PyTorch loop --------------------------------------
@@ -403,8 +407,10 @@ def test_stopped_and_resumed_moe_run_is_exact(tmp_path, prepared_dir, moe_model_
 @pytest.mark.distributed
 def test_expert_parallel_matches_and_resumes(tmp_path, prepared_dir, moe_model_dir, two_ranks):
     """DeepSpeed AutoEP on CPU/gloo: 2 ranks each holding 2 of the 4 experts (tokens sent with
-    all_to_all), stopped and resumed twice, match the same run with every expert on every rank;
-    the export is the model's own Hugging Face layout. Another layout is refused."""
+    all_to_all), stopped and resumed on the same layout, stopped again and finished on 4 ranks
+    of 1 expert each (DeepSpeed's universal checkpoint), match the same run with every expert
+    on every rank (weight decay on: the resume keeps each parameter group's own); the export
+    is the model's own Hugging Face layout. Expert parallelism off is refused."""
     from transformers import AutoModelForCausalLM
 
     from sftscale.validate import validate_run
@@ -424,14 +430,16 @@ def test_expert_parallel_matches_and_resumes(tmp_path, prepared_dir, moe_model_d
 
     cfg = ep(2, 2)
     assert "expert parallel: groups of 2 ranks, 2 experts each" in _run_until_stopped(cfg, 2)
-    assert "resumed from" in _run_until_stopped(cfg, 2)  # stopped twice
-    assert "resumed from" in _train(cfg, 2)
+    assert "resumed from" in _run_until_stopped(cfg, 2)  # the same layout
+    with pytest.raises(ConfigError, match="with a scale.expert_parallel_size >= 2"):
+        validate_run(ep(1, 4), world_size=4)  # refused before any rank starts
+    out = _train(ep(4, 4), 4)
+    assert "saved by 2 worker(s), now 4" in out and "groups of 4 ranks, 1 experts each" in out
+    cfg = ep(4, 4)
     for a, b in zip(_records(cfg), _records(two_ranks), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
         assert abs(a["balance_loss"] - b["balance_loss"]) <= 1e-5 * b["balance_loss"]
         assert a["expert_tokens"] == b["expert_tokens"]
-    with pytest.raises(ConfigError, match="resumes on its own layout only"):  # before any rank
-        validate_run(ep(4, 4), world_size=4)
     model, info = AutoModelForCausalLM.from_pretrained(
         str(cfg.run_dir / "export"), dtype=torch.float32, output_loading_info=True
     )
