@@ -319,8 +319,9 @@ def _check_expert_parallel(cfg: Config, experts: int) -> None:
         )
     if s.min_workers and s.min_workers != s.num_workers:
         raise ConfigError(
-            f"{key}={ep} with scale.min_workers={s.min_workers}: an expert-parallel run "
-            "resumes on its own layout only; set scale.min_workers=0"
+            f"{key}={ep} with scale.min_workers={s.min_workers}: elastic expert-parallel "
+            "runs are not supported yet (every world size would need a divisor of the experts); "
+            "set scale.min_workers=0. A stopped run resumes on another number of workers"
         )
     if cfg.model.lora is not None:
         raise ConfigError(f"{key}={ep}: LoRA with expert parallelism is not supported; use 1")
