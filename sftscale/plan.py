@@ -237,6 +237,17 @@ def plan_memory(
         plan.add(
             f"NVMe weight buffers ({count} x {buffer:,} elements)", count * buffer * b, where="host"
         )
+        # DeepSpeed keeps up to offload_param.max_in_cpu elements of a rank's partition in a
+        # flat host buffer, swapping only the rest (stage3.py
+        # `_create_param_groups_fp16_flat_cpu_memory`); the templates' 1e9 keep a whole
+        # partition below 1e9 in RAM (1.24B fp32 on 2 ranks: 2.3 GiB per rank)
+        in_cpu = min(int(z["offload_param"].get("max_in_cpu", 10**9)), trained // w_shard)
+        plan.add(
+            f"weights kept in host RAM (offload_param.max_in_cpu "
+            f"{int(z['offload_param'].get('max_in_cpu', 10**9)):.0e})",
+            in_cpu * b,
+            where="host",
+        )
     if stage >= 2:
         plan.add("reduce bucket (reduce_bucket_size)", int(z.get("reduce_bucket_size", 5e8)) * b)
 
