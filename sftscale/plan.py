@@ -232,22 +232,7 @@ def plan_memory(
             where="host",
         )
     if par_at == "nvme":
-        buffer = int(z["offload_param"].get("buffer_size", 10**8))
-        count = int(z["offload_param"].get("buffer_count", 5))
-        plan.add(
-            f"NVMe weight buffers ({count} x {buffer:,} elements)", count * buffer * b, where="host"
-        )
-        # DeepSpeed keeps up to offload_param.max_in_cpu elements of a rank's partition in a
-        # flat host buffer, swapping only the rest (stage3.py
-        # `_create_param_groups_fp16_flat_cpu_memory`); the templates' 1e9 keep a whole
-        # partition below 1e9 in RAM (1.24B fp32 on 2 ranks: 2.3 GiB per rank)
-        in_cpu = min(int(z["offload_param"].get("max_in_cpu", 10**9)), trained // w_shard)
-        plan.add(
-            f"weights kept in host RAM (offload_param.max_in_cpu "
-            f"{int(z['offload_param'].get('max_in_cpu', 10**9)):.0e})",
-            in_cpu * b,
-            where="host",
-        )
+        _nvme_weights(plan, z["offload_param"], trained // w_shard, b=b)
     if stage >= 2:
         plan.add("reduce bucket (reduce_bucket_size)", int(z.get("reduce_bucket_size", 5e8)) * b)
 
@@ -275,6 +260,26 @@ def plan_memory(
         device.runtime_bytes,
     )
     return plan
+
+
+def _nvme_weights(plan: Plan, offload: dict[str, Any], partition: int, *, b: int) -> None:
+    """Host RAM of weights offloaded to NVMe: the swap buffers, and the part of a rank's
+    `partition` (elements) that DeepSpeed keeps in RAM instead of swapping."""
+    buffer = int(offload.get("buffer_size", 10**8))
+    count = int(offload.get("buffer_count", 5))
+    plan.add(
+        f"NVMe weight buffers ({count} x {buffer:,} elements)", count * buffer * b, where="host"
+    )
+    # DeepSpeed keeps up to offload_param.max_in_cpu elements of a rank's partition in a flat
+    # host buffer, swapping only the rest (stage3.py `_create_param_groups_fp16_flat_cpu_memory`);
+    # the templates' 1e9 keep a whole partition below 1e9 in RAM (1.24B fp32 on 2 ranks: 2.3 GiB
+    # per rank)
+    max_in_cpu = int(offload.get("max_in_cpu", 10**9))
+    plan.add(
+        f"weights kept in host RAM (offload_param.max_in_cpu {max_in_cpu:.0e})",
+        min(max_in_cpu, partition) * b,
+        where="host",
+    )
 
 
 def _forward_backward(
