@@ -207,6 +207,14 @@ class DeepSpeedConfig:
     # (zero3_nvme_optimizer, zero3_nvme): each rank swaps its optimizer states (and weights)
     # there through DeepSpeed's async I/O op (libaio). Not shared between nodes; not kept.
     nvme_path: str = ""
+    # ZeRO-3 knobs that bound host or GPU memory, over the template's values (None: the
+    # template's). max_live_parameters: weights kept gathered at once (stage3_max_live_parameters);
+    # prefetch_bucket_size: weights gathered ahead of use (stage3_prefetch_bucket_size);
+    # max_in_cpu: elements of a rank's weight partition kept in host RAM under NVMe weight
+    # offload (offload_param.max_in_cpu; 0 swaps them all). `sftscale plan` proposes them.
+    max_live_parameters: int | None = None
+    prefetch_bucket_size: int | None = None
+    max_in_cpu: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -214,6 +222,9 @@ class DeepSpeedConfig:
             "deepspeed.precision",
             f"{self.precision!r} is not one of auto, bf16, fp32",
         )
+        for name in ("max_live_parameters", "prefetch_bucket_size", "max_in_cpu"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"deepspeed.{name}", f"{value} is negative")
 
 
 @dataclass
@@ -441,6 +452,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
         return value
     if tp is int:
+        # 1e8 (a float in YAML, a string on the command line) is the integer anyone typing it means
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         _check(
             isinstance(value, int) and not isinstance(value, bool),
             name,

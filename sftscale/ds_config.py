@@ -137,10 +137,37 @@ def resolve_ds_config(
         )
     if resolved.get("fp16", {}).get("enabled"):
         raise ConfigError("deepspeed.template: fp16 is not supported (use bf16)")
+    _memory_knobs(resolved, cfg)
     ep = cfg.scale.expert_parallel_size
     if ep > 1:  # DeepSpeed AutoEP: finds the MoE blocks and replaces them at initialize
         resolved["expert_parallel"] = {"enabled": True, "autoep_size": ep}
     return resolved
+
+
+def _memory_knobs(resolved: dict[str, Any], cfg: Config) -> None:
+    """deepspeed.max_live_parameters / prefetch_bucket_size / max_in_cpu over the template's
+    ZeRO-3 settings; refused where the template has nothing for them to bound."""
+    d, z = cfg.deepspeed, resolved.get("zero_optimization", {})
+    knobs = {
+        "max_live_parameters": (d.max_live_parameters, z, "stage3_max_live_parameters"),
+        "prefetch_bucket_size": (d.prefetch_bucket_size, z, "stage3_prefetch_bucket_size"),
+        "max_in_cpu": (d.max_in_cpu, z.get("offload_param", {}), "max_in_cpu"),
+    }
+    for name, (value, node, key) in knobs.items():
+        if value is None:
+            continue
+        if int(z.get("stage", 0)) != 3:
+            raise ConfigError(
+                f"deepspeed.{name}={value}: a ZeRO-3 setting, and deepspeed.template="
+                f"{d.template} is stage {z.get('stage', 0)}; use a zero3 template or leave it unset"
+            )
+        if name == "max_in_cpu" and node.get("device") != "nvme":
+            raise ConfigError(
+                f"deepspeed.max_in_cpu={value}: bounds the weights kept in RAM under NVMe weight "
+                f"offload, and deepspeed.template={d.template} does not swap weights to NVMe "
+                "(zero3_nvme does); leave it unset"
+            )
+        node[key] = value
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

@@ -29,6 +29,10 @@ TEMPLATES = (
     "zero3_nvme",
 )  # less memory per rank, more traffic
 NVME_PLACEHOLDER = "/nvme"  # where a planned NVMe template swaps (the place does not change sizes)
+# ZeRO-3 gathers bounded to 1e8 live weights and 1e7 fetched ahead (the templates: 1e9 and 5e7,
+# which keep a model under 1e9 parameters gathered whole): less overlap, far less memory
+LEAN_GATHERS = ["deepspeed.max_live_parameters=1e8", "deepspeed.prefetch_bucket_size=1e7"]
+LEANEST = "deepspeed.max_in_cpu=0"  # with zero3_nvme: no weight kept in RAM
 
 
 def with_nvme_path(cfg: Config) -> Config:
@@ -67,18 +71,37 @@ def candidates(run: ResolvedRun, *, bf16_native: bool) -> list[tuple[list[str], 
     for e in range(ep + 1, run.world + 1):
         if experts and run.world % e == 0 and experts % e == 0:
             out.append(([f"scale.expert_parallel_size={e}"], 1))
+    lean = lean_gathers(run)
+    if lean:
+        out.append((lean, 1))
     current = TEMPLATES.index(cfg.deepspeed.template) if cfg.deepspeed.template in TEMPLATES else 0
     for template in TEMPLATES[current + 1 :]:
         nvme = []
         if "nvme" in template and not cfg.deepspeed.nvme_path:
             nvme = ["deepspeed.nvme_path=<a local disk>"]
         out.append(([f"deepspeed.template={template}", *nvme], 1))
+    if cfg.deepspeed.max_in_cpu != 0:  # the leanest: every weight on NVMe, gathers bounded
+        nvme = [] if cfg.deepspeed.nvme_path else ["deepspeed.nvme_path=<a local disk>"]
+        out.append((["deepspeed.template=zero3_nvme", *nvme, *lean, LEANEST], 1))
     for k in (2, 4, 8):
         out.append(([f"scale.num_workers={sc.num_workers * k}"], k))
     if not experts:
         sp, workers = sc.sequence_parallel_size, f"scale.num_workers={sc.num_workers * 2}"
         out.append(([f"scale.sequence_parallel_size={sp * 2}", workers], 2))
     return out
+
+
+def lean_gathers(run: ResolvedRun) -> list[str]:
+    """LEAN_GATHERS where they lower what the run's ZeRO settings keep gathered (any ZeRO-3
+    template a fix moves to has the templates' values), else []."""
+    z = run.ds_config.get("zero_optimization", {})
+    d = run.config.deepspeed
+    live, ahead = d.max_live_parameters, d.prefetch_bucket_size
+    if live is None:
+        live = int(z.get("stage3_max_live_parameters", 10**9))
+    if ahead is None:
+        ahead = int(z.get("stage3_prefetch_bucket_size", 5 * 10**7))
+    return LEAN_GATHERS if live > 10**8 or ahead > 10**7 else []
 
 
 def fixes(run: ResolvedRun, device: Device, *, bf16_native: bool, limit: int = 3) -> list[str]:
@@ -115,12 +138,15 @@ def fixes(run: ResolvedRun, device: Device, *, bf16_native: bool, limit: int = 3
         where = f", on {k}x the hosts" if k > 1 and device.kind == "cpu" else ""
         return f"{text} ({nbytes / GIB:.1f} GiB per rank{where})"
 
-    # Changes on the same ranks first (single, then pairs), then more ranks (more hosts)
-    same = [o for o in options if o[1] == 1]
+    # Changes on the same ranks first (single, then pairs), then every weight on NVMe (the
+    # slowest step on the same ranks), then more ranks (more hosts)
+    leanest = [o for o in options if LEANEST in o[0]]
+    same = [o for o in options if o[1] == 1 and o not in leanest]
     more = [o for o in options if o[1] > 1]
     tiers = [
         [(o,) for o in same],
         [(a, b) for i, a in enumerate(same) for b in same[i + 1 :]],
+        [(o,) for o in leanest] + [(a, b) for a in same for b in leanest],
         [(o,) for o in more],
         [(a, b) for a in same for b in more],
     ]

@@ -232,7 +232,7 @@ def plan_memory(
             where="host",
         )
     if par_at == "nvme":
-        _nvme_weights(plan, z["offload_param"], trained // w_shard, b=b)
+        _nvme_weights(plan, z["offload_param"], trained // w_shard, group * w_shard, b=b)
     if stage >= 2:
         plan.add("reduce bucket (reduce_bucket_size)", int(z.get("reduce_bucket_size", 5e8)) * b)
 
@@ -262,9 +262,12 @@ def plan_memory(
     return plan
 
 
-def _nvme_weights(plan: Plan, offload: dict[str, Any], partition: int, *, b: int) -> None:
-    """Host RAM of weights offloaded to NVMe: the swap buffers, and the part of a rank's
-    `partition` (elements) that DeepSpeed keeps in RAM instead of swapping."""
+def _nvme_weights(
+    plan: Plan, offload: dict[str, Any], partition: int, whole_group: int, *, b: int
+) -> None:
+    """Host RAM of weights offloaded to NVMe: the swap buffers, the part of a rank's
+    `partition` (elements) that DeepSpeed keeps in RAM instead of swapping, and for the rest
+    a buffer of the largest sub-group's weights whole (`whole_group` elements)."""
     buffer = int(offload.get("buffer_size", 10**8))
     count = int(offload.get("buffer_count", 5))
     plan.add(
@@ -280,6 +283,15 @@ def _nvme_weights(plan: Plan, offload: dict[str, Any], partition: int, *, b: int
         min(max_in_cpu, partition) * b,
         where="host",
     )
+    # What does not stay in RAM is swapped out after each step through one pinned buffer sized
+    # for the largest sub-group's weights whole, not partitioned: stage3.py
+    # `_create_fp16_partitions_with_defragmentation` -> `reserve_partitioned_swap_space(ds_numel)`
+    if max_in_cpu < partition:
+        plan.add(
+            "pinned buffer to swap updated weights out (the largest sub-group, whole)",
+            whole_group * b,
+            where="host",
+        )
 
 
 def _forward_backward(
@@ -302,11 +314,15 @@ def _forward_backward(
         # below 1e9 parameters gathered whole from the first forward to the end of backward.
         # A parameter is gathered whole, and a MoE block at once (ZeRO-3 leaf module): the
         # largest layer with all its experts, or with expert parallelism its 1/ep of them.
+        # Below the model's size the bound is crossed by the weights fetched ahead of use (up
+        # to stage3_prefetch_bucket_size), which are gathered before the used ones are released.
         live = int(z.get("stage3_max_live_parameters", 10**9))
         p, layer = s.gathered(ep)
-        plan.gathered_bytes = b * max(min(p, live), s.embed, layer)
+        ahead = int(z.get("stage3_prefetch_bucket_size", 5 * 10**7)) if p > live else 0
+        plan.gathered_bytes = b * max(min(p, live + ahead), s.embed, layer)
         plan.add(
             f"gathered weights (up to stage3_max_live_parameters {live:.0e}"
+            + (f" + prefetch {ahead:.0e}" if ahead else "")
             + (f"; experts 1/{ep})" if ep > 1 else ")"),
             plan.gathered_bytes,
             phase="fwd/bwd",

@@ -107,3 +107,43 @@ def test_a_template_of_ones_own_without_torch_adam_takes_the_kernel(tmp_path):
 def test_optim_kernel_is_checked():
     with pytest.raises(ConfigError, match="optim.kernel"):
         _cfg(optim={"kernel": "apex"})
+
+
+def test_zero3_memory_knobs_override_the_template():
+    """deepspeed.max_live_parameters / prefetch_bucket_size / max_in_cpu land in the resolved
+    ZeRO-3 settings (1e8 as YAML or the command line writes it is an integer)."""
+    from sftscale.config import load_config
+
+    knobs = ["deepspeed.max_live_parameters=1e8", "deepspeed.prefetch_bucket_size=1e7"]
+    cfg = load_config(None, ["data.path=d", *knobs])
+    z = resolve_ds_config(cfg, world_size=2, precision="fp32")["zero_optimization"]
+    assert z["stage3_max_live_parameters"] == 10**8 and z["stage3_prefetch_bucket_size"] == 10**7
+    assert isinstance(z["stage3_max_live_parameters"], int)
+    nvme = ["deepspeed.template=zero3_nvme", "deepspeed.nvme_path=/x", "deepspeed.max_in_cpu=0"]
+    z = resolve_ds_config(load_config(None, ["data.path=d", *nvme]), world_size=2, precision="fp32")
+    assert z["zero_optimization"]["offload_param"]["max_in_cpu"] == 0
+    assert z["zero_optimization"]["stage3_max_live_parameters"] == 10**9  # the template's
+    untouched = resolve_ds_config(_cfg(), world_size=2, precision="fp32")["zero_optimization"]
+    assert untouched["stage3_max_live_parameters"] == 10**9
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["deepspeed.template=zero2", "deepspeed.max_live_parameters=1e8"], "is stage 2"),
+        (["deepspeed.max_in_cpu=0"], "does not swap weights to NVMe"),
+        (
+            ["deepspeed.template=zero3_nvme_optimizer", "deepspeed.max_in_cpu=0"],
+            "does not swap weights to NVMe",
+        ),
+        (["deepspeed.prefetch_bucket_size=-1"], "negative"),
+        (["deepspeed.max_live_parameters=1.5"], "expected an integer"),
+        (["deepspeed.max_live_parameters=lots"], "expected an integer"),
+    ],
+)
+def test_zero3_memory_knobs_refused_where_they_bound_nothing(overrides, message):
+    from sftscale.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        cfg = load_config(None, ["data.path=d", "deepspeed.nvme_path=/x", *overrides])
+        resolve_ds_config(cfg, world_size=2, precision="fp32")

@@ -303,11 +303,13 @@ def test_expert_parallelism_gathers_a_layers_share_of_the_experts(tmp_path):
     """ZeRO-3 gathers a MoE block whole (a leaf module; its experts are fused 3-D parameters);
     with expert parallelism e a rank gathers only its 1/e of the experts."""
     # Qwen3-30B-A3B: a layer is 0.62B parameters, 0.60B of them its 128 experts. The shipped
-    # templates keep 1e9 parameters gathered (stage3_max_live_parameters), more than a layer
-    # with all its experts: the line is the same with e = 1 and 8.
+    # templates keep 1e9 parameters gathered (stage3_max_live_parameters) and fetch 5e7 ahead
+    # (stage3_prefetch_bucket_size), more than a layer with all its experts: the line is the
+    # same with e = 1 and 8.
+    kept = 2 * (10**9 + 5 * 10**7)
     mcfg, one = _moe_plan("qwen3-30b-a3b")
     _, eight = _moe_plan("qwen3-30b-a3b", "scale.expert_parallel_size=8")
-    assert _line(one, "gathered weights") == _line(eight, "gathered weights") == 2 * 10**9
+    assert _line(one, "gathered weights") == _line(eight, "gathered weights") == kept
     # With fewer kept live, the largest gathered unit shows: the whole layer with e = 1; with
     # e = 8 the layer keeps 16 of 128 experts (0.09B), below the embedding (0.31B)
     template = load_template("zero3")
@@ -333,11 +335,11 @@ def test_expert_parallelism_gathers_a_layers_share_of_the_experts(tmp_path):
     assert _line(one, "gathered weights") - _line(two, "gathered weights") == 2 * experts // 2
     assert "experts 1/8" in eight.table() and "experts 1/" not in one.table()
     # Mixtral-8x7B: a layer (1.45B, 1.41B of it experts) is above 1e9, so e = 8 gathers less
-    # with the shipped template: its 1e9 instead of the whole layer
+    # with the shipped template: its 1e9 (and 5e7 ahead) instead of the whole layer
     mcfg, one = _moe_plan("mixtral-8x7b")
     _, eight = _moe_plan("mixtral-8x7b", "scale.expert_parallel_size=8")
     assert _line(one, "gathered weights") == 2 * ModelShape.from_config(mcfg).layer_params
-    assert _line(eight, "gathered weights") == 2 * 10**9
+    assert _line(eight, "gathered weights") == kept
 
 
 def test_moe_activations_and_all_to_all():
@@ -405,7 +407,7 @@ def test_dense_plans_are_unchanged_by_the_moe_terms():
         "fp32 master weights (1/8)": 4015130624,
         "AdamW moments, fp32 (1/8)": 8030261248,
         "reduce bucket (reduce_bucket_size)": 100000000,
-        "gathered weights (up to stage3_max_live_parameters 1e+09)": 2000000000,
+        "gathered weights (up to stage3_max_live_parameters 1e+09 + prefetch 5e+07)": 2100000000,
         "activations: 32 checkpointed layer inputs (4096 tokens)": 1073741824,
         "the larger of: one layer's backward, the logits and the loss": 3677356032,
         "optimizer step: the largest sub-group's gradient flattened + fp32": 6000000000,
@@ -444,3 +446,86 @@ def test_nvme_weights_up_to_max_in_cpu_stay_in_host_ram():
     partition = ModelShape.from_config(mcfg).total_params // 2
     kept = [(b, w) for what, b, w, _ in plan.lines if what.startswith("weights kept in host RAM")]
     assert kept == [(4 * partition, "host")]
+
+
+def _fp32_billion(*overrides):
+    """Llama-3.2-1B in fp32 (a CPU without native bf16), 2 ranks on a 23.5 GiB host, 512
+    positions, micro-batch 1, tiled logits, DeepSeek-V3's vocabulary (benchmarks/billion_cpu)."""
+    cfg = load_config(
+        None,
+        [
+            "data.path=x",
+            "model.name_or_path=llama-3.2-1b",
+            "train.micro_batch_size=1",
+            "train.tiled_logits=true",
+            *overrides,
+        ],
+    )
+    mcfg = model_config("llama-3.2-1b", vocab_size=129280)
+    device = host_device(2, memory_bytes=int(23.5 * GIB))
+    run = resolve_run(
+        cfg,
+        world=2,
+        seq_len=512,
+        vocab_size=129280,
+        precision=Precision("fp32", "test"),
+        device=device,
+        base_model_config=mcfg,
+    )
+    return run, device
+
+
+def test_fp32_billion_fits_with_bounded_gathers():
+    """On a CPU without native bf16 no template fits a 1.24B model in fp32 with the templates'
+    gathers (1e9 live + 5e7 ahead: 4.6 GiB, kept twice on a CPU host); bounding them to 1e8 + 1e7
+    brings the embedding (the largest weight) down to what is gathered, and the optimizer on
+    NVMe makes it fit. The fix names the knobs, and the same plan with them fits."""
+    from sftscale.fit import fixes
+
+    run, device = _fp32_billion()
+    assert not run.plan.fits
+    found = fixes(run, device, bf16_native=False)
+    assert found, "no fix found"
+    assert "deepspeed.max_live_parameters=1e8 deepspeed.prefetch_bucket_size=1e7" in found[0]
+    assert "deepspeed.template=zero3_nvme_optimizer" in found[0]
+    fixed, _ = _fp32_billion(
+        "deepspeed.max_live_parameters=1e8",
+        "deepspeed.prefetch_bucket_size=1e7",
+        "deepspeed.template=zero3_nvme_optimizer",
+        "deepspeed.nvme_path=/nvme",
+    )
+    assert fixed.plan.fits and f"({fixed.plan.peak_bytes / GIB:.1f} GiB per rank)" in found[0]
+    embed = 129280 * 2048  # above 1e8 + 1e7: gathered whole, the bound's floor
+    assert _line(fixed.plan, "gathered weights") == fixed.plan.gathered_bytes == 4 * embed
+    # the same model without the knobs gathers 1e9 + 5e7
+    assert _line(run.plan, "gathered weights") == 4 * (10**9 + 5 * 10**7)
+
+
+def test_every_weight_on_nvme_is_the_last_resort_on_the_same_ranks():
+    """zero3_nvme with max_in_cpu=0 keeps no weight partition in RAM, only DeepSpeed's pinned
+    buffer for the largest sub-group's weights whole (to swap them out after the step); the
+    fit search offers it after every single change and pair on the same ranks."""
+    run, device = _fp32_billion(
+        "deepspeed.template=zero3_nvme",
+        "deepspeed.nvme_path=/nvme",
+        "deepspeed.max_live_parameters=1e8",
+        "deepspeed.prefetch_bucket_size=1e7",
+        "deepspeed.max_in_cpu=0",
+    )
+    lines = {what: b for what, b, _, _ in run.plan.lines}
+    assert not [w for w in lines if w.startswith("weights kept in host RAM")]
+    embed = 129280 * 2048  # one parameter, a sub-group of its own: 1/2 of it per rank
+    pinned = "pinned buffer to swap updated weights out (the largest sub-group, whole)"
+    assert lines[pinned] == 4 * 2 * (embed // 2)
+    kept, _ = _fp32_billion(
+        "deepspeed.template=zero3_nvme", "deepspeed.nvme_path=/nvme", "train.mlp_tiles=4"
+    )
+    assert pinned not in {what for what, _, _, _ in kept.plan.lines}  # all 1e9 in RAM
+    tried = [" ".join(ov) for ov, _ in candidates(run, bf16_native=False)]
+    assert not [t for t in tried if "max_in_cpu" in t]  # already the leanest
+    plain, _ = _fp32_billion()
+    tried = [" ".join(ov) for ov, _ in candidates(plain, bf16_native=False)]
+    assert tried.index(
+        "deepspeed.max_live_parameters=1e8 deepspeed.prefetch_bucket_size=1e7"
+    ) < tried.index("deepspeed.template=zero3_offload_optimizer")
+    assert tried[-5].endswith("deepspeed.max_in_cpu=0")  # before more ranks

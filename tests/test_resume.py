@@ -259,6 +259,7 @@ def test_ray_restarts_a_dead_or_stopped_worker(
 
 
 @pytest.mark.distributed
+@pytest.mark.builds_ops("cpu_adam", "async_io")
 @pytest.mark.skipif(
     not op_available("AsyncIOBuilder"), reason="needs libaio-dev (make install adds it as root)"
 )
