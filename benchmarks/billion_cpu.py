@@ -185,7 +185,19 @@ def main() -> None:
     ap.add_argument("--stop-at", type=int, default=3, help="STOP after this step (0: no stop)")
     ap.add_argument("--template", default="zero3_nvme_optimizer")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--precision", default="fp32", help="fp32 (the issue's run) or bf16")
+    ap.add_argument("--ranks", type=int, default=2, help="ranks (torchrun processes) on this host")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (what a run on this CPU computes: bf16 where native, else fp32), bf16, fp32",
+    )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more config overrides, e.g. the knobs `sftscale plan` names",
+    )
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument(
         "--reference",
@@ -198,17 +210,28 @@ def main() -> None:
         help="keep the saved first launch, run only the resume (after an interruption)",
     )
     args = ap.parse_args()
+    if args.precision == "auto":  # as the run's workers decide it, on this CPU
+        from sftscale.precision import choose, cpu_native_bf16
+
+        native, why = cpu_native_bf16()
+        args.precision = choose("auto", native_bf16=native, why=why).name
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    out_json = HERE / "results" / "billion_cpu.json"
-    if args.report_only:
-        result = json.loads(out_json.read_text())
-    else:
+    out_json = results_json(args.precision)
+    if not args.report_only:
         result = measure(args, work, out_json)
         out_json.write_text(json.dumps(result, indent=1) + "\n")
-    text = report(result)
+    runs = [results_json(p) for p in ("bf16", "fp32")]
+    text = "\n".join(report(json.loads(f.read_text())) for f in runs if f.is_file())
     (HERE / "results" / "billion_cpu.md").write_text(text)
     print(text)
+
+
+def results_json(precision: str) -> Path:
+    """billion_cpu.json holds the bf16 run (as it always has), billion_cpu_fp32.json the fp32."""
+    return (
+        HERE / "results" / ("billion_cpu.json" if precision == "bf16" else "billion_cpu_fp32.json")
+    )
 
 
 def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
@@ -230,7 +253,7 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     model_dir = work / "llama-3.2-1b-shape"
     model_bytes = save_model(model_dir, base_vocab)
 
-    name = f"run-{args.template}-{args.precision}"
+    name = f"run-{args.template}-{args.precision}" + (f"-{args.ranks}r" if args.ranks != 2 else "")
     run_dir, swap = work / "runs" / name, work / "swap"
     overrides = [
         f"model.name_or_path={model_dir}",
@@ -240,6 +263,7 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
         f"deepspeed.nvme_path={swap}",
         "train.micro_batch_size=1",
         "train.grad_accum=1",
+        f"scale.num_workers={args.ranks}",
         f"train.max_steps={args.steps}",
         "optim.lr=1e-4",
         "optim.warmup_steps=1",
@@ -249,6 +273,7 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
         f"logging.run_name={name}",
         "logging.every_n_steps=1",
         "logging.tensorboard=false",
+        *args.set,
     ]
     cmd = [
         sys.executable,
@@ -256,7 +281,7 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node",
-        "2",
+        str(args.ranks),
         "-m",
         "sftscale",
         "train",
@@ -265,7 +290,7 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     ]
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks)),
         "DS_ACCELERATOR": "cpu",
         "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
     }
@@ -288,6 +313,10 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
         },
         "template": args.template,
         "precision": args.precision,
+        "overrides": args.set,
+        "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        "ranks": args.ranks,
+        "planned_peak_bytes": planned_peak(overrides, args.ranks),
         "seq_len": args.seq_len,
         "steps": args.steps,
         "stop_at": args.stop_at,
@@ -318,14 +347,28 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     return result
 
 
+def planned_peak(overrides: list[str], ranks: int = 2) -> int:
+    """What `sftscale plan` says per rank for this run, on `ranks` ranks of this host."""
+    from sftscale.config import load_config
+    from sftscale.fit import plan_for_cli
+
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
+    return plan_for_cli(cfg, devices=f"{ranks}xcpu", seq_len=None, vocab_size=None).peak_bytes
+
+
 def report(r: dict) -> str:
     lines = [
         f"# A 1.24B-parameter model fine-tuned on a {r['host']['cores']}-core, "
         f"{r['host']['memory_gib']} GiB CPU host (`benchmarks/billion_cpu.py`)",
         "",
         f"Llama-3.2-1B's shape with DeepSeek-V3's tokenizer (+2 ChatML tokens), chatterbot-"
-        f"corpus dialogs packed into {r['seq_len']}-token rows, 2 ranks (torchrun), ZeRO-3, "
-        f"{r.get('precision', 'fp32')}, `deepspeed.template={r['template']}`, micro-batch 1 per rank, "
+        f"corpus dialogs packed into {r['seq_len']}-token rows, {r.get('ranks', 2)} rank(s) "
+        "(torchrun), ZeRO-3, "
+        f"{r.get('precision', 'fp32')}"
+        + (f" (`ONEDNN_MAX_CPU_ISA={r['isa']}`)" if r.get("isa") else "")
+        + f", `deepspeed.template={r['template']}`"
+        + "".join(f", `{o}`" for o in r.get("overrides") or [])
+        + ", micro-batch 1 per rank, "
         f"{r['steps']} steps; a STOP file placed once step {r['stop_at']} is logged (the ranks "
         "serve it at a step boundary, checkpoint and exit; torchrun reports their 143 as 1), "
         "then the same command resumes, restoring the weights and the AdamW state from "
@@ -340,6 +383,14 @@ def report(r: dict) -> str:
             f"| {('first', 'resume')[min(i, 1)]} | {p['returncode']} | "
             f"{p['seconds'] / 60:.1f} min | {ranks} GiB | {p['swap_peak_bytes'] / GIB:.1f} GiB |"
         )
+    if r.get("planned_peak_bytes"):
+        measured = max(b for p in r["phases"] for b in p["rank_peak_rss_bytes"])
+        lines += [
+            "",
+            f"`sftscale plan` for this run: {r['planned_peak_bytes'] / GIB:.2f} GiB per rank; "
+            f"measured at most {measured / GIB:.2f} GiB: planned/measured "
+            f"{r['planned_peak_bytes'] / measured:.2f}.",
+        ]
     times, ref = dict(r["step_time_s"]), dict(r.get("reference_losses") or [])
     if ref:
         lines += [

@@ -231,6 +231,9 @@ def plan_memory(
             count * group * 4,
             where="host",
         )
+        # the fp32 gradient of the sub-group swapped in for its step, in one buffer sized for
+        # the largest and held all run (stage3.py `initialize_optimizer_states`)
+        plan.add("fp32 gradient buffer of a swapped-in sub-group", group * 4, where="host")
     if par_at == "nvme":
         _nvme_weights(plan, z["offload_param"], trained // w_shard, group * w_shard, b=b)
     if stage >= 2:
