@@ -92,15 +92,11 @@ def candidates(run: ResolvedRun, *, bf16_native: bool) -> list[tuple[list[str], 
 
 
 def lean_gathers(run: ResolvedRun) -> list[str]:
-    """LEAN_GATHERS where they lower what the run's ZeRO settings keep gathered (any ZeRO-3
-    template a fix moves to has the templates' values), else []."""
+    """LEAN_GATHERS where they lower what the run's resolved ZeRO settings (the template with
+    the deepspeed.* knobs over it) keep gathered, else []."""
     z = run.ds_config.get("zero_optimization", {})
-    d = run.config.deepspeed
-    live, ahead = d.max_live_parameters, d.prefetch_bucket_size
-    if live is None:
-        live = int(z.get("stage3_max_live_parameters", 10**9))
-    if ahead is None:
-        ahead = int(z.get("stage3_prefetch_bucket_size", 5 * 10**7))
+    live = int(z.get("stage3_max_live_parameters", 10**9))
+    ahead = int(z.get("stage3_prefetch_bucket_size", 5 * 10**7))
     return LEAN_GATHERS if live > 10**8 or ahead > 10**7 else []
 
 
