@@ -167,6 +167,13 @@ class TrainConfig:
     # (DeepSpeed's TiledMLP; about positions per rank / hidden_size is ALST's rule). 0: off.
     tiled_logits: bool = False
     mlp_tiles: int = 0
+    # CPU workers (tensors in host RAM): glibc's mmap threshold, in bytes. Every allocation this
+    # large gets a mapping of its own, returned to the system when freed, so a rank's RSS
+    # follows its live tensors (what sftscale plan counts). 0: glibc's dynamic threshold, which
+    # rises to 32 MiB and keeps what ZeRO-3 gathered and freed resident (544M on 2 ranks
+    # peaked at 8.0 GiB instead of 6.3; fp32 1.24B on 2 ranks of a 23.5 GiB host was killed,
+    # and trains pinned); faster on small models with long rows (docs/long_context.md).
+    cpu_mmap_threshold: int = 1 << 20
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -179,6 +186,11 @@ class TrainConfig:
             "needs train.loss_chunk_tokens > 0 (the positions per tile)",
         )
         _check(self.mlp_tiles >= 0, "train.mlp_tiles", "must be >= 0 (0 = off)")
+        _check(
+            0 <= self.cpu_mmap_threshold <= 1 << 25,
+            "train.cpu_mmap_threshold",
+            "must be 0 (glibc's dynamic threshold) or 1..33554432 bytes (glibc's largest)",
+        )
 
 
 @dataclass

@@ -26,7 +26,11 @@ class Device:
     kind: str  # gpu | cpu
     # What a training process holds besides tensors. GPU: the CUDA context, NCCL's buffers, the
     # caching allocator's slack. CPU: the interpreter and libraries (torch, transformers,
-    # deepspeed, gloo, oneDNN's kernels), measured 0.45-0.5 GiB resident per rank here.
+    # deepspeed, gloo, oneDNN's kernels) and what glibc keeps of allocations below the mmap
+    # threshold. Fitted, the one fitted term of a CPU plan: the smallest constant with which
+    # sftscale plan is not low for any run of the fit set (benchmarks/plan_validation.py's
+    # table: 0.2M to 1.24B parameters, 2 ranks, mmap threshold pinned at 1 MiB), 0.86 GiB;
+    # validated on runs held out of it (the same file's held-out sections).
     runtime_bytes: int
     # Computes bf16 natively (every GPU of the catalogue: Ampere and newer). For a CPU host
     # sftscale.precision reads the CPU's flags instead.
@@ -44,7 +48,26 @@ GPUS = {
         Device("A10G", 24 * GIB, "gpu", int(1.5 * GIB)),
     )
 }
-CPU_RUNTIME_BYTES = int(0.5 * GIB)
+CPU_RUNTIME_BYTES = int(0.86 * GIB)
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+
+
+def pin_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold of this process at `nbytes` (train.cpu_mmap_threshold):
+    allocations at least this large are mapped on their own and unmapped when freed, instead
+    of glibc raising the threshold to 32 MiB and keeping freed gathers in its heap. False
+    where it is not set: 0 (glibc's default asked for) or a libc without mallopt (musl)."""
+    import ctypes  # only CPU workers set it
+
+    if nbytes <= 0:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, nbytes))
 
 
 def host_memory_bytes() -> int:

@@ -11,6 +11,8 @@ Every candidate change is planned the way the run itself is: resolved by sftscal
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from fractions import Fraction
 
 from sftscale.config import Config, ConfigError, apply_overrides, from_dict
 from sftscale.devices import GIB, Device, host_device, parse_devices, this_device
@@ -105,8 +107,13 @@ def fixes(run: ResolvedRun, device: Device, *, bf16_native: bool, limit: int = 3
     pairs, cheapest first. More ranks on a CPU host means more hosts like this one."""
     options = candidates(run, bf16_native=bf16_native)
 
-    def ranks_k(combo) -> int:
-        return math.prod(k for _, k in combo)
+    def ranks_k(combo) -> Fraction:
+        return math.prod((Fraction(k) for _, k in combo), start=Fraction(1))
+
+    def device_for(k: Fraction) -> Device:  # fewer ranks on a CPU host: more memory each
+        if k >= 1:
+            return device
+        return replace(device, memory_bytes=int(device.memory_bytes / k))
 
     def peak(combo: tuple[tuple[list[str], int], ...]) -> int | None:
         overrides = [o for ov, _ in combo for o in ov]
@@ -115,13 +122,14 @@ def fixes(run: ResolvedRun, device: Device, *, bf16_native: bool, limit: int = 3
         if "deepspeed.precision=bf16" in overrides:
             precision = choose("bf16", native_bf16=bf16_native, why="")
         try:
+            k = ranks_k(combo)
             p = resolve_run(
                 override(run.config, planned),
-                world=run.world * ranks_k(combo),
+                world=int(run.world * k),
                 seq_len=run.seq_len,
                 vocab_size=run.vocab_size,
                 precision=precision,
-                device=device,
+                device=device_for(k),
                 base_model_config=run.model_config,
             ).plan
         except (ConfigError, ValueError):
@@ -132,6 +140,8 @@ def fixes(run: ResolvedRun, device: Device, *, bf16_native: bool, limit: int = 3
         text = " ".join(o for ov, _ in combo for o in ov)
         k = ranks_k(combo)
         where = f", on {k}x the hosts" if k > 1 and device.kind == "cpu" else ""
+        if k < 1:
+            where = f", {int(run.world * k)} on this host"
         return f"{text} ({nbytes / GIB:.1f} GiB per rank{where})"
 
     # Changes on the same ranks first (single, then pairs), then every weight on NVMe (the
@@ -139,9 +149,13 @@ def fixes(run: ResolvedRun, device: Device, *, bf16_native: bool, limit: int = 3
     leanest = [o for o in options if LEANEST in o[0]]
     same = [o for o in options if o[1] == 1 and o not in leanest]
     more = [o for o in options if o[1] > 1]
+    # A CPU host's memory is shared by its ranks: fewer of them get more each (the same global
+    # batch: the accumulation grows as the ranks shrink), before every weight goes to NVMe
+    fewer = fewer_ranks(run) if device.kind == "cpu" else []
     tiers = [
         [(o,) for o in same],
         [(a, b) for i, a in enumerate(same) for b in same[i + 1 :]],
+        [(o,) for o in fewer] + [(a, b) for a in same for b in fewer],
         [(o,) for o in leanest] + [(a, b) for a in same for b in leanest],
         [(o,) for o in more],
         [(a, b) for a in same for b in more],
@@ -155,6 +169,18 @@ def fixes(run: ResolvedRun, device: Device, *, bf16_native: bool, limit: int = 3
         if found:
             return found
     return found
+
+
+def fewer_ranks(run: ResolvedRun) -> list[tuple[list[str], Fraction]]:
+    """Half the ranks, a quarter, ... down to one, each with the same global batch."""
+    t, out, n = run.config.train, [], run.world // 2
+    while n >= 1 and run.world % n == 0:
+        accum = t.grad_accum * run.world // n
+        out.append(
+            ([f"scale.num_workers={n}", f"train.grad_accum={accum}"], Fraction(n, run.world))
+        )
+        n //= 2
+    return out
 
 
 def plan_with_fixes(run: ResolvedRun, device: Device) -> Plan:

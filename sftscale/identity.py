@@ -28,6 +28,7 @@ MAY_CHANGE = (
     "train.loss_chunk_tokens",  # memory techniques: the same math
     "train.tiled_logits",
     "train.mlp_tiles",
+    "train.cpu_mmap_threshold",  # where glibc puts memory, not what is computed
     "model.gradient_checkpointing",
     "model.attn_implementation",
     "data.path",  # where the data lives; its content: data.fingerprint

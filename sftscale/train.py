@@ -34,6 +34,7 @@ from data_tools.console import ProgressBar, say
 from sftscale.checkpoint import lora_state, save_checkpoint
 from sftscale.config import Config, redacted
 from sftscale.data import Batch
+from sftscale.devices import pin_mmap_threshold
 from sftscale.evaluate import evaluate
 from sftscale.export import MODEL_META_DIR
 from sftscale.export_run import export_trained, save_export_meta
@@ -208,6 +209,8 @@ def train_worker(
     """
     # DeepSpeed picks its accelerator at import time.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():  # tensors in host RAM: RSS as sftscale plan counts it
+        pin_mmap_threshold(cfg.train.cpu_mmap_threshold)
 
     # DeepSpeed calls torch.distributed collectives that torch has renamed; the warning is
     # DeepSpeed's to fix and would repeat on every step.

@@ -98,3 +98,14 @@ def test_elastic_runs_keep_the_global_batch_on_fewer_workers():
     assert fixed.for_world(2) is fixed  # not elastic: a smaller world is a smaller batch
     with pytest.raises(ConfigError, match="scale.min_workers: must be 0"):
         load_config(None, ["data.path=d", "scale.num_workers=2", "scale.min_workers=3"])
+
+
+@pytest.mark.parametrize("value", ["-1", "33554433", "lots"])
+def test_cpu_mmap_threshold_is_bounded(value):
+    """glibc's mmap threshold: 0 (its dynamic default) up to 32 MiB (the largest mallopt takes)."""
+    with pytest.raises(ConfigError, match="train.cpu_mmap_threshold"):
+        load_config(None, ["data.path=x", f"train.cpu_mmap_threshold={value}"])
+    assert (
+        load_config(None, ["data.path=x", "train.cpu_mmap_threshold=0"]).train.cpu_mmap_threshold
+        == 0
+    )

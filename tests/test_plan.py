@@ -399,7 +399,8 @@ def test_fixes_for_a_moe_try_expert_parallelism_not_tiles_or_sequence_parallelis
 
 
 def test_dense_plans_are_unchanged_by_the_moe_terms():
-    """Llama-3.1-8B on 8 x H100 at 4096 positions, as planned before mixtures of experts."""
+    """Llama-3.1-8B on 8 x H100 at 4096 positions, as planned before mixtures of experts (and
+    since then the LM head's gradient, written whole in backward: 128256 x 4096 in bf16)."""
     _, _, plan = _plan("model.name_or_path=llama-3.1-8b")
     assert _lines(plan) == {
         "weights, bf16 (1/8 of 8,030.3M)": 2007565312,
@@ -408,6 +409,7 @@ def test_dense_plans_are_unchanged_by_the_moe_terms():
         "AdamW moments, fp32 (1/8)": 8030261248,
         "reduce bucket (reduce_bucket_size)": 100000000,
         "gathered weights (up to stage3_max_live_parameters 1e+09 + prefetch 5e+07)": 2100000000,
+        "the largest weight's gradient, whole, before it is reduced": 2 * 128256 * 4096,
         "activations: 32 checkpointed layer inputs (4096 tokens)": 1073741824,
         "the larger of: one layer's backward, the logits and the loss": 3677356032,
         "optimizer step: the largest sub-group's gradient flattened + fp32": 6000000000,
@@ -448,8 +450,8 @@ def test_nvme_weights_up_to_max_in_cpu_stay_in_host_ram():
     assert kept == [(4 * partition, "host")]
 
 
-def _fp32_billion(*overrides):
-    """Llama-3.2-1B in fp32 (a CPU without native bf16), 2 ranks on a 23.5 GiB host, 512
+def _fp32_billion(*overrides, world=2):
+    """Llama-3.2-1B in fp32 (a CPU without native bf16), `world` ranks on a 23.5 GiB host, 512
     positions, micro-batch 1, tiled logits, DeepSeek-V3's vocabulary (benchmarks/billion_cpu)."""
     cfg = load_config(
         None,
@@ -458,14 +460,15 @@ def _fp32_billion(*overrides):
             "model.name_or_path=llama-3.2-1b",
             "train.micro_batch_size=1",
             "train.tiled_logits=true",
+            f"scale.num_workers={world}",
             *overrides,
         ],
     )
     mcfg = model_config("llama-3.2-1b", vocab_size=129280)
-    device = host_device(2, memory_bytes=int(23.5 * GIB))
+    device = host_device(world, memory_bytes=int(23.5 * GIB))
     run = resolve_run(
         cfg,
-        world=2,
+        world=world,
         seq_len=512,
         vocab_size=129280,
         precision=Precision("fp32", "test"),
@@ -529,3 +532,54 @@ def test_every_weight_on_nvme_is_the_last_resort_on_the_same_ranks():
         "deepspeed.max_live_parameters=1e8 deepspeed.prefetch_bucket_size=1e7"
     ) < tried.index("deepspeed.template=zero3_offload_optimizer")
     assert tried[-5].endswith("deepspeed.max_in_cpu=0")  # before more ranks
+
+
+def test_glibc_keeps_freed_gathers_only_with_its_dynamic_threshold():
+    """A CPU host's workers pin glibc's mmap threshold (train.cpu_mmap_threshold, 1 MiB): what
+    forward and backward gathered and freed goes back to the system, and the plan is held +
+    the larger phase. With 0 (glibc's dynamic threshold) the freed gathers stay resident: the
+    plan adds the gathered weights once more and names the line. A GPU's plan is the same either
+    way."""
+    cpu = host_device(2, 64 * GIB)
+    _, _, pinned = _plan("model.name_or_path=llama-100m", world=2, seq_len=512, device=cpu)
+    _, _, dynamic = _plan(
+        "model.name_or_path=llama-100m",
+        "train.cpu_mmap_threshold=0",
+        world=2,
+        seq_len=512,
+        device=cpu,
+    )
+    held, phases = (
+        pinned.phase_bytes("held"),
+        (
+            pinned.phase_bytes("fwd/bwd"),
+            pinned.phase_bytes("step"),
+        ),
+    )
+    assert pinned.kept_bytes == 0 and pinned.peak_bytes == held + max(phases)
+    assert dynamic.gathered_bytes == pinned.gathered_bytes > 0
+    assert dynamic.kept_bytes == dynamic.gathered_bytes
+    assert dynamic.peak_bytes == pinned.peak_bytes + pinned.gathered_bytes
+    assert "glibc keeps resident" in dynamic.table() and "glibc" not in pinned.table()
+    gpu = [
+        _plan("model.name_or_path=llama-100m", *t, world=2, seq_len=512)[2]
+        for t in ([], ["train.cpu_mmap_threshold=0"])
+    ]
+    assert gpu[0].peak_bytes == gpu[1].peak_bytes and gpu[1].kept_bytes == 0
+
+
+def test_fewer_ranks_share_a_cpu_host_when_nothing_fits_on_as_many():
+    """fp32 1.24B on 4 ranks of one 23.5 GiB host: no change on 4 ranks fits (5.9 GiB each);
+    one rank gets the whole host. The fix keeps the global batch (4x the accumulation), says
+    where, and the same plan on 1 rank with the host's memory fits at its figure."""
+    from sftscale.fit import fixes
+
+    run, device = _fp32_billion(world=4)
+    assert not run.plan.fits
+    found = fixes(run, device, bf16_native=False)
+    assert "scale.num_workers=1 train.grad_accum=4" in found[0] and "1 on this host" in found[0]
+    assert all("hosts" not in f for f in found)  # more hosts come after
+    fix = found[0].split(" (")[0].replace("<a local disk>", "/nvme").split()
+    one, _ = _fp32_billion(*fix, world=1)
+    assert one.plan.fits and f"({one.plan.peak_bytes / GIB:.1f} GiB per rank" in found[0]
+    assert one.config.global_batch_rows(1) == run.config.global_batch_rows(4) == 4
