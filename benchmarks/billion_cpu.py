@@ -218,21 +218,24 @@ def main() -> None:
         args.precision = choose("auto", native_bf16=native, why=why).name
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    out_json = results_json(args.precision)
+    out_json = results_json(args.precision, args.ranks)
     if not args.report_only:
         result = measure(args, work, out_json)
         out_json.write_text(json.dumps(result, indent=1) + "\n")
-    runs = [results_json(p) for p in ("bf16", "fp32")]
+    runs = [results_json("bf16", 2), results_json("fp32", 1)]
+    runs += sorted((HERE / "results").glob("billion_cpu_fp32_*ranks.json"))
     text = "\n".join(report(json.loads(f.read_text())) for f in runs if f.is_file())
     (HERE / "results" / "billion_cpu.md").write_text(text)
     print(text)
 
 
-def results_json(precision: str) -> Path:
-    """billion_cpu.json holds the bf16 run (as it always has), billion_cpu_fp32.json the fp32."""
-    return (
-        HERE / "results" / ("billion_cpu.json" if precision == "bf16" else "billion_cpu_fp32.json")
-    )
+def results_json(precision: str, ranks: int) -> Path:
+    """billion_cpu.json holds the bf16 run (as it always has), billion_cpu_fp32.json the fp32
+    run on one rank, billion_cpu_fp32_<n>ranks.json one on n ranks."""
+    if precision == "bf16":
+        return HERE / "results" / "billion_cpu.json"
+    suffix = "" if ranks == 1 else f"_{ranks}ranks"
+    return HERE / "results" / f"billion_cpu_fp32{suffix}.json"
 
 
 def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
