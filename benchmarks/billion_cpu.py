@@ -258,7 +258,7 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     model_dir = work / "llama-3.2-1b-shape"
     model_bytes = save_model(model_dir, base_vocab)
 
-    name = f"run-{args.template}-{args.precision}" + (f"-{args.ranks}r" if args.ranks != 2 else "")
+    name = run_name(args.template, args.precision, args.ranks)
     run_dir, swap = work / "runs" / name, work / "swap"
     overrides = run_overrides(
         work,
@@ -344,6 +344,10 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     return result
 
 
+def run_name(template: str, precision: str, ranks: int) -> str:
+    return f"run-{template}-{precision}" + (f"-{ranks}r" if ranks != 2 else "")
+
+
 def run_overrides(
     work: Path,
     *,
@@ -355,7 +359,7 @@ def run_overrides(
     extra: list[str],
 ) -> list[str]:
     """The config overrides of a run of this benchmark (its model and data under `work`)."""
-    name = f"run-{template}-{precision}" + (f"-{ranks}r" if ranks != 2 else "")
+    name = run_name(template, precision, ranks)
     return [
         f"model.name_or_path={work / 'llama-3.2-1b-shape'}",
         f"data.path={work / f'prepared-{seq_len}'}",

@@ -339,10 +339,9 @@ def _forward_backward(
         # autograd writes a weight's gradient whole before ZeRO's hook reduces it into the
         # bucket and frees it: the LM head's (or the tied embedding's) at the start of backward,
         # or a MoE layer's fused experts (1/ep of them with expert parallelism)
-        largest = max(s.embed, s.hidden * s.intermediate, s.largest_param // ep)
         plan.add(
             "the largest weight's gradient, whole, before it is reduced",
-            b * largest,
+            b * s.largest_weight_of_rank(ep),
             phase="fwd/bwd",
         )
     tokens = cfg.train.micro_batch_size * seq_len // cfg.scale.sequence_parallel_size

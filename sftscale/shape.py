@@ -73,7 +73,14 @@ class ModelShape:
     @property
     def largest_weight(self) -> int:
         """Elements of the largest weight: the embedding, or an MLP projection."""
-        return max(self.embed, self.hidden * self.intermediate, self.largest_param)
+        return self.largest_weight_of_rank()
+
+    def largest_weight_of_rank(self, expert_parallel: int = 1) -> int:
+        """The largest weight one rank holds whole: with expert parallelism a MoE layer's fused
+        experts are split into 1/expert_parallel (the embedding and dense weights are not)."""
+        return max(
+            self.embed, self.hidden * self.intermediate, self.largest_param // expert_parallel
+        )
 
     @classmethod
     def from_config(cls, mcfg: Any) -> ModelShape:

@@ -208,8 +208,9 @@ def train_worker(
     expected: the driver's resolution of the run by world size (sftscale.resolve.check_same).
     """
     # DeepSpeed picks its accelerator at import time.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():  # tensors in host RAM: RSS as sftscale plan counts it
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    if not cuda:  # tensors in host RAM: RSS as sftscale plan counts it
         pin_mmap_threshold(cfg.train.cpu_mmap_threshold)
 
     # DeepSpeed calls torch.distributed collectives that torch has renamed; the warning is
