@@ -100,19 +100,20 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
-def run_phase(cmd: list[str], env: dict, run_dir: Path, swap: Path, stop_at: int | None) -> dict:
+def run_phase(cmd: list[str], env: dict, run_dir: Path, swap: Path, stop_after: int | None) -> dict:
     """One launch: each rank's peak RSS (polled VmHWM), the swap directory at its largest,
-    and the STOP file once step `stop_at` is logged."""
+    and the STOP file once step `stop_after` is logged (the ranks serve it after the step that
+    runs then)."""
     t0 = time.perf_counter()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"launch-{int(time.time())}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        return _watch(proc, run_dir, swap, stop_at, t0) | {"log": str(log_path)}
+        return _watch(proc, run_dir, swap, stop_after, t0) | {"log": str(log_path)}
 
 
 def _watch(
-    proc: subprocess.Popen, run_dir: Path, swap: Path, stop_at: int | None, t0: float
+    proc: subprocess.Popen, run_dir: Path, swap: Path, stop_after: int | None, t0: float
 ) -> dict:
     import psutil
 
@@ -128,7 +129,7 @@ def _watch(
                     peaks[child.pid] = max(peaks.get(child.pid, 0), hwm)
         if time.perf_counter() - last_poll > 5:
             swap_peak, last_poll = max(swap_peak, dir_bytes(swap)), time.perf_counter()
-        if stop_at and not stopped and last_step(run_dir) >= stop_at:
+        if stop_after is not None and not stopped and last_step(run_dir) >= stop_after:
             (run_dir / "STOP").touch()
             stopped = True
         time.sleep(0.5)
@@ -292,7 +293,8 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
     if not args.resume_only:  # a new measurement starts from nothing
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(swap, ignore_errors=True)
-    phases = previous.get("phases") or [run_phase(cmd, env, run_dir, swap, args.stop_at)]
+    stop_after = args.stop_at - 1 if args.stop_at else None  # served after the step running then
+    phases = previous.get("phases") or [run_phase(cmd, env, run_dir, swap, stop_after)]
     ckpt_bytes = previous.get("checkpoint_bytes_at_stop") or dir_bytes(run_dir / "checkpoints")
     # torchrun turns the ranks' 143 (preempted) into its own 1: stopped = steps left to run
     if last_step(run_dir) < args.steps and (run_dir / "checkpoints" / "latest").is_file():
@@ -317,6 +319,8 @@ def measure(args: argparse.Namespace, work: Path, out_json: Path) -> dict:
         "seq_len": args.seq_len,
         "steps": args.steps,
         "stop_at": args.stop_at,
+        # runs measured before the stop was served after the step it arrives in placed it late
+        "stop_placed_after": previous.get("stop_placed_after", previous.get("stop_at", stop_after)),
         "model_bytes": model_bytes,
         "phases": phases,
         "losses": [(r["step"], r["loss"]) for r in recs],
@@ -422,7 +426,8 @@ def report(r: dict) -> str:
         + f", `deepspeed.template={r['template']}`"
         + "".join(f", `{o}`" for o in r.get("overrides") or [])
         + ", micro-batch 1 per rank, "
-        f"{r['steps']} steps; a STOP file placed once step {r['stop_at']} is logged (the ranks "
+        f"{r['steps']} steps; a STOP file placed once step {r.get('stop_placed_after', r['stop_at'])} "
+        "is logged (the ranks "
         "serve it at a step boundary, checkpoint and exit; torchrun reports their 143 as 1), "
         "then the same command resumes, restoring the weights and the AdamW state from "
         "the swap files and the ZeRO checkpoint (`sftscale.checkpoint.restore_nvme_optimizer_state`).",

@@ -14,9 +14,9 @@ STOP_FILE = "STOP"
 
 class PreemptionFlag:
     """SIGTERM, or the run directory's STOP file (polled by rank 0). Every rank learns of it
-    through the step's first all-reduce. Signal handlers can only be installed from the main
-    thread; Ray Train runs the loop in another thread, so there the STOP file is the way in
-    (launchers/slurm uses it)."""
+    through an all-reduce at the end of the step running then. Signal handlers can only be
+    installed from the main thread; Ray Train runs the loop in another thread, so there the
+    STOP file is the way in (launchers/slurm uses it)."""
 
     def __init__(self, *, stop_file: Path | None) -> None:
         self._signalled = False

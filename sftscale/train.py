@@ -78,19 +78,15 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
         pad_id=run.pad_id,
     )
     # Collective: every rank needs the step's global supervised-token count before its first
-    # backward; a preemption request on any rank rides along.
+    # backward.
     counts = torch.tensor(
-        [
-            sum(b.num_supervised for b in plan.micro),
-            sum(b.num_tokens for b in plan.micro),
-            float(preemption.requested()),
-        ],
+        [sum(b.num_supervised for b in plan.micro), sum(b.num_tokens for b in plan.micro)],
         dtype=torch.float64,
         device=device,  # NCCL reduces only CUDA tensors
     )
     with awaited("the all-reduce of the step's token counts", **run.where):
         dist.all_reduce(counts)
-    supervised, tokens, stop_votes = counts.tolist()  # one device-to-host copy
+    supervised, tokens = counts.tolist()  # one device-to-host copy
     # DeepSpeed divides each micro-step's gradient by grad_accum and averages over ranks (all
     # of them: under sequence parallelism each rank's loss is its slice's share);
     # scaling by (grad_accum * world) undoes both so gradients are sum / global supervised.
@@ -108,6 +104,11 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
             sums += m.sums  # on device: no sync
             if m.expert_tokens is not None:
                 expert_tokens = m.expert_tokens + (0 if expert_tokens is None else expert_tokens)
+    # Collective: a stop requested on any rank while this step ran is served after it (a
+    # scheduler's grace period then has to cover one step, not two)
+    stop_votes = torch.tensor([float(preemption.requested())], device=device)
+    with awaited("the all-reduce of the stop requests", **run.where):
+        dist.all_reduce(stop_votes)
     run.step += 1
     run.position += plan.rows
     run.ledger.extend(
@@ -120,7 +121,7 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
         loss_sum=loss_sum,
         supervised=supervised,
         tokens=tokens,
-        stop_requested=stop_votes > 0,
+        stop_requested=stop_votes.item() > 0,
         seconds=time.perf_counter() - t0,
         balance_sum=balance_sum,
         expert_tokens=expert_tokens,

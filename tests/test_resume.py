@@ -159,6 +159,42 @@ def test_stop_request_checkpoints_and_resume_is_exact(tmp_path, prepared_dir, un
     _assert_ledger_complete(cfg, rows_per_step=2)
 
 
+# A run whose STOP file appears during step 3's forward (as a scheduler's trap may touch it at
+# any moment): the file is made from inside the step, so when it arrives is not a race.
+_STOP_DURING_STEP_3 = r"""
+import sys
+from pathlib import Path
+import sftscale.train as train
+from sftscale.config import load_config
+from sftscale.launch import run
+
+cfg = load_config(sys.argv[1])
+inner = train.micro_step
+def micro_step(r, *args, **kwargs):
+    if r.step == 2:  # steps count from 0 until the first one ends
+        (Path(r.out) / "STOP").touch()
+    return inner(r, *args, **kwargs)
+train.micro_step = micro_step
+print("STOPPED AT", run(cfg, local=True)["step"])
+"""
+
+
+@pytest.mark.distributed
+def test_stop_is_served_after_the_step_it_arrives_in(tmp_path, prepared_dir):
+    """The step running when the request comes ends and is saved; no further step is taken
+    (a scheduler's grace period has to cover one step, not two)."""
+    cfg = _cfg(tmp_path, prepared_dir, "stop-in-step", "checkpoint.every_n_steps=0")
+    path = _cmd(cfg)[4]  # the config file the command would run
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOP_DURING_STEP_3, path], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STOPPED AT 3" in proc.stdout, proc.stdout[-3000:]
+    assert _last_step(cfg) == 3
+    assert (cfg.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert not (cfg.run_dir / "STOP").exists()
+
+
 @pytest.mark.distributed
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     tmp_path, prepared_dir, uninterrupted
