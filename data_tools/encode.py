@@ -447,7 +447,7 @@ class Encoder:
             backend.no_padding()
             backend.no_truncation()
         self.backend = backend
-        self.config = json.loads(backend.to_str())  # read once: megabytes for a large vocabulary
+        self.config = pipeline_config(backend)
         self.path: _Path | None = _FastPath.build(backend, self.config) or _MetaspacePath.build(
             backend, self.config
         )
@@ -493,17 +493,42 @@ class Encoder:
         prepends nothing, whose ByteLevel adds no prefix space and whose normalizer prepends
         nothing (the legacy Llama form); the tokenizer itself when it has none of these."""
         if self._continued is None:
-            config = copy.deepcopy(self.config)
-            changed = _drop_start_prefix(config)
-            if changed:
+            config = copy.deepcopy(self.config)  # the pipeline's parts only: small
+            if _drop_start_prefix(config):
                 # light (tokenizers): imported with every fast tokenizer already
                 from tokenizers import Tokenizer
 
-                backend = Tokenizer.from_str(json.dumps(config))
+                whole = json.loads(self.backend.to_str())  # the vocabulary too: megabytes
+                whole.update(normalizer=config["normalizer"], pre_tokenizer=config["pre_tokenizer"])
+                backend = Tokenizer.from_str(json.dumps(whole))
                 self._continued = getattr(backend, "encode_batch_fast", backend.encode_batch)
             else:
                 self._continued = self._rust
         return self._continued
+
+
+def pipeline_config(backend: Any) -> dict:
+    """The parts of a tokenizer.json the fast paths read, in its own form, each serialized
+    alone: the whole file would serialize and parse the vocabulary and merges too (megabytes
+    for a large vocabulary: a second per process for DeepSeek-V3's, measured)."""
+
+    def state(part: Any) -> Any:
+        return None if part is None else json.loads(part.__getstate__())
+
+    model = backend.model
+    return {
+        "normalizer": state(backend.normalizer),
+        "pre_tokenizer": state(backend.pre_tokenizer),
+        "post_processor": state(backend.post_processor),
+        "truncation": backend.truncation,
+        "padding": backend.padding,
+        "model": {
+            "type": type(model).__name__,
+            # BPE's settings the paths check (the model object exposes them; absent: None)
+            "dropout": getattr(model, "dropout", None),
+            "ignore_merges": getattr(model, "ignore_merges", None),
+        },
+    }
 
 
 def _drop_start_prefix(config: dict) -> bool:

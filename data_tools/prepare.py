@@ -181,13 +181,44 @@ def worker_tokenizer(tokenizer_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-def _init_worker(tokenizer_dir: str, options: dict) -> None:
-    tok = worker_tokenizer(tokenizer_dir)
-    _WORKER.update(tokenizer=tok, template=tok.chat_template, options=PrepareOptions(**options))
+def _init_worker(options: dict) -> None:
+    """A worker starts before the main process has saved the tokenizer: it imports what it
+    will need now (transformers' tokenizer classes: ~1 s) and loads the tokenizer its first
+    batch names."""
+    # heavy (transformers): the worker's own import, the reason it starts early
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+    _WORKER.update(options=PrepareOptions(**options), dir=None)
 
 
-def _process_batch(items: list[tuple[str, int, str, Any]]) -> list[dict]:
+def _process_batch(job: tuple[str, list[tuple[str, int, str, Any]]]) -> list[dict]:
+    tokenizer_dir, items = job
+    if _WORKER["dir"] != tokenizer_dir:
+        tok = worker_tokenizer(tokenizer_dir)
+        _WORKER.update(tokenizer=tok, template=tok.chat_template, dir=tokenizer_dir)
     return process_records(items, _WORKER["tokenizer"], _WORKER["template"], _WORKER["options"])
+
+
+class _Workers:
+    """The local engine's worker processes (none for one process, or with Ray), started first:
+    their imports overlap the main process's loading of the tokenizer (AutoTokenizer imports
+    torch: 2-4 s on 2 cores). Ended, running or not, when the block ends."""
+
+    def __init__(self, options: PrepareOptions) -> None:
+        self.pool = None
+        if options.engine == "local" and options.num_proc > 1:
+            ctx = mp.get_context("spawn")  # no fork of a process that may hold threads
+            self.pool = ctx.Pool(
+                options.num_proc, initializer=_init_worker, initargs=(asdict(options),)
+            )
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 def process_records(items, tokenizer, template: str, options: PrepareOptions) -> list[dict]:
@@ -338,20 +369,14 @@ def _batches(
 
 
 def _run_local(
-    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, workers: _Workers
 ) -> Iterator[list[dict]]:
-    if options.num_proc == 1:
-        _init_worker(str(tokenizer_dir), asdict(options))
-        for batch in batches:
-            yield _process_batch(batch)
-        return
-
-    ctx = mp.get_context("spawn")  # no fork of a process that may hold threads (tokenizers)
-    with ctx.Pool(
-        options.num_proc, initializer=_init_worker, initargs=(str(tokenizer_dir), asdict(options))
-    ) as pool:
-        # imap keeps input order; a bounded chunk keeps memory flat.
-        yield from pool.imap(_process_batch, batches, chunksize=1)
+    jobs = ((str(tokenizer_dir), batch) for batch in batches)
+    if workers.pool is None:
+        _init_worker(asdict(options))
+        yield from map(_process_batch, jobs)
+    else:  # imap keeps input order; a bounded chunk keeps memory flat
+        yield from workers.pool.imap(_process_batch, jobs, chunksize=1)
 
 
 def _encode_record(rec: Any) -> Any:
@@ -390,7 +415,7 @@ class _RayTokenize:
 
 
 def _run_ray(
-    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, workers: _Workers
 ) -> Iterator[list[dict]]:
     """The same per-record work on Ray Data (a running cluster, or a local Ray); the driver
     streams records in windows and packs in input order."""
@@ -515,13 +540,29 @@ def prepare(
     except (InputError, MixtureError) as e:
         raise PrepareError(str(e)) from e
     read_from = _Inputs(paths, sources, path_source)
-    try:
-        tokenizer = load_tokenizer(tokenizer_path)
-        template = resolve_template(tokenizer, options.chat_template)
-        tokens = stop_tokens(tokenizer, template, options.chat_template)
-    except ValueError as e:
-        raise PrepareError(str(e)) from e
+    with _Workers(options) as workers:
+        try:
+            tokenizer = load_tokenizer(tokenizer_path)
+            template = resolve_template(tokenizer, options.chat_template)
+            tokens = stop_tokens(tokenizer, template, options.chat_template)
+        except ValueError as e:
+            raise PrepareError(str(e)) from e
+        return _stage(
+            read_from, out_dir, tokenizer, template, tokens, tokenizer_path, options, workers
+        )
 
+
+def _stage(
+    inputs: _Inputs,
+    out_dir: str,
+    tokenizer: Any,
+    template: str,
+    tokens: dict,
+    tokenizer_path: str,
+    options: PrepareOptions,
+    workers: _Workers,
+) -> schema.Manifest:
+    """Everything into a new directory that replaces `out_dir` only when whole."""
     try:
         with new_output(Path(out_dir), log=_say if options.progress else _quiet) as staged:
             # The tokenizer travels with the shards, template included, so training and export
@@ -529,14 +570,13 @@ def prepare(
             tokenizer.chat_template = template
             tokenizer.save_pretrained(str(staged / schema.TOKENIZER_DIR))
             try:
-                manifest = _write(
-                    read_from, staged, tokenizer, template, tokens, tokenizer_path, options
+                return _write(
+                    inputs, staged, tokenizer, template, tokens, tokenizer_path, options, workers
                 )
             except PrepareError as e:
                 raise PrepareError(f"{e}{_keep_quarantine(staged, Path(out_dir))}") from None
     except OutputError as e:
         raise PrepareError(str(e)) from e
-    return manifest
 
 
 def _keep_quarantine(staged: Path, out: Path) -> str:
@@ -576,13 +616,14 @@ def _write(
     tokens: dict,
     tokenizer_path: str,
     options: PrepareOptions,
+    workers: _Workers,
 ) -> schema.Manifest:
     """Tokenize, pack and write shards, quarantine and manifest into the new directory `out`."""
     tok_dir = out / schema.TOKENIZER_DIR
     source_hashes: list[dict] = []
     shards = _Shards(out, options)
     counts, reasons, formats, mix = _tokenize_and_pack(
-        inputs, tok_dir, options, shards, source_hashes
+        inputs, tok_dir, options, shards, source_hashes, workers
     )
 
     n, bad = counts["records"], counts["bad"]
@@ -636,7 +677,12 @@ def _write(
 
 
 def _tokenize_and_pack(
-    inputs: _Inputs, tok_dir: Path, options: PrepareOptions, shards: _Shards, source_hashes: list
+    inputs: _Inputs,
+    tok_dir: Path,
+    options: PrepareOptions,
+    shards: _Shards,
+    source_hashes: list,
+    workers: _Workers,
 ) -> tuple[Counter, Counter, Counter, dict | None]:
     """Read, tokenize and mask every record, quarantine the bad ones with their reason, and
     pack the documents window by window into `shards` (a mixture: once every source is read).
@@ -655,7 +701,7 @@ def _tokenize_and_pack(
     bar = ProgressBar(desc="prepare", unit=" records", enabled=options.progress, rate="tokens")
     try:
         with open(shards.out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
-            for results in engine(batches, tok_dir, options):
+            for results in engine(batches, tok_dir, options, workers):
                 for r in results:
                     k = source_of(counts["records"]) if spill is not None else 0
                     counts["records"] += 1

@@ -5,6 +5,7 @@ tokenizers with real multilingual dialogs; everything else falls back to Rust.""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 
 import pytest
@@ -283,6 +284,38 @@ def test_other_pipelines_fall_back_to_rust(name):
     rng = random.Random(2)
     texts = ["".join(rng.choices(FRAGMENTS, k=rng.randint(0, 100))) for _ in range(100)]
     assert enc(texts) == _rust(tok, texts)
+
+
+def _dropout_bpe() -> Tokenizer:
+    tok = SUPPORTED["gpt2"]()
+    tok.model.dropout = 0.1
+    return tok
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        *SUPPORTED.values(),
+        *UNSUPPORTED.values(),
+        _dropout_bpe,
+        lambda: Tokenizer.from_file(str(REAL_TOKENIZERS["deepseek-v3"]())),
+        lambda: Tokenizer.from_file(str(REAL_TOKENIZERS["llama3.1"]())),
+        lambda: tokenizer_from_sentencepiece_backend(),
+        lambda: Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+    ],
+)
+def test_the_pipeline_parts_read_alone_are_those_of_the_whole_file(make):
+    """Encoder reads the parts it checks one by one, not the whole tokenizer.json (whose
+    vocabulary is megabytes); they must be what the whole file says."""
+    tok = make()
+    whole = json.loads(tok.to_str())
+    parts = encode.pipeline_config(tok)
+    for key in ("normalizer", "pre_tokenizer", "post_processor", "truncation", "padding"):
+        assert parts[key] == whole[key], key
+    assert parts["model"]["type"] == whole["model"]["type"]
+    assert parts["model"]["ignore_merges"] == whole["model"].get("ignore_merges")
+    # (the model object gives its dropout as a 32-bit float)
+    assert parts["model"]["dropout"] == pytest.approx(whole["model"].get("dropout"))
 
 
 def test_unicode_text_takes_the_fast_path_with_the_same_pieces_and_ids(tokenizer):
