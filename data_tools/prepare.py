@@ -547,32 +547,31 @@ def prepare(
             tokens = stop_tokens(tokenizer, template, options.chat_template)
         except ValueError as e:
             raise PrepareError(str(e)) from e
-        return _stage(
-            read_from, out_dir, tokenizer, template, tokens, tokenizer_path, options, workers
-        )
+        loaded = _Tokenizer(tokenizer, template, tokens, str(tokenizer_path))
+        return _stage(read_from, out_dir, loaded, options, workers)
+
+
+@dataclass(frozen=True)
+class _Tokenizer:
+    tokenizer: Any
+    template: str  # the chat template the data is rendered with
+    tokens: dict  # stop_tokens: added tokens, end of turn, EOS ids
+    source: str  # --tokenizer as given
 
 
 def _stage(
-    inputs: _Inputs,
-    out_dir: str,
-    tokenizer: Any,
-    template: str,
-    tokens: dict,
-    tokenizer_path: str,
-    options: PrepareOptions,
-    workers: _Workers,
+    inputs: _Inputs, out_dir: str, loaded: _Tokenizer, options: PrepareOptions, workers: _Workers
 ) -> schema.Manifest:
     """Everything into a new directory that replaces `out_dir` only when whole."""
+    tokenizer = loaded.tokenizer
     try:
         with new_output(Path(out_dir), log=_say if options.progress else _quiet) as staged:
             # The tokenizer travels with the shards, template included, so training and export
             # use exactly the ids the data was made with; the workers load this copy.
-            tokenizer.chat_template = template
+            tokenizer.chat_template = loaded.template
             tokenizer.save_pretrained(str(staged / schema.TOKENIZER_DIR))
             try:
-                return _write(
-                    inputs, staged, tokenizer, template, tokens, tokenizer_path, options, workers
-                )
+                return _write(inputs, staged, loaded, options, workers)
             except PrepareError as e:
                 raise PrepareError(f"{e}{_keep_quarantine(staged, Path(out_dir))}") from None
     except OutputError as e:
@@ -609,14 +608,7 @@ class _Inputs:
 
 
 def _write(
-    inputs: _Inputs,
-    out: Path,
-    tokenizer: Any,
-    template: str,
-    tokens: dict,
-    tokenizer_path: str,
-    options: PrepareOptions,
-    workers: _Workers,
+    inputs: _Inputs, out: Path, loaded: _Tokenizer, options: PrepareOptions, workers: _Workers
 ) -> schema.Manifest:
     """Tokenize, pack and write shards, quarantine and manifest into the new directory `out`."""
     tok_dir = out / schema.TOKENIZER_DIR
@@ -657,13 +649,13 @@ def _write(
             "split_pieces_without_supervision": counts["unsupervised_pieces"],
         },
         tokenizer=schema.TokenizerInfo(
-            fingerprint=tokenizer_fingerprint(tokenizer, template),
-            vocab_size=len(tokenizer),
-            base_vocab_size=tokenizer.vocab_size,
+            fingerprint=tokenizer_fingerprint(loaded.tokenizer, loaded.template),
+            vocab_size=len(loaded.tokenizer),
+            base_vocab_size=loaded.tokenizer.vocab_size,
             dir=schema.TOKENIZER_DIR,
-            source=str(tokenizer_path),
+            source=loaded.source,
             files={f.name: schema.file_sha256(f) for f in sorted(tok_dir.iterdir()) if f.is_file()},
-            **tokens,
+            **loaded.tokens,
         ),
         sources={"sha256": source_hash, "files": source_hashes},
         options={
