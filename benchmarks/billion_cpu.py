@@ -477,7 +477,9 @@ def report(r: dict) -> str:
             "",
             "The resumed run's losses are bit-for-bit those of the uninterrupted run."
             if same
-            else "The resumed run's losses differ from the uninterrupted run's.",
+            else "The resumed run's losses differ from the uninterrupted run's: "
+            f"at most {max(abs(loss - ref[s]) / abs(ref[s]) for s, loss in r['losses']):.1e} "
+            "relative, from the first step after the resume.",
         ]
     else:
         lines += ["", "| step | loss | s/step |", "|---|---|---|"]
@@ -489,6 +491,7 @@ def report(r: dict) -> str:
         f"On disk: model {r['model_bytes'] / GIB:.2f} GiB (bf16), checkpoint "
         f"{r['checkpoint_bytes_at_stop'] / GIB:.2f} GiB, export {r['export_bytes'] / GIB:.2f} GiB.",
     ]
+    lines += [f"\n{note}" for note in r.get("notes", [])]  # what the measurer saw, by hand
     rl = r.get("reload") or {}
     if "error" in rl:
         lines.append(f"\nReload failed: {rl['error'][-300:]}")
