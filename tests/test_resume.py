@@ -49,11 +49,16 @@ def _cfg(tmp_path, prepared_dir, name, *extra):
     )
 
 
-def _cmd(cfg):
+def _config_file(cfg) -> str:
+    """`cfg` saved beside its run directory: the file the run commands name."""
     path = cfg.run_dir.parent / f"{cfg.logging.run_name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path)
-    return [sys.executable, "-m", "sftscale", "train", str(path), "--local"]
+    return str(path)
+
+
+def _cmd(cfg):
+    return [sys.executable, "-m", "sftscale", "train", _config_file(cfg), "--local"]
 
 
 def _records(cfg):
@@ -70,7 +75,7 @@ def _last_step(cfg):
 
 def _two_ranks(cfg):
     """The run of `cfg` on 2 ranks of this host (torchrun)."""
-    return torchrun("-m", "sftscale", "train", _cmd(cfg)[4])
+    return torchrun("-m", "sftscale", "train", _config_file(cfg))
 
 
 _RANKS_ENV = {**os.environ, **RANK_ENV}
@@ -194,7 +199,7 @@ def test_stop_is_served_after_the_step_it_arrives_in(tmp_path, prepared_dir):
     """The step running when the request comes ends and is saved; no further step is taken
     (a scheduler's grace period has to cover one step, not two)."""
     cfg = _cfg(tmp_path, prepared_dir, "stop-in-step", "checkpoint.every_n_steps=0")
-    path = _cmd(cfg)[4]  # the config file the command would run
+    path = _config_file(cfg)
     proc = subprocess.run(
         [sys.executable, "-c", _STOP_DURING_STEP_3, path], capture_output=True, text=True
     )
@@ -360,7 +365,8 @@ def test_nvme_offload_equals_cpu_offload_and_resumes(tmp_path, prepared_dir, sp_
     proc, log = _start_until(nvme, 5, watch=note_swapped, cmd=_two_ranks(nvme), env=_RANKS_ENV)
     (nvme.run_dir / "STOP").touch()
     out = _finish(proc, log)
-    assert "checkpoint saved: rerun to resume" in out, out[-3000:]  # torchrun exits 1 on a 143
+    assert proc.returncode == 1, out[-3000:]  # torchrun's exit when its ranks exit 143
+    assert "checkpoint saved: rerun to resume" in out, out[-3000:]
     stopped = _last_step(nvme)
     assert 5 <= stopped < 12
     # the optimizer states and the weights really lived on the disk
