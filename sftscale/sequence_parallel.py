@@ -55,12 +55,31 @@ def sequence_parallel_group(size: int) -> SequenceParallelGroup:
     return SequenceParallelGroup(size=size, rank=rank % size, group=mine)
 
 
+def padded_length(n: int) -> int:
+    """`n` positions rounded up to one of few lengths: a multiple of 64 up to 512, then of
+    1/8 of the power of two at or below `n` (at most 12.5% more positions, 8 lengths an
+    octave)."""
+    if n <= 512:
+        return -(-n // 64) * 64
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
 def document_attention(core: Callable) -> Callable:
     """`core` (a transformers attention function) run once per document of each row.
 
     Documents start where the whole row's position ids are 0 (collate restarts them at every
     document; the padding tail is its own segment). Each call gets no mask, so the core is
     causal within the document and nothing crosses into another one.
+
+    On a CPU each document is padded at its end to `padded_length`: oneDNN, under the bf16
+    GEMMs of the CPU's sdpa kernels, builds and caches a kernel for every new shape, and a
+    corpus's document lengths are many. Unpadded, a rank's RSS grew by 0.07 GiB every step
+    of a 0.2M-parameter model (8 rows of 1024 positions, 20-300-token documents: 0.89 ->
+    1.44 GiB over 12 steps), and on 64k-position rows by more than the activations. Padded,
+    it stays flat (0.50 GiB). Exact: the padding comes after every real position, so causal
+    attention never lets a real query see it, and its own outputs are dropped (their
+    gradient is zero). GPUs' kernels keep no per-shape state: no padding there.
     """
 
     def attend(module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
@@ -75,7 +94,7 @@ def document_attention(core: Callable) -> Callable:
             bounds = sorted({0, *starts, length})
             sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
             parts = [
-                core(module, qd, kd, vd, None, *args, **kwargs)[0]
+                _padded(core, module, qd, kd, vd, args, kwargs)
                 for qd, kd, vd in zip(
                     q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), strict=True
                 )
@@ -84,6 +103,16 @@ def document_attention(core: Callable) -> Callable:
         return torch.cat(rows, dim=0), None
 
     return attend
+
+
+def _padded(core: Callable, module, q, k, v, args, kwargs) -> torch.Tensor:
+    """One document's attention output [1, positions, heads, head_dim]; on a CPU computed on
+    the document padded to `padded_length` (see document_attention)."""
+    n = q.shape[2]
+    pad = padded_length(n) - n if q.device.type == "cpu" else 0
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    return core(module, q, k, v, None, *args, **kwargs)[0][:, :n]
 
 
 def sliding_window(config: Any) -> int | None:
