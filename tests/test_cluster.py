@@ -123,9 +123,15 @@ class Node:
         self.proc.wait(timeout=30)
         self.log.close()
 
+    def log_tail(self, chars: int = 3000) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
 
-def _wait_for_nodes(env: dict, head_port: int, n: int, timeout: float = 90) -> str:
-    """Until `ray status` (which asks the GCS; no local raylet needed) shows n active nodes."""
+
+def _wait_for_nodes(env: dict, head_port: int, n: int, joining: Node, timeout: float = 90) -> None:
+    """Until `ray status` (which asks the GCS; no local raylet needed) shows n active nodes.
+    Raises NodeDidNotJoin early when the joining node's `ray start` has exited."""
     deadline, out = time.time() + timeout, ""
     while time.time() < deadline:
         p = subprocess.run(
@@ -138,9 +144,40 @@ def _wait_for_nodes(env: dict, head_port: int, n: int, timeout: float = 90) -> s
         out = p.stdout + p.stderr
         active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
         if active.count("node_") >= n:
-            return out
+            return
+        if joining.proc.poll() is not None:
+            break
         time.sleep(1)
-    raise AssertionError(f"{n} Ray nodes never became active:\n{out[-3000:]}")
+    code = joining.proc.poll()
+    state = "still running" if code is None else f"exited {code}"
+    raise NodeDidNotJoin(
+        f"{joining.name} did not join ({n} nodes expected) within {timeout:.0f} s; "
+        f"`ray start` {state}\n"
+        f"ray status:\n{out[-2000:]}\n{joining.name}'s log:\n{joining.log_tail()}"
+    )
+
+
+class NodeDidNotJoin(AssertionError):
+    pass
+
+
+def _join(name: str, env: dict, head_port: int, n: int) -> Node:
+    """A worker node started and seen active by the head. One more attempt, with new ports,
+    when the first did not join: ports are picked free but bound only later by `ray start`,
+    so another process can take one in between (the reason is printed, not hidden)."""
+    for attempt in (1, 2):
+        node = Node(
+            name if attempt == 1 else f"{name}-retry", env=env, head_port=head_port, head=False
+        )
+        try:
+            _wait_for_nodes(env, head_port, n, node)
+            return node
+        except NodeDidNotJoin as e:
+            node.kill()
+            if attempt == 2:
+                raise
+            print(f"attempt {attempt}: {e}", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def _job_config(tmp_path: Path, name: str, data: str, **scale) -> Path:
@@ -193,8 +230,7 @@ def test_a_node_dies_and_a_replacement_finishes_the_run(tmp_path, prepared_dir, 
     dashboard = "http://127.0.0.1:8265"
     try:
         time.sleep(3)
-        nodes.append(Node("node-b", env=env, head_port=head_port, head=False))
-        _wait_for_nodes(env, head_port, 2)
+        nodes.append(_join("node-b", env, head_port, 2))
 
         def submit(name: str, **scale) -> subprocess.Popen:
             cmd = [
