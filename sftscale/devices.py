@@ -27,14 +27,12 @@ class Device:
     # What a training process holds besides tensors. GPU: the CUDA context, NCCL's buffers, the
     # caching allocator's slack. CPU: the interpreter and libraries (torch, transformers,
     # deepspeed, gloo, oneDNN's kernels) and what glibc keeps of allocations below the mmap
-    # threshold. Fitted, the one fitted term of a CPU plan: the smallest constant with which
-    # sftscale plan is not low for any run of the fit set (benchmarks/plan_validation.py's
-    # table: 0.2M to 1.24B parameters, 2 ranks, mmap threshold pinned at 1 MiB), 0.86 GiB;
-    # validated on runs held out of it (the same file's held-out sections).
+    # threshold, measured on the host (sftscale.runtime_probe).
     runtime_bytes: int
     # Computes bf16 natively (every GPU of the catalogue: Ampere and newer). For a CPU host
     # sftscale.precision reads the CPU's flags instead.
     native_bf16: bool = True
+    runtime_source: str = "assumed"  # how runtime_bytes was found: measured here, or assumed
 
 
 GPUS = {
@@ -48,6 +46,8 @@ GPUS = {
         Device("A10G", 24 * GIB, "gpu", int(1.5 * GIB)),
     )
 }
+# A CPU host's runtime when it cannot be measured (sftscale.runtime_probe failed): the
+# largest measured on this project's hosts before the probe, 0.86 GiB, kept as a ceiling.
 CPU_RUNTIME_BYTES = int(0.86 * GIB)
 
 
@@ -82,15 +82,35 @@ def host_memory_bytes() -> int:
     return total
 
 
-def host_device(ranks: int, memory_bytes: int | None = None) -> Device:
-    """This host as the device of `ranks` ranks: its memory shared between them."""
+def host_device(
+    ranks: int, memory_bytes: int | None = None, runtime_bytes: int | None = None
+) -> Device:
+    """This host as the device of `ranks` ranks: its memory shared between them, each rank's
+    runtime measured here (once per host and software; `runtime_bytes` to give it)."""
     memory = host_memory_bytes() if memory_bytes is None else memory_bytes
+    source = "given"
+    if runtime_bytes is None:
+        runtime_bytes, source = cpu_runtime()
     return Device(
         f"CPU host ({memory / GIB:.1f} GiB for {ranks} ranks)",
         memory // ranks,
         "cpu",
-        CPU_RUNTIME_BYTES,
+        runtime_bytes,
+        runtime_source=source,
     )
+
+
+def cpu_runtime() -> tuple[int, str]:
+    """(a CPU rank's runtime on this host, how it was found): measured by
+    sftscale.runtime_probe (cached), else CPU_RUNTIME_BYTES, saying why."""
+    from data_tools.console import say  # the console: light, used once here
+    from sftscale.runtime_probe import ProbeError, cpu_runtime_bytes
+
+    try:
+        return cpu_runtime_bytes(log=say), "measured here"
+    except (ProbeError, OSError) as e:
+        say(f"warning: {e}\nplanning with an assumed runtime of {CPU_RUNTIME_BYTES / GIB:.2f} GiB")
+        return CPU_RUNTIME_BYTES, "assumed"
 
 
 def cuda_device() -> Device:

@@ -239,7 +239,13 @@ def plan_memory(
     if par_at == "nvme":
         _nvme_weights(plan, z["offload_param"], trained // w_shard, group * w_shard, b=b)
     if stage >= 2:
-        plan.add("reduce bucket (reduce_bucket_size)", int(z.get("reduce_bucket_size", 5e8)) * b)
+        # DeepSpeed allocates the bucket whole; on a CPU only the pages gradients are written to
+        # become resident, and one reduction writes at most the trained parameters' gradients
+        bucket = int(z.get("reduce_bucket_size", 5e8))
+        plan.add(
+            "reduce bucket (reduce_bucket_size)",
+            b * (min(bucket, trained) if device.kind == "cpu" else bucket),
+        )
 
     _forward_backward(plan, s, cfg, z, seq_len=seq_len, b=b, stage=stage, ep=ep)
 
@@ -264,7 +270,7 @@ def plan_memory(
     plan.add(
         "runtime (CUDA context, NCCL, allocator slack)"
         if device.kind == "gpu"
-        else "runtime (interpreter, libraries, gloo, oneDNN)",
+        else f"runtime (interpreter, libraries, gloo, oneDNN: {device.runtime_source})",
         device.runtime_bytes,
     )
     return plan
