@@ -179,16 +179,14 @@ def plan_memory(
     stage = int(z.get("stage", 0))
     mixed = bool(ds.get("bf16", {}).get("enabled"))
     b = 2 if mixed else 4  # bytes of a weight, gradient and activation element
-    w_shard = world if stage == 3 else 1
-    g_shard = world if stage >= 2 else 1
-    o_shard = world if stage >= 1 else 1
+    w_shard, g_shard, o_shard = (world if stage >= k else 1 for k in (3, 2, 1))
     where = {"cpu": "host", "nvme": "nvme"}
     opt_at = where.get(z.get("offload_optimizer", {}).get("device"), "device")
     par_at = where.get(z.get("offload_param", {}).get("device"), "device")
     lora = cfg.model.lora
     trained = lora_params(s, lora.r, lora.target_modules) if lora is not None else p
     ep = expert_parallel(s, cfg, z, world=world)
-    plan = Plan(device=device, world=world)
+    plan, dynamic_mmap = Plan(device=device, world=world), cfg.train.cpu_mmap_threshold == 0
 
     # Model states (DeepSpeed's accounting: counted on the engine, 16 B per trained parameter
     # in bf16 before partitioning, 2 + 2 + 4 + 8)
@@ -265,14 +263,10 @@ def plan_memory(
             phase="step",
         )
     # glibc's dynamic mmap threshold keeps freed gathers resident (Plan.kept_bytes)
-    dynamic = device.kind == "cpu" and cfg.train.cpu_mmap_threshold == 0
-    plan.kept_bytes = plan.gathered_bytes if dynamic else 0
-    plan.add(
-        "runtime (CUDA context, NCCL, allocator slack)"
-        if device.kind == "gpu"
-        else f"runtime (interpreter, libraries, gloo, oneDNN: {device.runtime_source})",
-        device.runtime_bytes,
-    )
+    plan.kept_bytes = plan.gathered_bytes if device.kind == "cpu" and dynamic_mmap else 0
+    what = f"interpreter, libraries, gloo, oneDNN: {device.runtime_source}"
+    what = "CUDA context, NCCL, allocator slack" if device.kind == "gpu" else what
+    plan.add(f"runtime ({what})", device.runtime_bytes)
     return plan
 
 

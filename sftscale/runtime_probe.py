@@ -109,7 +109,7 @@ def measure() -> dict:
         out = {}
         for step in ("data", "train"):
             proc = subprocess.run(
-                [sys.executable, "-m", "sftscale.runtime_probe", step, tmp],
+                [sys.executable, "-m", "sftscale.runtime_probe_steps", step, tmp],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -121,66 +121,7 @@ def measure() -> dict:
     return out | {"runtime_bytes": max(out["peak_rss_bytes"] - out["tensor_bytes"], 0)}
 
 
-def _data(work: Path) -> None:
-    from data_tools.prepare import PrepareOptions, prepare
-    from data_tools.synthetic import (
-        conversation_texts,
-        make_conversations,
-        train_sentencepiece_tokenizer,
-        write_jsonl,
-    )
-
-    records = make_conversations(60, seed=0)
-    corpus = write_jsonl(records, work / "corpus.jsonl")
-    tok = train_sentencepiece_tokenizer(conversation_texts(records), work / "tok", vocab_size=400)
-    prepare(
-        [str(corpus)],
-        tokenizer_path=str(tok),
-        out_dir=str(work / "data"),
-        options=PrepareOptions(seq_len=SEQ_LEN, progress=False),
-    )
-    print(json.dumps({}))
-
-
-def _train(work: Path) -> None:
-    from transformers import AutoTokenizer
-
-    from sftscale.config import load_config
-    from sftscale.devices import Device
-    from sftscale.launch import prepare_run_dir, run_local
-    from sftscale.precision import choose, device_native_bf16
-    from sftscale.resolve import resolve_run
-
-    cfg = load_config(
-        Path(__file__).resolve().parent / "configs" / "tiny-cpu.yaml",
-        [*TRAIN, f"data.path={work / 'data'}", f"logging.output_dir={work / 'runs'}"],
-    )
-    run_local(cfg, prepare_run_dir(cfg))
-    peak = _vm_hwm()
-    native, why = device_native_bf16(cuda=False)
-    tensors = resolve_run(
-        cfg,
-        world=1,
-        seq_len=SEQ_LEN,
-        vocab_size=len(AutoTokenizer.from_pretrained(str(work / "tok"))),
-        precision=choose(cfg.deepspeed.precision, native_bf16=native, why=why),
-        device=Device("probe", 1 << 40, "cpu", 0),
-    ).plan.peak_bytes
-    print(json.dumps({"peak_rss_bytes": peak, "tensor_bytes": tensors}))
-
-
-def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise ProbeError("no VmHWM in /proc/self/status (not Linux?)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("data", "train"):
-        (_data if args[0] == "data" else _train)(Path(args[1]))
-        return
+def main() -> None:
     result = measure()
     print(json.dumps(result | {"cache": str(cache_path())}, indent=1))
 

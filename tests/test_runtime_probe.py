@@ -28,7 +28,10 @@ def test_the_runtime_is_measured_once_and_planned_with(cache, monkeypatch, capsy
     assert saved["runtime_bytes"] == saved["peak_rss_bytes"] - saved["tensor_bytes"]
     # at least the interpreter with torch, DeepSpeed and transformers loaded
     assert 0.2 * GIB < saved["runtime_bytes"] < 2 * GIB
-    assert (device.runtime_bytes, device.runtime_source) == (saved["runtime_bytes"], "measured here")
+    assert (device.runtime_bytes, device.runtime_source) == (
+        saved["runtime_bytes"],
+        "measured here",
+    )
 
     def fail():
         raise AssertionError("measured again")
