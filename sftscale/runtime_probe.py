@@ -46,13 +46,36 @@ TRAIN = [
 ]
 
 
+# Set in the probe's own processes: a plan there uses the fallback instead of waiting for the
+# measurement it is part of.
+PROBING = "SFTSCALE_RUNTIME_PROBE"
+WAIT_S = 300.0  # the longest a planner waits for another process's measurement
+STEP_TIMEOUT_S = 900  # a step that takes longer is stuck (the train step takes ~15 s)
+MAX_RUNTIME = 64 << 30  # no process's runtime is this large: a cache saying so is not ours
+# What torchrun, SLURM, MPI and Ray set in a rank's environment
+LAUNCHER_VARS = {
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+}
+LAUNCHER_PREFIXES = ("TORCHELASTIC_", "SLURM_", "PMI_", "OMPI_", "RAY_")
+
+
 class ProbeError(RuntimeError):
     pass
 
 
 def cache_path() -> Path:
-    """One file per host and software: the CPU, the versions of what a rank runs, and
-    sftscale's own code (a change to it can change what a rank imports)."""
+    """One file per host and software: the CPU, oneDNN's ISA limit, the versions of what a
+    rank runs, and sftscale's own code (a change to it can change what a rank imports)."""
     cpu = platform.processor() or platform.machine()
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -70,8 +93,10 @@ def cache_path() -> Path:
     code = hashlib.sha256()
     for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
         code.update(path.read_bytes())
+    # oneDNN's ISA limit changes the kernels and the precision `auto` picks (precision.py)
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     key = hashlib.sha256(
-        "\n".join([cpu, sys.version, *versions, code.hexdigest()]).encode()
+        "\n".join([cpu, isa, sys.version, *versions, code.hexdigest()]).encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("SFTSCALE_CACHE", Path.home() / ".cache" / "sftscale"))
     return root / "runtime" / f"cpu-{key}.json"
@@ -79,46 +104,96 @@ def cache_path() -> Path:
 
 def cpu_runtime_bytes(*, log=None) -> int:
     """This host's runtime per rank (bytes), from the cache or measured now (`log` says so).
-    Raises ProbeError when the measurement fails."""
-    from sftscale.storage.cache import locked  # the lock's module: on the measuring path only
+    Raises ProbeError when it can be neither: the measurement failed, the cache directory is
+    not writable, another process has been measuring for longer than WAIT_S, or this is the
+    probe's own run (which must not wait for itself)."""
+    from sftscale.storage.cache import CacheError, locked  # the lock: on the measuring path only
 
+    if os.environ.get(PROBING):
+        raise ProbeError("the runtime probe's own run plans without a measured runtime")
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path.with_suffix(".lock")):  # another planner on this host measures once
-        if path.is_file():
-            return int(json.loads(path.read_text())["runtime_bytes"])
-        if log:
-            log("measuring this host's runtime memory (once per host and software, ~15 s)")
-        result = measure()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(path)
-        return int(result["runtime_bytes"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(path.with_suffix(".lock"), wait_s=WAIT_S):  # one process measures
+            cached = _read(path)
+            if cached is not None:
+                return cached
+            if log:
+                log("measuring this host's runtime memory (once per host and software, ~15 s)")
+            result = measure()
+            _write(path, result)
+            return int(result["runtime_bytes"])
+    except CacheError as e:
+        raise ProbeError(f"another process is measuring this host's runtime memory: {e}") from None
+    except OSError as e:
+        raise ProbeError(
+            f"cannot keep this host's runtime memory in {path.parent} ({e.strerror or e}); "
+            "set SFTSCALE_CACHE to a writable directory"
+        ) from None
+
+
+def _read(path: Path) -> int | None:
+    """The cached runtime, or None when there is none or it is not one this code wrote (not
+    JSON, another key, a value no process has): such a file is measured over, never trusted."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        value = data["runtime_bytes"]
+        ok = data.get("key") == path.stem and type(value) is int and 0 <= value < MAX_RUNTIME
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        ok = False
+    return value if ok else None
+
+
+def _write(path: Path, result: dict) -> None:
+    """Atomically, through a new file of our own (never through a name someone else made)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".runtime-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result | {"key": path.stem}, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def measure() -> dict:
     """Make the data in one process, train on it in another: the second's peak RSS and the
-    tensors its plan counts."""
+    tensors its plan counts. Their environment is this one's without a launcher's (a rank of
+    a torchrun, SLURM or Ray job that plans must not make the probe join its process group)."""
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not _launcher_var(k)},
         "OMP_NUM_THREADS": "1",  # as each of several ranks on a host runs
         "DS_ACCELERATOR": "cpu",
         "TOKENIZERS_PARALLELISM": "false",
+        PROBING: "1",
     }
     with tempfile.TemporaryDirectory(prefix="sftscale-runtime-") as tmp:
         out = {}
         for step in ("data", "train"):
-            proc = subprocess.run(
-                [sys.executable, "-m", "sftscale.runtime_probe_steps", step, tmp],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "sftscale.runtime_probe_steps", step, tmp],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=STEP_TIMEOUT_S,
+                )
+            except subprocess.TimeoutExpired:
+                raise ProbeError(
+                    f"measuring this host's runtime memory ({step}) took over {STEP_TIMEOUT_S} s"
+                ) from None
             if proc.returncode != 0:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
                 raise ProbeError(f"measuring this host's runtime memory failed ({step}):\n{tail}")
             out = json.loads(proc.stdout.strip().splitlines()[-1])
     return out | {"runtime_bytes": max(out["peak_rss_bytes"] - out["tensor_bytes"], 0)}
+
+
+def _launcher_var(name: str) -> bool:
+    return name in LAUNCHER_VARS or name.startswith(LAUNCHER_PREFIXES)
 
 
 def main() -> None:
