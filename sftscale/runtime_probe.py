@@ -76,6 +76,8 @@ class ProbeError(RuntimeError):
 def cache_path() -> Path:
     """One file per host and software: the CPU, oneDNN's ISA limit, the versions of what a
     rank runs, and sftscale's own code (a change to it can change what a rank imports)."""
+    from sftscale.storage.cache import sftscale_cache  # the cache's module: on this path only
+
     cpu = platform.processor() or platform.machine()
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -98,8 +100,7 @@ def cache_path() -> Path:
     key = hashlib.sha256(
         "\n".join([cpu, isa, sys.version, *versions, code.hexdigest()]).encode()
     ).hexdigest()[:16]
-    root = Path(os.environ.get("SFTSCALE_CACHE", Path.home() / ".cache" / "sftscale"))
-    return root / "runtime" / f"cpu-{key}.json"
+    return sftscale_cache() / "runtime" / f"cpu-{key}.json"
 
 
 def cpu_runtime_bytes(*, log=None) -> int:

@@ -58,8 +58,14 @@ class CacheError(RuntimeError):
     to change."""
 
 
+def sftscale_cache() -> Path:
+    """Where sftscale keeps what it caches on this host: $SFTSCALE_CACHE, else
+    ~/.cache/sftscale (data copies under data/, the runtime probe's results under runtime/)."""
+    return Path(os.environ.get("SFTSCALE_CACHE", Path.home() / ".cache" / "sftscale"))
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SFTSCALE_CACHE", Path.home() / ".cache" / "sftscale")) / "data"
+    return sftscale_cache() / "data"
 
 
 def cache_root(cache_dir: Path | None) -> Path:
