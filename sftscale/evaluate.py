@@ -37,6 +37,7 @@ def evaluate(
                 seq_len=eval_set.seq_len,
                 pad_id=pad_id,
                 pad_to_multiple_of=row_multiple(cfg),
+                few_lengths=engine.device.type == "cpu",
             )
             batch = batch.shard(rank % sp, sp).to(engine.device)
             loss = forward_loss_sum(engine, batch, cfg, rows=m, seq_len=eval_set.seq_len)

@@ -75,12 +75,14 @@ def plan_step(
     world: int,
     shape: ModelShape,
     pad_id: int,
+    few_lengths: bool = False,
 ) -> StepPlan:
     """This rank's micro-batches for the step that starts at stream `position`.
 
     A pure function of its arguments: every rank computes the whole step's assignment. Rows go
     to data-parallel ranks; under sequence parallelism each rank of a group then takes its
-    slice of the sequence of its group's rows.
+    slice of the sequence of its group's rows. `few_lengths`: micro-batches padded to few
+    lengths (a CPU's, see data.collate).
     """
     t, sp = cfg.train, cfg.scale.sequence_parallel_size
     epochs, step_rows = stream_rows(
@@ -105,6 +107,7 @@ def plan_step(
             seq_len=dataset.seq_len,
             pad_id=pad_id,
             pad_to_multiple_of=row_multiple(cfg),
+            few_lengths=few_lengths,
         ).shard(rank % sp, sp)
         for rows in per_rank[rank // sp]
     ]

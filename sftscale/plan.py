@@ -111,6 +111,19 @@ class Plan:
         return "\n".join(rows)
 
 
+# glibc's heap on a CPU host with the mmap threshold pinned (train.cpu_mmap_threshold), 2 ranks
+# or more: tensors below the threshold (each document's q, k and v under per-document attention,
+# a short row's hidden states, small weights' gathered partitions) are carved from the heap and
+# freed in another order than they were made, and the holes between those still live stay
+# resident: the heap's free bytes (mallinfo2) reached 0.15-0.24 GiB at llama-100m and at a
+# hidden-1024 Llama on 512-token rows, unevenly between the ranks of one run, and stayed
+# near 0.02 GiB on 1 rank. Not derived: fitted, as bytes per decoder layer per unit of its
+# attention width (q + 2 kv), to the largest of nine runs of six Llama shapes that no
+# validation row uses (benchmarks/results/plan_validation.md, "Fit set"); validated on the
+# other rows there.
+HEAP_HOLES_PER_WIDTH = 18_688  # bytes; fitted 18,6xx (see the fit set)
+
+
 def lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
     """Adapter parameters: r x (in + out) per targeted Linear per layer."""
     h, i, q, kv = s.hidden, s.intermediate, s.q, s.kv
@@ -240,10 +253,14 @@ def plan_memory(
         # DeepSpeed allocates the bucket whole; on a CPU only the pages gradients are written to
         # become resident, and one reduction writes at most the trained parameters' gradients
         bucket = int(z.get("reduce_bucket_size", 5e8))
-        plan.add(
-            "reduce bucket (reduce_bucket_size)",
-            b * (min(bucket, trained) if device.kind == "cpu" else bucket),
-        )
+        filled = min(bucket, trained) if device.kind == "cpu" else bucket
+        plan.add("reduce bucket (reduce_bucket_size)", b * filled)
+        if stage == 3 and world > 1:
+            # the reduce-scatter interleaves a bucket's gradients into one flat copy
+            # (coalesced_collectives.py `reduce_scatter_coalesced`); the rank's partitions are
+            # views of it, so the last bucket's copy is still referenced at the optimizer step
+            # (llama-100m, 2 ranks: 79 MiB of a 95 MiB bucket, found at the step)
+            plan.add("the reduce-scatter's copy of a bucket", b * filled)
 
     _forward_backward(plan, s, cfg, z, seq_len=seq_len, b=b, stage=stage, ep=ep)
 
@@ -262,12 +279,26 @@ def plan_memory(
             4 * trained / o_shard,
             phase="step",
         )
-    # glibc's dynamic mmap threshold keeps freed gathers resident (Plan.kept_bytes)
-    plan.kept_bytes = plan.gathered_bytes if device.kind == "cpu" and dynamic_mmap else 0
+    _runtime(plan, s, device, dynamic_mmap=dynamic_mmap)
+    return plan
+
+
+def _runtime(plan: Plan, s: ModelShape, device: Device, *, dynamic_mmap: bool) -> None:
+    """What a rank holds besides the tensors: the device's runtime and, on a CPU host, what
+    glibc keeps resident."""
     what = f"interpreter, libraries, gloo, oneDNN: {device.runtime_source}"
     what = "CUDA context, NCCL, allocator slack" if device.kind == "gpu" else what
     plan.add(f"runtime ({what})", device.runtime_bytes)
-    return plan
+    if device.kind != "cpu":
+        return
+    if dynamic_mmap:  # glibc's dynamic mmap threshold keeps freed gathers resident
+        plan.kept_bytes = plan.gathered_bytes
+    elif plan.world > 1:
+        plan.add(
+            f"glibc's heap: holes between small tensors ({s.n_layers} layers x "
+            f"{s.q + 2 * s.kv} attention width x {HEAP_HOLES_PER_WIDTH:,} B, fitted)",
+            s.n_layers * (s.q + 2 * s.kv) * HEAP_HOLES_PER_WIDTH,
+        )
 
 
 def _nvme_weights(
@@ -347,27 +378,34 @@ def _forward_backward(
     tokens = cfg.train.micro_batch_size * seq_len // cfg.scale.sequence_parallel_size
     n, h, v = s.n_layers, s.hidden, s.vocab
     per_layer = saved_per_token_layer(s, b, cfg.train.mlp_tiles)
+    # DeepSpeed's TiledMLP keeps whole-row tensors of the hidden size beside its slices: its
+    # input (saved), the output concatenated from the slices, the incoming gradient and the
+    # input's gradient filled slice by slice (ulysses_sp.py `TiledMLP`), with copies: 7 a token
+    # by census (small-llama, bf16, 16k-32k positions: 3.7 KB a token, 7 x 256 x 2 = 3.6)
+    tiled_mlp = 7 * h * b if cfg.train.mlp_tiles > 1 else 0
     if cfg.model.gradient_checkpointing:
         plan.add(
             f"activations: {n} checkpointed layer inputs ({tokens} tokens)",
             n * tokens * h * b,
             phase="fwd/bwd",
         )
-        layer_phase = 2 * tokens * per_layer  # one layer recomputed, and its gradients
+        # one layer recomputed, and its gradients
+        layer_phase = tokens * (2 * per_layer + tiled_mlp)
     else:
         plan.add(
             f"activations: {n} layers' saved tensors ({tokens} tokens)",
             n * tokens * per_layer,
             phase="fwd/bwd",
         )
-        layer_phase = tokens * per_layer
+        layer_phase = tokens * (per_layer + tiled_mlp)
     if s.experts:
         _experts(plan, s, tokens=tokens, b=b, ep=ep)
     chunk = min(cfg.train.loss_chunk_tokens or tokens, tokens)
-    if cfg.train.tiled_logits:
-        loss_phase = 3 * chunk * v * 4  # one tile's logits, log-softmax and gradient in fp32
-    else:
-        loss_phase = 2 * tokens * v * b + 3 * chunk * v * 4  # the logits, their gradient, a chunk
+    # a chunk's fp32 work: the logits cast to fp32 (none when they are fp32 already: `.float()`
+    # returns them), their log-softmax and its gradient
+    fp32_chunk = (2 if b == 4 else 3) * chunk * v * 4
+    # tiled: one tile's; else the logits, their gradient and a chunk's
+    loss_phase = fp32_chunk if cfg.train.tiled_logits else 2 * tokens * v * b + fp32_chunk
     plan.add(
         "the larger of: one layer's backward, the logits and the loss",
         max(layer_phase, loss_phase),

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sftscale.data import padded_length
+
 # Core attentions that stay exact on packed rows under Ulysses (see the module docstring).
 EXACT_ON_PACKED_ROWS = ("sdpa", "flash_attention_2")
 
@@ -53,16 +55,6 @@ def sequence_parallel_group(size: int) -> SequenceParallelGroup:
         if first <= rank < first + size:
             mine = group
     return SequenceParallelGroup(size=size, rank=rank % size, group=mine)
-
-
-def padded_length(n: int) -> int:
-    """`n` positions rounded up to one of few lengths: a multiple of 64 up to 512, then of
-    1/8 of the power of two at or below `n` (at most 12.5% more positions, 8 lengths an
-    octave)."""
-    if n <= 512:
-        return -(-n // 64) * 64
-    step = 1 << (n.bit_length() - 4)
-    return -(-n // step) * step
 
 
 def document_attention(core: Callable) -> Callable:

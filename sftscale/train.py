@@ -76,6 +76,7 @@ def train_step(run: Run, *, preemption: PreemptionFlag, last_seconds: float = 0.
         world=run.world,
         shape=run.shape,
         pad_id=run.pad_id,
+        few_lengths=device.type == "cpu",
     )
     # Collective: every rank needs the step's global supervised-token count before its first
     # backward.
