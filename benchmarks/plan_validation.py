@@ -264,9 +264,10 @@ def planned(overrides: list[str], *, seq_len: int, memory_bytes: int) -> dict:
         "peak_bytes": plan.peak_bytes,
         "fits": plan.fits,
         "table": plan.table(),
-        # the fitted term's line and what it multiplies: layers x attention width
+        # the fitted term's line and what it scales with: layers, attention width (q + 2 kv)
         "holes_bytes": holes,
-        "holes_width": s.n_layers * (s.q + 2 * s.kv),
+        "layers": s.n_layers,
+        "width": s.q + 2 * s.kv,
     }
 
 
@@ -519,40 +520,44 @@ def _run_rows(rows: list[dict]) -> list[str]:
 
 
 def fit_report(rows: list[dict]) -> list[str]:
-    """The fit set: what each run needs of the fitted term, per decoder layer per unit of
-    attention width, and the constant the plan uses (the largest need, rounded up)."""
-    from sftscale.plan import HEAP_HOLES_PER_WIDTH
+    """The fit set: what each run needs of the fitted term, per decoder layer and per unit of
+    attention width, and the constants the plan uses."""
+    from sftscale.plan import HEAP_HOLES_CAP_PER_LAYER, HEAP_HOLES_PER_WIDTH
 
     if not rows:
         return []
     needs = [fit_need(r) for r in rows]
+    per_width = max(n / r["width"] for n, r in zip(needs, rows, strict=True))
     lines = [
         "## Fit set: the one fitted term",
         "",
         "The holes glibc's heap keeps between tensors below the mmap threshold, on 2 ranks: "
         "the heap's free bytes (mallinfo2) reached 0.15-0.24 GiB on one rank of llama-100m and "
-        "of the hidden-1024 run below, about 0.02 GiB on the other rank and on 1 rank. Not "
-        "derived; fitted as bytes per decoder layer per unit of attention width (q + 2 kv) to "
-        "these runs alone: Llama shapes that no other row uses, bf16, 512-token rows. Need: "
-        "(measured - planned without the term) / (layers x width). The plan uses the largest "
-        f"need, rounded up: {HEAP_HOLES_PER_WIDTH:,} B (largest need {max(needs):,.0f} B).",
+        "of the hidden-1024 shape below, about 0.02 GiB on the other rank and on 1 rank. Not "
+        "derived; fitted to these runs alone: Llama shapes that no other row uses, bf16, "
+        "512-token rows. Need: measured - planned without the term, per decoder layer. The "
+        f"plan counts {HEAP_HOLES_PER_WIDTH:,} B a layer per unit of attention width "
+        f"(q + 2 kv; the largest need here: {per_width:,.0f} B), at most {HEAP_HOLES_CAP_PER_LAYER / 2**20:.0f} MiB a layer (the largest need "
+        f"here: {max(needs) / 2**20:.1f} MiB; an earlier run of the hidden-1024 shape on this "
+        "host needed 23.7 MiB): wider layers' tensors pass the threshold, and 1.24B needed none.",
         "",
-        "| run | measured | planned without the term | need (B per layer per width) | "
+        "| run | measured | planned without the term | need a layer | need per width | "
         "planned | planned / measured |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for r, need in zip(rows, needs, strict=True):
         lines.append(
             f"| {r['name'].removeprefix('fit set: ')} | {r['measured_bytes'] / GIB:.2f} GiB | "
-            f"{(r['peak_bytes'] - r['holes_bytes']) / GIB:.2f} GiB | {need:,.0f} | "
-            f"{r['peak_bytes'] / GIB:.2f} GiB | {r['peak_bytes'] / r['measured_bytes']:.2f} |"
+            f"{(r['peak_bytes'] - r['holes_bytes']) / GIB:.2f} GiB | {need / 2**20:.1f} MiB | "
+            f"{need / r['width']:,.0f} B | {r['peak_bytes'] / GIB:.2f} GiB | "
+            f"{r['peak_bytes'] / r['measured_bytes']:.2f} |"
         )
     return [*lines, ""]
 
 
 def fit_need(row: dict) -> float:
-    """Bytes per layer per unit of attention width this run needs of the fitted term."""
-    return (row["measured_bytes"] - (row["peak_bytes"] - row["holes_bytes"])) / row["holes_width"]
+    """Bytes a decoder layer this run needs of the fitted term."""
+    return (row["measured_bytes"] - (row["peak_bytes"] - row["holes_bytes"])) / row["layers"]
 
 
 def report(result: dict) -> str:

@@ -95,3 +95,29 @@ def test_collate_pads_to_the_longest_row_rounded_up():
     assert (b.num_tokens, b.num_supervised) == (full.num_tokens, full.num_supervised)
     # never beyond seq_len
     assert collate(rows, seq_len=12, pad_id=0, pad_to_multiple_of=8).input_ids.shape == (2, 12)
+
+
+def test_cpu_micro_batches_take_few_lengths():
+    """On a CPU (few_lengths) a micro-batch is padded to padded_length of its longest row, then
+    to the multiple: unpacked documents in multiples of 8 positions met a new shape nearly every
+    step, and the CPU's kernels kept memory for each (RSS grew 10 MB a step). The tokens,
+    positions and targets are those of the exact padding, only longer."""
+    from sftscale.data import padded_length
+
+    def rows_of(n):
+        return [(np.arange(1, n + 1, dtype=np.int32), np.ones(n, np.int8), np.array([n], np.int32))]
+
+    lengths = set()
+    for n in range(1, 1025):
+        b = collate(rows_of(n), seq_len=1024, pad_id=0, pad_to_multiple_of=8, few_lengths=True)
+        exact = collate(rows_of(n), seq_len=1024, pad_id=0, pad_to_multiple_of=8)
+        width = b.input_ids.shape[1]
+        assert width == min(1024, -(-padded_length(n) // 8) * 8) >= exact.input_ids.shape[1]
+        assert torch.equal(b.input_ids[:, : exact.input_ids.shape[1]], exact.input_ids)
+        assert torch.equal(b.targets[:, : exact.targets.shape[1]], exact.targets)
+        assert (b.targets[:, exact.targets.shape[1] :] == IGNORE_INDEX).all()
+        lengths.add(width)
+    assert len(lengths) == 16  # 64..512 by 64, then 576..1024 by 64: not 128 multiples of 8
+    # a sequence-parallel or tiled multiple still divides the length
+    b = collate(rows_of(100), seq_len=1024, pad_id=0, pad_to_multiple_of=48, few_lengths=True)
+    assert b.input_ids.shape[1] == 144  # 100 -> 128 -> the next multiple of 48

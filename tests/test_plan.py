@@ -15,7 +15,7 @@ from sftscale.ds_config import load_template, resolve_ds_config
 from sftscale.fit import candidates, plan_with_fixes
 from sftscale.fit import override as _override
 from sftscale.model import model_config
-from sftscale.plan import HEAP_HOLES_PER_WIDTH, saved_per_token_layer
+from sftscale.plan import HEAP_HOLES_PER_WIDTH, heap_holes, saved_per_token_layer
 from sftscale.precision import Precision
 from sftscale.resolve import resolve_run
 from sftscale.shape import ModelShape
@@ -588,3 +588,79 @@ def test_fewer_ranks_share_a_cpu_host_when_nothing_fits_on_as_many():
     one, _ = _fp32_billion(*fix, world=1)
     assert one.plan.fits and f"({one.plan.peak_bytes / GIB:.1f} GiB per rank" in found[0]
     assert one.config.global_batch_rows(1) == run.config.global_batch_rows(4) == 4
+
+
+def test_fp32_logits_need_no_fp32_copy_in_the_loss():
+    """A loss chunk's fp32 work is the logits cast to fp32, their log-softmax and its gradient;
+    fp32 logits are not cast (`.float()` returns them), so fp32 plans count two, not three."""
+    over = ("model.name_or_path=tiny-llama", "train.tiled_logits=true")
+    line = "the larger of: one layer's backward, the logits and the loss"
+    chunk = 1024  # train.loss_chunk_tokens
+    for precision, tensors in (("bf16", 3), ("fp32", 2)):
+        _, _, plan = _plan(*over, world=2, seq_len=2048, precision=precision)
+        assert _line(plan, line) == tensors * chunk * 32000 * 4
+
+
+def test_tiled_mlp_keeps_whole_row_hidden_tensors():
+    """With train.mlp_tiles the recomputed layer saves 1/tiles of the MLP's intermediates, and
+    TiledMLP adds 7 whole-row tensors of the hidden size (its input, the output concatenated
+    from the slices, the incoming gradient, the input's gradient, copies): small-llama's long
+    rows with SP=2 and tiles were planned up to 9% low without them."""
+    line = "the larger of: one layer's backward, the logits and the loss"
+    base = ("model.name_or_path=small-llama", "train.tiled_logits=true")
+    s = ModelShape.from_config(model_config("small-llama", vocab_size=32000))
+    tokens = 65536
+    for tiles in (0, 4):
+        _, _, plan = _plan(*base, f"train.mlp_tiles={tiles}", world=2, seq_len=tokens)
+        per_layer = saved_per_token_layer(s, 2, tiles)
+        extra = 7 * s.hidden * 2 if tiles else 0
+        assert _line(plan, line) == tokens * (2 * per_layer + extra)
+
+
+def test_zero3_on_several_ranks_counts_the_reduce_scatters_copy():
+    """DeepSpeed's reduce_scatter_coalesced interleaves a bucket's gradients into one flat copy;
+    the rank's partitions are views of it, so the last one lives until the optimizer step. One
+    rank, or ZeRO-2 (another reduction), has none; nor does a one-rank CPU plan have heap holes."""
+    cpu = host_device(2, 64 * GIB, runtime_bytes=GIB // 2)
+    copy = "the reduce-scatter's copy of a bucket"
+    has = {
+        (world, template): any(w.startswith(copy) for w, _, _, _ in plan.lines)
+        for world in (1, 2)
+        for template in ("zero3", "zero2")
+        for plan in [
+            _plan(
+                "model.name_or_path=llama-100m",
+                f"deepspeed.template={template}",
+                world=world,
+                seq_len=512,
+                device=cpu,
+            )[2]
+        ]
+    }
+    assert has == {
+        (1, "zero3"): False,
+        (2, "zero3"): True,
+        (1, "zero2"): False,
+        (2, "zero2"): False,
+    }
+    one = _plan("model.name_or_path=llama-100m", world=1, seq_len=512, device=cpu)[2]
+    assert "holes" not in one.table()
+
+
+def test_the_fitted_heap_term_covers_its_fit_set():
+    """plan.heap_holes is fitted, not derived: it must be at least what each run of its fit set
+    needs (benchmarks/plan_validation.py FIT_SET, saved in
+    benchmarks/results/plan_validation.json): lowering its constants, or a fit run measured
+    higher, fails here. The fit set shares no configuration with the rows it is validated on."""
+    from pathlib import Path
+
+    saved = Path(__file__).resolve().parents[1] / "benchmarks/results/plan_validation.json"
+    rows = json.loads(saved.read_text())["rows"]
+    fit = [r for r in rows if r.get("held_out") == -1]
+    assert len(fit) >= 6
+    for r in fit:
+        need = r["measured_bytes"] - (r["peak_bytes"] - r["holes_bytes"])
+        shape = ModelShape(matmul_params=0, n_layers=r["layers"], hidden=0, q=r["width"], kv=0)
+        assert need <= heap_holes(shape), r["name"]
+    validated = {r["name"] for r in rows if r.get("held_out") != -1}
+    assert validated and not validated & {r["name"] for r in fit}
