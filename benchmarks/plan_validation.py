@@ -90,49 +90,23 @@ HELD_OUT_LATER = [
 
 # The fit set of the plan's one fitted CPU term (sftscale/plan.py HEAP_HOLES_PER_WIDTH): Llama
 # shapes no row above uses, bf16, 512-token rows. The term is fitted to these runs alone.
+_FIT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 FIT_SHAPES = {
-    "h512": dict(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    ),
-    "h640": dict(
-        hidden_size=640,
-        intermediate_size=1792,
-        num_hidden_layers=12,
-        num_attention_heads=10,
-        num_key_value_heads=2,
-    ),
-    "h896": dict(
-        hidden_size=896,
-        intermediate_size=2432,
-        num_hidden_layers=12,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    ),
-    "h1024": dict(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=12,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-    ),
-    "h128": dict(
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "h192": dict(
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-    ),
+    f"h{shape[0]}": dict(zip(_FIT_FIELDS, shape, strict=True))
+    for shape in [
+        (512, 1536, 12, 8, 4),
+        (640, 1792, 12, 10, 2),
+        (896, 2432, 12, 14, 2),
+        (1024, 2816, 12, 16, 8),
+        (128, 352, 2, 4, 2),
+        (192, 512, 3, 6, 2),
+    ]
 }
 FIT_SET = [
     (
@@ -155,6 +129,12 @@ FIT_SET = [
         ("h192", 2),
     ]
 ]
+# which table a case's row goes to: 0 the first, 1 and 2 the held-out ones, -1 the fit set
+SET_OF = {
+    c[0]: k
+    for k, cases in ((0, CASES), (1, HELD_OUT), (2, HELD_OUT_LATER), (-1, FIT_SET))
+    for c in cases
+}
 
 
 def save_random_model(out: Path, model_type: str, **shape) -> Path:
@@ -365,15 +345,7 @@ def measure(work: Path, memory_bytes: int, cases: list[str]) -> list[dict]:
                 "overrides": ov,
                 "measured_bytes": max(result["rank_peak_rss_bytes"]),
                 "ranks_bytes": result["rank_peak_rss_bytes"],
-                "held_out": (
-                    1
-                    if name in {c[0] for c in HELD_OUT}
-                    else 2
-                    if name in {c[0] for c in HELD_OUT_LATER}
-                    else -1
-                    if name in {c[0] for c in FIT_SET}
-                    else 0
-                ),
+                "held_out": SET_OF[name],
             }
             | planned(ov, seq_len=seq_len, memory_bytes=memory_bytes)
         )
@@ -537,7 +509,8 @@ def fit_report(rows: list[dict]) -> list[str]:
         "derived; fitted to these runs alone: Llama shapes that no other row uses, bf16, "
         "512-token rows. Need: measured - planned without the term, per decoder layer. The "
         f"plan counts {HEAP_HOLES_PER_WIDTH:,} B a layer per unit of attention width "
-        f"(q + 2 kv; the largest need here: {per_width:,.0f} B), at most {HEAP_HOLES_CAP_PER_LAYER / 2**20:.0f} MiB a layer (the largest need "
+        f"(q + 2 kv; the largest need here: {per_width:,.0f} B), at most "
+        f"{HEAP_HOLES_CAP_PER_LAYER / 2**20:.0f} MiB a layer (the largest need "
         f"here: {max(needs) / 2**20:.1f} MiB; an earlier run of the hidden-1024 shape on this "
         "host needed 23.7 MiB): wider layers' tensors pass the threshold, and 1.24B needed none.",
         "",
