@@ -52,6 +52,7 @@ def _named_class(path: Path) -> Any:
     name = config.get("tokenizer_class") if isinstance(config, dict) else None
     if not isinstance(name, str) or "auto_map" in config:
         return None
+    # heavy (transformers): only once the directory names a class
     import transformers
     from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
