@@ -209,7 +209,9 @@ def overrides_for(
         f"deepspeed.template={template}",
         f"train.micro_batch_size={micro}",
         "train.grad_accum=1",
-        "train.max_steps=4",
+        # long enough to meet every document length of the data (16 at 1024 positions: all
+        # met by step 10 here), as a whole run does: the plan counts them all
+        "train.max_steps=12",
         "optim.warmup_steps=1",
         "scale.num_workers=2",
         "checkpoint.export=false",
@@ -230,12 +232,19 @@ def planned(overrides: list[str], *, seq_len: int, memory_bytes: int) -> dict:
     from sftscale.resolve import resolve_run
 
     cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
-    vocab = read_manifest(cfg.data.path).tokenizer.vocab_size if Path(cfg.data.path).is_dir() else 0
+    manifest = read_manifest(cfg.data.path) if Path(cfg.data.path).is_dir() else None
     device = host_device(2, memory_bytes)
     # the measured host computes bf16 natively: auto is bf16 there, as in the measured runs
     precision = choose(cfg.deepspeed.precision, native_bf16=True, why="the measured host")
     run = resolve_run(
-        cfg, world=2, seq_len=seq_len, vocab_size=vocab, precision=precision, device=device
+        cfg,
+        world=2,
+        seq_len=seq_len,
+        vocab_size=manifest.tokenizer.vocab_size if manifest else 0,
+        precision=precision,
+        device=device,
+        packed=manifest.packed if manifest else True,
+        longest_document=manifest.longest_document if manifest else None,
     )
     plan = plan_with_fixes(run, device)
     holes = sum(b for what, b, _, _ in plan.lines if what.startswith("glibc's heap: holes"))
@@ -408,10 +417,33 @@ def billion_rows(memory_bytes: int) -> list[dict]:
     return rows
 
 
-def grid_rows(grid: str, mmap_threshold: int) -> list[dict]:
+def suite_longest_document(grid: str, work: Path) -> int:
+    """The longest document (tokens) of a benchmark grid's corpus, for results that predate
+    the suite's recording it: the suite's corpus and tokenizer made again (both seeded) and
+    prepared with rows long enough to hold every document whole."""
+    from data_tools.prepare import PrepareOptions, prepare
+    from data_tools.schema import read_manifest
+    from sftscale.bench.corpus import make_corpus, make_tokenizer
+    from sftscale.bench.suite import GRIDS
+
+    n = GRIDS[grid.removeprefix("bench-")].conversations
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, tok, out = work / f"corpus-{n}.jsonl", work / "tokenizer", work / f"whole-{n}"
+    if not corpus.is_file():
+        make_corpus(corpus, n)
+    if not (tok / "tokenizer_config.json").is_file():
+        make_tokenizer(corpus, tok)
+    if not (out / "manifest.json").is_file():
+        options = PrepareOptions(seq_len=1 << 17, packing="none", progress=False)
+        prepare([str(corpus)], tokenizer_path=str(tok), out_dir=str(out), options=options)
+    return read_manifest(out).longest_document
+
+
+def grid_rows(grid: str, mmap_threshold: int, work: Path) -> list[dict]:
     """The benchmark suite's saved runs (`sftscale bench`), planned the same way: each point's
     config on 2 ranks, its measured peak RSS per rank; `mmap_threshold`: the glibc threshold
-    its workers ran with (train.cpu_mmap_threshold)."""
+    its workers ran with (train.cpu_mmap_threshold); `work`: where the corpus's longest
+    document is found when a result does not record it."""
     from sftscale.config import load_config
     from sftscale.devices import host_device
     from sftscale.precision import Precision
@@ -423,6 +455,9 @@ def grid_rows(grid: str, mmap_threshold: int) -> list[dict]:
         pt, fig = r["point"], r["figures"]
         if "peak_memory_bytes" not in fig:
             continue
+        longest = r.get("data", {}).get("longest_document") or suite_longest_document(
+            grid, work / "suite-corpus"
+        )
         sp, tiled = pt.get("sequence_parallel_size", 1), pt.get("tiled", False)
         mlp_tiles = max(2, pt["seq_len"] // sp // 4096) if tiled else 0  # as the suite sets them
         cfg = load_config(
@@ -439,6 +474,7 @@ def grid_rows(grid: str, mmap_threshold: int) -> list[dict]:
                 f"deepspeed.template={pt['template']}",
                 f"model.gradient_checkpointing={str(pt['gradient_checkpointing']).lower()}",
                 f"train.cpu_mmap_threshold={mmap_threshold}",
+                f"train.max_steps={r['grid']['warmup_steps'] + r['grid']['steps']}",
             ],
         )
         plan = resolve_run(
@@ -448,6 +484,8 @@ def grid_rows(grid: str, mmap_threshold: int) -> list[dict]:
             vocab_size=4010,  # the suite's tokenizer + markers
             precision=Precision("bf16", "the suite's runs"),
             device=host_device(2, r["device"]["memory_bytes"]),
+            packed=pt.get("packing", "packed") == "packed",
+            longest_document=min(pt["seq_len"], longest),
         ).plan
         rows.append(
             {
@@ -533,7 +571,7 @@ def fit_need(row: dict) -> float:
     return (row["measured_bytes"] - (row["peak_bytes"] - row["holes_bytes"])) / row["layers"]
 
 
-def report(result: dict) -> str:
+def report(result: dict, work: Path) -> str:
     lines = [
         "# `sftscale plan` against measured peak RSS per rank (`benchmarks/plan_validation.py`)",
         "",
@@ -590,11 +628,11 @@ def report(result: dict) -> str:
     lines += fit_report(sets[-1])
     lines += grid_report(
         "The CPU benchmark grid (`sftscale bench --grid cpu`)",
-        grid_rows("bench-cpu", 2**20),
+        grid_rows("bench-cpu", 2**20, work),
     )
     lines += grid_report(
         "Long rows (`sftscale bench --grid cpu-long`, docs/long_context.md)",
-        grid_rows("bench-cpu-long", 2**20),
+        grid_rows("bench-cpu-long", 2**20, work),
     )
     lines += [
         "The grids' points ran before this version of the planner; their plans are this "
@@ -663,7 +701,7 @@ def main() -> None:
         "rows": rows,
     }
     out_json.write_text(json.dumps(result, indent=1) + "\n")
-    text = report(result)
+    text = report(result, Path(args.workdir))
     (HERE / "results" / "plan_validation.md").write_text(text)
     print(text)
 

@@ -521,6 +521,7 @@ class _Shards:
                 max_token_id=max(
                     (int(np.max(r)) for r in self.rows["input_ids"] if len(r)), default=-1
                 ),
+                max_doc_tokens=max((int(np.max(d)) for d in self.rows["doc_lens"]), default=0),
             )
         )
         self.rows = {k: [] for k in self.rows}

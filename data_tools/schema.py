@@ -58,6 +58,9 @@ class ShardInfo:
     bytes: int | None = None
     sha256: str | None = None
     max_token_id: int | None = None  # checked against the model's vocabulary before launch
+    # the longest document of the shard (tokens): a CPU plan counts the attention kernels
+    # of the document lengths the data can give; None in older manifests
+    max_doc_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,19 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def longest_document(self) -> int | None:
+        """The longest document of any shard (tokens); None when a shard does not say."""
+        found = [s.max_doc_tokens for s in self.shards]
+        if not found or any(not isinstance(n, int) or n < 0 for n in found):
+            return None
+        return max(found)
+
+    @property
+    def packed(self) -> bool:
+        """Rows packed with several documents (else `prepare --packing none`: one a row)."""
+        return self.options.get("packing") != "none"
 
 
 class ShardFormatError(ValueError):

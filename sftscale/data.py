@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from data_tools import schema
+from sftscale.lengths import padded_length
 
 IGNORE_INDEX = -100
 
@@ -202,16 +203,6 @@ class Batch:
             num_supervised=int((targets != IGNORE_INDEX).sum()),
             lengths=tuple(min(max(n - lo, 0), hi - lo) for n in self.lengths),
         )
-
-
-def padded_length(n: int) -> int:
-    """`n` positions rounded up to one of few lengths: a multiple of 64 up to 512, then of
-    1/8 of the power of two at or below `n` (at most 12.5% more positions, 8 lengths an
-    octave)."""
-    if n <= 512:
-        return -(-n // 64) * 64
-    step = 1 << (n.bit_length() - 4)
-    return -(-n // step) * step
 
 
 def collate(

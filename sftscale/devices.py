@@ -33,6 +33,10 @@ class Device:
     # sftscale.precision reads the CPU's flags instead.
     native_bf16: bool = True
     runtime_source: str = "assumed"  # how runtime_bytes was found: measured here, or assumed
+    # CPU: what a rank keeps for each further micro-batch length it meets (the kernels made
+    # per shape), measured with the runtime. 0 on a GPU (not measured there: not planned).
+    length_kernel_bytes: int = 0
+    doc_kernel_bytes: int = 0  # and for each further document length (per-document attention)
 
 
 GPUS = {
@@ -49,6 +53,10 @@ GPUS = {
 # A CPU host's runtime when it cannot be measured (sftscale.runtime_probe failed): the
 # largest measured on this project's hosts before the probe, 0.86 GiB, kept as a ceiling.
 CPU_RUNTIME_BYTES = int(0.86 * GIB)
+# What a CPU rank keeps per further micro-batch length when it cannot be measured: above the
+# 12-15 MiB measured for bf16 on an AMX host (fp32: about 0.1 MiB).
+CPU_LENGTH_KERNEL_BYTES = 16 << 20
+CPU_DOC_KERNEL_BYTES = 4 << 20  # per further document length: 1.8-1.9 MiB measured in bf16
 
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
@@ -83,34 +91,45 @@ def host_memory_bytes() -> int:
 
 
 def host_device(
-    ranks: int, memory_bytes: int | None = None, runtime_bytes: int | None = None
+    ranks: int,
+    memory_bytes: int | None = None,
+    runtime_bytes: int | None = None,
+    length_kernel_bytes: int = CPU_LENGTH_KERNEL_BYTES,
+    doc_kernel_bytes: int = CPU_DOC_KERNEL_BYTES,
 ) -> Device:
     """This host as the device of `ranks` ranks: its memory shared between them, each rank's
-    runtime measured here (once per host and software; `runtime_bytes` to give it)."""
+    runtime and per-length kernels measured here (once per host and software;
+    `runtime_bytes` and `length_kernel_bytes` to give them)."""
     memory = host_memory_bytes() if memory_bytes is None else memory_bytes
     source = "given"
     if runtime_bytes is None:
-        runtime_bytes, source = cpu_runtime()
+        runtime_bytes, source, length_kernel_bytes, doc_kernel_bytes = cpu_runtime()
     return Device(
         f"CPU host ({memory / GIB:.1f} GiB for {ranks} ranks)",
         memory // ranks,
         "cpu",
         runtime_bytes,
         runtime_source=source,
+        length_kernel_bytes=length_kernel_bytes,
+        doc_kernel_bytes=doc_kernel_bytes,
     )
 
 
-def cpu_runtime() -> tuple[int, str]:
-    """(a CPU rank's runtime on this host, how it was found): measured by
-    sftscale.runtime_probe (cached), else CPU_RUNTIME_BYTES, saying why."""
+def cpu_runtime() -> tuple[int, str, int, int]:
+    """(a CPU rank's runtime on this host, how it was found, what it keeps per further
+    micro-batch length, per further document length): measured by sftscale.runtime_probe
+    (cached), else CPU_RUNTIME_BYTES, CPU_LENGTH_KERNEL_BYTES and CPU_DOC_KERNEL_BYTES, saying
+    why."""
     from data_tools.console import say  # the console: light, used once here
-    from sftscale.runtime_probe import ProbeError, cpu_runtime_bytes
+    from sftscale.runtime_probe import ProbeError, cpu_measured
 
     try:
-        return cpu_runtime_bytes(log=say), "measured here"
+        found = cpu_measured(log=say)
+        kernels = found["length_kernel_bytes"], found["doc_kernel_bytes"]
+        return found["runtime_bytes"], "measured here", *kernels
     except (ProbeError, OSError) as e:
         say(f"warning: {e}\nplanning with an assumed runtime of {CPU_RUNTIME_BYTES / GIB:.2f} GiB")
-        return CPU_RUNTIME_BYTES, "assumed"
+        return CPU_RUNTIME_BYTES, "assumed", CPU_LENGTH_KERNEL_BYTES, CPU_DOC_KERNEL_BYTES
 
 
 def cuda_device() -> Device:

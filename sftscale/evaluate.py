@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from sftscale.config import Config
 from sftscale.data import PackedDataset, collate
-from sftscale.forward import forward_loss_sum, row_multiple
+from sftscale.forward import forward_loss_sum
+from sftscale.lengths import row_multiple
 
 
 def evaluate(

@@ -131,6 +131,8 @@ def fixes(run: ResolvedRun, device: Device, *, bf16_native: bool, limit: int = 3
                 precision=precision,
                 device=device_for(k),
                 base_model_config=run.model_config,
+                packed=run.packed,
+                longest_document=run.longest_document,
             ).plan
         except (ConfigError, ValueError):
             return None
@@ -192,19 +194,24 @@ def plan_with_fixes(run: ResolvedRun, device: Device) -> Plan:
     return plan
 
 
-def data_shape(cfg: Config, *, seq_len: int | None, vocab_size: int | None) -> tuple[int, int]:
-    """(row length, tokenizer size) from the arguments, else from the data's manifest."""
-    if seq_len is None or vocab_size is None:  # (0: not needed)
-        try:
-            manifest = load_manifest(cfg.data.path, field="data.path")
-        except (ConfigError, OSError) as e:
-            raise ConfigError(
-                f"{e}; without prepared data give --seq-len (and --vocab-size for a preset "
-                "without a vocabulary of its own)"
-            ) from e
-        seq_len = seq_len or manifest.seq_len
-        vocab_size = manifest.tokenizer.vocab_size if vocab_size is None else vocab_size
-    return seq_len, vocab_size
+def data_shape(
+    cfg: Config, *, seq_len: int | None, vocab_size: int | None
+) -> tuple[int, int, bool, int | None]:
+    """(row length, tokenizer size, rows packed, longest document) from the arguments, else
+    from the data's manifest (read only then: data.path may be remote); given both, rows count
+    as packed, with documents of any length up to the row's."""
+    if seq_len is not None and vocab_size is not None:  # (0: not needed)
+        return seq_len, vocab_size, True, None
+    try:
+        manifest = load_manifest(cfg.data.path, field="data.path")
+    except (ConfigError, OSError) as e:
+        raise ConfigError(
+            f"{e}; without prepared data give --seq-len (and --vocab-size for a preset "
+            "without a vocabulary of its own)"
+        ) from e
+    seq_len = seq_len or manifest.seq_len
+    vocab_size = manifest.tokenizer.vocab_size if vocab_size is None else vocab_size
+    return seq_len, vocab_size, manifest.packed, manifest.longest_document
 
 
 def plan_for_cli(
@@ -227,7 +234,7 @@ def plan_for_cli(
     name = cfg.model.name_or_path
     if vocab_size is None and not (is_preset(name) and PRESETS[name]["vocab_size"] is None):
         vocab_size = 0  # the model's own vocabulary (a directory, or a preset that has one)
-    seq_len, vocab = data_shape(cfg, seq_len=seq_len, vocab_size=vocab_size)
+    seq_len, vocab, packed, longest = data_shape(cfg, seq_len=seq_len, vocab_size=vocab_size)
     run = resolve_run(
         with_nvme_path(cfg),
         world=world,
@@ -235,5 +242,7 @@ def plan_for_cli(
         vocab_size=vocab,
         precision=precision_for(cfg, device),
         device=device,
+        packed=packed,
+        longest_document=longest,
     )
     return plan_with_fixes(run, device)

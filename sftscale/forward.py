@@ -14,19 +14,9 @@ import torch
 from sftscale.config import Config
 from sftscale.data import Batch, PackedDataset, assign_ranks, collate, stream_rows
 from sftscale.flops import doc_flops
+from sftscale.lengths import row_multiple
 from sftscale.loss import tiled_head_loss_sum, token_loss_sum
 from sftscale.shape import ModelShape
-
-# Micro-batches are padded to their longest row rounded up to this (packed rows are nearly
-# full anyway; unpacked rows would otherwise pay for padding up to seq_len). 64 cost ~9% extra
-# compute on single unpacked documents (bench: llama-100m, micro 1); 8 keeps tensor-core shapes.
-PAD_MULTIPLE = 8
-
-
-def row_multiple(cfg: Config) -> int:
-    """Micro-batches are padded to a multiple of this many positions: PAD_MULTIPLE, and whole
-    equal slices for each rank of a sequence-parallel group and each tile of a tiled MLP."""
-    return math.lcm(PAD_MULTIPLE, cfg.scale.sequence_parallel_size * max(cfg.train.mlp_tiles, 1))
 
 
 def forward_loss_sum(engine, batch: Batch, cfg: Config, *, rows: int, seq_len: int) -> torch.Tensor:

@@ -191,10 +191,19 @@ def expert_parallel(s: ModelShape, cfg: Config, z: dict[str, Any], *, world: int
 
 
 def plan_memory(
-    s: ModelShape, cfg: Config, ds: dict[str, Any], *, world: int, seq_len: int, device: Device
+    s: ModelShape,
+    cfg: Config,
+    ds: dict[str, Any],
+    *,
+    world: int,
+    seq_len: int,
+    device: Device,
+    lengths: int = 1,
+    documents: int = 1,
 ) -> Plan:
     """Memory per rank of training a model of shape `s` with `cfg` and the resolved DeepSpeed
-    config `ds` on `world` ranks of `device`, rows of `seq_len` positions."""
+    config `ds` on `world` ranks of `device`, rows of `seq_len` positions, micro-batches of
+    `lengths` lengths and documents of `documents` padded lengths (sftscale.lengths)."""
     p = s.total_params
     z = ds.get("zero_optimization", {})
     stage = int(z.get("stage", 0))
@@ -272,33 +281,57 @@ def plan_memory(
 
     _forward_backward(plan, s, cfg, z, seq_len=seq_len, b=b, stage=stage, ep=ep)
 
-    # The optimizer step, one sub-group at a time: the partition's gradients flattened (b) and
-    # cast to fp32 (4), stage3.py `_prepare_fp32_grad_for_sub_group`; an offloaded optimizer
-    # steps on its fp32 buffer instead
-    if stage == 3 and opt_at == "device" and mixed:
+    if opt_at == "device" and mixed:
+        _optimizer_step(plan, stage, group=group, b=b, partition=trained / o_shard, o_shard=o_shard)
+    _runtime(plan, s, device, dynamic_mmap=dynamic_mmap, lengths=(lengths, documents))
+    return plan
+
+
+def _optimizer_step(
+    plan: Plan, stage: int, *, group: int, b: int, partition: float, o_shard: int
+) -> None:
+    """The optimizer step on the device in mixed precision, one sub-group at a time: stage 3
+    flattens the partition's gradients (b) and casts them to fp32 (4), stage3.py
+    `_prepare_fp32_grad_for_sub_group`; stages 1 and 2 keep one fp32 flat of the partition
+    (stage_1_and_2.py). An offloaded optimizer steps on its own fp32 buffer instead."""
+    if stage == 3:
         plan.add(
             "optimizer step: the largest sub-group's gradient flattened + fp32",
             group * (b + 4),
             phase="step",
         )
-    elif stage in (1, 2) and opt_at == "device" and mixed:  # stage_1_and_2.py: one fp32 flat
+    elif stage in (1, 2):
         plan.add(
             f"optimizer step: the gradient partition in fp32 (1/{o_shard})",
-            4 * trained / o_shard,
+            4 * partition,
             phase="step",
         )
-    _runtime(plan, s, device, dynamic_mmap=dynamic_mmap)
-    return plan
 
 
-def _runtime(plan: Plan, s: ModelShape, device: Device, *, dynamic_mmap: bool) -> None:
-    """What a rank holds besides the tensors: the device's runtime and, on a CPU host, what
-    glibc keeps resident."""
+def _runtime(
+    plan: Plan, s: ModelShape, device: Device, *, dynamic_mmap: bool, lengths: tuple[int, int]
+) -> None:
+    """What a rank holds besides the tensors: the device's runtime and, on a CPU host, the
+    kernels of each further micro-batch and document length (`lengths`) and what glibc keeps
+    resident."""
     what = f"interpreter, libraries, gloo, oneDNN: {device.runtime_source}"
     what = "CUDA context, NCCL, allocator slack" if device.kind == "gpu" else what
     plan.add(f"runtime ({what})", device.runtime_bytes)
     if device.kind != "cpu":
         return
+    # the runtime's measurement met one length of each; the CPU keeps kernels per shape
+    batches, documents = lengths
+    if batches > 1:
+        plan.add(
+            f"kernels for {batches - 1} more micro-batch lengths ({device.runtime_source})",
+            (batches - 1) * device.length_kernel_bytes,
+        )
+    if documents > 1:
+        plan.add(
+            f"attention kernels for {documents - 1} more document lengths "
+            f"({device.runtime_source})",
+            (documents - 1) * device.doc_kernel_bytes,
+        )
     if dynamic_mmap:  # glibc's dynamic mmap threshold keeps freed gathers resident
         plan.kept_bytes = plan.gathered_bytes
     elif plan.world > 1:

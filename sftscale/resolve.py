@@ -23,6 +23,7 @@ from typing import Any
 from sftscale.config import Config, ConfigError
 from sftscale.devices import Device
 from sftscale.ds_config import resolve_ds_config
+from sftscale.lengths import batch_lengths, document_lengths
 from sftscale.model import model_config as load_model_config
 from sftscale.plan import Plan, plan_memory
 from sftscale.precision import Precision, choose, cpu_native_bf16
@@ -40,6 +41,8 @@ class ResolvedRun:
     seq_len: int
     vocab_size: int  # the tokenizer's, added tokens included
     plan: Plan | None  # memory per rank on `device`; None where the device is unknown
+    packed: bool = True  # the data's rows are packed (the plan counts its micro-batch lengths)
+    longest_document: int | None = None  # the data's, in tokens (and its document lengths)
 
     @property
     def sequence_parallel(self) -> int:
@@ -127,10 +130,15 @@ def resolve_run(
     precision: Precision,
     device: Device | None,
     base_model_config: Any = None,
+    packed: bool = True,
+    longest_document: int | None = None,
 ) -> ResolvedRun:
     """The one resolution of a run on `world` ranks of `device`, rows of `seq_len` positions,
     a tokenizer of `vocab_size` tokens. `base_model_config`: the model's own config, when the
-    caller has read it already (else read from model.name_or_path)."""
+    caller has read it already (else read from model.name_or_path). `packed`: the data's rows
+    are packed (else one document a row: micro-batches of many lengths); `longest_document`:
+    the data's (tokens; None: up to seq_len). Both from the manifest (Manifest.packed,
+    Manifest.longest_document)."""
     cfg = cfg.for_world(world)
     if base_model_config is None:
         base_model_config = base_config(cfg, vocab_size)
@@ -141,7 +149,16 @@ def resolve_run(
     )
     plan = None
     if device is not None:
-        plan = plan_memory(shape, cfg, ds_config, world=world, seq_len=seq_len, device=device)
+        plan = plan_memory(
+            shape,
+            cfg,
+            ds_config,
+            world=world,
+            seq_len=seq_len,
+            device=device,
+            lengths=batch_lengths(cfg, seq_len, packed=packed),
+            documents=document_lengths(seq_len, longest_document),
+        )
     return ResolvedRun(
         config=cfg,
         model_config=mcfg,
@@ -152,6 +169,8 @@ def resolve_run(
         seq_len=seq_len,
         vocab_size=vocab_size,
         plan=plan,
+        packed=packed,
+        longest_document=longest_document,
     )
 
 

@@ -11,7 +11,9 @@ The measurement trains a 0.2M-parameter Llama (the tiny-llama preset) for 3 step
 process, as `sftscale train --local` would (ZeRO-3, the precision `auto` picks here, glibc's mmap
 threshold pinned as the workers pin it), on 256-token rows of synthetic chat data: its peak RSS
 minus the tensors its own plan counts is the runtime. The data is made by another process first,
-so the tokenizer's training does not count.
+so the tokenizer's training does not count. A third process measures what each further
+micro-batch length and each further document length (per-document attention) costs: the CPU's
+kernels are kept per shape, and the plan counts the lengths the data can give.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from importlib import metadata
 from pathlib import Path
 
 SEQ_LEN = 256
+# The third process: rows of ROW positions with documents of DOC_LENGTHS (each divides ROW),
+# then rows of the further LENGTHS
+ROW = 768
+DOC_LENGTHS = (64, 128, 192, 256, 384)
+LENGTHS = (576, 640, 704, 832)
 # sftscale train's settings for the probe's run beside the data it trains on
 TRAIN = [
     "model.name_or_path=tiny-llama",
@@ -108,6 +115,12 @@ def cpu_runtime_bytes(*, log=None) -> int:
     Raises ProbeError when it can be neither: the measurement failed, the cache directory is
     not writable, another process has been measuring for longer than WAIT_S, or this is the
     probe's own run (which must not wait for itself)."""
+    return cpu_measured(log=log)["runtime_bytes"]
+
+
+def cpu_measured(*, log=None) -> dict[str, int]:
+    """{"runtime_bytes", "length_kernel_bytes", "doc_kernel_bytes"} of this host, from the
+    cache or measured now: see cpu_runtime_bytes."""
     from sftscale.storage.cache import CacheError, locked  # the lock: on the measuring path only
 
     if os.environ.get(PROBING):
@@ -120,10 +133,10 @@ def cpu_runtime_bytes(*, log=None) -> int:
             if cached is not None:
                 return cached
             if log:
-                log("measuring this host's runtime memory (once per host and software, ~15 s)")
+                log("measuring this host's runtime memory (once per host and software, ~20 s)")
             result = measure()
             _write(path, result)
-            return int(result["runtime_bytes"])
+            return {k: int(result[k]) for k in MEASURED}
     except CacheError as e:
         raise ProbeError(f"another process is measuring this host's runtime memory: {e}") from None
     except OSError as e:
@@ -133,18 +146,24 @@ def cpu_runtime_bytes(*, log=None) -> int:
         ) from None
 
 
-def _read(path: Path) -> int | None:
-    """The cached runtime, or None when there is none or it is not one this code wrote (not
-    JSON, another key, a value no process has): such a file is measured over, never trusted."""
+MEASURED = ("runtime_bytes", "length_kernel_bytes", "doc_kernel_bytes")
+
+
+def _read(path: Path) -> dict[str, int] | None:
+    """The cached measurements, or None when there are none or they are not what this code
+    wrote (not JSON, another key, a value no process has): such a file is measured over,
+    never trusted."""
     if not path.is_file() or path.is_symlink():
         return None
     try:
         data = json.loads(path.read_text())
-        value = data["runtime_bytes"]
-        ok = data.get("key") == path.stem and type(value) is int and 0 <= value < MAX_RUNTIME
+        values = {k: data[k] for k in MEASURED}
+        ok = data.get("key") == path.stem and all(
+            type(v) is int and 0 <= v < MAX_RUNTIME for v in values.values()
+        )
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
         ok = False
-    return value if ok else None
+    return values if ok else None
 
 
 def _write(path: Path, result: dict) -> None:
@@ -173,7 +192,7 @@ def measure() -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="sftscale-runtime-") as tmp:
         out = {}
-        for step in ("data", "train"):
+        for step in ("data", "train", "lengths"):
             try:
                 proc = subprocess.run(
                     [sys.executable, "-m", "sftscale.runtime_probe_steps", step, tmp],
@@ -189,7 +208,7 @@ def measure() -> dict:
             if proc.returncode != 0:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
                 raise ProbeError(f"measuring this host's runtime memory failed ({step}):\n{tail}")
-            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            out |= json.loads(proc.stdout.strip().splitlines()[-1])
     return out | {"runtime_bytes": max(out["peak_rss_bytes"] - out["tensor_bytes"], 0)}
 
 

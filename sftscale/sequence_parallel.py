@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sftscale.data import padded_length
+from sftscale.lengths import padded_length
 
 # Core attentions that stay exact on packed rows under Ulysses (see the module docstring).
 EXACT_ON_PACKED_ROWS = ("sdpa", "flash_attention_2")

@@ -103,6 +103,8 @@ def validate_run(cfg: Config, *, world_size: int) -> Validated:
             precision=precision,
             device=device if world == world_size else None,
             base_model_config=base,
+            packed=manifest.packed,
+            longest_document=manifest.longest_document,
         )
         for world in range(cfg.scale.min_workers or world_size, world_size + 1)
     }

@@ -102,7 +102,7 @@ def test_cpu_micro_batches_take_few_lengths():
     to the multiple: unpacked documents in multiples of 8 positions met a new shape nearly every
     step, and the CPU's kernels kept memory for each (RSS grew 10 MB a step). The tokens,
     positions and targets are those of the exact padding, only longer."""
-    from sftscale.data import padded_length
+    from sftscale.lengths import padded_length
 
     def rows_of(n):
         return [(np.arange(1, n + 1, dtype=np.int32), np.ones(n, np.int8), np.array([n], np.int32))]

@@ -664,3 +664,69 @@ def test_the_fitted_heap_term_covers_its_fit_set():
         assert need <= heap_holes(shape), r["name"]
     validated = {r["name"] for r in rows if r.get("held_out") != -1}
     assert validated and not validated & {r["name"] for r in fit}
+
+
+def test_unpacked_rows_on_a_cpu_plan_the_kernels_of_each_micro_batch_length():
+    """A CPU rank keeps the kernels made for every micro-batch length it meets (12-15 MiB
+    each in bf16 on an AMX host): unpacked rows meet up to every padded length up to seq_len,
+    at most one new one per micro-batch; packed rows one. A GPU plans none."""
+    from sftscale.lengths import batch_lengths
+
+    cfg = load_config(None, ["data.path=x", "train.max_steps=100", "train.grad_accum=1"])
+    assert batch_lengths(cfg, 1024, packed=True) == 2  # full rows, and the last one
+    assert batch_lengths(cfg, 1024, packed=False) == 16  # 64..512 by 64, 576..1024 by 64
+    assert batch_lengths(cfg, 4096, packed=False) == 32
+    short = load_config(None, ["data.path=x", "train.max_steps=3", "train.grad_accum=2"])
+    assert batch_lengths(short, 4096, packed=False) == 6  # one new length a micro-batch
+    sp = load_config(None, ["data.path=x", "scale.sequence_parallel_size=2"])
+    assert batch_lengths(sp, 1000, packed=False) == 16  # the last length is seq_len itself
+
+    cpu = replace(host_device(2, 64 * GIB, runtime_bytes=GIB // 2), length_kernel_bytes=13 << 20)
+
+    def planned(device, packed):
+        return resolve_run(
+            cfg,
+            world=2,
+            seq_len=1024,
+            vocab_size=32000,
+            precision=Precision("bf16", "test"),
+            device=device,
+            base_model_config=model_config("tiny-llama", vocab_size=32000),
+            packed=packed,
+        ).plan
+
+    packed, unpacked = planned(cpu, True), planned(cpu, False)
+    assert unpacked.peak_bytes - packed.peak_bytes == 14 * (13 << 20)
+    assert _line(unpacked, "kernels for 15 more micro-batch lengths") == 15 * (13 << 20)
+    assert _line(packed, "kernels for 1 more micro-batch lengths") == 13 << 20
+    gpu = GPUS["h100"]
+    assert planned(gpu, False).peak_bytes == planned(gpu, True).peak_bytes
+
+
+def test_the_launch_check_plans_with_the_datas_packing_and_longest_document(
+    tmp_path, prepared_dir, monkeypatch
+):
+    """sftscale train plans with what the manifest says of the rows: packed or not, and the
+    longest document (recorded per shard by prepare)."""
+    import shutil
+
+    import sftscale.validate as validate
+
+    unpacked = tmp_path / "data"
+    shutil.copytree(prepared_dir, unpacked)
+    manifest = json.loads((unpacked / "manifest.json").read_text())
+    manifest["options"]["packing"] = "none"
+    (unpacked / "manifest.json").write_text(json.dumps(manifest))
+    longest = max(s["max_doc_tokens"] for s in manifest["shards"])
+    assert 0 < longest <= manifest["seq_len"]
+    seen = []
+
+    def resolve(*args, **kwargs):
+        seen.append((kwargs["packed"], kwargs["longest_document"]))
+        return resolve_run(*args, **kwargs)
+
+    monkeypatch.setattr(validate, "resolve_run", resolve)
+    for path in (prepared_dir, unpacked):
+        cfg = load_config(None, [f"data.path={path}", "model.name_or_path=tiny-llama"])
+        validate_run(cfg, world_size=2)
+    assert set(seen) == {(True, longest), (False, longest)}

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sftscale import runtime_probe
-from sftscale.devices import CPU_RUNTIME_BYTES, GIB, host_device
+from sftscale.devices import CPU_LENGTH_KERNEL_BYTES, CPU_RUNTIME_BYTES, GIB, host_device
 
 
 @pytest.fixture
@@ -32,6 +32,10 @@ def test_the_runtime_is_measured_once_and_planned_with(cache, monkeypatch, capsy
         saved["runtime_bytes"],
         "measured here",
     )
+    # and what a further micro-batch length keeps: the kernels made for its shapes (12-15 MiB
+    # in bf16 on an AMX host, about 2 MiB in fp32 under AVX2)
+    assert device.length_kernel_bytes == saved["length_kernel_bytes"]
+    assert 0 < saved["length_kernel_bytes"] < 0.2 * GIB
 
     def fail():
         raise AssertionError("measured again")
@@ -53,6 +57,7 @@ def test_a_failed_measurement_is_said_and_planned_with_the_ceiling(cache, monkey
     monkeypatch.setattr(runtime_probe, "measure", broken)
     device = host_device(2, 16 * GIB)
     assert (device.runtime_bytes, device.runtime_source) == (CPU_RUNTIME_BYTES, "assumed")
+    assert device.length_kernel_bytes == CPU_LENGTH_KERNEL_BYTES
     out = capsys.readouterr().out
     assert "failed (train): x" in out and "assumed runtime of 0.86 GiB" in out
     assert not list(cache.glob("cpu-*.json"))  # nothing cached: the next plan tries again
@@ -60,7 +65,12 @@ def test_a_failed_measurement_is_said_and_planned_with_the_ceiling(cache, monkey
 
 def _fake(runtime: int):
     def measure():
-        return {"peak_rss_bytes": runtime + 1000, "tensor_bytes": 1000, "runtime_bytes": runtime}
+        return {
+            "peak_rss_bytes": runtime + 1000,
+            "tensor_bytes": 1000,
+            "runtime_bytes": runtime,
+            "length_kernel_bytes": 1 << 20,
+        }
 
     return measure
 
@@ -76,6 +86,8 @@ def _fake(runtime: int):
         '{"runtime_bytes": 1e30, "key": "KEY"}',
         '{"runtime_bytes": 123456789, "key": "another-host"}',
         '{"runtime_bytes": 123456789}',
+        '{"runtime_bytes": 123456789, "key": "KEY"}',
+        '{"runtime_bytes": 123456789, "length_kernel_bytes": -1, "key": "KEY"}',
         b"\xff\xfe\x00binary",
     ],
 )
@@ -121,7 +133,9 @@ def test_a_second_planner_waits_for_the_first_measurement_then_reads_it(cache, m
     holder.__enter__()
 
     def first_finishes():
-        path.write_text(json.dumps({"runtime_bytes": 400 << 20, "key": path.stem}))
+        path.write_text(
+            json.dumps({"runtime_bytes": 400 << 20, "length_kernel_bytes": 0, "key": path.stem})
+        )
         holder.__exit__(None, None, None)
 
     timer = threading.Timer(0.5, first_finishes)
@@ -168,12 +182,16 @@ def test_the_probe_runs_outside_the_launchers_process_group(cache, monkeypatch):
 
     def run(cmd, *, env, **kw):
         seen.append(env)
-        out = json.dumps({"peak_rss_bytes": 5 << 20, "tensor_bytes": 1 << 20})
-        return subprocess.CompletedProcess(cmd, 0, out + "\n", "")
+        out = {"peak_rss_bytes": 5 << 20, "tensor_bytes": 1 << 20}
+        out = {"length_kernel_bytes": 3 << 20} if "lengths" in cmd else out
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(out) + "\n", "")
 
     monkeypatch.setattr(runtime_probe.subprocess, "run", run)
-    assert runtime_probe.cpu_runtime_bytes() == 4 << 20
-    assert len(seen) == 2
+    assert runtime_probe.cpu_measured() == {
+        "runtime_bytes": 4 << 20,
+        "length_kernel_bytes": 3 << 20,
+    }
+    assert len(seen) == 3
     for env in seen:
         assert not {"RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(
             env

@@ -73,7 +73,7 @@ def test_documents_are_padded_to_few_lengths_on_a_cpu():
     """oneDNN keeps a kernel per GEMM shape: every document length a corpus has would add
     one (RSS grew 0.07 GiB a step on a tiny model). The lengths computed on are few, and at
     most 1/8 (or 63 positions) longer than the document."""
-    from sftscale.sequence_parallel import padded_length
+    from sftscale.lengths import padded_length
 
     lengths = {padded_length(n) for n in range(1, 131073)}
     assert len(lengths) == 8 + 8 * 8  # multiples of 64 up to 512, then 8 an octave

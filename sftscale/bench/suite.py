@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_tools.console import say
+from data_tools.schema import read_manifest
 
 if TYPE_CHECKING:
     from sftscale.config import Config
@@ -545,6 +546,13 @@ class Bench:
             "device": self.device,
             "versions": self.versions,
             "command": self.command,
+            # what the memory planner reads from the data (plan_validation.py plans the point)
+            "data": {
+                "packed": point.packing == "packed",
+                "longest_document": read_manifest(
+                    self.data_dir(point.seq_len, point.packing)
+                ).longest_document,
+            },
             "figures": figures,
             "ds_memory_estimate": estimate,
         }
