@@ -8,7 +8,13 @@ import json
 import pytest
 
 from sftscale import runtime_probe
-from sftscale.devices import CPU_LENGTH_KERNEL_BYTES, CPU_RUNTIME_BYTES, GIB, host_device
+from sftscale.devices import (
+    CPU_DOC_KERNEL_BYTES,
+    CPU_LENGTH_KERNEL_BYTES,
+    CPU_RUNTIME_BYTES,
+    GIB,
+    host_device,
+)
 
 
 @pytest.fixture
@@ -36,6 +42,7 @@ def test_the_runtime_is_measured_once_and_planned_with(cache, monkeypatch, capsy
     # in bf16 on an AMX host, about 2 MiB in fp32 under AVX2)
     assert device.length_kernel_bytes == saved["length_kernel_bytes"]
     assert 0 < saved["length_kernel_bytes"] < 0.2 * GIB
+    assert device.doc_kernel_bytes == saved["doc_kernel_bytes"] < 0.1 * GIB
 
     def fail():
         raise AssertionError("measured again")
@@ -58,6 +65,7 @@ def test_a_failed_measurement_is_said_and_planned_with_the_ceiling(cache, monkey
     device = host_device(2, 16 * GIB)
     assert (device.runtime_bytes, device.runtime_source) == (CPU_RUNTIME_BYTES, "assumed")
     assert device.length_kernel_bytes == CPU_LENGTH_KERNEL_BYTES
+    assert device.doc_kernel_bytes == CPU_DOC_KERNEL_BYTES
     out = capsys.readouterr().out
     assert "failed (train): x" in out and "assumed runtime of 0.86 GiB" in out
     assert not list(cache.glob("cpu-*.json"))  # nothing cached: the next plan tries again
@@ -70,6 +78,7 @@ def _fake(runtime: int):
             "tensor_bytes": 1000,
             "runtime_bytes": runtime,
             "length_kernel_bytes": 1 << 20,
+            "doc_kernel_bytes": 1 << 19,
         }
 
     return measure
@@ -134,7 +143,14 @@ def test_a_second_planner_waits_for_the_first_measurement_then_reads_it(cache, m
 
     def first_finishes():
         path.write_text(
-            json.dumps({"runtime_bytes": 400 << 20, "length_kernel_bytes": 0, "key": path.stem})
+            json.dumps(
+                {
+                    "runtime_bytes": 400 << 20,
+                    "length_kernel_bytes": 0,
+                    "doc_kernel_bytes": 0,
+                    "key": path.stem,
+                }
+            )
         )
         holder.__exit__(None, None, None)
 
@@ -183,13 +199,18 @@ def test_the_probe_runs_outside_the_launchers_process_group(cache, monkeypatch):
     def run(cmd, *, env, **kw):
         seen.append(env)
         out = {"peak_rss_bytes": 5 << 20, "tensor_bytes": 1 << 20}
-        out = {"length_kernel_bytes": 3 << 20} if "lengths" in cmd else out
+        out = (
+            {"length_kernel_bytes": 3 << 20, "doc_kernel_bytes": 1 << 20}
+            if "lengths" in cmd
+            else out
+        )
         return subprocess.CompletedProcess(cmd, 0, json.dumps(out) + "\n", "")
 
     monkeypatch.setattr(runtime_probe.subprocess, "run", run)
     assert runtime_probe.cpu_measured() == {
         "runtime_bytes": 4 << 20,
         "length_kernel_bytes": 3 << 20,
+        "doc_kernel_bytes": 1 << 20,
     }
     assert len(seen) == 3
     for env in seen:
