@@ -29,15 +29,22 @@ def padded_length(n: int) -> int:
     return -(-n // step) * step
 
 
+def padded_lengths(top: int) -> list[int]:
+    """Every length `padded_length` gives for 1..`top` positions, shortest first."""
+    found, last = [], 0
+    while last < top:
+        last = padded_length(last + 1)
+        found.append(last)
+    return found
+
+
 def batch_lengths(cfg: Config, seq_len: int, *, packed: bool) -> int:
     """How many micro-batch lengths a CPU rank can meet in this run (data.collate with
     few_lengths): packed rows are full but for a few (the data's last row, which packing
     leaves short: 2); unpacked rows (`prepare --packing none`) any of the padded lengths up to
     seq_len. At most one new one per micro-batch."""
-    multiple, found, n = row_multiple(cfg), set(), 1
-    while n <= seq_len:
-        found.add(min(seq_len, -(-padded_length(n) // multiple) * multiple))
-        n = padded_length(n) + 1
+    multiple = row_multiple(cfg)
+    found = {min(seq_len, -(-p // multiple) * multiple) for p in padded_lengths(seq_len)}
     possible = min(len(found), 2) if packed else len(found)
     return min(possible, cfg.train.max_steps * cfg.train.grad_accum)
 
@@ -55,8 +62,4 @@ def document_lengths(seq_len: int, longest: int | None) -> int:
     every padded length up to the data's longest document (None: up to seq_len), at most
     DOCUMENT_KERNELS_UP_TO."""
     top = min(seq_len, longest if longest is not None else seq_len, DOCUMENT_KERNELS_UP_TO)
-    found, n = set(), 1
-    while n <= top:
-        found.add(padded_length(n))
-        n = padded_length(n) + 1
-    return max(len(found), 1)
+    return max(len(padded_lengths(top)), 1)
