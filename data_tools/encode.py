@@ -82,8 +82,11 @@ _INERT_POST_PROCESSORS = (
     "RobertaProcessing",
     "BertProcessing",
 )
-_WORD_CACHE_SIZE = 1 << 18  # distinct pieces memoized per process (~40 MB at most)
+_WORD_CACHE_SIZE = 1 << 18  # distinct pieces memoized per process
 _CHUNK_CACHE_SIZE = 1 << 18  # distinct chunks (a word and its leading space), likewise
+# and at most this many characters in all, per memo: long unique pieces (a paragraph of
+# Chinese is one chunk for SentencePiece) would otherwise hold hundreds of megabytes
+_MEMO_CHARS = 1 << 24
 # Below this share of characters in chunks found in the memo (measured over _MEASURED_CHARS),
 # text is too new for the memo to pay: on text seen once (chatterbot-corpus's dialogs, People's
 # Daily) the Rust encoder was faster
@@ -232,17 +235,20 @@ class _Pieces(dict):
 
         super().__init__()
         self.model = model
+        self.room = _MEMO_CHARS  # characters the memo may still take
+        # bytes read as Latin-1 (byte b -> code point b), then mapped in one translate
         self.byte_char = bytes_to_unicode() if byte_level else None
 
     def to_bytes_alphabet(self, piece: str) -> str:
         if self.byte_char is None:
             return piece
-        return "".join(map(self.byte_char.__getitem__, piece.encode()))
+        return piece.encode().decode("latin-1").translate(self.byte_char)
 
-    def __missing__(self, piece: str) -> tuple[int, ...]:
-        ids = tuple(t.id for t in self.model.tokenize(self.to_bytes_alphabet(piece)))
-        if len(self) < _WORD_CACHE_SIZE:
+    def __missing__(self, piece: str) -> list[int]:
+        ids = [t.id for t in self.model.tokenize(self.to_bytes_alphabet(piece))]
+        if len(self) < _WORD_CACHE_SIZE and len(piece) <= self.room:
             self[piece] = ids
+            self.room -= len(piece)
         return ids
 
 
@@ -256,6 +262,9 @@ class _Path:
         self.added = {t.content: i for i, t in added.items()}
         raw = [t.content for t in added.values() if not t.normalized]
         normalized = [t.content for t in added.values() if t.normalized]
+        # an added token can begin only at one of these characters: a text without any skips
+        # the passes (a scan in C per character, instead of a regex split per pass)
+        self.starts = sorted({t[0] for t in self.added if t})
         # one split regex per pass, longest first: the leftmost match is the longest there
         self.passes = [
             re.compile("(" + "|".join(map(re.escape, sorted(group, key=len, reverse=True))) + ")")
@@ -272,7 +281,11 @@ class _Path:
 
     def encode(self, text: str, *, continued: bool = False) -> list[int]:
         ids: list[int] = []
-        self._encode(text, 0, ids, "continued" if continued else "start")
+        where = "continued" if continued else "start"
+        if any(c in text for c in self.starts):
+            self._encode(text, 0, ids, where)
+        elif text:
+            self._part(text, ids, where)
         return ids
 
     def _encode(self, text: str, npass: int, ids: list[int], where: str) -> None:
@@ -355,6 +368,7 @@ class _FastPath(_Path):
         self.characters = Characters()
         self.pieces = _Pieces(backend.model)
         self.chunks: dict[str, list[int]] = {}
+        self.chunk_room = _MEMO_CHARS
         # characters of chunks found in the memo / looked up; while text rarely repeats (too
         # few found), the Rust encoder is faster for it: batches go there, every 8th still here
         # to measure
@@ -407,8 +421,9 @@ class _FastPath(_Path):
                 found = list(
                     itertools.chain.from_iterable(map(self.pieces.__getitem__, self.split(chunk)))
                 )
-                if len(self.chunks) < _CHUNK_CACHE_SIZE:
+                if len(self.chunks) < _CHUNK_CACHE_SIZE and len(chunk) <= self.chunk_room:
                     self.chunks[chunk] = found
+                    self.chunk_room -= len(chunk)
             ids.extend(found)
 
     def split(self, text: str) -> list[str]:

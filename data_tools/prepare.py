@@ -21,12 +21,14 @@ Imports neither torch, ray (except for --engine ray) nor deepspeed.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -181,35 +183,38 @@ def worker_tokenizer(tokenizer_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-def _init_worker(options: dict) -> None:
-    """A worker starts before the main process has saved the tokenizer: it imports what it
-    will need now (transformers' tokenizer classes: ~1 s) and loads the tokenizer its first
-    batch names."""
-    # heavy (transformers): the worker's own import, the reason it starts early
-    from transformers import PreTrainedTokenizerFast  # noqa: F401
-
-    _WORKER.update(options=PrepareOptions(**options), dir=None)
+def _init_worker(options: dict, tokenizer_dir: str) -> None:
+    """What a worker holds: the tokenizer loaded from the copy saved beside the shards (so its
+    ids are the data's), the template that copy carries, the options."""
+    tok = worker_tokenizer(tokenizer_dir)
+    _WORKER.update(options=PrepareOptions(**options), tokenizer=tok, template=tok.chat_template)
 
 
-def _process_batch(job: tuple[str, list[tuple[str, int, str, Any]]]) -> list[dict]:
-    tokenizer_dir, items = job
-    if _WORKER["dir"] != tokenizer_dir:
-        tok = worker_tokenizer(tokenizer_dir)
-        _WORKER.update(tokenizer=tok, template=tok.chat_template, dir=tokenizer_dir)
+def _process_batch(items: list[tuple[str, int, str, Any]]) -> list[dict]:
     return process_records(items, _WORKER["tokenizer"], _WORKER["template"], _WORKER["options"])
 
 
 class _Workers:
-    """The local engine's worker processes (none for one process, or with Ray), started first:
-    their imports overlap the main process's loading of the tokenizer (AutoTokenizer imports
-    torch: 2-4 s on 2 cores). Ended, running or not, when the block ends."""
+    """The local engine's worker processes (none for one process), started once the tokenizer
+    is saved. On Linux the main process loads the workers' tokenizer and forks them: they start
+    with it loaded and transformers imported (spawned, each spent ~1 s importing and ~0.7 s
+    loading DeepSeek-V3's tokenizer on 2 cores, beside the main process's own loading). The
+    main process holds no thread of its own then: its only other threads are numpy's BLAS pool
+    and pyarrow's allocator, both fork-safe. Elsewhere they are spawned and load it
+    themselves. Ended, running or not, when the block ends."""
 
-    def __init__(self, options: PrepareOptions) -> None:
+    def __init__(self, options: PrepareOptions, tokenizer_dir: str) -> None:
         self.pool = None
-        if options.engine == "local" and options.num_proc > 1:
-            ctx = mp.get_context("spawn")  # no fork of a process that may hold threads
-            self.pool = ctx.Pool(
-                options.num_proc, initializer=_init_worker, initargs=(asdict(options),)
+        fork = sys.platform == "linux"
+        if options.num_proc == 1 or fork:
+            _init_worker(asdict(options), tokenizer_dir)
+        if options.num_proc > 1 and fork:
+            self.pool = mp.get_context("fork").Pool(options.num_proc)
+        elif options.num_proc > 1:
+            self.pool = mp.get_context("spawn").Pool(
+                options.num_proc,
+                initializer=_init_worker,
+                initargs=(asdict(options), tokenizer_dir),
             )
 
     def __enter__(self) -> _Workers:
@@ -219,6 +224,7 @@ class _Workers:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+        _WORKER.clear()
 
 
 def process_records(items, tokenizer, template: str, options: PrepareOptions) -> list[dict]:
@@ -369,14 +375,13 @@ def _batches(
 
 
 def _run_local(
-    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, workers: _Workers
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions
 ) -> Iterator[list[dict]]:
-    jobs = ((str(tokenizer_dir), batch) for batch in batches)
-    if workers.pool is None:
-        _init_worker(asdict(options))
-        yield from map(_process_batch, jobs)
-    else:  # imap keeps input order; a bounded chunk keeps memory flat
-        yield from workers.pool.imap(_process_batch, jobs, chunksize=1)
+    with _Workers(options, str(tokenizer_dir)) as workers:
+        if workers.pool is None:
+            yield from map(_process_batch, batches)
+        else:  # imap keeps input order; a bounded chunk keeps memory flat
+            yield from workers.pool.imap(_process_batch, batches, chunksize=1)
 
 
 def _encode_record(rec: Any) -> Any:
@@ -415,7 +420,7 @@ class _RayTokenize:
 
 
 def _run_ray(
-    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, workers: _Workers
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions
 ) -> Iterator[list[dict]]:
     """The same per-record work on Ray Data (a running cluster, or a local Ray); the driver
     streams records in windows and packs in input order."""
@@ -541,15 +546,14 @@ def prepare(
     except (InputError, MixtureError) as e:
         raise PrepareError(str(e)) from e
     read_from = _Inputs(paths, sources, path_source)
-    with _Workers(options) as workers:
-        try:
-            tokenizer = load_tokenizer(tokenizer_path)
-            template = resolve_template(tokenizer, options.chat_template)
-            tokens = stop_tokens(tokenizer, template, options.chat_template)
-        except ValueError as e:
-            raise PrepareError(str(e)) from e
-        loaded = _Tokenizer(tokenizer, template, tokens, str(tokenizer_path))
-        return _stage(read_from, out_dir, loaded, options, workers)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path)
+        template = resolve_template(tokenizer, options.chat_template)
+        tokens = stop_tokens(tokenizer, template, options.chat_template)
+    except ValueError as e:
+        raise PrepareError(str(e)) from e
+    loaded = _Tokenizer(tokenizer, template, tokens, str(tokenizer_path))
+    return _stage(read_from, out_dir, loaded, options)
 
 
 @dataclass(frozen=True)
@@ -561,18 +565,18 @@ class _Tokenizer:
 
 
 def _stage(
-    inputs: _Inputs, out_dir: str, loaded: _Tokenizer, options: PrepareOptions, workers: _Workers
+    inputs: _Inputs, out_dir: str, loaded: _Tokenizer, options: PrepareOptions
 ) -> schema.Manifest:
     """Everything into a new directory that replaces `out_dir` only when whole."""
     tokenizer = loaded.tokenizer
     try:
         with new_output(Path(out_dir), log=_say if options.progress else _quiet) as staged:
             # The tokenizer travels with the shards, template included, so training and export
-            # use exactly the ids the data was made with; the workers load this copy.
+            # use exactly the ids the data was made with; the workers' tokenizer is this copy.
             tokenizer.chat_template = loaded.template
             tokenizer.save_pretrained(str(staged / schema.TOKENIZER_DIR))
             try:
-                return _write(inputs, staged, loaded, options, workers)
+                return _write(inputs, staged, loaded, options)
             except PrepareError as e:
                 raise PrepareError(f"{e}{_keep_quarantine(staged, Path(out_dir))}") from None
     except OutputError as e:
@@ -609,14 +613,14 @@ class _Inputs:
 
 
 def _write(
-    inputs: _Inputs, out: Path, loaded: _Tokenizer, options: PrepareOptions, workers: _Workers
+    inputs: _Inputs, out: Path, loaded: _Tokenizer, options: PrepareOptions
 ) -> schema.Manifest:
     """Tokenize, pack and write shards, quarantine and manifest into the new directory `out`."""
     tok_dir = out / schema.TOKENIZER_DIR
     source_hashes: list[dict] = []
     shards = _Shards(out, options)
     counts, reasons, formats, mix = _tokenize_and_pack(
-        inputs, tok_dir, options, shards, source_hashes, workers
+        inputs, tok_dir, options, shards, source_hashes
     )
 
     n, bad = counts["records"], counts["bad"]
@@ -675,7 +679,6 @@ def _tokenize_and_pack(
     options: PrepareOptions,
     shards: _Shards,
     source_hashes: list,
-    workers: _Workers,
 ) -> tuple[Counter, Counter, Counter, dict | None]:
     """Read, tokenize and mask every record, quarantine the bad ones with their reason, and
     pack the documents window by window into `shards` (a mixture: once every source is read).
@@ -693,8 +696,11 @@ def _tokenize_and_pack(
 
     bar = ProgressBar(desc="prepare", unit=" records", enabled=options.progress, rate="tokens")
     try:
-        with open(shards.out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine:
-            for results in engine(batches, tok_dir, options, workers):
+        with (
+            open(shards.out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine,
+            contextlib.closing(engine(batches, tok_dir, options)) as processed,
+        ):  # closing: the workers end here, whatever ends the loop
+            for results in processed:
                 for r in results:
                     k = source_of(counts["records"]) if spill is not None else 0
                     counts["records"] += 1

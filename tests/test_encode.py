@@ -240,6 +240,22 @@ def test_memo_is_bounded(tokenizer, monkeypatch):
     assert len(enc.path.pieces) == 5
 
 
+def test_memo_holds_at_most_its_characters(tokenizer, monkeypatch):
+    """Long unique pieces and chunks fill the memo's character budget, not memory: once it is
+    spent nothing more is kept, and the ids stay the Rust encoder's."""
+    monkeypatch.setattr(encode, "_MEMO_CHARS", 200)
+    monkeypatch.setattr(encode, "_REPEATED", 0.0)  # no bypass: every text through the memo
+    enc = Encoder(tokenizer)
+    rng = random.Random(5)
+    texts = ["".join(rng.choices(UNICODE_FRAGMENTS, k=rng.randint(20, 80))) for _ in range(100)]
+    texts += _training_text(50)
+    assert enc(texts) == _rust(tokenizer, texts)
+    assert sum(map(len, enc.path.pieces)) <= 200 and enc.path.pieces.room >= 0
+    if hasattr(enc.path, "chunks"):
+        assert sum(map(len, enc.path.chunks)) <= 200 and enc.path.chunk_room >= 0
+    assert len(enc.path.pieces) > 0
+
+
 def test_padding_and_truncation_of_the_tokenizer_file_are_ignored():
     """A tokenizer.json may enable them; transformers turns them off per call, and so do we
     (on a copy: the caller's tokenizer is left as it was)."""

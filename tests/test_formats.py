@@ -158,6 +158,34 @@ def test_small_window_and_many_workers_give_identical_output(
     assert m.num_tokens == schema.read_manifest(ref).num_tokens
 
 
+def test_spawned_workers_give_the_forked_workers_output(
+    tmp_path, corpus_path, sp_tokenizer_dir, monkeypatch
+):
+    """On Linux the workers are forked holding the main process's copy of the saved tokenizer;
+    elsewhere they are spawned and load it themselves: the same bytes either way, and no
+    tokenizer is left behind in the main process for a later prepare to pick up."""
+    from data_tools import prepare as prepare_module
+
+    forked, spawned = tmp_path / "forked", tmp_path / "spawned"
+    prepare(
+        [str(corpus_path)],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(forked),
+        options=_opts(num_proc=2),
+    )
+    assert not prepare_module._WORKER
+    monkeypatch.setattr(prepare_module.sys, "platform", "darwin")
+    prepare(
+        [str(corpus_path)],
+        tokenizer_path=str(sp_tokenizer_dir),
+        out_dir=str(spawned),
+        options=_opts(num_proc=2),
+    )
+    assert not prepare_module._WORKER
+    for f in sorted(p.name for p in forked.iterdir() if p.is_file()):
+        assert (forked / f).read_bytes() == (spawned / f).read_bytes(), f
+
+
 @pytest.mark.distributed
 def test_ray_data_engine_gives_identical_output(tmp_path, corpus_path, sp_tokenizer_dir):
     ref, ray_out = tmp_path / "ref", tmp_path / "ray"
