@@ -210,6 +210,19 @@ class Characters:
         self.safe |= chars - bad
 
 
+def _alternation(tokens: list[str]) -> str:
+    """A capturing regex matching the longest of `tokens` at a position: one group per first
+    character, its tokens longest first."""
+    by_first: dict[str, list[str]] = {}
+    for t in sorted(tokens, key=len, reverse=True):
+        by_first.setdefault(t[0], []).append(t[1:])
+    groups = (
+        re.escape(first) + "(?:" + "|".join(map(re.escape, rests)) + ")"
+        for first, rests in sorted(by_first.items())
+    )
+    return "(" + "|".join(groups) + ")"
+
+
 def chunks(text: str) -> list[str]:
     """`text` cut before each space that follows a non-space and precedes a letter (see the
     module docstring: no piece of the supported pipelines crosses such a cut)."""
@@ -236,6 +249,7 @@ class _Pieces(dict):
         super().__init__()
         self.model = model
         self.room = _MEMO_CHARS  # characters the memo may still take
+        self.missed = 0  # characters of the pieces not found in it
         # bytes read as Latin-1 (byte b -> code point b), then mapped in one translate
         self.byte_char = bytes_to_unicode() if byte_level else None
 
@@ -245,6 +259,7 @@ class _Pieces(dict):
         return piece.encode().decode("latin-1").translate(self.byte_char)
 
     def __missing__(self, piece: str) -> list[int]:
+        self.missed += len(piece)
         ids = [t.id for t in self.model.tokenize(self.to_bytes_alphabet(piece))]
         if len(self) < _WORD_CACHE_SIZE and len(piece) <= self.room:
             self[piece] = ids
@@ -262,15 +277,31 @@ class _Path:
         self.added = {t.content: i for i, t in added.items()}
         raw = [t.content for t in added.values() if not t.normalized]
         normalized = [t.content for t in added.values() if t.normalized]
-        # an added token can begin only at one of these characters: a text without any skips
-        # the passes (a scan in C per character, instead of a regex split per pass)
-        self.starts = sorted({t[0] for t in self.added if t})
-        # one split regex per pass, longest first: the leftmost match is the longest there
+        # One pass per group: (the characters its tokens begin with, its split regex). A text
+        # holding none of those characters skips the pass (a scan in C per character instead of
+        # a regex split). The regex tries one alternation per first character, each longest
+        # first: the match at the leftmost position is the longest there.
         self.passes = [
-            re.compile("(" + "|".join(map(re.escape, sorted(group, key=len, reverse=True))) + ")")
+            (sorted({t[0] for t in group}), re.compile(_alternation(group)))
             for group in (raw, normalized)
             if group
         ]
+        # characters of non-ASCII text found in the memo / looked up; while such text rarely
+        # repeats (too few found), the Rust encoder is faster for it: its batches go there,
+        # every 8th still here to measure
+        self.found = self.looked_up = self.batches = 0
+        self.bypass = False
+
+    def _measure(self) -> None:
+        """Decides, at each batch, whether its non-ASCII texts go to the Rust encoder."""
+        self.batches += 1
+        measuring = self.batches % 8 == 0
+        if self.looked_up >= _MEASURED_CHARS or measuring:
+            if self.looked_up:
+                self.bypass = self.found < _REPEATED * self.looked_up
+            self.found = self.looked_up = 0
+        if measuring:
+            self.bypass = False
 
     @staticmethod
     def added_tokens_supported(backend: Any) -> bool:
@@ -281,20 +312,20 @@ class _Path:
 
     def encode(self, text: str, *, continued: bool = False) -> list[int]:
         ids: list[int] = []
-        where = "continued" if continued else "start"
-        if any(c in text for c in self.starts):
-            self._encode(text, 0, ids, where)
-        elif text:
-            self._part(text, ids, where)
+        if text:
+            self._encode(text, 0, ids, "continued" if continued else "start")
         return ids
 
     def _encode(self, text: str, npass: int, ids: list[int], where: str) -> None:
         """`where` the part begins: "start" (of a text), "continued" (of a text that continues
         another, see Encoder), "after" (an added token)."""
-        if npass == len(self.passes):
+        passes = self.passes
+        while npass < len(passes) and not any(c in text for c in passes[npass][0]):
+            npass += 1
+        if npass == len(passes):
             self._part(text, ids, where)
             return
-        for k, part in enumerate(self.passes[npass].split(text)):
+        for k, part in enumerate(passes[npass][1].split(text)):
             if k % 2:  # the split regex captures the added tokens: they sit at odd positions
                 ids.append(self.added[part])
             elif part:
@@ -342,12 +373,22 @@ class _MetaspacePath(_Path):
             return None
         return cls(backend, pre["prepend_scheme"])
 
+    def learn(self, texts: list[str]) -> None:
+        self._measure()
+
+    def takes(self, text: str) -> bool:
+        return not self.bypass or text.isascii()
+
     def _part(self, text: str, ids: list[int], where: str) -> None:
         text = text.replace(" ", "\u2581")
         prepend = where == "start" if self.prepend == "first" else where != "continued"
         if self.prepend != "never" and prepend and not text.startswith("\u2581"):
             text = "\u2581" + text
+        measured, missed = not text.isascii(), self.pieces.missed
         ids.extend(itertools.chain.from_iterable(map(self.pieces.__getitem__, self.chunk(text))))
+        if measured:  # a paragraph of Chinese is one unique chunk: Rust is faster for it
+            self.looked_up += len(text)
+            self.found += len(text) - (self.pieces.missed - missed)
 
 
 class _FastPath(_Path):
@@ -369,11 +410,6 @@ class _FastPath(_Path):
         self.pieces = _Pieces(backend.model)
         self.chunks: dict[str, list[int]] = {}
         self.chunk_room = _MEMO_CHARS
-        # characters of chunks found in the memo / looked up; while text rarely repeats (too
-        # few found), the Rust encoder is faster for it: batches go there, every 8th still here
-        # to measure
-        self.found = self.looked_up = self.batches = 0
-        self.bypass = False
 
     @classmethod
     def build(cls, backend: Any, config: dict) -> _FastPath | None:
@@ -383,14 +419,7 @@ class _FastPath(_Path):
         return cls(backend, patterns, ascii, _normalizer(config) == "NFC")
 
     def learn(self, texts: list[str]) -> None:
-        self.batches += 1
-        measuring = self.batches % 8 == 0
-        if self.looked_up >= _MEASURED_CHARS or measuring:
-            if self.looked_up:
-                self.bypass = self.found < _REPEATED * self.looked_up
-            self.found = self.looked_up = 0
-        if measuring:
-            self.bypass = False
+        self._measure()
         if self.splits and not self.bypass:
             self.characters.learn([t for t in texts if not t.isascii()])
 

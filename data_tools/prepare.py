@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing as mp
+import operator
 import os
 import shutil
 import sys
@@ -158,7 +159,10 @@ def stop_tokens(tokenizer: Any, template: str, name: str | None) -> dict[str, An
 def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
     """Hash of vocabulary (token -> id, added tokens included) and chat template."""
     h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    # sorted by token alone: tokens are unique, so the order of sorting the pairs, in half the
+    # time (0.2 s of a prepare's serial end for DeepSeek-V3's 129,000 tokens)
+    pairs = sorted(tokenizer.get_vocab().items(), key=operator.itemgetter(0))
+    h.update(json.dumps(pairs, ensure_ascii=False).encode())
     h.update(template.encode())
     return h.hexdigest()
 

@@ -505,3 +505,29 @@ def test_text_too_new_for_the_memo_goes_to_rust_and_repeated_text_comes_back():
     for _ in range(10):
         assert enc(repeated) == _rust(tok, repeated)
     assert not enc.path.bypass
+
+
+def test_sentencepiece_text_too_new_for_the_memo_goes_to_rust(sp_tokenizer_dir):
+    """SentencePiece's chunks run from one space to the next: a paragraph of Chinese is one
+    chunk, seen once. While less than 80% of the non-ASCII characters looked up were in the
+    memo, non-ASCII texts go to the Rust encoder (ASCII ones stay), every 8th batch still
+    measured; repeated text comes back; the ids never change."""
+    tok = _sentencepiece("trained", sp_tokenizer_dir)
+    enc = Encoder(tok)
+    rng = random.Random(11)
+    han = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+
+    def unique(n):
+        return ["".join(rng.choices(han, k=120)) for _ in range(n)]
+
+    bypassed = []
+    for _ in range(12):
+        texts = unique(100) + ["plain ascii words stay on the fast path"]
+        assert enc(texts) == _rust(tok, texts)
+        bypassed.append(enc.path.bypass)
+        assert enc.path.takes(texts[-1])
+    assert any(bypassed) and not all(bypassed)
+    repeated = unique(5) * 20
+    for _ in range(10):
+        assert enc(repeated) == _rust(tok, repeated)
+    assert not enc.path.bypass
