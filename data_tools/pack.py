@@ -24,20 +24,24 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
     for i, n in enumerate(lengths):
         if not 1 <= n <= capacity:
             raise ValueError(f"document {i} has length {n}, outside [1, {capacity}]")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    # longest first, ties by index (the sort is stable)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, bin index), sorted; full bins dropped
+    # free room of the open bins as room * scale + bin index, sorted: one int compares faster
+    # than a (room, bin) pair; full bins dropped
+    scale = len(lengths) + 1
+    free: list[int] = []
     for doc in order:
         n = lengths[doc]
-        at = bisect.bisect_left(free, (n, -1))
+        at = bisect.bisect_left(free, n * scale)  # the least room that fits, lowest bin first
         if at < len(free):
-            room, b = free.pop(at)
+            room, b = divmod(free.pop(at), scale)
         else:
             room, b = capacity, len(bins)
             bins.append([])
         bins[b].append(doc)
-        if room - n > 0:
-            bisect.insort(free, (room - n, b))
+        if room > n:
+            bisect.insort(free, (room - n) * scale + b)
     return bins
 
 

@@ -89,3 +89,41 @@ def test_prepare_carries_a_windows_least_full_rows_into_the_next(
     )
     bound = -(-m.num_tokens // 256)
     assert m.num_rows == whole.num_rows == bound, (m.num_rows, whole.num_rows, bound)
+
+
+def _best_fit_decreasing_by_pairs(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing written plainly, (room, bin) pairs in a sorted list: the reference
+    the packer's encoded form must equal bin for bin (shards are byte-identical across
+    releases only if it does)."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []
+    for doc in order:
+        n = lengths[doc]
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, b = free.pop(at)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(doc)
+        if room - n > 0:
+            bisect.insort(free, (room - n, b))
+    return bins
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64), st.data())
+def test_best_fit_decreasing_is_the_plain_algorithm(capacity, data):
+    lengths = data.draw(st.lists(st.integers(1, capacity), max_size=300))
+    assert pack_best_fit_decreasing(lengths, capacity) == _best_fit_decreasing_by_pairs(
+        lengths, capacity
+    )
+
+
+def test_best_fit_decreasing_is_the_plain_algorithm_at_scale():
+    rng = random.Random(4)
+    lengths = [rng.choice([rng.randint(1, 60), rng.randint(1, 4096)]) for _ in range(20_000)]
+    assert pack_best_fit_decreasing(lengths, 4096) == _best_fit_decreasing_by_pairs(lengths, 4096)
