@@ -30,6 +30,7 @@ import operator
 import os
 import shutil
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -233,14 +234,16 @@ class _Workers:
     """The local engine's worker processes (none for one process), started once the tokenizer
     is saved. On Linux the main process loads the workers' tokenizer and forks them: they start
     with it loaded and transformers imported (spawned, each spent ~1 s importing and ~0.7 s
-    loading DeepSeek-V3's tokenizer on 2 cores, beside the main process's own loading). The
-    main process holds no thread of its own then: its only other threads are numpy's BLAS pool
-    and pyarrow's allocator, both fork-safe. Elsewhere they are spawned and load it
-    themselves. Ended, running or not, when the block ends."""
+    loading DeepSeek-V3's tokenizer on 2 cores, beside the main process's own loading). Only
+    when the main process runs no Python thread but its own: its other threads are then
+    numpy's BLAS pool and pyarrow's allocator, both fork-safe. Elsewhere, or with threads,
+    they are spawned and load it themselves. Ended, running or not, when the block ends."""
 
     def __init__(self, options: PrepareOptions, tokenizer_dir: str) -> None:
         self.pool = None
-        fork = sys.platform == "linux"
+        # a thread of the caller's own (an application embedding prepare) could hold a lock
+        # the forked copy would wait on for ever: then spawn
+        fork = sys.platform == "linux" and threading.active_count() == 1
         if options.num_proc == 1 or fork:
             _init_worker(asdict(options), tokenizer_dir)
         if options.num_proc > 1 and fork:

@@ -161,29 +161,41 @@ def test_small_window_and_many_workers_give_identical_output(
 def test_spawned_workers_give_the_forked_workers_output(
     tmp_path, corpus_path, sp_tokenizer_dir, monkeypatch
 ):
-    """On Linux the workers are forked holding the main process's copy of the saved tokenizer;
-    elsewhere they are spawned and load it themselves: the same bytes either way, and no
+    """On Linux, with no Python thread but the main one, the workers are forked holding the
+    main process's copy of the saved tokenizer; elsewhere, or when the caller runs threads of
+    its own, they are spawned and load it themselves: the same bytes each way, and no
     tokenizer is left behind in the main process for a later prepare to pick up."""
     from data_tools import prepare as prepare_module
 
-    forked, spawned = tmp_path / "forked", tmp_path / "spawned"
-    prepare(
-        [str(corpus_path)],
-        tokenizer_path=str(sp_tokenizer_dir),
-        out_dir=str(forked),
-        options=_opts(num_proc=2),
-    )
-    assert not prepare_module._WORKER
-    monkeypatch.setattr(prepare_module.sys, "platform", "darwin")
-    prepare(
-        [str(corpus_path)],
-        tokenizer_path=str(sp_tokenizer_dir),
-        out_dir=str(spawned),
-        options=_opts(num_proc=2),
-    )
-    assert not prepare_module._WORKER
-    for f in sorted(p.name for p in forked.iterdir() if p.is_file()):
-        assert (forked / f).read_bytes() == (spawned / f).read_bytes(), f
+    started = []
+    get_context = prepare_module.mp.get_context
+
+    def recording(method):
+        started.append(method)
+        return get_context(method)
+
+    monkeypatch.setattr(prepare_module.mp, "get_context", recording)
+    outs = {}
+    for case, platform, threads in (
+        ("forked", "linux", 1),
+        ("threaded caller", "linux", 2),
+        ("not linux", "darwin", 1),
+    ):
+        monkeypatch.setattr(prepare_module.sys, "platform", platform)
+        monkeypatch.setattr(prepare_module.threading, "active_count", lambda n=threads: n)
+        outs[case] = tmp_path / case.replace(" ", "_")
+        prepare(
+            [str(corpus_path)],
+            tokenizer_path=str(sp_tokenizer_dir),
+            out_dir=str(outs[case]),
+            options=_opts(num_proc=2),
+        )
+        assert not prepare_module._WORKER
+    assert started == ["fork", "spawn", "spawn"]
+    forked = outs["forked"]
+    for case in ("threaded caller", "not linux"):
+        for f in sorted(p.name for p in forked.iterdir() if p.is_file()):
+            assert (forked / f).read_bytes() == (outs[case] / f).read_bytes(), (case, f)
 
 
 @pytest.mark.distributed
