@@ -236,7 +236,21 @@ def chunks(text: str) -> list[str]:
     return out if out[0] else out[1:]
 
 
-class _Pieces(dict):
+class _Memo(dict):
+    """A memo bounded twice: at most `size` entries and `_MEMO_CHARS` characters of keys."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.room = _MEMO_CHARS  # characters the memo may still take
+
+    def keep(self, key: str, value: list[int]) -> None:
+        if len(self) < self.size and len(key) <= self.room:
+            self[key] = value
+            self.room -= len(key)
+
+
+class _Pieces(_Memo):
     """piece of text -> its ids under the BPE model, memoized (bounded: once full, further
     pieces are computed each time). Byte-level: the piece is first mapped byte by byte to
     GPT-2's printable alphabet, as ByteLevel does."""
@@ -246,9 +260,8 @@ class _Pieces(dict):
         # (transformers' copy; imported by every fast tokenizer already)
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-        super().__init__()
+        super().__init__(_WORD_CACHE_SIZE)
         self.model = model
-        self.room = _MEMO_CHARS  # characters the memo may still take
         self.missed = 0  # characters of the pieces not found in it
         # bytes read as Latin-1 (byte b -> code point b), then mapped in one translate
         self.byte_char = bytes_to_unicode() if byte_level else None
@@ -261,9 +274,7 @@ class _Pieces(dict):
     def __missing__(self, piece: str) -> list[int]:
         self.missed += len(piece)
         ids = [t.id for t in self.model.tokenize(self.to_bytes_alphabet(piece))]
-        if len(self) < _WORD_CACHE_SIZE and len(piece) <= self.room:
-            self[piece] = ids
-            self.room -= len(piece)
+        self.keep(piece, ids)
         return ids
 
 
@@ -408,8 +419,7 @@ class _FastPath(_Path):
         self.nfc = nfc
         self.characters = Characters()
         self.pieces = _Pieces(backend.model)
-        self.chunks: dict[str, list[int]] = {}
-        self.chunk_room = _MEMO_CHARS
+        self.chunks = _Memo(_CHUNK_CACHE_SIZE)
 
     @classmethod
     def build(cls, backend: Any, config: dict) -> _FastPath | None:
@@ -450,9 +460,7 @@ class _FastPath(_Path):
                 found = list(
                     itertools.chain.from_iterable(map(self.pieces.__getitem__, self.split(chunk)))
                 )
-                if len(self.chunks) < _CHUNK_CACHE_SIZE and len(chunk) <= self.chunk_room:
-                    self.chunks[chunk] = found
-                    self.chunk_room -= len(chunk)
+                self.chunks.keep(chunk, found)
             ids.extend(found)
 
     def split(self, text: str) -> list[str]:

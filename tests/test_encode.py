@@ -252,7 +252,7 @@ def test_memo_holds_at_most_its_characters(tokenizer, monkeypatch):
     assert enc(texts) == _rust(tokenizer, texts)
     assert sum(map(len, enc.path.pieces)) <= 200 and enc.path.pieces.room >= 0
     if hasattr(enc.path, "chunks"):
-        assert sum(map(len, enc.path.chunks)) <= 200 and enc.path.chunk_room >= 0
+        assert sum(map(len, enc.path.chunks)) <= 200 and enc.path.chunks.room >= 0
     assert len(enc.path.pieces) > 0
 
 
