@@ -180,6 +180,11 @@ class Renderer:
             self._compiled = _compile_jinja_template(template)
         except ImportError:  # another transformers: take the public road
             self._compiled = None
+        # jinja merges the template's globals (a ChainMap, iterated twice per render) into
+        # every context; merged once here, a render costs a quarter of Template.render's time.
+        # Same context: the globals under this call's variables, the same globals' names.
+        self._globals = dict(self._compiled.globals) if self._compiled is not None else {}
+        self._globals_keys = frozenset(self._globals)
         self._skeletons: dict[tuple[str, ...], _Skeleton | None] = {}
 
     def turn_bounds(
@@ -204,26 +209,16 @@ class Renderer:
         sk = self._skeletons[roles]
         if sk is None:
             return None
-        contents = [m["content"] for m in messages]
-        if any(_PH_OPEN in c for c in contents):
+        if any(_PH_OPEN in m["content"] for m in messages):
             return None
-        actual_starts, parts, at = [], [], 0
-        for literal, slot in sk.pieces:
-            actual_starts.append(at)
-            parts.append(literal)
-            at += len(literal)
-            if slot is not None:
-                parts.append(contents[slot])
-                at += len(contents[slot])
-        if "".join(parts) != full:
+        filled = [messages[slot]["content"] for slot in sk.slots]
+        if sk.text % tuple(filled) != full:
             return None
+        before = [0, *itertools.accumulate(map(len, filled))]  # content before each literal
         bounds = []
         for i in turns:
-            prompt_end = sk.locate(sk.prompt_end[i], actual_starts)
-            turn_end = sk.locate(sk.turn_end[i], actual_starts)
-            if prompt_end is None or turn_end is None:
-                return None
-            bounds.append((prompt_end, turn_end))
+            (p_literal, p_at), (t_literal, t_at) = sk.prompt_end[i], sk.turn_end[i]
+            bounds.append((p_at + before[p_literal], t_at + before[t_literal]))
         return bounds
 
     _shared: dict[tuple, Renderer] = {}
@@ -244,7 +239,7 @@ class Renderer:
         self, messages: list[dict], *, add_generation_prompt: bool, tools: list | None = None
     ) -> str:
         extra = {"tools": tools} if tools else {}
-        if self._compiled is None:
+        if self._compiled is None or self._compiled.environment.is_async:
             return self.tokenizer.apply_chat_template(
                 messages,
                 chat_template=self.template,
@@ -252,12 +247,25 @@ class Renderer:
                 add_generation_prompt=add_generation_prompt,
                 **extra,
             )
-        return self._compiled.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            **self._special,
-            **extra,
+        compiled, env = self._compiled, self._compiled.environment
+        context = env.context_class(
+            env,
+            {
+                **self._globals,
+                "messages": messages,
+                "add_generation_prompt": add_generation_prompt,
+                **self._special,
+                **extra,
+            },
+            compiled.name,
+            compiled.blocks,
         )
+        context.globals_keys = set(self._globals_keys)
+        try:
+            return env.concat(compiled.root_render_func(context))
+        except Exception:
+            env.handle_exception()  # jinja's own traceback rewriting; raises
+            raise
 
 
 _PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"  # private-use characters around placeholder numbers
@@ -265,20 +273,17 @@ _PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"  # private-use characters around placeh
 
 @dataclass
 class _Skeleton:
-    """A template's rendering of one sequence of roles with placeholder contents."""
+    """A template's rendering of one sequence of roles with placeholder contents.
 
-    pieces: list[tuple[str, int | None]]  # literal text, then the content of message `slot`
-    literal_starts: list[int]  # skeleton offset of each piece's literal
-    prompt_end: dict[int, int]  # assistant index -> skeleton offset where its prompt ends
-    turn_end: dict[int, int]  # assistant index -> skeleton offset where its turn ends
+    A record fits it when `text % contents` (its literals with a %s for each content, in
+    `slots` order) is the record's own rendering. A turn's bounds are (k, at): `at` characters
+    of literals and every content of the first k slots before it.
+    """
 
-    def locate(self, offset: int, actual_starts: list[int]) -> int | None:
-        """The record's offset for a skeleton offset; None inside a placeholder."""
-        k = bisect.bisect_right(self.literal_starts, offset) - 1
-        within = offset - self.literal_starts[k]
-        if within > len(self.pieces[k][0]):
-            return None
-        return actual_starts[k] + within
+    text: str  # the literals, "%" escaped, with "%s" where a content goes
+    slots: list[int]  # the message whose content fills each %s, in order
+    prompt_end: dict[int, tuple[int, int]]  # assistant index -> where its prompt ends
+    turn_end: dict[int, tuple[int, int]]  # assistant index -> where its turn ends
 
     @classmethod
     def build(cls, render: Renderer, roles: tuple[str, ...]) -> _Skeleton | None:
@@ -287,29 +292,38 @@ class _Skeleton:
         ]
         try:
             full = render(messages, add_generation_prompt=False)
-            prompt_end, turn_end = {}, {}
+            prompts, throughs = {}, {}
             for i, r in enumerate(roles):
                 if r == "assistant":
                     prompt = render(messages[:i], add_generation_prompt=True)
                     through = render(messages[: i + 1], add_generation_prompt=False)
                     if not (full.startswith(through) and through.startswith(prompt)):
                         return None
-                    prompt_end[i], turn_end[i] = len(prompt), len(through)
+                    prompts[i], throughs[i] = len(prompt), len(through)
         except Exception:  # the template rejects this shape: the prefix path will say why
             return None
         split = re.split(f"{_PH_OPEN}(\\d+){_PH_CLOSE}", full)
-        pieces: list[tuple[str, int | None]] = []
-        literal_starts: list[int] = []
-        at = 0
-        for n in range(0, len(split), 2):
-            literal = split[n]
-            slot = int(split[n + 1]) if n + 1 < len(split) else None
-            if slot is not None and slot >= len(roles):
-                return None
-            pieces.append((literal, slot))
-            literal_starts.append(at)
-            at += len(literal) + (len(f"{_PH_OPEN}{slot}{_PH_CLOSE}") if slot is not None else 0)
-        return cls(pieces, literal_starts, prompt_end, turn_end)
+        literals, slots = split[0::2], [int(n) for n in split[1::2]]
+        if any(slot >= len(roles) for slot in slots):
+            return None
+        # skeleton offset of each literal's start, and the literal characters before it
+        starts, literal_before, at = [], [0], 0
+        for k, literal in enumerate(literals):
+            starts.append(at)
+            at += len(literal) + (len(f"{_PH_OPEN}{slots[k]}{_PH_CLOSE}") if k < len(slots) else 0)
+            literal_before.append(literal_before[-1] + len(literal))
+
+        def mark(offset: int) -> tuple[int, int] | None:
+            k = bisect.bisect_right(starts, offset) - 1
+            within = offset - starts[k]
+            return None if within > len(literals[k]) else (k, literal_before[k] + within)
+
+        prompt_end = {i: mark(o) for i, o in prompts.items()}
+        turn_end = {i: mark(o) for i, o in throughs.items()}
+        if None in (*prompt_end.values(), *turn_end.values()):
+            return None  # a turn bound inside a content: this shape takes the prefix path
+        text = "%s".join(literal.replace("%", "%%") for literal in literals)
+        return cls(text, slots, prompt_end, turn_end)
 
 
 def split_supervised_text(

@@ -39,6 +39,7 @@ Imports neither torch, ray nor deepspeed.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import itertools
 import json
@@ -263,13 +264,14 @@ class _Pieces(_Memo):
         super().__init__(_WORD_CACHE_SIZE)
         self.model = model
         self.missed = 0  # characters of the pieces not found in it
-        # bytes read as Latin-1 (byte b -> code point b), then mapped in one translate
-        self.byte_char = bytes_to_unicode() if byte_level else None
+        # the UTF-8 bytes decoded with that table as a charmap (one C call)
+        table = bytes_to_unicode()
+        self.byte_chars = "".join(map(table.__getitem__, range(256))) if byte_level else None
 
     def to_bytes_alphabet(self, piece: str) -> str:
-        if self.byte_char is None:
+        if self.byte_chars is None:
             return piece
-        return piece.encode().decode("latin-1").translate(self.byte_char)
+        return codecs.charmap_decode(piece.encode(), "strict", self.byte_chars)[0]
 
     def __missing__(self, piece: str) -> list[int]:
         self.missed += len(piece)

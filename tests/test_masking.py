@@ -164,17 +164,27 @@ TRIMMING = (  # a template that edits contents: the skeleton check must refuse i
 )
 
 
-@pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, "trimming"])
+PERCENT = (  # literals with "%" in them: the skeleton's format string must escape them
+    "{% for message in messages %}"
+    "{{ '%s|' + message['role'] + ' 100%%\n' + message['content'] + '%|' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '%s|assistant 100%%\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, "trimming", "percent"])
 @given(
     system=st.booleans(),
-    turns=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=20)), min_size=1, max_size=4),
+    turns=st.lists(
+        st.tuples(st.text("ab%s\n ", max_size=20), st.text(max_size=20)), min_size=1, max_size=4
+    ),
     mask=st.sampled_from(["assistant", "last"]),
 )
 @settings(max_examples=40, deadline=None)
 def test_skeleton_shortcut_gives_the_segments_of_rendering_every_prefix(
     sp_tokenizer, name, system, turns, mask
 ):
-    template = TRIMMING if name == "trimming" else BUILTIN_TEMPLATES[name]
+    template = {"trimming": TRIMMING, "percent": PERCENT}.get(name) or BUILTIN_TEMPLATES[name]
     messages = [{"role": "system", "content": "Be brief. "}] if system else []
     for user, reply in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
@@ -196,6 +206,9 @@ def test_skeleton_shortcut_is_taken_for_verbatim_templates_only(sp_tokenizer):
     chatml = Renderer(sp_tokenizer, BUILTIN_TEMPLATES["chatml"])
     full = chatml(messages, add_generation_prompt=False)
     assert chatml.turn_bounds(messages, turns, full) is not None
+    percent = Renderer(sp_tokenizer, PERCENT)
+    full = percent(messages, add_generation_prompt=False)
+    assert percent.turn_bounds(messages, turns, full) is not None
     trimming = Renderer(sp_tokenizer, TRIMMING)
     padded = [{**m, "content": f" {m['content']} "} for m in messages]
     assert (
@@ -204,3 +217,39 @@ def test_skeleton_shortcut_is_taken_for_verbatim_templates_only(sp_tokenizer):
     # contents that contain the placeholder characters never take the shortcut
     odd = [{**m, "content": m["content"] + "\ue000"} for m in messages]
     assert chatml.turn_bounds(odd, turns, chatml(odd, add_generation_prompt=False)) is None
+
+
+GLOBALS = (  # a template that uses jinja's and transformers' globals and the special tokens
+    "{% set ns = namespace(n=0) %}{{ bos_token }}"
+    "{% for message in messages %}{% set ns.n = ns.n + 1 %}"
+    "{% if message['role'] == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"
+    "{{ ns.n ~ ':' ~ message['role'] ~ '|' ~ message['content'] ~ eos_token }}"
+    "{% endfor %}{% for i in range(tools | length if tools else 0) %}{{ tools[i] | tojson }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant|' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, "globals"])
+@pytest.mark.parametrize("prompt", [False, True])
+def test_renderer_renders_what_apply_chat_template_renders(sp_tokenizer, name, prompt):
+    """The renderer's own context (globals merged once) gives transformers' public rendering,
+    tools and special tokens included; a template's raise_exception still raises."""
+    template = GLOBALS if name == "globals" else BUILTIN_TEMPLATES[name]
+    render = Renderer(sp_tokenizer, template)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for extra in ({}, {"tools": tools}):
+        expected = sp_tokenizer.apply_chat_template(
+            CONVERSATION,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=prompt,
+            **extra,
+        )
+        assert render(CONVERSATION, add_generation_prompt=prompt, **extra) == expected
+    if name == "globals":
+        with pytest.raises(Exception, match="no tools here") as raised:
+            render([{"role": "tool", "content": "x"}], add_generation_prompt=False)
+        with pytest.raises(type(raised.value)):
+            sp_tokenizer.apply_chat_template(
+                [{"role": "tool", "content": "x"}], chat_template=template, tokenize=False
+            )
