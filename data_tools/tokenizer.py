@@ -57,12 +57,14 @@ def _named_class(path: Path) -> Any:
     from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
     base = name.removesuffix("Fast")
+    byte_level = getattr(TokenizersBackend, "_tokenizer_json_has_byte_level", None)
+    # decided before the class is looked up: importing it imports transformers.models, whose
+    # index of every model's files costs ~0.5 s, and a byte-level one loads as the generic class
+    if base == "LlamaTokenizer" and (byte_level is None or byte_level(str(path))):
+        return None if byte_level is None else TokenizersBackend
     found = getattr(transformers, base, None)
     if not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
         return None
-    byte_level = getattr(TokenizersBackend, "_tokenizer_json_has_byte_level", None)
-    if base == "LlamaTokenizer" and (byte_level is None or byte_level(str(path))):
-        return None if byte_level is None else TokenizersBackend
     if found.__name__ == "PythonBackend":
         return TokenizersBackend
     return found

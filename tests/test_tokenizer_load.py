@@ -76,6 +76,14 @@ def test_llamatokenizer_over_byte_level_bpe_loads_as_autotokenizer_does(tmp_path
     )
     assert _named_class(path).__name__ == "TokenizersBackend"
     _same_as_auto(path, tmp_path)
+    # decided without importing LlamaTokenizer: transformers.models (an index of every
+    # model's files, ~0.5 s) is not imported
+    probe = (
+        "import sys; from data_tools.tokenizer import load_tokenizer; "
+        f"load_tokenizer({str(path)!r}); print('transformers.models' in sys.modules)"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert shown.stdout.strip() == "False", shown.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
