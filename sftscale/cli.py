@@ -180,7 +180,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench(args, args.argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given the `command` about to run, other commands' arguments
+    that cost imports (bench's) are left out."""
     # No abbreviations here: `train ... --local` must not read as a prefix of --local_rank.
     parser = argparse.ArgumentParser(
         prog="sftscale", description=__doc__.split("\n")[0], allow_abbrev=False
@@ -232,10 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="training throughput and memory over a grid, against the HF Trainer"
     )
-    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
-    from sftscale.bench.suite import add_arguments
+    if command not in ("prepare", "inspect", "train", "plan", "export", "status", "build-ops"):
+        # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
+        from sftscale.bench.suite import add_arguments
 
-    add_arguments(p)
+        add_arguments(p)
     p.set_defaults(func=_cmd_bench)
     return parser
 
@@ -384,22 +387,35 @@ def _add_train_and_plan(sub) -> None:
     p.set_defaults(func=_cmd_plan)
 
 
-def main(argv: list[str] | None = None) -> int:
-    # each command imports its own modules (torch, deepspeed, ray behind them): `sftscale --help` stays instant
-    from data_tools.prepare import PrepareError
-    from sftscale.config import ConfigError
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix (reported, exit 2). A module the command did not
+    import raised none of its own, so none is imported here (60-90 ms of every prepare)."""
+    found: list[type[Exception]] = [FileNotFoundError]
+    for module, name in (
+        ("sftscale.config", "ConfigError"),
+        ("data_tools.prepare", "PrepareError"),
+        ("data_tools.schema", "ShardFormatError"),  # e.g. inspect of a directory not prepared
+    ):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
-    parser = build_parser()
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     # Overrides may come after options (`train c.yaml --local optim.lr=1e-3`), which argparse
     # does not collect into a positional list once an option has been seen.
     args, extra = parser.parse_known_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # after the command name
+    args.argv = argv[1:]  # after the command name
     if extra:
         if args.command != "train" or not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ConfigError, PrepareError, FileNotFoundError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"sftscale {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -68,3 +68,19 @@ def test_prepare_error_is_reported_not_raised(tmp_path, sp_tokenizer_dir, capsys
         == 2
     )
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_user_errors_are_reported_without_a_traceback(tmp_path, capsys):
+    """A directory that was not prepared: a one-line error saying what to point at, exit 2;
+    and the prepare command does not import the training config's module to report its own."""
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no manifest.json" in err and "Traceback" not in err
+    probe = (
+        "import sys; from sftscale.cli import main; "
+        f"code = main(['prepare', {str(tmp_path / 'none.jsonl')!r}, '--tokenizer', {str(tmp_path)!r}, "
+        f"'--seq-len', '64', '--out', {str(tmp_path / 'out')!r}]); "
+        "print(code, 'sftscale.config' in sys.modules, 'sftscale.bench.suite' in sys.modules)"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert shown.stdout.split() == ["2", "False", "False"], shown.stderr[-2000:]
