@@ -232,7 +232,13 @@ def test_fuzz(tokenizer, texts):
     assert Encoder(tokenizer)(texts) == _rust(tokenizer, texts)
 
 
+def _memo_road(monkeypatch):
+    """The memo road, which a tokenizer takes where tiktoken's cannot be shown exact."""
+    monkeypatch.setattr(encode._Ranked, "build", classmethod(lambda cls, *args: None))
+
+
 def test_memo_is_bounded(tokenizer, monkeypatch):
+    _memo_road(monkeypatch)
     monkeypatch.setattr(encode, "_WORD_CACHE_SIZE", 5)
     enc = Encoder(tokenizer)
     texts = _training_text(50)
@@ -243,6 +249,7 @@ def test_memo_is_bounded(tokenizer, monkeypatch):
 def test_memo_holds_at_most_its_characters(tokenizer, monkeypatch):
     """Long unique pieces and chunks fill the memo's character budget, not memory: once it is
     spent nothing more is kept, and the ids stay the Rust encoder's."""
+    _memo_road(monkeypatch)
     monkeypatch.setattr(encode, "_MEMO_CHARS", 200)
     monkeypatch.setattr(encode, "_REPEATED", 0.0)  # no bypass: every text through the memo
     enc = Encoder(tokenizer)
@@ -483,10 +490,11 @@ def tokenizer_from_sentencepiece_backend() -> Tokenizer:
     return tokenizer_from_sentencepiece(pypi_files.mistral_sentencepiece_model()).backend_tokenizer
 
 
-def test_text_too_new_for_the_memo_goes_to_rust_and_repeated_text_comes_back():
-    """While less than 80% of the last ~50,000 characters were in chunks the memo held, batches
-    go to the Rust encoder (faster on text seen once), every 8th still measured; the ids never
-    change."""
+def test_text_too_new_for_the_memo_goes_to_rust_and_repeated_text_comes_back(monkeypatch):
+    """On the memo road, while less than 80% of the last ~50,000 characters were in chunks the
+    memo held, batches go to the Rust encoder (faster on text seen once), every 8th still
+    measured; the ids never change."""
+    _memo_road(monkeypatch)
     tok = SUPPORTED["deepseek-v3"]()
     enc = Encoder(tok)
     rng = random.Random(7)
@@ -531,3 +539,107 @@ def test_sentencepiece_text_too_new_for_the_memo_goes_to_rust(sp_tokenizer_dir):
     for _ in range(10):
         assert enc(repeated) == _rust(tok, repeated)
     assert not enc.path.bypass
+
+
+def test_byte_level_bpe_takes_tiktokens_road_where_it_is_shown_exact():
+    """Each supported byte-level pipeline the suite trains (one merge per token, ids rising
+    with merge rank) and DeepSeek-V3's real vocabulary: every token is its own bytes' encoding,
+    so tiktoken's ids are the model's for every text; and they are, on multilingual text."""
+    for name in ("gpt2", "qwen2", "deepseek-v3"):
+        tok = SUPPORTED[name]()
+        enc = Encoder(tok)
+        assert enc.path.ranked is not None and not enc.path.ranked.not_own, name
+    tok = Tokenizer.from_file(str(REAL_TOKENIZERS["deepseek-v3"]()))
+    enc = Encoder(tok)
+    assert enc.path.ranked is not None and not enc.path.ranked.not_own
+    rng = random.Random(9)
+    texts = ["".join(rng.choices(UNICODE_FRAGMENTS, k=rng.randint(0, 80))) for _ in range(300)]
+    texts += pypi_files.chatterbot_conversations()[:500]
+    assert enc(texts) == _rust(tok, texts)
+
+
+def _abc_tokenizer(merges: list[tuple[str, str]], ids_reversed: bool = False) -> Tokenizer:
+    """Byte-level BPE over every byte plus the given merges, their tokens' ids in merge order
+    (or in reverse)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    made = list(dict.fromkeys(a + b for a, b in merges))
+    for token in reversed(made) if ids_reversed else made:
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = _splits_then_bytes(encode._DEEPSEEK_V3)
+    tok.normalizer = normalizers.Sequence([])
+    return tok
+
+
+def test_a_token_the_model_does_not_encode_as_itself_sends_its_texts_the_exact_way():
+    """Merges (b, c), (a, b), (ab, c): the model reads "abc" as [a, bc] and stops (no merge
+    joins them), tiktoken as [abc] (a token). The check finds abc; a text whose tiktoken ids
+    hold it is encoded the exact way, the others stay on tiktoken's road; ids always the
+    model's."""
+    tok = _abc_tokenizer([("b", "c"), ("a", "b"), ("ab", "c")])
+    enc = Encoder(tok)
+    ranked = enc.path.ranked
+    assert ranked is not None and ranked.not_own == {tok.token_to_id("abc")}
+    assert ranked.encode("abc") is None and ranked.encode("ab ca") is not None
+    texts = ["abc", "xabcx abc", "ab ca", "cab", "aabbcc abcabc", "日本abc"]
+    assert enc(texts) == _rust(tok, texts)
+    assert _rust(tok, ["abc"]) == [[tok.token_to_id("a"), tok.token_to_id("bc")]]
+
+
+@pytest.mark.parametrize(
+    "merges, ids_reversed",
+    [
+        ([("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")], False),  # abc made by two merges
+        ([("a", "b"), ("c", "d"), ("b", "c")], True),  # ids falling with merge rank
+    ],
+)
+def test_without_the_conditions_tiktokens_road_is_not_taken(merges, ids_reversed):
+    tok = _abc_tokenizer(merges, ids_reversed)
+    enc = Encoder(tok)
+    assert enc.path is not None and enc.path.ranked is None
+    texts = ["abcd", "bcab c", "日本 abc"]
+    assert enc(texts) == _rust(tok, texts)
+
+
+def test_deepseek_v3s_three_regexes_as_one_give_the_same_pieces():
+    """The one regex tiktoken runs for DeepSeek-V3 (here in the `regex` module, which reads the
+    same syntax) against the Rust encoder's three passes, on multilingual fragments with CJK,
+    kana, digits of other scripts and punctuation inside CJK runs."""
+    import regex
+
+    one = regex.compile("(?V1)" + encode.one_regex(encode._DEEPSEEK_V3)).findall
+    three = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in encode._DEEPSEEK_V3]
+    )
+    rng = random.Random(12)
+    fragments = [*UNICODE_FRAGMENTS, *"・゠゛ー〇々\u3099", "中・国", " 1234567 ", "\r\n\n"]
+    texts = ["".join(rng.choices(fragments, k=rng.randint(0, 60))) for _ in range(3000)]
+    for text in texts:
+        assert one(text) == [p for p, _ in three.pre_tokenize_str(text)], text
+
+
+def _leftmost_longest(tokens: list[str], text: str) -> list[str]:
+    """The reference: scan left to right; at each position the longest token there."""
+    out, at, start = [], 0, 0
+    while at < len(text):
+        found = max((t for t in tokens if text.startswith(t, at)), key=len, default=None)
+        if found is None:
+            at += 1
+            continue
+        out += [text[start:at], found]
+        at = start = at + len(found)
+    return [*out, text[start:]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text("<|ab>", min_size=1, max_size=6), min_size=1, max_size=12, unique=True),
+    st.lists(st.text("<|ab>x", max_size=8), max_size=6).map("".join),
+)
+def test_added_token_regex_takes_the_longest_token_at_the_leftmost_place(tokens, text):
+    """Tokens sharing prefixes, one a prefix of another: the trie regex splits as a scan for
+    the longest token at each place does."""
+    import re
+
+    assert re.split(encode._alternation(tokens), text) == _leftmost_longest(tokens, text)

@@ -206,3 +206,44 @@ def test_tokenizer_fingerprint_is_the_hash_manifests_already_hold(sp_tokenizer_d
     before.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
     before.update(template.encode())
     assert tokenizer_fingerprint(tok, template) == before.hexdigest()
+
+
+def test_the_fingerprint_computed_aside_is_the_one_computed_inline(
+    tmp_path, corpus_path, sp_tokenizer_dir, monkeypatch
+):
+    """The manifest's tokenizer fingerprint comes from a forked child (Linux, no thread of the
+    caller's); with a thread running it is computed inline; and when the child sends nothing,
+    inline too. The same hash every way, and no child is left behind."""
+    import threading
+
+    import psutil
+
+    from data_tools import prepare as prepare_module
+    from data_tools.prepare import load_tokenizer, tokenizer_fingerprint
+
+    def fingerprint_of(name: str) -> str:
+        out = tmp_path / name
+        prepare(
+            [str(corpus_path)],
+            tokenizer_path=str(sp_tokenizer_dir),
+            out_dir=str(out),
+            options=PrepareOptions(seq_len=128),
+        )
+        return schema.read_manifest(out).tokenizer.fingerprint
+
+    forked = fingerprint_of("forked")
+    assert not [c for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        inline = fingerprint_of("inline")
+    finally:
+        stop.set()
+        thread.join()
+    reap = prepare_module._Fingerprint._reap  # reaped, but as if the child sent nothing
+    monkeypatch.setattr(prepare_module._Fingerprint, "_reap", lambda self: reap(self) and "")
+    fallback = fingerprint_of("fallback")
+    assert not [c for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+    tok = load_tokenizer(tmp_path / "forked" / schema.TOKENIZER_DIR)
+    assert forked == inline == fallback == tokenizer_fingerprint(tok, tok.chat_template)
