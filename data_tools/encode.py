@@ -648,6 +648,7 @@ class _Ranked:
             not alphabet <= vocab.keys()
             or not alphabet.issuperset("".join(t for t in vocab if t not in added))
             or None in made
+            or {vocab[t] for t in added} & set(made)  # tiktoken could never make that one
             or any(x >= y for x, y in itertools.pairwise(made))  # rising: one merge per token
         ):
             return None

@@ -596,6 +596,7 @@ def test_a_token_the_model_does_not_encode_as_itself_sends_its_texts_the_exact_w
 )
 def test_without_the_conditions_tiktokens_road_is_not_taken(merges, ids_reversed):
     tok = _abc_tokenizer(merges, ids_reversed)
+    assert Encoder(_abc_tokenizer(merges[:2])).path.ranked is not None  # fine without the rest
     enc = Encoder(tok)
     assert enc.path is not None and enc.path.ranked is None
     texts = ["abcd", "bcab c", "日本 abc"]
@@ -643,3 +644,15 @@ def test_added_token_regex_takes_the_longest_token_at_the_leftmost_place(tokens,
     import re
 
     assert re.split(encode._alternation(tokens), text) == _leftmost_longest(tokens, text)
+
+
+def test_an_added_token_that_merges_make_keeps_tiktokens_road_closed():
+    """An added token is cut out of the text before anything else, so tiktoken is not given
+    it; were it also a merge's result, tiktoken could never make it where the model does."""
+    tok = _abc_tokenizer([("b", "c"), ("a", "b")])
+    assert Encoder(tok).path.ranked is not None
+    tok.add_tokens([AddedToken("ab", normalized=False, special=False)])
+    enc = Encoder(tok)
+    assert enc.path is None or enc.path.ranked is None
+    texts = ["abc", "xab cab"]
+    assert enc(texts) == _rust(tok, texts)
