@@ -28,7 +28,9 @@ import json
 import multiprocessing as mp
 import operator
 import os
+import select as io_select
 import shutil
+import signal
 import sys
 import threading
 from collections import Counter
@@ -604,8 +606,9 @@ class _Fingerprint:
     tokenizer and starts the workers, on the core that is idle meanwhile: computed when the
     manifest is written, it ended every run serially (0.3-0.5 s for DeepSeek-V3's 129,000
     tokens). Where forking is not safe (not Linux, or the caller runs threads of its own: see
-    _Workers) or the child fails, it is computed here when asked for. The child is always
-    reaped when the block ends."""
+    _Workers) or the child fails, it is computed here when asked for; a child that has sent
+    nothing WAIT seconds after it is asked for (it had the whole run) is ended. The child is
+    always reaped when the block ends."""
 
     def __init__(self, tokenizer: Any, template: str) -> None:
         self.tokenizer, self.template = tokenizer, template
@@ -632,15 +635,20 @@ class _Fingerprint:
             self.value = sent or tokenizer_fingerprint(self.tokenizer, self.template)
         return self.value
 
+    WAIT = 60.0  # seconds for a child that has not sent its hash when asked: then it is ended
+
     def _reap(self) -> str:
-        sent = b""
-        if self.fd >= 0:
-            with os.fdopen(self.fd, "rb") as pipe:  # a sha256 in hex: 64 bytes
-                sent = pipe.read()
-            self.fd = -1
-        if self.pid:
-            os.waitpid(self.pid, 0)
-            self.pid = 0
+        sent, fd, self.fd = b"", self.fd, -1
+        if fd >= 0:
+            with os.fdopen(fd, "rb") as pipe:  # a sha256 in hex: 64 bytes, then EOF
+                if io_select.select([pipe], [], [], self.WAIT)[0]:
+                    sent = pipe.read(64)
+        pid, self.pid = self.pid, 0
+        if pid:
+            if len(sent) != 64:  # stuck or failed: it must not hold prepare's end
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         return sent.decode() if len(sent) == 64 else ""
 
     def __exit__(self, *exc: object) -> None:

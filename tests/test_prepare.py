@@ -231,7 +231,13 @@ def test_the_fingerprint_computed_aside_is_the_one_computed_inline(
         )
         return schema.read_manifest(out).tokenizer.fingerprint
 
-    forked = fingerprint_of("forked")
+    forks = []
+    fork = prepare_module.os.fork
+    monkeypatch.setattr(prepare_module.os, "fork", lambda: forks.append(1) or fork())
+    with monkeypatch.context() as m:  # a thread an earlier test left must not hide the fork
+        m.setattr(prepare_module.threading, "active_count", lambda: 1)
+        forked = fingerprint_of("forked")
+    assert forks  # the child was forked, and none is left
     assert not [c for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
@@ -247,3 +253,28 @@ def test_the_fingerprint_computed_aside_is_the_one_computed_inline(
     assert not [c for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
     tok = load_tokenizer(tmp_path / "forked" / schema.TOKENIZER_DIR)
     assert forked == inline == fallback == tokenizer_fingerprint(tok, tok.chat_template)
+
+
+def test_a_fingerprint_child_that_never_answers_is_ended_and_the_hash_computed_here(
+    sp_tokenizer_dir, monkeypatch
+):
+    """A child stuck (say, on a lock another thread held when it was forked) must not hold
+    prepare's end: after WAIT it is killed, reaped, and the hash is computed inline."""
+    import os
+    import time
+
+    import psutil
+
+    from data_tools import prepare as prepare_module
+    from data_tools.prepare import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(sp_tokenizer_dir)
+    monkeypatch.setattr(prepare_module, "tokenizer_fingerprint", lambda *a: time.sleep(3600))
+    monkeypatch.setattr(prepare_module._Fingerprint, "WAIT", 0.5)
+    monkeypatch.setattr(prepare_module.threading, "active_count", lambda: 1)
+    with prepare_module._Fingerprint(tok, "t") as fingerprint:
+        child = fingerprint.pid
+        assert child > 0
+        monkeypatch.setattr(prepare_module, "tokenizer_fingerprint", tokenizer_fingerprint)
+        assert fingerprint.result() == tokenizer_fingerprint(tok, "t")
+    assert not psutil.pid_exists(child) or psutil.Process(child).ppid() != os.getpid()
