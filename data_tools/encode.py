@@ -192,8 +192,9 @@ class Characters:
         """Checks at once the characters of `texts` not seen before (one check per batch);
         whether none of their characters is unsafe."""
         seen = set("".join(texts))
-        if seen - self.safe - self.unsafe:
-            self._check(seen - self.safe - self.unsafe)
+        new = seen - self.safe - self.unsafe
+        if new:
+            self._check(new)
         return not seen & self.unsafe
 
     def _check(self, chars: set[str]) -> None:
@@ -272,22 +273,27 @@ class _Memo(dict):
             self.room -= len(key)
 
 
+def _byte_alphabet() -> str:
+    """GPT-2's byte -> printable character table, which ByteLevel applies to every piece, as
+    the 256 characters in byte order."""
+    # light (transformers): its copy, imported by every fast tokenizer already
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    return "".join(map(table.__getitem__, range(256)))
+
+
 class _Pieces(_Memo):
     """piece of text -> its ids under the BPE model, memoized (bounded: once full, further
     pieces are computed each time). Byte-level: the piece is first mapped byte by byte to
     GPT-2's printable alphabet, as ByteLevel does."""
 
     def __init__(self, model: Any, *, byte_level: bool = True) -> None:
-        # GPT-2's byte -> printable character table, which ByteLevel applies to every piece
-        # (transformers' copy; imported by every fast tokenizer already)
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
         super().__init__(_WORD_CACHE_SIZE)
         self.model = model
         self.missed = 0  # characters of the pieces not found in it
-        # the UTF-8 bytes decoded with that table as a charmap (one C call)
-        table = bytes_to_unicode()
-        self.byte_chars = "".join(map(table.__getitem__, range(256))) if byte_level else None
+        # the UTF-8 bytes decoded with the byte alphabet as a charmap (one C call)
+        self.byte_chars = _byte_alphabet() if byte_level else None
 
     def to_bytes_alphabet(self, piece: str) -> str:
         if self.byte_chars is None:
@@ -605,8 +611,7 @@ class _Ranked:
         # light (tiktoken): a dependency of its own, imported once a tokenizer qualifies
         import tiktoken
 
-        bytes_of = _Pieces(model).byte_chars  # byte -> its character in the byte alphabet
-        to_latin1 = {ord(c): b for b, c in enumerate(bytes_of)}
+        to_latin1 = {ord(c): b for b, c in enumerate(_byte_alphabet())}
         tokens = [t for t in vocab if t not in added]
         # one translate for all (a character of the alphabet is one byte), then cut
         joined = "".join(tokens).translate(to_latin1).encode("latin-1")
@@ -641,7 +646,7 @@ class _Ranked:
             return None
         vocab: dict[str, int] = model["vocab"]
         added = {t.content for t in backend.get_added_tokens_decoder().values()} & set(vocab)
-        alphabet = set(_Pieces(backend.model).byte_chars)
+        alphabet = set(_byte_alphabet())
         merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
         made = [vocab.get(a + b) for a, b in merges]  # the byte alphabet maps byte by byte
         if (
