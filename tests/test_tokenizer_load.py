@@ -124,3 +124,44 @@ def test_loading_a_tokenizer_directory_imports_no_torch():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("name", sorted(REAL) + ["mistral-v3", "ours-sp", "ours-bpe"])
+def test_the_copy_prepare_saves_loads_as_the_plain_save_does(
+    tmp_path, name, sp_tokenizer_dir, bpe_tokenizer_dir
+):
+    """prepare's copy carries its added tokens in tokenizer_config.json (transformers 5 leaves
+    them out, and every load then parses the whole tokenizer.json for them): loaded by the
+    workers' class or as prepare loads a tokenizer, it is the tokenizer the plain save gives,
+    tokens, flags, special tokens, ids and re-saved files alike."""
+    from data_tools.prepare import save_tokenizer, worker_tokenizer
+
+    ours = {"ours-sp": sp_tokenizer_dir, "ours-bpe": bpe_tokenizer_dir}
+    path = (
+        _mistral_dir(tmp_path / "tok")
+        if name == "mistral-v3"
+        else ours[name]
+        if name in ours
+        else REAL[name]()
+    )
+    source = load_tokenizer(path)
+    source.save_pretrained(tmp_path / "plain")
+    save_tokenizer(source, tmp_path / "copy")
+    config = json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())
+    assert len(config["added_tokens_decoder"]) == len(source.added_tokens_decoder) > 0
+    text = "Hello  world 你好，世界！ Привет\n<|im_end|> ñandú 12345 </s><s>"
+    for load in (worker_tokenizer, load_tokenizer):
+        plain, copy = load(tmp_path / "plain"), load(tmp_path / "copy")
+        assert type(plain) is type(copy)
+        assert {i: t.__getstate__() for i, t in plain.added_tokens_decoder.items()} == {
+            i: t.__getstate__() for i, t in copy.added_tokens_decoder.items()
+        }
+        assert plain.special_tokens_map == copy.special_tokens_map
+        assert plain.all_special_ids == copy.all_special_ids
+        assert plain.backend_tokenizer.to_str() == copy.backend_tokenizer.to_str()
+        assert plain(text)["input_ids"] == copy(text)["input_ids"]
+        assert plain.chat_template == copy.chat_template
+        plain.save_pretrained(tmp_path / "plain2")
+        copy.save_pretrained(tmp_path / "copy2")
+        for f in sorted((tmp_path / "plain2").iterdir()):
+            assert filecmp.cmp(f, tmp_path / "copy2" / f.name, shallow=False), f.name
