@@ -30,6 +30,13 @@ def _mistral_dir(out: Path) -> Path:
     return out
 
 
+def _tokenizer_dir(name: str, tmp_path: Path, sp_dir: Path, bpe_dir: Path) -> Path:
+    """A real tokenizer (REAL, or Mistral v3 as prepare saves it) or one of ours, by name."""
+    if name == "mistral-v3":
+        return _mistral_dir(tmp_path / "tok")
+    return {"ours-sp": sp_dir, "ours-bpe": bpe_dir}.get(name) or REAL[name]()
+
+
 def _same_as_auto(path: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -53,14 +60,7 @@ def _same_as_auto(path: Path, tmp_path: Path) -> None:
 def test_a_named_class_loads_what_autotokenizer_loads(
     tmp_path, name, sp_tokenizer_dir, bpe_tokenizer_dir
 ):
-    ours = {"ours-sp": sp_tokenizer_dir, "ours-bpe": bpe_tokenizer_dir}
-    path = (
-        _mistral_dir(tmp_path / "tok")
-        if name == "mistral-v3"
-        else ours[name]
-        if name in ours
-        else REAL[name]()
-    )
+    path = _tokenizer_dir(name, tmp_path, sp_tokenizer_dir, bpe_tokenizer_dir)
     assert _named_class(path) is not None  # the fast road is taken
     _same_as_auto(path, tmp_path)
 
@@ -136,14 +136,7 @@ def test_the_copy_prepare_saves_loads_as_the_plain_save_does(
     tokens, flags, special tokens, ids and re-saved files alike."""
     from data_tools.prepare import save_tokenizer, worker_tokenizer
 
-    ours = {"ours-sp": sp_tokenizer_dir, "ours-bpe": bpe_tokenizer_dir}
-    path = (
-        _mistral_dir(tmp_path / "tok")
-        if name == "mistral-v3"
-        else ours[name]
-        if name in ours
-        else REAL[name]()
-    )
+    path = _tokenizer_dir(name, tmp_path, sp_tokenizer_dir, bpe_tokenizer_dir)
     source = load_tokenizer(path)
     source.save_pretrained(tmp_path / "plain")
     save_tokenizer(source, tmp_path / "copy")
