@@ -22,7 +22,7 @@ def load_tokenizer(path: str | Path) -> Any:
         )
     named = _named_class(path)
     if named is not None:
-        return named.from_pretrained(str(path))
+        return named.from_pretrained(str(path), **_added_tokens(path))
     # heavy (transformers, torch): loaded only on the path that uses it
     from transformers import AutoTokenizer
 
@@ -68,6 +68,73 @@ def _named_class(path: Path) -> Any:
     if found.__name__ == "PythonBackend":
         return TokenizersBackend
     return found
+
+
+def _added_tokens(path: Path) -> dict[str, Any]:
+    """The added tokens of a directory whose tokenizer_config.json leaves them out (as
+    transformers 5 saves a fast tokenizer), read from the head of its tokenizer.json, as a
+    keyword for from_pretrained; {} for any other directory, which loads as it is.
+
+    Without them, from_pretrained parses the whole tokenizer.json in Python just to read its
+    "added_tokens" (0.47 s for DeepSeek-V3's, in prepare's serial start) before the Rust
+    tokenizer parses it again. tokenizers writes that key fourth, after three small ones, so
+    only those are parsed here; in any other order, whatever comes before it is parsed too.
+    Where from_pretrained would also read added_tokens.json or special_tokens_map.json, it is
+    left to do so. tests/test_tokenizer_load.py holds the result to AutoTokenizer's."""
+    file = path / "tokenizer.json"
+    if any((path / name).exists() for name in ("added_tokens.json", "special_tokens_map.json")):
+        return {}
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if "added_tokens_decoder" in config or not file.is_file():
+            return {}
+        found = _top_level_value(file.read_text(encoding="utf-8"), "added_tokens")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}  # from_pretrained says what is wrong
+    if not isinstance(found, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("id"), int) for t in found
+    ):
+        return {}
+    # light (tokenizers): transformers' own dependency, imported by the caller already
+    from tokenizers import AddedToken
+
+    decoder = {}
+    for token in found:
+        fields = {k: v for k, v in token.items() if k != "id"}
+        try:
+            decoder[token["id"]] = AddedToken(**fields)
+        except TypeError:
+            return {}
+    return {"added_tokens_decoder": decoder}
+
+
+def _top_level_value(text: str, key: str) -> Any:
+    """The value of `key` in the JSON object `text`, parsing only the members before it
+    (ValueError if `text` does not start as a JSON object; None if the key is not found)."""
+    parse = json.JSONDecoder().raw_decode
+    at = _after_space(text, 0)
+    if text[at : at + 1] != "{":
+        raise ValueError("not a JSON object")
+    at = _after_space(text, at + 1)
+    while text[at : at + 1] == '"':
+        name, at = parse(text, at)
+        at = _after_space(text, at)
+        if text[at : at + 1] != ":":
+            raise ValueError(f"no ':' after {name!r}")
+        value, at = parse(text, _after_space(text, at + 1))
+        if name == key:
+            return value
+        at = _after_space(text, at)
+        if text[at : at + 1] != ",":
+            return None
+        at = _after_space(text, at + 1)
+    return None
+
+
+def _after_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\n\r":
+        at += 1
+    return at
 
 
 def tokenizer_from_sentencepiece(model_file: Path, *, eos_token: str | None = None) -> Any:

@@ -62,6 +62,10 @@ def test_a_named_class_loads_what_autotokenizer_loads(
 ):
     path = _tokenizer_dir(name, tmp_path, sp_tokenizer_dir, bpe_tokenizer_dir)
     assert _named_class(path) is not None  # the fast road is taken
+    if name in ("deepseek-v3", "mistral-v3", "ours-sp"):  # configs without added_tokens_decoder
+        from data_tools.tokenizer import _added_tokens
+
+        assert _added_tokens(path)  # read from the head of tokenizer.json
     _same_as_auto(path, tmp_path)
 
 
@@ -158,3 +162,33 @@ def test_the_copy_prepare_saves_loads_as_the_plain_save_does(
         copy.save_pretrained(tmp_path / "copy2")
         for f in sorted((tmp_path / "plain2").iterdir()):
             assert filecmp.cmp(f, tmp_path / "copy2" / f.name, shallow=False), f.name
+
+
+def test_the_added_tokens_are_read_from_the_head_of_tokenizer_json(tmp_path):
+    """A member of a JSON object found by parsing only what comes before it: the value
+    json.loads gives, in any key order, with any whitespace and escapes; None when absent."""
+    from data_tools.tokenizer import _added_tokens, _top_level_value
+
+    added = [{"id": 5, "content": "<x>", "special": True}]
+    for obj in (
+        {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "m": {}},
+        {"model": {"vocab": {"a": 0}}, "added_tokens": added},
+        {"added_tokens": added},
+        {"version": "1.0", "model": {"added_tokens": "a decoy inside another member"}},
+    ):
+        for text in (json.dumps(obj), json.dumps(obj, indent=2), json.dumps(obj, indent="\t")):
+            assert _top_level_value(text, "added_tokens") == obj.get("added_tokens")
+    escaped = '{ "v" : 1 ,\r\n "added\\u005ftokens":[1, {"a": "]"}] }'
+    assert _top_level_value(escaped, "added_tokens") == json.loads(escaped)["added_tokens"]
+    for bad in ("[1, 2]", '{"a" 1}', "", '{"a": tru'):
+        with pytest.raises(ValueError):
+            _top_level_value(bad, "added_tokens")
+    # a directory that already names its added tokens, or has the legacy files, loads as it is
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert list(_added_tokens(tmp_path)["added_tokens_decoder"]) == [5]
+    (tmp_path / "special_tokens_map.json").write_text("{}")
+    assert _added_tokens(tmp_path) == {}
+    (tmp_path / "special_tokens_map.json").unlink()
+    (tmp_path / "tokenizer_config.json").write_text('{"added_tokens_decoder": {}}')
+    assert _added_tokens(tmp_path) == {}
