@@ -51,7 +51,19 @@ import json
 import re
 import unicodedata
 import weakref
+from collections.abc import Callable
 from typing import Any
+
+# How a slow, independent part of building an encoder may run beside the rest: aside(fn, *args)
+# starts fn(*args) (prepare's main process: in a forked child) and returns what gives its value.
+Aside = Callable[..., Callable[[], Any]]
+
+
+def inline(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """The Aside that computes fn(*args) here and now."""
+    value = fn(*args)
+    return lambda: value
+
 
 _WS = r"\t\n\x0b\x0c\r "  # what Oniguruma's \s matches among ASCII characters
 
@@ -445,6 +457,7 @@ class _FastPath(_Path):
         ascii: str | None,
         nfc: bool,
         config: dict,
+        aside: Aside = inline,
     ) -> None:
         super().__init__(backend)
         self.ascii_split = re.compile(ascii).findall if ascii else None
@@ -457,17 +470,17 @@ class _FastPath(_Path):
         self.nfc = nfc
         self.batch: list[str] | None = None  # the batch `learn` saw last (held: its identity)
         self.batch_clean = False
-        self.ranked = _Ranked.build(backend, config, patterns) if patterns else None
+        self.ranked = _Ranked.build(backend, config, patterns, aside) if patterns else None
         self.characters = Characters(_tiktoken_classes if self.ranked else None)
         self.pieces = _Pieces(backend.model)
         self.chunks = _Memo(_CHUNK_CACHE_SIZE)
 
     @classmethod
-    def build(cls, backend: Any, config: dict) -> _FastPath | None:
+    def build(cls, backend: Any, config: dict, aside: Aside = inline) -> _FastPath | None:
         ascii, patterns = ascii_pattern(config), unicode_patterns(config)
         if (ascii is None and patterns is None) or not cls.added_tokens_supported(backend):
             return None
-        return cls(backend, patterns, ascii, _normalizer(config) == "NFC", config)
+        return cls(backend, patterns, ascii, _normalizer(config) == "NFC", config, aside)
 
     def learn(self, texts: list[str]) -> None:
         self._measure()
@@ -607,10 +620,15 @@ class _Ranked:
     ids are the model's for every text. Otherwise a text whose ids hold a token with one of the
     others inside it takes the exact road (`encode` gives None)."""
 
-    def __init__(self, model: Any, vocab: dict[str, int], added: set[str], pattern: str) -> None:
+    def __init__(
+        self, model: Any, vocab: dict[str, int], added: set[str], pattern: str, aside: Aside
+    ) -> None:
         # light (tiktoken): a dependency of its own, imported once a tokenizer qualifies
         import tiktoken
 
+        # the check of every token (a third of the build, ~0.5 s for 128,000) runs beside
+        # the rest when the caller can run it aside
+        self._not_own = aside(_not_own, model, vocab, added)
         to_latin1 = {ord(c): b for b, c in enumerate(_byte_alphabet())}
         tokens = [t for t in vocab if t not in added]
         # one translate for all (a character of the alphabet is one byte), then cut
@@ -620,17 +638,20 @@ class _Ranked:
         self.encoding = tiktoken.Encoding(
             "sftscale", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
         )
-        # the tokens the model does not encode as themselves (their own bytes, alone)
-        self.not_own = {
-            i
-            for t, i in vocab.items()
-            if t not in added and len(t) > 1 and [x.id for x in model.tokenize(t)] != [i]
-        }
         self.ranks, self.bytes_of = ranks, {i: b for b, i in ranks.items()}
         self.clean: dict[int, bool] = {}  # token -> no token inside it is in not_own
 
+    @property
+    def not_own(self) -> set[int]:
+        """The tokens the model does not encode as themselves (their own bytes, alone)."""
+        if not isinstance(self._not_own, set):
+            self._not_own = set(self._not_own())
+        return self._not_own
+
     @classmethod
-    def build(cls, backend: Any, config: dict, patterns: tuple[str, ...]) -> _Ranked | None:
+    def build(
+        cls, backend: Any, config: dict, patterns: tuple[str, ...], aside: Aside = inline
+    ) -> _Ranked | None:
         pattern = one_regex(patterns)
         if pattern is None or (config.get("model") or {}).get("ignore_merges"):
             return None
@@ -657,7 +678,7 @@ class _Ranked:
             or any(x >= y for x, y in itertools.pairwise(made))  # rising: one merge per token
         ):
             return None
-        return cls(backend.model, vocab, added, pattern)
+        return cls(backend.model, vocab, added, pattern, aside)
 
     def _clean(self, token: int) -> bool:
         if token not in self.clean:
@@ -676,13 +697,21 @@ class _Ranked:
         return ids
 
 
+def _not_own(model: Any, vocab: dict[str, int], added: set[str]) -> set[int]:
+    return {
+        i
+        for t, i in vocab.items()
+        if t not in added and len(t) > 1 and [x.id for x in model.tokenize(t)] != [i]
+    }
+
+
 class Encoder:
     """Texts -> ids, as `backend.encode_batch(texts, add_special_tokens=False)` gives them
     with no padding and no truncation (what transformers' tokenizer call gives)."""
 
     _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, aside: Aside = inline) -> None:
         if backend.padding or backend.truncation:
             # transformers switches these off per call unless asked; called directly, the
             # backend would pad or cut every segment. Work on a copy without them.
@@ -693,19 +722,27 @@ class Encoder:
             backend.no_truncation()
         self.backend = backend
         self.config = pipeline_config(backend)
-        self.path: _Path | None = _FastPath.build(backend, self.config) or _MetaspacePath.build(
-            backend, self.config
-        )
+        self.path: _Path | None = _FastPath.build(
+            backend, self.config, aside
+        ) or _MetaspacePath.build(backend, self.config)
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use
         self._rust = getattr(backend, "encode_batch_fast", backend.encode_batch)
         self._continued: Any = None  # the Rust encoder for continued texts, built when needed
 
     @classmethod
-    def of(cls, tokenizer: Any) -> Encoder:
-        """One encoder (and so one memo) per tokenizer object."""
+    def of(cls, tokenizer: Any, aside: Aside = inline) -> Encoder:
+        """One encoder (and so one memo) per tokenizer object; `aside` runs a slow part of
+        building it (when it is built here) beside the rest."""
         if tokenizer not in cls._of:
-            cls._of[tokenizer] = cls(tokenizer.backend_tokenizer)
+            cls._of[tokenizer] = cls(tokenizer.backend_tokenizer, aside)
         return cls._of[tokenizer]
+
+    def ready(self) -> Encoder:
+        """Every part run aside collected (before this process forks workers, say)."""
+        ranked = getattr(self.path, "ranked", None)
+        if ranked is not None:
+            ranked.not_own  # noqa: B018  (the property collects it)
+        return self
 
     @property
     def fast(self) -> bool:

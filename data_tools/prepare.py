@@ -28,13 +28,15 @@ import json
 import multiprocessing as mp
 import operator
 import os
+import pickle
 import select as io_select
 import shutil
 import signal
 import sys
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from data_tools.chat import (
     tokenize_segments,
 )
 from data_tools.console import ProgressBar
+from data_tools.encode import Encoder, inline
 from data_tools.formats import (
     FORMATS,
     MAX_RECORD_BYTES,
@@ -245,9 +248,12 @@ class _Workers:
         self.pool = None
         # a thread of the caller's own (an application embedding prepare) could hold a lock
         # the forked copy would wait on for ever: then spawn
-        fork = sys.platform == "linux" and threading.active_count() == 1
+        fork = _Aside.forkable()
         if options.num_proc == 1 or fork:
             _init_worker(asdict(options), tokenizer_dir)
+            # the workers' encoder, built once and forked with them; the check of every token
+            # of a byte-level BPE vocabulary (~0.5 s) runs in a child meanwhile
+            Encoder.of(_WORKER["tokenizer"], _Aside if fork else inline).ready()
         if options.num_proc > 1 and fork:
             self.pool = mp.get_context("fork").Pool(options.num_proc)
         elif options.num_proc > 1:
@@ -596,63 +602,90 @@ def prepare(
         tokens = stop_tokens(tokenizer, template, options.chat_template)
     except ValueError as e:
         raise PrepareError(str(e)) from e
-    with _Fingerprint(tokenizer, template) as fingerprint:
+    with _Aside(tokenizer_fingerprint, tokenizer, template) as fingerprint:
         loaded = _Tokenizer(tokenizer, template, tokens, str(tokenizer_path), fingerprint)
         return _stage(read_from, out_dir, loaded, options)
 
 
-class _Fingerprint:
-    """`tokenizer_fingerprint`, computed in a forked child while the main process saves the
-    tokenizer and starts the workers, on the core that is idle meanwhile: computed when the
-    manifest is written, it ended every run serially (0.3-0.5 s for DeepSeek-V3's 129,000
-    tokens). Where forking is not safe (not Linux, or the caller runs threads of its own: see
-    _Workers) or the child fails, it is computed here when asked for; a child that has sent
-    nothing WAIT seconds after it is asked for (it had the whole run) is ended. The child is
-    always reaped when the block ends."""
+class _Aside:
+    """fn(*args), computed in a forked child while this process goes on, on the core that is
+    idle meanwhile (the tokenizer's fingerprint while the start saves and loads the tokenizer:
+    0.3-0.5 s for DeepSeek-V3's 129,000 tokens; a third of building the workers' encoder).
+    Where forking is not safe (not Linux, or the caller runs threads of its own: see _Workers)
+    or the child fails, it is computed here when asked for; a child that has sent nothing WAIT
+    seconds after it is asked for is ended. The child is always reaped by `result` or when the
+    block ends. Its value comes back pickled through a pipe: from our own fork, and
+    length-checked, so a child killed half way is a failed child."""
 
-    def __init__(self, tokenizer: Any, template: str) -> None:
-        self.tokenizer, self.template = tokenizer, template
-        self.value: str | None = None
+    WAIT = 60.0  # seconds for a child that has not sent its value when asked: then it is ended
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
+        self.value: Any = None
+        self.done = False
         self.pid, self.fd = 0, -1
-        if sys.platform == "linux" and threading.active_count() == 1:
+        if self.forkable():
             read, write = os.pipe()
             self.pid = os.fork()
             if self.pid == 0:  # the child: compute, send, and leave without cleanup of any kind
                 try:
                     os.close(read)
-                    os.write(write, tokenizer_fingerprint(tokenizer, template).encode())
+                    data = pickle.dumps(fn(*args))
+                    with os.fdopen(write, "wb") as pipe:
+                        pipe.write(len(data).to_bytes(8, "little") + data)
                 finally:
                     os._exit(0)
             os.close(write)
             self.fd = read
 
-    def __enter__(self) -> _Fingerprint:
+    @staticmethod
+    def forkable() -> bool:
+        """Linux, and no Python thread but this one (a thread of the caller's could hold a lock
+        the forked copy would wait on for ever)."""
+        return sys.platform == "linux" and threading.active_count() == 1
+
+    def __enter__(self) -> _Aside:
         return self
 
-    def result(self) -> str:
-        if self.value is None:
+    def __call__(self) -> Any:
+        return self.result()
+
+    def result(self) -> Any:
+        if not self.done:
             sent = self._reap()
-            self.value = sent or tokenizer_fingerprint(self.tokenizer, self.template)
+            self.value = pickle.loads(sent) if sent else self.fn(*self.args)
+            self.done = True
         return self.value
 
-    WAIT = 60.0  # seconds for a child that has not sent its hash when asked: then it is ended
-
-    def _reap(self) -> str:
-        sent, fd, self.fd = b"", self.fd, -1
+    def _reap(self) -> bytes:
+        """What the child sent (b"" if nothing whole), the child ended and reaped."""
+        data, fd, self.fd = b"", self.fd, -1
         if fd >= 0:
-            with os.fdopen(fd, "rb") as pipe:  # a sha256 in hex: 64 bytes, then EOF
-                if io_select.select([pipe], [], [], self.WAIT)[0]:
-                    sent = pipe.read(64)
+            with os.fdopen(fd, "rb") as pipe:
+                deadline = time.monotonic() + self.WAIT
+                while io_select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    chunk = pipe.read1(1 << 20)
+                    if not chunk:
+                        break
+                    data += chunk
         pid, self.pid = self.pid, 0
+        whole = len(data) >= 8 and int.from_bytes(data[:8], "little") == len(data) - 8
         if pid:
-            if len(sent) != 64:  # stuck or failed: it must not hold prepare's end
+            if not whole:  # stuck or failed: it must not hold prepare's end
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        return sent.decode() if len(sent) == 64 else ""
+        return data[8:] if whole else b""
 
     def __exit__(self, *exc: object) -> None:
         self._reap()
+
+    def __del__(self) -> None:  # never asked for (its caller failed): end the child now
+        if self.pid:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
 
 
 @dataclass(frozen=True)
@@ -661,7 +694,7 @@ class _Tokenizer:
     template: str  # the chat template the data is rendered with
     tokens: dict  # stop_tokens: added tokens, end of turn, EOS ids
     source: str  # --tokenizer as given
-    fingerprint: _Fingerprint
+    fingerprint: _Aside  # gives tokenizer_fingerprint(tokenizer, template)
 
 
 def _stage(

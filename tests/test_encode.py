@@ -572,7 +572,7 @@ def _abc_tokenizer(merges: list[tuple[str, str]], ids_reversed: bool = False) ->
     return tok
 
 
-def test_a_token_the_model_does_not_encode_as_itself_sends_its_texts_the_exact_way():
+def test_a_token_the_model_does_not_encode_as_itself_sends_its_texts_the_exact_way(monkeypatch):
     """Merges (b, c), (a, b), (ab, c): the model reads "abc" as [a, bc] and stops (no merge
     joins them), tiktoken as [abc] (a token). The check finds abc; a text whose tiktoken ids
     hold it is encoded the exact way, the others stay on tiktoken's road; ids always the
@@ -581,6 +581,13 @@ def test_a_token_the_model_does_not_encode_as_itself_sends_its_texts_the_exact_w
     enc = Encoder(tok)
     ranked = enc.path.ranked
     assert ranked is not None and ranked.not_own == {tok.token_to_id("abc")}
+    # found alike when the check runs in a forked child (as prepare's main process builds it)
+    from data_tools import prepare
+
+    monkeypatch.setattr(prepare.threading, "active_count", lambda: 1)
+    forked = Encoder(tok, prepare._Aside)
+    assert forked.path.ranked._not_own.pid > 0
+    assert forked.ready().path.ranked.not_own == ranked.not_own
     assert ranked.encode("abc") is None and ranked.encode("ab ca") is not None
     texts = ["abc", "xabcx abc", "ab ca", "cab", "aabbcc abcabc", "日本abc"]
     assert enc(texts) == _rust(tok, texts)

@@ -264,8 +264,8 @@ def test_the_fingerprint_computed_aside_is_the_one_computed_inline(
     finally:
         stop.set()
         thread.join()
-    reap = prepare_module._Fingerprint._reap  # reaped, but as if the child sent nothing
-    monkeypatch.setattr(prepare_module._Fingerprint, "_reap", lambda self: reap(self) and "")
+    reap = prepare_module._Aside._reap  # reaped, but as if the child sent nothing
+    monkeypatch.setattr(prepare_module._Aside, "_reap", lambda self: reap(self) and b"")
     with monkeypatch.context() as m:
         m.setattr(prepare_module.threading, "active_count", lambda: 1)
         forks.clear()
@@ -276,11 +276,11 @@ def test_the_fingerprint_computed_aside_is_the_one_computed_inline(
     assert forked == inline == fallback == tokenizer_fingerprint(tok, tok.chat_template)
 
 
-def test_a_fingerprint_child_that_never_answers_is_ended_and_the_hash_computed_here(
+def test_a_child_that_never_answers_is_ended_and_the_value_computed_here(
     sp_tokenizer_dir, monkeypatch
 ):
     """A child stuck (say, on a lock another thread held when it was forked) must not hold
-    prepare's end: after WAIT it is killed, reaped, and the hash is computed inline."""
+    prepare's end: after WAIT it is killed, reaped, and the value is computed inline."""
     import os
     import time
 
@@ -290,12 +290,60 @@ def test_a_fingerprint_child_that_never_answers_is_ended_and_the_hash_computed_h
     from data_tools.prepare import load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(sp_tokenizer_dir)
-    monkeypatch.setattr(prepare_module, "tokenizer_fingerprint", lambda *a: time.sleep(3600))
-    monkeypatch.setattr(prepare_module._Fingerprint, "WAIT", 0.5)
+    parent = os.getpid()
+
+    def stuck_in_a_child(tokenizer, template):
+        if os.getpid() != parent:
+            time.sleep(3600)
+        return tokenizer_fingerprint(tokenizer, template)
+
+    monkeypatch.setattr(prepare_module._Aside, "WAIT", 0.5)
     monkeypatch.setattr(prepare_module.threading, "active_count", lambda: 1)
-    with prepare_module._Fingerprint(tok, "t") as fingerprint:
+    with prepare_module._Aside(stuck_in_a_child, tok, "t") as fingerprint:
         child = fingerprint.pid
         assert child > 0
-        monkeypatch.setattr(prepare_module, "tokenizer_fingerprint", tokenizer_fingerprint)
         assert fingerprint.result() == tokenizer_fingerprint(tok, "t")
     assert not psutil.pid_exists(child) or psutil.Process(child).ppid() != os.getpid()
+
+
+def _in_a_child_only(fn):
+    """fn in the process that makes this, a failure in any other (a forked child)."""
+    import os
+
+    parent = os.getpid()
+
+    def run(*args):
+        if os.getpid() != parent:
+            raise RuntimeError("failed in the child")
+        return fn(*args)
+
+    return run
+
+
+def test_a_value_computed_aside_comes_back_whole_or_is_computed_here(monkeypatch):
+    """Larger than a pipe holds, it comes back whole; a child that fails, or one never asked
+    for, leaves nothing behind; without a fork (threads running) it is computed here."""
+    import os
+
+    import psutil
+
+    from data_tools import prepare as prepare_module
+
+    def ours(pid: int) -> bool:
+        return psutil.pid_exists(pid) and psutil.Process(pid).ppid() == os.getpid()
+
+    monkeypatch.setattr(prepare_module.threading, "active_count", lambda: 1)
+    big = set(range(0, 2_000_000, 7))  # a pickle of ~1.5 MB
+    aside = prepare_module._Aside(lambda n: {i for i in big if i % n}, 3)
+    assert aside.pid > 0 and aside() == {i for i in big if i % 3}
+    assert not ours(aside.pid) and aside() is aside.result()
+    failed = prepare_module._Aside(_in_a_child_only(lambda: "here"))
+    child = failed.pid
+    assert child > 0 and failed.result() == "here" and not ours(child)
+    forgotten = prepare_module._Aside(sorted, [3, 1, 2])
+    child = forgotten.pid
+    del forgotten
+    assert not ours(child)
+    monkeypatch.setattr(prepare_module.threading, "active_count", lambda: 2)
+    here = prepare_module._Aside(sorted, [3, 1, 2])
+    assert here.pid == 0 and here() == [1, 2, 3]
