@@ -46,24 +46,14 @@ from __future__ import annotations
 
 import codecs
 import copy
+import hashlib
 import itertools
 import json
 import re
 import unicodedata
 import weakref
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-
-# How a slow, independent part of building an encoder may run beside the rest: aside(fn, *args)
-# starts fn(*args) (prepare's main process: in a forked child) and returns what gives its value.
-Aside = Callable[..., Callable[[], Any]]
-
-
-def inline(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    """The Aside that computes fn(*args) here and now."""
-    value = fn(*args)
-    return lambda: value
-
 
 _WS = r"\t\n\x0b\x0c\r "  # what Oniguruma's \s matches among ASCII characters
 
@@ -457,7 +447,7 @@ class _FastPath(_Path):
         ascii: str | None,
         nfc: bool,
         config: dict,
-        aside: Aside = inline,
+        plan: RankedPlan | None = None,
     ) -> None:
         super().__init__(backend)
         self.ascii_split = re.compile(ascii).findall if ascii else None
@@ -470,17 +460,17 @@ class _FastPath(_Path):
         self.nfc = nfc
         self.batch: list[str] | None = None  # the batch `learn` saw last (held: its identity)
         self.batch_clean = False
-        self.ranked = _Ranked.build(backend, config, patterns, aside) if patterns else None
+        self.ranked = _Ranked.build(backend, config, patterns, plan) if patterns else None
         self.characters = Characters(_tiktoken_classes if self.ranked else None)
         self.pieces = _Pieces(backend.model)
         self.chunks = _Memo(_CHUNK_CACHE_SIZE)
 
     @classmethod
-    def build(cls, backend: Any, config: dict, aside: Aside = inline) -> _FastPath | None:
+    def build(cls, backend: Any, config: dict, plan: RankedPlan | None = None) -> _FastPath | None:
         ascii, patterns = ascii_pattern(config), unicode_patterns(config)
         if (ascii is None and patterns is None) or not cls.added_tokens_supported(backend):
             return None
-        return cls(backend, patterns, ascii, _normalizer(config) == "NFC", config, aside)
+        return cls(backend, patterns, ascii, _normalizer(config) == "NFC", config, plan)
 
     def learn(self, texts: list[str]) -> None:
         self._measure()
@@ -620,53 +610,52 @@ class _Ranked:
     ids are the model's for every text. Otherwise a text whose ids hold a token with one of the
     others inside it takes the exact road (`encode` gives None)."""
 
-    def __init__(
-        self, model: Any, vocab: dict[str, int], added: set[str], pattern: str, aside: Aside
-    ) -> None:
+    def __init__(self, plan: RankedPlan) -> None:
         # light (tiktoken): a dependency of its own, imported once a tokenizer qualifies
         import tiktoken
 
-        # the check of every token (a third of the build, ~0.5 s for 128,000) runs beside
-        # the rest when the caller can run it aside
-        self._not_own = aside(_not_own, model, vocab, added)
-        to_latin1 = {ord(c): b for b, c in enumerate(_byte_alphabet())}
-        tokens = [t for t in vocab if t not in added]
-        # one translate for all (a character of the alphabet is one byte), then cut
-        joined = "".join(tokens).translate(to_latin1).encode("latin-1")
-        ends = list(itertools.accumulate(map(len, tokens)))
-        ranks = {joined[a:b]: vocab[t] for t, a, b in zip(tokens, [0, *ends], ends, strict=False)}
+        assert plan.ranks is not None
         self.encoding = tiktoken.Encoding(
-            "sftscale", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
+            "sftscale", pat_str=plan.pattern, mergeable_ranks=plan.ranks, special_tokens={}
         )
-        self.ranks, self.bytes_of = ranks, {i: b for b, i in ranks.items()}
+        self.ranks, self.bytes_of = plan.ranks, {i: b for b, i in plan.ranks.items()}
+        self.not_own = set(plan.not_own)
         self.clean: dict[int, bool] = {}  # token -> no token inside it is in not_own
-
-    @property
-    def not_own(self) -> set[int]:
-        """The tokens the model does not encode as themselves (their own bytes, alone)."""
-        if not isinstance(self._not_own, set):
-            self._not_own = set(self._not_own())
-        return self._not_own
 
     @classmethod
     def build(
-        cls, backend: Any, config: dict, patterns: tuple[str, ...], aside: Aside = inline
+        cls, backend: Any, config: dict, patterns: tuple[str, ...], plan: RankedPlan | None
     ) -> _Ranked | None:
+        """The road for `backend`, from `plan` when it was made for this backend's model,
+        added tokens and regex (made elsewhere, say from the same tokenizer.json), else from a
+        plan made here."""
         pattern = one_regex(patterns)
         if pattern is None or (config.get("model") or {}).get("ignore_merges"):
             return None
+        state = backend.model.__getstate__()
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        if plan is None or plan.key != _plan_key(state, added, pattern):
+            plan = cls.plan(backend, state, added, pattern)
+        return None if plan is None or plan.ranks is None else cls(plan)
+
+    @staticmethod
+    def plan(backend: Any, state: bytes, added: set[str], pattern: str) -> RankedPlan | None:
+        """The ranks tiktoken works with and the tokens not their own encoding, or a plan
+        without ranks when the model does not meet the conditions (None without tiktoken)."""
         try:
             import tiktoken  # noqa: F401  (light: checked here, used in __init__)
         except ImportError:
             return None
-        model = json.loads(backend.model.__getstate__())
+        key = _plan_key(state, added, pattern)
+        closed = RankedPlan(key, pattern, None, frozenset())
+        model = json.loads(state)
         if any(
             model.get(k)
             for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback")
         ):
-            return None
+            return closed
         vocab: dict[str, int] = model["vocab"]
-        added = {t.content for t in backend.get_added_tokens_decoder().values()} & set(vocab)
+        added = added & vocab.keys()
         alphabet = set(_byte_alphabet())
         merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
         made = [vocab.get(a + b) for a, b in merges]  # the byte alphabet maps byte by byte
@@ -677,8 +666,19 @@ class _Ranked:
             or {vocab[t] for t in added} & set(made)  # tiktoken could never make that one
             or any(x >= y for x, y in itertools.pairwise(made))  # rising: one merge per token
         ):
-            return None
-        return cls(backend.model, vocab, added, pattern, aside)
+            return closed
+        to_latin1 = {ord(c): b for b, c in enumerate(_byte_alphabet())}
+        tokens = [t for t in vocab if t not in added]
+        # one translate for all (a character of the alphabet is one byte), then cut
+        joined = "".join(tokens).translate(to_latin1).encode("latin-1")
+        ends = list(itertools.accumulate(map(len, tokens)))
+        ranks = {joined[a:b]: vocab[t] for t, a, b in zip(tokens, [0, *ends], ends, strict=False)}
+        # the tokens the model does not encode as themselves (their own bytes, alone)
+        tokenize = backend.model.tokenize
+        not_own = frozenset(
+            vocab[t] for t in tokens if len(t) > 1 and [x.id for x in tokenize(t)] != [vocab[t]]
+        )
+        return RankedPlan(key, pattern, ranks, not_own)
 
     def _clean(self, token: int) -> bool:
         if token not in self.clean:
@@ -697,12 +697,34 @@ class _Ranked:
         return ids
 
 
-def _not_own(model: Any, vocab: dict[str, int], added: set[str]) -> set[int]:
-    return {
-        i
-        for t, i in vocab.items()
-        if t not in added and len(t) > 1 and [x.id for x in model.tokenize(t)] != [i]
-    }
+@dataclass(frozen=True)
+class RankedPlan:
+    """What tiktoken's road is built from, and what building it spends its time on (~1 s for
+    DeepSeek-V3's 128,000 tokens, most of it the check of every token): made from one backend,
+    in another process if need be (from the same tokenizer.json, say), and used for a backend
+    only when its key is that backend's."""
+
+    key: str  # the model's state, the added tokens and the regex, hashed
+    pattern: str
+    ranks: dict[bytes, int] | None  # None: the model does not meet the conditions
+    not_own: frozenset[int]
+
+
+def _plan_key(state: bytes, added: set[str], pattern: str) -> str:
+    h = hashlib.sha256(state)
+    h.update(json.dumps([sorted(added), pattern]).encode())
+    return h.hexdigest()
+
+
+def ranked_plan(backend: Any) -> RankedPlan | None:
+    """The plan of tiktoken's road for `backend` (None where the road does not apply)."""
+    config = pipeline_config(backend)
+    patterns = unicode_patterns(config)
+    pattern = one_regex(patterns) if patterns else None
+    if pattern is None or (config.get("model") or {}).get("ignore_merges"):
+        return None
+    added = {t.content for t in backend.get_added_tokens_decoder().values()}
+    return _Ranked.plan(backend, backend.model.__getstate__(), added, pattern)
 
 
 class Encoder:
@@ -711,7 +733,7 @@ class Encoder:
 
     _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __init__(self, backend: Any, aside: Aside = inline) -> None:
+    def __init__(self, backend: Any, plan: RankedPlan | None = None) -> None:
         if backend.padding or backend.truncation:
             # transformers switches these off per call unless asked; called directly, the
             # backend would pad or cut every segment. Work on a copy without them.
@@ -723,26 +745,19 @@ class Encoder:
         self.backend = backend
         self.config = pipeline_config(backend)
         self.path: _Path | None = _FastPath.build(
-            backend, self.config, aside
+            backend, self.config, plan
         ) or _MetaspacePath.build(backend, self.config)
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use
         self._rust = getattr(backend, "encode_batch_fast", backend.encode_batch)
         self._continued: Any = None  # the Rust encoder for continued texts, built when needed
 
     @classmethod
-    def of(cls, tokenizer: Any, aside: Aside = inline) -> Encoder:
-        """One encoder (and so one memo) per tokenizer object; `aside` runs a slow part of
-        building it (when it is built here) beside the rest."""
+    def of(cls, tokenizer: Any, plan: RankedPlan | None = None) -> Encoder:
+        """One encoder (and so one memo) per tokenizer object; `plan` (see RankedPlan) is used
+        when it is built here and the plan fits."""
         if tokenizer not in cls._of:
-            cls._of[tokenizer] = cls(tokenizer.backend_tokenizer, aside)
+            cls._of[tokenizer] = cls(tokenizer.backend_tokenizer, plan)
         return cls._of[tokenizer]
-
-    def ready(self) -> Encoder:
-        """Every part run aside collected (before this process forks workers, say)."""
-        ranked = getattr(self.path, "ranked", None)
-        if ranked is not None:
-            ranked.not_own  # noqa: B018  (the property collects it)
-        return self
 
     @property
     def fast(self) -> bool:

@@ -56,7 +56,7 @@ from data_tools.chat import (
     tokenize_segments,
 )
 from data_tools.console import ProgressBar
-from data_tools.encode import Encoder, inline
+from data_tools.encode import Encoder, RankedPlan, ranked_plan
 from data_tools.formats import (
     FORMATS,
     MAX_RECORD_BYTES,
@@ -244,16 +244,16 @@ class _Workers:
     numpy's BLAS pool and pyarrow's allocator, both fork-safe. Elsewhere, or with threads,
     they are spawned and load it themselves. Ended, running or not, when the block ends."""
 
-    def __init__(self, options: PrepareOptions, tokenizer_dir: str) -> None:
+    def __init__(self, options: PrepareOptions, tokenizer_dir: str, plan: _Aside) -> None:
         self.pool = None
         # a thread of the caller's own (an application embedding prepare) could hold a lock
         # the forked copy would wait on for ever: then spawn
         fork = _Aside.forkable()
         if options.num_proc == 1 or fork:
             _init_worker(asdict(options), tokenizer_dir)
-            # the workers' encoder, built once and forked with them; the check of every token
-            # of a byte-level BPE vocabulary (~0.5 s) runs in a child meanwhile
-            Encoder.of(_WORKER["tokenizer"], _Aside if fork else inline).ready()
+            # the workers' encoder, built once and forked with them, from the plan made at the
+            # start (when it fits this tokenizer)
+            Encoder.of(_WORKER["tokenizer"], plan.result())
         if options.num_proc > 1 and fork:
             self.pool = mp.get_context("fork").Pool(options.num_proc)
         elif options.num_proc > 1:
@@ -425,9 +425,9 @@ def _batches(
 
 
 def _run_local(
-    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, plan: _Aside
 ) -> Iterator[list[dict]]:
-    with _Workers(options, str(tokenizer_dir)) as workers:
+    with _Workers(options, str(tokenizer_dir), plan) as workers:
         if workers.pool is None:
             yield from map(_process_batch, batches)
         else:  # imap keeps input order; a bounded chunk keeps memory flat
@@ -470,10 +470,11 @@ class _RayTokenize:
 
 
 def _run_ray(
-    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, plan: _Aside
 ) -> Iterator[list[dict]]:
     """The same per-record work on Ray Data (a running cluster, or a local Ray); the driver
-    streams records in windows and packs in input order."""
+    streams records in windows and packs in input order. (Its actors build their own encoders:
+    `plan` is for this host's processes.)"""
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # heavy (ray): loaded only on the path that uses it
@@ -596,31 +597,58 @@ def prepare(
     except (InputError, MixtureError) as e:
         raise PrepareError(str(e)) from e
     read_from = _Inputs(paths, sources, path_source)
-    try:
-        tokenizer = load_tokenizer(tokenizer_path)
-        template = resolve_template(tokenizer, options.chat_template)
-        tokens = stop_tokens(tokenizer, template, options.chat_template)
-    except ValueError as e:
-        raise PrepareError(str(e)) from e
-    with _Aside(tokenizer_fingerprint, tokenizer, template) as fingerprint:
-        loaded = _Tokenizer(tokenizer, template, tokens, str(tokenizer_path), fingerprint)
-        return _stage(read_from, out_dir, loaded, options)
+    # the slow part of building the workers' encoder, made from the tokenizer's own file on the
+    # idle core while this process imports transformers and loads it (~1 s for DeepSeek-V3)
+    with _Aside(_encoder_plan, str(tokenizer_path), here=_no_plan) as plan:
+        try:
+            tokenizer = load_tokenizer(tokenizer_path)
+            template = resolve_template(tokenizer, options.chat_template)
+            tokens = stop_tokens(tokenizer, template, options.chat_template)
+        except ValueError as e:
+            raise PrepareError(str(e)) from e
+        # needed only at the end: it yields the core to the plan's child and to the workers
+        with _Aside(tokenizer_fingerprint, tokenizer, template, nice=10) as fingerprint:
+            loaded = _Tokenizer(tokenizer, template, tokens, str(tokenizer_path), fingerprint, plan)
+            return _stage(read_from, out_dir, loaded, options)
+
+
+def _encoder_plan(tokenizer_path: str) -> RankedPlan | None:
+    """The RankedPlan of the tokenizer.json in `tokenizer_path` (loaded by tokenizers alone:
+    no transformers import), or None."""
+    file = Path(tokenizer_path) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    # light (tokenizers): transformers' own dependency, no more
+    from tokenizers import Tokenizer
+
+    return ranked_plan(Tokenizer.from_file(str(file)))
+
+
+def _no_plan(tokenizer_path: str) -> None:
+    """Without a plan from a child, the encoder makes its own."""
 
 
 class _Aside:
     """fn(*args), computed in a forked child while this process goes on, on the core that is
-    idle meanwhile (the tokenizer's fingerprint while the start saves and loads the tokenizer:
-    0.3-0.5 s for DeepSeek-V3's 129,000 tokens; a third of building the workers' encoder).
-    Where forking is not safe (not Linux, or the caller runs threads of its own: see _Workers)
-    or the child fails, it is computed here when asked for; a child that has sent nothing WAIT
-    seconds after it is asked for is ended. The child is always reaped by `result` or when the
-    block ends. Its value comes back pickled through a pipe: from our own fork, and
-    length-checked, so a child killed half way is a failed child."""
+    idle meanwhile: the plan of the workers' encoder while the start imports transformers and
+    loads the tokenizer (~1 s for DeepSeek-V3's 128,000 tokens), its fingerprint while the
+    tokenizer is saved and loaded again (0.3-0.5 s). Where forking is not safe (not Linux, or
+    the caller runs threads of its own: see _Workers) or the child fails, `here(*args)` (fn
+    unless told) is computed here when asked for; a child that has sent nothing WAIT seconds
+    after it is asked for is ended. The child is reaped by `result`; one never asked for is
+    ended when the block ends. Its value comes back pickled through a pipe: from our own fork,
+    and length-checked, so a child killed half way is a failed child."""
 
     WAIT = 60.0  # seconds for a child that has not sent its value when asked: then it is ended
 
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.fn, self.args = fn, args
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        here: Callable[..., Any] | None = None,
+        nice: int = 0,
+    ) -> None:
+        self.fn, self.args, self.here = fn, args, here or fn
         self.value: Any = None
         self.done = False
         self.pid, self.fd = 0, -1
@@ -630,6 +658,7 @@ class _Aside:
             if self.pid == 0:  # the child: compute, send, and leave without cleanup of any kind
                 try:
                     os.close(read)
+                    os.nice(nice)
                     data = pickle.dumps(fn(*args))
                     with os.fdopen(write, "wb") as pipe:
                         pipe.write(len(data).to_bytes(8, "little") + data)
@@ -653,7 +682,7 @@ class _Aside:
     def result(self) -> Any:
         if not self.done:
             sent = self._reap()
-            self.value = pickle.loads(sent) if sent else self.fn(*self.args)
+            self.value = pickle.loads(sent) if sent else self.here(*self.args)
             self.done = True
         return self.value
 
@@ -678,14 +707,21 @@ class _Aside:
         return data[8:] if whole else b""
 
     def __exit__(self, *exc: object) -> None:
-        self._reap()
+        self._end()
 
-    def __del__(self) -> None:  # never asked for (its caller failed): end the child now
-        if self.pid:
+    def __del__(self) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        """A child never asked for (the block ended, by an error say) is ended now."""
+        pid, fd, self.pid, self.fd = self.pid, self.fd, 0, -1
+        if fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(self.fd)
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
+                os.close(fd)
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
 
 
 @dataclass(frozen=True)
@@ -695,6 +731,7 @@ class _Tokenizer:
     tokens: dict  # stop_tokens: added tokens, end of turn, EOS ids
     source: str  # --tokenizer as given
     fingerprint: _Aside  # gives tokenizer_fingerprint(tokenizer, template)
+    plan: _Aside  # gives the workers' encoder's RankedPlan, or None
 
 
 def _stage(
@@ -770,7 +807,7 @@ def _write(
     source_hashes: list[dict] = []
     shards = _Shards(out, options)
     counts, reasons, formats, mix = _tokenize_and_pack(
-        inputs, tok_dir, options, shards, source_hashes
+        inputs, tok_dir, options, shards, source_hashes, loaded.plan
     )
 
     n, bad = counts["records"], counts["bad"]
@@ -829,6 +866,7 @@ def _tokenize_and_pack(
     options: PrepareOptions,
     shards: _Shards,
     source_hashes: list,
+    plan: _Aside,
 ) -> tuple[Counter, Counter, Counter, dict | None]:
     """Read, tokenize and mask every record, quarantine the bad ones with their reason, and
     pack the documents window by window into `shards` (a mixture: once every source is read).
@@ -848,7 +886,7 @@ def _tokenize_and_pack(
     try:
         with (
             open(shards.out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine,
-            contextlib.closing(engine(batches, tok_dir, options)) as processed,
+            contextlib.closing(engine(batches, tok_dir, options, plan)) as processed,
         ):  # closing: the workers end here, whatever ends the loop
             for results in processed:
                 for r in results:

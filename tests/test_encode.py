@@ -581,13 +581,20 @@ def test_a_token_the_model_does_not_encode_as_itself_sends_its_texts_the_exact_w
     enc = Encoder(tok)
     ranked = enc.path.ranked
     assert ranked is not None and ranked.not_own == {tok.token_to_id("abc")}
-    # found alike when the check runs in a forked child (as prepare's main process builds it)
+    # found alike by a plan made in another process from the tokenizer's file (as prepare
+    # makes it), and the plan used as it is
     from data_tools import prepare
 
     monkeypatch.setattr(prepare.threading, "active_count", lambda: 1)
-    forked = Encoder(tok, prepare._Aside)
-    assert forked.path.ranked._not_own.pid > 0
-    assert forked.ready().path.ranked.not_own == ranked.not_own
+    plan = prepare._Aside(lambda s: encode.ranked_plan(Tokenizer.from_str(s)), tok.to_str())
+    assert plan.pid > 0 and plan().not_own == {tok.token_to_id("abc")}
+    monkeypatch.setattr(encode._Ranked, "plan", None)  # not made again
+    assert Encoder(tok, plan()).path.ranked.not_own == ranked.not_own
+    # a plan made for another vocabulary does not fit: the encoder makes its own
+    monkeypatch.undo()
+    other = encode.ranked_plan(_abc_tokenizer([("a", "b"), ("b", "c")]))
+    assert other.ranks is not None and not other.not_own
+    assert Encoder(tok, other).path.ranked.not_own == {tok.token_to_id("abc")}
     assert ranked.encode("abc") is None and ranked.encode("ab ca") is not None
     texts = ["abc", "xabcx abc", "ab ca", "cab", "aabbcc abcabc", "日本abc"]
     assert enc(texts) == _rust(tok, texts)
@@ -601,11 +608,14 @@ def test_a_token_the_model_does_not_encode_as_itself_sends_its_texts_the_exact_w
         ([("a", "b"), ("c", "d"), ("b", "c")], True),  # ids falling with merge rank
     ],
 )
-def test_without_the_conditions_tiktokens_road_is_not_taken(merges, ids_reversed):
+def test_without_the_conditions_tiktokens_road_is_not_taken(merges, ids_reversed, monkeypatch):
     tok = _abc_tokenizer(merges, ids_reversed)
     assert Encoder(_abc_tokenizer(merges[:2])).path.ranked is not None  # fine without the rest
     enc = Encoder(tok)
     assert enc.path is not None and enc.path.ranked is None
+    plan = encode.ranked_plan(tok)  # the verdict travels in the plan: not made again
+    monkeypatch.setattr(encode._Ranked, "plan", None)
+    assert plan.ranks is None and Encoder(tok, plan).path.ranked is None
     texts = ["abcd", "bcab c", "日本 abc"]
     assert enc(texts) == _rust(tok, texts)
 

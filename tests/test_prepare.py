@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -347,3 +348,43 @@ def test_a_value_computed_aside_comes_back_whole_or_is_computed_here(monkeypatch
     monkeypatch.setattr(prepare_module.threading, "active_count", lambda: 2)
     here = prepare_module._Aside(sorted, [3, 1, 2])
     assert here.pid == 0 and here() == [1, 2, 3]
+
+
+def test_the_encoder_plan_made_aside_is_used_and_changes_nothing(
+    tmp_path, corpus_path, bpe_tokenizer_dir, monkeypatch
+):
+    """With a byte-level BPE tokenizer the plan of tiktoken's road is made in a child from the
+    tokenizer's own file while the main process loads it; it fits the saved copy, so the main
+    process does not make it again; the shards are those of a run that made it itself."""
+    from data_tools import encode
+    from data_tools import prepare as prepare_module
+    from data_tools.prepare import load_tokenizer, worker_tokenizer
+
+    assert encode.Encoder(load_tokenizer(bpe_tokenizer_dir).backend_tokenizer).path.ranked
+
+    def run(name: str, num_proc: int) -> Path:
+        prepare(
+            [str(corpus_path)],
+            tokenizer_path=str(bpe_tokenizer_dir),
+            out_dir=str(tmp_path / name),
+            options=PrepareOptions(seq_len=128, num_proc=num_proc),
+        )
+        return tmp_path / name
+
+    made_here = []
+    plan = encode._Ranked.plan
+    monkeypatch.setattr(
+        encode._Ranked, "plan", staticmethod(lambda *a: made_here.append(1) or plan(*a))
+    )
+    with monkeypatch.context() as m:
+        m.setattr(prepare_module.threading, "active_count", lambda: 1)
+        aside = run("aside", 2)
+    assert not made_here  # the child's plan fitted (the child's own calls are not counted here)
+    with monkeypatch.context() as m:
+        m.setattr(prepare_module.threading, "active_count", lambda: 2)  # no fork: made here
+        here = run("here", 1)
+    assert made_here
+    assert (aside / "shard-00000.arrow").read_bytes() == (here / "shard-00000.arrow").read_bytes()
+    assert encode.ranked_plan(worker_tokenizer(aside / "tokenizer").backend_tokenizer).key == (
+        encode.ranked_plan(load_tokenizer(bpe_tokenizer_dir).backend_tokenizer).key
+    )
