@@ -35,8 +35,10 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -242,10 +244,18 @@ class _Workers:
     loading DeepSeek-V3's tokenizer on 2 cores, beside the main process's own loading). Only
     when the main process runs no Python thread but its own: its other threads are then
     numpy's BLAS pool and pyarrow's allocator, both fork-safe. Elsewhere, or with threads,
-    they are spawned and load it themselves. Ended, running or not, when the block ends."""
+    they are spawned and load it themselves.
+
+    A worker that dies (the out-of-memory killer, a signal) fails the run with a PrepareError
+    naming the batch: a process pool's executor notices, where multiprocessing.Pool waited for
+    its task for ever. Workers are ended, running or not, when the block ends."""
+
+    IN_FLIGHT = 2  # batches per worker submitted ahead: memory stays flat, no worker waits
 
     def __init__(self, options: PrepareOptions, tokenizer_dir: str, plan: _Aside) -> None:
-        self.pool = None
+        self.pool: ProcessPoolExecutor | None = None
+        self.processes: list = []  # the pool's, held here: once broken, it forgets them
+        self.num_proc = options.num_proc
         # a thread of the caller's own (an application embedding prepare) could hold a lock
         # the forked copy would wait on for ever: then spawn
         fork = _Aside.forkable()
@@ -254,22 +264,57 @@ class _Workers:
             # the workers' encoder, built once and forked with them, from the plan made at the
             # start (when it fits this tokenizer)
             Encoder.of(_WORKER["tokenizer"], plan.result())
-        if options.num_proc > 1 and fork:
-            self.pool = mp.get_context("fork").Pool(options.num_proc)
-        elif options.num_proc > 1:
-            self.pool = mp.get_context("spawn").Pool(
+        if options.num_proc > 1:
+            # forked (all at once, before the executor starts its thread) or spawned
+            self.pool = ProcessPoolExecutor(
                 options.num_proc,
-                initializer=_init_worker,
-                initargs=(asdict(options), tokenizer_dir),
+                mp_context=mp.get_context("fork" if fork else "spawn"),
+                initializer=None if fork else _init_worker,
+                initargs=() if fork else (asdict(options), tokenizer_dir),
             )
+
+    def map(self, batches: Iterator[list]) -> Iterator[list[dict]]:
+        """Each batch's results, in input order."""
+        if self.pool is None:
+            yield from map(_process_batch, batches)
+            return
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch[0][:2], self.pool.submit(_process_shipped, batch)))
+            if not self.processes:  # started by the first task
+                self.processes = list(getattr(self.pool, "_processes", {}).values())
+            if len(pending) > self.IN_FLIGHT * self.num_proc:
+                yield self._result(*pending.popleft())
+        # no other task will come: each worker exits once it has no more, and frees its memory
+        # while this process handles the last results (not after, on its time)
+        self.pool.shutdown(wait=False)
+        while pending:
+            yield self._result(*pending.popleft())
+
+    @staticmethod
+    def _result(first: tuple[str, int], future: Future) -> list[dict]:
+        try:
+            return _unship(future.result())
+        except BrokenProcessPool as e:
+            source, line = first
+            raise PrepareError(
+                f"a worker process ended abruptly (killed by a signal, or out of memory) while "
+                f"preparing a batch of records, the first unfinished from {source} line {line}; "
+                f"nothing was written. If memory ran out, lower --num-proc or --max-record-bytes"
+            ) from e
 
     def __enter__(self) -> _Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for process in self.processes:  # running or not: a failed run does not wait
+                if process.is_alive():
+                    process.terminate()
+            self.pool.shutdown(wait=True)
+            for process in self.processes:
+                process.join()
         _WORKER.clear()
 
 
@@ -428,10 +473,7 @@ def _run_local(
     batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, plan: _Aside
 ) -> Iterator[list[dict]]:
     with _Workers(options, str(tokenizer_dir), plan) as workers:
-        if workers.pool is None:
-            yield from map(_process_batch, batches)
-        else:  # imap keeps input order; a bounded chunk keeps memory flat
-            yield from map(_unship, workers.pool.imap(_process_shipped, batches, chunksize=1))
+        yield from workers.map(batches)
 
 
 def _encode_record(rec: Any) -> Any:

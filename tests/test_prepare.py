@@ -388,3 +388,52 @@ def test_the_encoder_plan_made_aside_is_used_and_changes_nothing(
     assert encode.ranked_plan(worker_tokenizer(aside / "tokenizer").backend_tokenizer).key == (
         encode.ranked_plan(load_tokenizer(bpe_tokenizer_dir).backend_tokenizer).key
     )
+
+
+def test_a_worker_that_dies_fails_the_run_instead_of_hanging(
+    tmp_path, corpus_records, sp_tokenizer_dir, monkeypatch
+):
+    """A worker killed mid-run (the out-of-memory killer, say): multiprocessing.Pool waited
+    for its task for ever; now the run fails at once, naming where, writes nothing and leaves
+    no process behind."""
+    import contextlib
+    import os
+    import signal
+
+    import psutil
+
+    from data_tools import prepare as prepare_module
+
+    records = [*corpus_records] * 4
+    records[700] = {**records[700], "die": True}
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    process_batch = prepare_module._process_batch
+
+    def dies_on_the_marked_record(items):
+        if any('"die"' in raw for _, _, raw, _ in items):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return process_batch(items)
+
+    monkeypatch.setattr(prepare_module, "_process_batch", dies_on_the_marked_record)
+    monkeypatch.setattr(prepare_module.threading, "active_count", lambda: 1)  # forked workers
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+
+    def hung(*_):  # what this run did before: wait for the dead worker's task for ever
+        raise TimeoutError("prepare still waits for a dead worker")
+
+    with (
+        pytest.raises(PrepareError, match=r"worker process ended abruptly .* from \S+ line \d+;"),
+        contextlib.ExitStack() as stack,
+    ):
+        stack.callback(signal.signal, signal.SIGALRM, signal.signal(signal.SIGALRM, hung))
+        stack.callback(signal.alarm, 0)
+        signal.alarm(300)
+        prepare(
+            [str(path)],
+            tokenizer_path=str(sp_tokenizer_dir),
+            out_dir=str(tmp_path / "out"),
+            options=PrepareOptions(seq_len=128, num_proc=2),
+        )
+    assert not (tmp_path / "out").exists()
+    assert not [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
