@@ -1,3 +1,3 @@
-from sftscale.cli import main
+from sftscale.cli import run
 
-raise SystemExit(main())
+run()

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 # Heavy imports (torch, transformers, deepspeed, ray) happen inside the commands, so
 # `sftscale --help` is instant.
@@ -399,6 +400,23 @@ def _user_errors() -> tuple[type[Exception], ...]:
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)
+
+
+def run() -> NoReturn:
+    """The program (`sftscale`, `python -m sftscale`): main(), then exit. A local prepare
+    that succeeded ends without the interpreter's teardown: by then its files are written and
+    closed and its children reaped, and freeing the tokenizers, the encoder and every module's
+    objects cost 0.2-0.3 s of a 7 s run. Anything else exits as usual (train, say, has
+    Ray and torch.distributed to shut down)."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if code == 0 and next((a for a in argv if not a.startswith("-")), None) == "prepare":
+        args, _ = build_parser("prepare").parse_known_args(argv)
+        if args.engine == "local":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,3 +84,34 @@ def test_user_errors_are_reported_without_a_traceback(tmp_path, capsys):
     )
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert shown.stdout.split() == ["2", "False", "False"], shown.stderr[-2000:]
+
+
+def test_prepare_as_the_program_ends_at_once_with_its_output_whole(
+    tmp_path, corpus_path, sp_tokenizer_dir
+):
+    """`python -m sftscale prepare` ends without the interpreter's teardown after a local run
+    that succeeded: the summary is printed in full, the output verifies, the exit code is 0;
+    a failed run still exits as usual, with its code."""
+    import json
+
+    from data_tools import schema
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sftscale", "prepare", str(corpus_path), "--seq-len", "128"]
+    done = subprocess.run(
+        [*cmd, "--tokenizer", str(sp_tokenizer_dir), "--out", str(out), "--num-proc", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == f"wrote {out}" and "documents ->" in done.stdout
+    manifest = schema.read_manifest(out)
+    for shard in manifest.shards:
+        assert schema.file_sha256(out / shard.file) == shard.sha256
+    assert json.loads((out / schema.TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    failed = subprocess.run(
+        [*cmd, "--tokenizer", str(tmp_path / "none"), "--out", str(tmp_path / "o2")],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 2 and "error" in failed.stderr
