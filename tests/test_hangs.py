@@ -73,9 +73,14 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path, prepared_dir):
         stopped_at = time.time()
         time.sleep(2)
         assert "process gone or stopped" in status(run_dir).splitlines()[2]  # rank 1's line
+        named = "did not complete within scale.collective_timeout_s=15 s; rank(s) 1 did not arrive"
+        while named not in (tmp_path / "run.out").read_text() and time.time() < stopped_at + 120:
+            time.sleep(0.2)
+        waited = time.time() - stopped_at
+        # torchrun would now wait 30 s for the stopped rank to obey its SIGTERM: end it here
+        os.kill(victim, signal.SIGKILL)
         proc.wait(timeout=240)
         out = (tmp_path / "run.out").read_text()
-        waited = time.time() - stopped_at
     finally:
         if victim is not None:
             with __import__("contextlib").suppress(ProcessLookupError):
@@ -87,7 +92,7 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path, prepared_dir):
     assert (
         "did not complete within scale.collective_timeout_s=15 s; rank(s) 1 did not arrive" in out
     ), out[-4000:]
-    assert waited < 15 + 120, waited  # the timeout, plus torchrun stopping the other rank
+    assert waited < 15 + 45, waited  # named within the timeout (and a slow host's margin)
     beat0 = json.loads((run_dir / "heartbeat" / "rank0.json").read_text())
     assert beat0["phase"] == "train"
 
