@@ -801,7 +801,8 @@ def save_tokenizer(tokenizer: Any, out: Path) -> None:
     without them, every load of the copy parses the whole tokenizer.json in Python just to read
     its added tokens (0.2-0.3 s for a 129,000-token vocabulary, in the serial start of each
     prepare and of each training worker). The entries are the same tokens, same flags, and the
-    loader reads them first; tests/test_prepare.py holds the copy to the source, loaded either way."""
+    loader reads them first; tests/test_tokenizer_load.py holds the copy to the plain save, loaded
+    either way."""
     tokenizer.save_pretrained(str(out))
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
