@@ -629,14 +629,24 @@ class _Ranked:
         """The road for `backend`, from `plan` when it was made for this backend's model,
         added tokens and regex (made elsewhere, say from the same tokenizer.json), else from a
         plan made here."""
-        pattern = one_regex(patterns)
+        inputs = cls.inputs(backend, config, patterns)
+        if inputs is None:
+            return None
+        if plan is None or plan.key != _plan_key(*inputs):
+            plan = cls.plan(backend, *inputs)
+        return None if plan is None or plan.ranks is None else cls(plan)
+
+    @staticmethod
+    def inputs(
+        backend: Any, config: dict, patterns: tuple[str, ...] | None
+    ) -> tuple[bytes, set[str], str] | None:
+        """What a plan is made from and keyed by (the model's state, the added tokens, the one
+        regex), or None where the road does not apply."""
+        pattern = one_regex(patterns) if patterns else None
         if pattern is None or (config.get("model") or {}).get("ignore_merges"):
             return None
-        state = backend.model.__getstate__()
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
-        if plan is None or plan.key != _plan_key(state, added, pattern):
-            plan = cls.plan(backend, state, added, pattern)
-        return None if plan is None or plan.ranks is None else cls(plan)
+        return backend.model.__getstate__(), added, pattern
 
     @staticmethod
     def plan(backend: Any, state: bytes, added: set[str], pattern: str) -> RankedPlan | None:
@@ -719,12 +729,8 @@ def _plan_key(state: bytes, added: set[str], pattern: str) -> str:
 def ranked_plan(backend: Any) -> RankedPlan | None:
     """The plan of tiktoken's road for `backend` (None where the road does not apply)."""
     config = pipeline_config(backend)
-    patterns = unicode_patterns(config)
-    pattern = one_regex(patterns) if patterns else None
-    if pattern is None or (config.get("model") or {}).get("ignore_merges"):
-        return None
-    added = {t.content for t in backend.get_added_tokens_decoder().values()}
-    return _Ranked.plan(backend, backend.model.__getstate__(), added, pattern)
+    inputs = _Ranked.inputs(backend, config, unicode_patterns(config))
+    return None if inputs is None else _Ranked.plan(backend, *inputs)
 
 
 class Encoder:

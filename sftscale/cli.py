@@ -402,6 +402,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command argv names (its first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def run() -> NoReturn:
     """The program (`sftscale`, `python -m sftscale`): main(), then exit. A local prepare
     that succeeded ends without the interpreter's teardown: by then its files are written and
@@ -410,7 +415,7 @@ def run() -> NoReturn:
     Ray and torch.distributed to shut down)."""
     argv = sys.argv[1:]
     code = main(argv)
-    if code == 0 and next((a for a in argv if not a.startswith("-")), None) == "prepare":
+    if code == 0 and _command(argv) == "prepare":
         args, _ = build_parser("prepare").parse_known_args(argv)
         if args.engine == "local":
             sys.stdout.flush()
@@ -421,7 +426,7 @@ def run() -> NoReturn:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    parser = build_parser(_command(argv))
     # Overrides may come after options (`train c.yaml --local optim.lr=1e-3`), which argparse
     # does not collect into a positional list once an option has been seen.
     args, extra = parser.parse_known_args(argv)
