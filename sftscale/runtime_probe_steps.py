@@ -65,8 +65,8 @@ def _train(work: Path) -> None:
 def _lengths(work: Path) -> None:
     """RSS a rank keeps for each micro-batch length and each document length it meets: the
     CPU's kernels are made and kept per shape (oneDNN's bf16 GEMMs: 12-15 MiB a micro-batch
-    length on an AMX host, for hidden sizes 64 to 768 alike, fp32's about 2; per-document
-    attention 2-4 MiB a document length in bf16). The tiny-llama preset in the precision
+    length on an AMX host, for hidden sizes 64 to 768 alike; fp32 keeps none, its figure is the
+    heap's noise, 0-0.8 MiB; per-document attention 2-4 MiB a document length in bf16). The tiny-llama preset in the precision
     `auto` picks here, with per-document attention, checkpointing and the loss as training
     runs them, glibc's mmap threshold pinned: its RSS after each new length (twice each)
     against its RSS before."""
