@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 # Before torch/deepspeed import anywhere: CPU accelerator, one thread per process (several
@@ -156,15 +157,24 @@ def s3():
 _PREBUILD = pytest.StashKey()  # the background build of the ops marked builds_ops
 
 
+def _ops(item) -> list[str]:
+    return [op for m in item.iter_markers("builds_ops") for op in m.args]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that need a JIT-built op run last, in their order: the background build (below)
+    has the whole suite's idle time to finish first."""
+    items[:] = [i for i in items if not _ops(i)] + [i for i in items if _ops(i)]
+
+
 def pytest_collection_finish(session):
     """A fresh machine builds DeepSpeed's async I/O op in ~5 min of wall time (9 of CPU) on 2
-    cores, inside the one test that needs it, late in the suite. The ops that collected tests
-    name in `builds_ops` markers start building here instead, in a process of their own at the
-    lowest priority: the cores' idle time while the earlier tests run (a third of it, measured)
-    absorbs the build, and the test finds the op built, or waits on DeepSpeed's build lock."""
-    wanted = sorted(
-        {op for item in session.items for m in item.iter_markers("builds_ops") for op in m.args}
-    )
+    cores, CPU Adam in ~100 s, inside the first test that needs each. The ops that collected
+    tests name in `builds_ops` markers start building here instead, in the order the tests need
+    them, in a process of their own at the lowest priority: the cores' idle time while the
+    other tests run (a third of it, measured) absorbs the builds. Those tests run last and wait
+    for the build to end (pytest_runtest_setup)."""
+    wanted = list(dict.fromkeys(op for item in session.items for op in _ops(item)))
     if not wanted or session.config.option.collectonly:
         return
     # heavy (deepspeed, through sftscale.jit_locks.is_built): only when a test builds an op
@@ -186,6 +196,19 @@ def pytest_collection_finish(session):
             start_new_session=True,  # its own process group: ended whole at the session's end
             env={**os.environ, "MAX_JOBS": "2"},
         )
+
+
+def pytest_runtest_setup(item):
+    """A test that builds ops waits for the background build, which may hold their locks (a
+    test that plants a stale lock must not race a live build)."""
+    proc = item.config.stash.get(_PREBUILD, None)
+    if proc is None or not _ops(item) or proc.poll() is not None:
+        return
+    started = time.monotonic()
+    proc.wait()
+    print(
+        f"\n[waited {time.monotonic() - started:.0f} s for the background build of DeepSpeed ops]"
+    )
 
 
 def pytest_sessionfinish(session):

@@ -91,6 +91,7 @@ def test_the_default_path_compiles_nothing(tmp_path, prepared_dir):
 
 
 @pytest.mark.distributed
+@pytest.mark.builds_ops("cpu_adam")
 def test_an_offload_template_builds_cpu_adam_in_the_driver_past_a_stale_lock(
     tmp_path, prepared_dir
 ):
@@ -111,6 +112,7 @@ def test_an_offload_template_builds_cpu_adam_in_the_driver_past_a_stale_lock(
 
 
 @pytest.mark.distributed
+@pytest.mark.builds_ops("cpu_adam")
 def test_build_ops_ahead_of_time_past_a_stale_lock():
     """`sftscale build-ops NAME` (cluster images) builds or loads an op into
     TORCH_EXTENSIONS_DIR past a lock that a killed build left there, with the environment's

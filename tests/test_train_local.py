@@ -184,6 +184,7 @@ def test_bf16_forced_on_a_cpu_without_it_warns_and_mfu_stays_below_one(tmp_path,
 
 
 @pytest.mark.distributed
+@pytest.mark.builds_ops("cpu_adam")
 def test_cpu_optimizer_offload(tmp_path, prepared_dir):
     """ZeRO-3 with the optimizer on the CPU (DeepSpeedCPUAdam) through its ds_configs template."""
     cfg_path = _config(tmp_path, prepared_dir, max_steps=6)
