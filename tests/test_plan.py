@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from sftscale.config import ConfigError, load_config
-from sftscale.devices import GIB, GPUS, host_device, parse_devices
+from sftscale.devices import CPU_RUNTIME_BYTES, GIB, GPUS, host_device, parse_devices
 from sftscale.ds_config import load_template, resolve_ds_config
 from sftscale.fit import candidates, plan_with_fixes
 from sftscale.fit import override as _override
@@ -252,13 +252,24 @@ def test_fp32_runs_are_planned_in_fp32():
     assert not [w for w, *_ in plan.lines if w.startswith("optimizer step")]
 
 
-def test_auto_precision_is_planned_as_the_workers_resolve_it(prepared_dir):
+def test_auto_precision_is_planned_as_the_workers_resolve_it(prepared_dir, tmp_path, monkeypatch):
     """A CPU without native bf16 (simulated: ONEDNN_MAX_CPU_ISA=AVX2) plans the fp32 run that
-    deepspeed.precision=auto trains there."""
+    deepspeed.precision=auto trains there. The runtime that ISA limit keys is seeded (the
+    probe's measurement, 25-30 s, is test_runtime_probe's)."""
     import os
     import subprocess
     import sys
 
+    from sftscale import runtime_probe
+
+    monkeypatch.setenv("SFTSCALE_CACHE", str(tmp_path))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    seeded = runtime_probe.cache_path()
+    seeded.parent.mkdir(parents=True)
+    runtime_probe._write(
+        seeded,
+        {"runtime_bytes": CPU_RUNTIME_BYTES, "length_kernel_bytes": 0, "doc_kernel_bytes": 0},
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -274,9 +285,10 @@ def test_auto_precision_is_planned_as_the_workers_resolve_it(prepared_dir):
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+        env=dict(os.environ),
     ).stdout
     assert "weights, fp32" in out and "fits" in out
+    assert "measuring this host" not in out  # the seeded runtime was read: keyed alike
 
 
 def _lines(plan):
