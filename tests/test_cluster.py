@@ -189,7 +189,7 @@ def _job_config(tmp_path: Path, name: str, data: str, **scale) -> Path:
         "optim": {"lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.1},
         "train": {"micro_batch_size": 1, "grad_accum": 1, "max_steps": STEPS},
         "scale": {"num_workers": 2, "max_failures": 2, "collective_timeout_s": 60, **scale},
-        "checkpoint": {"every_n_steps": 4, "storage": "s3://runs/cluster"},
+        "checkpoint": {"every_n_steps": 8, "storage": "s3://runs/cluster"},
         "logging": {"output_dir": f"{NODE_DISK}/runs", "run_name": name, "tensorboard": False},
     }
     path = tmp_path / f"{name}.yaml"
