@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -275,14 +276,16 @@ class _Memo(dict):
             self.room -= len(key)
 
 
+@functools.cache
 def _byte_alphabet() -> str:
     """GPT-2's byte -> printable character table, which ByteLevel applies to every piece, as
-    the 256 characters in byte order."""
-    # light (transformers): its copy, imported by every fast tokenizer already
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    table = bytes_to_unicode()
-    return "".join(map(table.__getitem__, range(256)))
+    the 256 characters in byte order: a printable byte (! to ~, ¡ to ¬, ® to ÿ) is its own
+    character, the others take U+0100 onwards in byte order. Written here, not imported from
+    transformers.convert_slow_tokenizer: that import cost the plan's child (which loads
+    nothing of transformers) 1.2 s. tests/test_encode.py holds it to transformers' table."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = iter(range(0x100, 0x200))
+    return "".join(chr(b) if b in printable else chr(next(others)) for b in range(256))
 
 
 class _Pieces(_Memo):

@@ -601,6 +601,28 @@ def test_a_token_the_model_does_not_encode_as_itself_sends_its_texts_the_exact_w
     assert _rust(tok, ["abc"]) == [[tok.token_to_id("a"), tok.token_to_id("bc")]]
 
 
+def test_the_byte_alphabet_is_gpt2s_and_a_plan_imports_no_transformers(tmp_path):
+    """The byte -> character table written in encode is transformers' (and the characters
+    are ByteLevel's); the plan prepare's child makes from a tokenizer.json loads no module of
+    transformers (that import cost the child 1.2 s of the serial start)."""
+    import subprocess
+    import sys
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    assert encode._byte_alphabet() == "".join(table[b] for b in range(256))
+    assert set(encode._byte_alphabet()) == set(pre_tokenizers.ByteLevel.alphabet())
+    _abc_tokenizer([("b", "c"), ("a", "b")]).save(str(tmp_path / "tokenizer.json"))
+    code = (
+        "import sys; from data_tools.prepare import _encoder_plan; "
+        f"plan = _encoder_plan({str(tmp_path)!r}); "
+        "print(plan.ranks is not None, sorted(m for m in sys.modules if m.startswith('transformers')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "[]"], out.stdout + out.stderr
+
+
 @pytest.mark.parametrize(
     "merges, ids_reversed",
     [
