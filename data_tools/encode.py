@@ -56,6 +56,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 _WS = r"\t\n\x0b\x0c\r "  # what Oniguruma's \s matches among ASCII characters
 
 # Pre-tokenizer regexes as tokenizer.json spells them -> their ASCII-only equivalents.
@@ -178,6 +180,10 @@ class Characters:
     def __init__(self, engine: Any = None) -> None:
         self.safe: set[str] = set()
         self.unsafe: set[str] = set()
+        # the same, per code point, for a batch's look: its texts as one UTF-32 array indexed
+        # into these (8x faster than a set of its characters, which made a str per character)
+        self.seen = np.zeros(0x110000, dtype=bool)
+        self.bad = np.zeros(0x110000, dtype=bool)
         # another regex engine the path runs (tiktoken's): (class, probe) -> the characters of
         # probe it matches; held to the same agreement
         self.engine = engine
@@ -194,11 +200,11 @@ class Characters:
     def learn(self, texts: list[str]) -> bool:
         """Checks at once the characters of `texts` not seen before (one check per batch);
         whether none of their characters is unsafe."""
-        seen = set("".join(texts))
-        new = seen - self.safe - self.unsafe
-        if new:
-            self._check(new)
-        return not seen & self.unsafe
+        points = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32)
+        new = np.unique(points[~self.seen[points]])
+        if len(new):
+            self._check(set(map(chr, new.tolist())))
+        return not self.bad[points].any()
 
     def _check(self, chars: set[str]) -> None:
         # light (tokenizers, regex): imported with every fast tokenizer already
@@ -225,6 +231,8 @@ class Characters:
                 bad |= onig ^ {c for c in chars if c.isspace()}
         self.unsafe |= bad
         self.safe |= chars - bad
+        self.seen[list(map(ord, chars))] = True
+        self.bad[list(map(ord, bad))] = True
 
 
 def _alternation(tokens: list[str]) -> str:

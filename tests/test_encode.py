@@ -374,6 +374,23 @@ def test_characters_the_engines_disagree_on_go_to_rust():
     assert {"\u017f", "\u0378"} <= enc.path.characters.unsafe
 
 
+def test_a_batchs_characters_are_checked_once_and_an_unsafe_one_is_found(monkeypatch):
+    """Characters.learn (a batch's look, by code point): each new character is checked once;
+    a batch is clean only when none of its characters is unsafe (a lone surrogate never comes
+    here: formats quarantines its record)."""
+    chars = encode.Characters()
+    checked: list[set[str]] = []
+    real = chars._check
+    monkeypatch.setattr(chars, "_check", lambda new: (checked.append(set(new)), real(new)))
+    assert chars.learn(["日本 ok", "café"]) is True
+    assert checked == [set("日本 okcafé")]
+    assert chars.learn(["本日", ""]) is True and len(checked) == 1  # nothing new: no check
+    assert chars.learn(["x \u017f", "日"]) is False and checked[-1] == {"x", "\u017f"}
+    assert chars.learn(["a \u0378", "b"]) is False and "\u0378" in chars.unsafe
+    assert chars.learn(["ok 日本"]) is True and len(checked) == 3
+    assert chars.learn([]) is True
+
+
 def test_chunks_cut_only_before_a_spaced_letter():
     # not after a space (the run of spaces stays whole), nor before a digit or a newline
     assert encode.chunks("Hello  wörld, 日本 1 x\n y") == ["Hello  wörld,", " 日本 1", " x\n y"]
