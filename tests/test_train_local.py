@@ -57,10 +57,15 @@ def _ours(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("[sftscale]")]
 
 
+# the driver's lines that come before the workers' when this run is the first to do the work:
+# hashing the shards (a test run alone) or measuring the host's runtime memory for this CPU's
+# oneDNN ISA (the first run under ONEDNN_MAX_CPU_ISA=AVX2 on a fresh cache)
+_FIRST_TIME = ("shards hashed and recorded", "measuring this host's runtime memory")
+
+
 def _workers(stdout: str) -> list[str]:
-    """Our lines from the workers: without the driver's check of the data, which comes first
-    when this run is the first to hash the shards (a test run alone)."""
-    return [line for line in _ours(stdout) if "shards hashed and recorded" not in line]
+    """Our lines from the workers: without the driver's first-time lines (_FIRST_TIME)."""
+    return [line for line in _ours(stdout) if not any(s in line for s in _FIRST_TIME)]
 
 
 def _native_bf16() -> bool:
