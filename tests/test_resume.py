@@ -244,8 +244,8 @@ def _ray_worker_pids(run_dir):
 @pytest.fixture(scope="module")
 def ray_uninterrupted(tmp_path_factory, prepared_dir):
     """The Ray run's uninterrupted reference, on 2 torchrun ranks: the same loop, gloo and
-    one thread per rank, so the same arithmetic bit for bit (held below), without a Ray
-    instance's start-up (54 s on Ray against about 25 s here)."""
+    one thread per rank, so the same arithmetic bit for bit (held below), without a second
+    Ray instance's start-up (this fixture took 54 s on Ray)."""
     cfg = _cfg(
         tmp_path_factory.mktemp("ray_base"),
         prepared_dir,
