@@ -8,7 +8,7 @@ import pytest
 import torch
 from reference import reference_run
 
-from helpers import train_local_subprocess
+from helpers import assert_export_matches_checkpoint, train_local_subprocess
 from sftscale.config import load_config
 from sftscale.launch import run
 
@@ -92,7 +92,13 @@ def test_local_zero3_matches_reference(
 
 @pytest.mark.distributed
 def test_two_ray_workers_zero3_match_reference(tmp_path, prepared_dir, model_dir, reference):
-    """(micro 1, accum 2, 2 ranks) under Ray Train + ZeRO-3 == the single-process fp32 loop."""
+    """(micro 1, accum 2, 2 ranks) under Ray Train (V2, TorchTrainer, gloo) + ZeRO-3 == the
+    single-process fp32 loop; both ranks wrote their partitions, and the export is the
+    checkpoint consolidated. (Ray in the precision `auto` picks: tests/test_launchers.py.)"""
     cfg = _cfg(tmp_path, prepared_dir, model_dir, "ray", micro=1, accum=2, workers=2)
     run(cfg, local=False)
     _assert_matches_reference(cfg, reference)
+    tag = (cfg.run_dir / "checkpoints" / "latest").read_text().strip()
+    files = sorted(p.name for p in (cfg.run_dir / "checkpoints" / tag).iterdir())
+    assert sum("zero_pp_rank_" in f and "optim_states" in f for f in files) == 2, files
+    assert_export_matches_checkpoint(cfg.run_dir, tmp_path)
