@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import assert_export_matches_checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -90,7 +92,11 @@ def test_ray_job_submit_runs_zero3_training(tmp_path, prepared_dir):
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
-        assert (run_dir / "export" / "model.safetensors").is_file()
+        # both ranks wrote their ZeRO-3 partitions, and the export (in the precision `auto`
+        # picks: bf16 on a CPU that has it) is the checkpoint consolidated
+        files = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000008").iterdir())
+        assert sum("zero_pp_rank_" in f and "optim_states" in f for f in files) == 2, files
+        assert_export_matches_checkpoint(run_dir, tmp_path)
         jobs = _ray("job", "list", "--address", "http://127.0.0.1:8265", env=env).stdout
         assert "SUCCEEDED" in jobs
     finally:

@@ -170,15 +170,10 @@ def test_launched_ranks_run_the_local_mode(tmp_path, prepared_dir, launcher):
 @pytest.mark.distributed
 def test_bf16_forced_on_a_cpu_without_it_warns_and_mfu_stays_below_one(tmp_path, prepared_dir):
     """The reported defect: bf16 on an AVX2 CPU gave HFU 122% (a square-matmul peak probe;
-    torch's bf16 linear is ~8x faster there than its bf16 matmul)."""
+    torch's bf16 linear is ~8x faster there than its bf16 matmul). Also the bf16 path on any
+    host: its export is the checkpoint's fp32 master weights rounded to bf16."""
     cfg_path = _config(tmp_path, prepared_dir, max_steps=3)
-    proc = _train_subprocess(
-        cfg_path,
-        "deepspeed.precision=bf16",
-        "checkpoint.export=false",
-        "checkpoint.at_end=false",
-        env=NO_NATIVE_BF16,
-    )
+    proc = _train_subprocess(cfg_path, "deepspeed.precision=bf16", env=NO_NATIVE_BF16)
     lines = _workers(proc.stdout)
     assert lines[0] == "[sftscale] precision bf16 (deepspeed.precision=bf16)"
     assert lines[1].startswith("[sftscale] warning: deepspeed.precision=bf16 on a device without")
@@ -186,6 +181,9 @@ def test_bf16_forced_on_a_cpu_without_it_warns_and_mfu_stays_below_one(tmp_path,
     assert len(records) == 3
     for r in records:
         assert 0 < r["mfu"] < r["hfu"] <= 1, r
+    run_dir = tmp_path / "runs" / "t"
+    assert json.loads((run_dir / "export" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_export_matches_checkpoint(run_dir, tmp_path)
 
 
 @pytest.mark.distributed
