@@ -24,13 +24,14 @@ os.environ.setdefault("RAY_AUTH_TOKEN", __import__("secrets").token_hex(32))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The data cache (object-storage copies, shard verification records) in a directory of the
 # suite's own, removed at exit: nothing lands in the user's ~/.cache.
+_OWN_CACHE = ""
 if "SFTSCALE_CACHE" not in os.environ:
     import atexit
     import shutil
     import tempfile
 
-    os.environ["SFTSCALE_CACHE"] = tempfile.mkdtemp(prefix="sftscale-test-cache-")
-    atexit.register(shutil.rmtree, os.environ["SFTSCALE_CACHE"], True)
+    _OWN_CACHE = os.environ["SFTSCALE_CACHE"] = tempfile.mkdtemp(prefix="sftscale-test-cache-")
+    atexit.register(shutil.rmtree, _OWN_CACHE, True)
 from sftscale.jit_locks import use_environment_ninja  # noqa: E402
 
 use_environment_ninja()  # tests that build DeepSpeed's ops directly: no rebuild
@@ -211,9 +212,10 @@ def pytest_runtest_setup(item):
     )
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
     """A background build still running (a partial run that never needed it) is ended, by its
     process group, and the build lock it held is removed: the next run starts it again."""
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)  # for the exit watchdog (below)
     proc = session.config.stash.get(_PREBUILD, None)
     if proc is None or proc.poll() is not None:
         return
@@ -229,3 +231,53 @@ def pytest_sessionfinish(session):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     BuildLockWatch(extensions_root(), log=print, notify_after_s=0, stale_after_s=0).scan()
+
+
+# After the summary: the process ends in ~5 s here (the environment variable is for the test of
+# the watchdog below)
+_EXIT_WAIT_S = float(os.environ.get("SFTSCALE_TEST_EXIT_WAIT_S", "120"))
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config):
+    """The suite's process ends once its summary is out. A CI run on 6d82fe0 printed the
+    summary (521 passed) and was killed 46 min later, still running: something left behind
+    (a thread, a child, an exit handler) held its exit. Should that happen again, a watchdog
+    says so after _EXIT_WAIT_S, prints every thread's stack and the processes still running
+    under this one, and ends the process with the session's status (the tests' verdict is
+    in). A hang that holds the interpreter's lock is ended by faulthandler 30 s later, with
+    status 1."""
+    import contextlib
+    import faulthandler
+    import shutil
+    import sys
+    import threading
+
+    status = config.stash.get(_EXIT_STATUS, 1)
+
+    def watch() -> None:
+        time.sleep(_EXIT_WAIT_S)
+        err = sys.__stderr__
+        try:
+            err.write(
+                f"\n[the test process had not exited {_EXIT_WAIT_S:.0f} s after its summary: "
+                f"every thread's stack, then the processes still running under it; it ends "
+                f"now, with the session's status {status}]\n"
+            )
+            err.flush()
+            faulthandler.dump_traceback(file=err, all_threads=True)
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    command = " ".join(child.cmdline())
+                    err.write(f"  pid {child.pid} ({child.status()}): {command}\n")
+        finally:
+            err.flush()
+            if _OWN_CACHE:  # its exit handler will not run
+                shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+            os._exit(status)
+
+    threading.Thread(target=watch, name="sftscale-exit-watchdog", daemon=True).start()
+    faulthandler.dump_traceback_later(_EXIT_WAIT_S + 30, exit=True, file=sys.__stderr__)
