@@ -90,6 +90,27 @@ def test_llamatokenizer_over_byte_level_bpe_loads_as_autotokenizer_does(tmp_path
     assert shown.stdout.strip() == "False", shown.stderr[-2000:]
 
 
+def test_a_model_family_class_is_imported_from_its_own_file(tmp_path, monkeypatch):
+    """LlamaTokenizer (Mistral v3 as prepare saves it) is imported from tokenization_llama.py
+    alone, not through transformers.models (an index of every model's files: 0.6-0.7 s of
+    prepare's serial start), and it is the very class transformers and AutoTokenizer give."""
+    path = _mistral_dir(tmp_path / "tok")
+    probe = (
+        "import sys, transformers; from data_tools.tokenizer import load_tokenizer; "
+        f"t = load_tokenizer({str(path)!r}); print('transformers.models' in sys.modules); "
+        "print(type(t) is transformers.LlamaTokenizer); "
+        "from transformers import AutoTokenizer; "
+        f"print(type(AutoTokenizer.from_pretrained({str(path)!r})) is type(t))"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert shown.stdout.split() == ["False", "True", "True"], shown.stderr[-2000:]
+    # where transformers does not say which file holds the class, it is asked for the class
+    import transformers
+
+    monkeypatch.setattr(transformers, "_class_to_module", {}, raising=False)
+    assert _named_class(path) is transformers.LlamaTokenizer
+
+
 @pytest.mark.parametrize(
     "change",
     ["model config beside it", "remote code", "not a tokenizer class", "unknown", "no class"],
