@@ -776,6 +776,11 @@ class Encoder:
             cls._of[tokenizer] = cls(tokenizer.backend_tokenizer, plan)
         return cls._of[tokenizer]
 
+    @classmethod
+    def forget(cls, tokenizer: Any) -> None:
+        """The encoder of `tokenizer` (its memo, tiktoken's tables) dropped from this process."""
+        cls._of.pop(tokenizer, None)
+
     @property
     def fast(self) -> bool:
         return self.path is not None

@@ -185,21 +185,49 @@ def worker_tokenizer(tokenizer_dir: str | Path) -> Any:
     (tokenizer.json) loads as the generic fast class: ids from the same Rust tokenizer, template
     and special tokens from the same files, and no model-class import (which pulls in torch:
     ~2 s per worker). Anything else loads as the main process loaded it."""
-    if (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    generic = _copy_class(tokenizer_dir)
+    if generic is not None:
+        return generic.from_pretrained(str(tokenizer_dir))
     # heavy (transformers): loaded only on the path that uses it
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-def _init_worker(options: dict, tokenizer_dir: str) -> None:
+def _copy_class(tokenizer_dir: str | Path) -> Any:
+    """The class worker_tokenizer loads the copy with when it names one: the generic fast class
+    where there is a tokenizer.json; None where AutoTokenizer decides."""
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast
+
+
+def _init_worker(options: dict, tokenizer_dir: str, saved: Any = None) -> None:
     """What a worker holds: the tokenizer loaded from the copy saved beside the shards (so its
-    ids are the data's), the template that copy carries, the options."""
-    tok = worker_tokenizer(tokenizer_dir)
+    ids are the data's), the template that copy carries, the options.
+
+    `saved`: the object the copy was just saved from, taken instead of a load when the copy
+    would load as its very class (the generic fast class, as DeepSeek-V3's and Llama 3.1's
+    load): the same Rust tokenizer, special tokens and template, written by this class and read
+    back by it. That load cost 0.75 s of DeepSeek-V3's serial start, and freeing the copy 0.3 s
+    more. tests/test_tokenizer_load.py holds the two to the same pipeline, tokens, template and
+    ids on real tokenizers; another class (LlamaTokenizer, Qwen2Tokenizer: the copy loads as the
+    generic one) is always loaded from the copy."""
+    if saved is not None and type(saved) is _copy_class(tokenizer_dir):
+        tok = saved
+    else:
+        tok = worker_tokenizer(tokenizer_dir)
     _WORKER.update(options=PrepareOptions(**options), tokenizer=tok, template=tok.chat_template)
+
+
+def _release_worker_state() -> None:
+    """This process's share of the workers' state freed, the encoder included (which the
+    tokenizer would keep alive when it is this process's own)."""
+    if "tokenizer" in _WORKER:
+        Encoder.forget(_WORKER["tokenizer"])
+    _WORKER.clear()
 
 
 def _process_batch(items: list[tuple[str, int, str, Any]]) -> list[dict]:
@@ -252,7 +280,7 @@ class _Workers:
 
     IN_FLIGHT = 2  # batches per worker submitted ahead: memory stays flat, no worker waits
 
-    def __init__(self, options: PrepareOptions, tokenizer_dir: str, plan: _Aside) -> None:
+    def __init__(self, options: PrepareOptions, tokenizer_dir: str, loaded: _Tokenizer) -> None:
         self.pool: ProcessPoolExecutor | None = None
         self.processes: list = []  # the pool's, held here: once broken, it forgets them
         self.num_proc = options.num_proc
@@ -260,10 +288,10 @@ class _Workers:
         # the forked copy would wait on for ever: then spawn
         fork = _Aside.forkable()
         if options.num_proc == 1 or fork:
-            _init_worker(asdict(options), tokenizer_dir)
+            _init_worker(asdict(options), tokenizer_dir, loaded.tokenizer)
             # the workers' encoder, built once and forked with them, from the plan made at the
             # start (when it fits this tokenizer)
-            Encoder.of(_WORKER["tokenizer"], plan.result())
+            Encoder.of(_WORKER["tokenizer"], loaded.plan.result())
         if options.num_proc > 1:
             # forked (all at once, before the executor starts its thread) or spawned
             self.pool = ProcessPoolExecutor(
@@ -286,12 +314,12 @@ class _Workers:
             if len(pending) > self.IN_FLIGHT * self.num_proc:
                 # the workers are forked and busy: this process frees its copy of their state
                 # while it waits (0.2 s for DeepSeek-V3's, which the end spent otherwise)
-                _WORKER.clear()
+                _release_worker_state()
                 yield self._result(*pending.popleft())
         # no other task will come: each worker exits once it has no more, and frees its memory
         # while this process handles the last results (not after, on its time)
         self.pool.shutdown(wait=False)
-        _WORKER.clear()
+        _release_worker_state()
         while pending:
             yield self._result(*pending.popleft())
 
@@ -319,7 +347,7 @@ class _Workers:
             self.pool.shutdown(wait=True)
             for process in self.processes:
                 process.join()
-        _WORKER.clear()
+        _release_worker_state()
 
 
 def process_records(items, tokenizer, template: str, options: PrepareOptions) -> list[dict]:
@@ -474,9 +502,9 @@ def _batches(
 
 
 def _run_local(
-    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, plan: _Aside
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, loaded: _Tokenizer
 ) -> Iterator[list[dict]]:
-    with _Workers(options, str(tokenizer_dir), plan) as workers:
+    with _Workers(options, str(tokenizer_dir), loaded) as workers:
         yield from workers.map(batches)
 
 
@@ -516,11 +544,11 @@ class _RayTokenize:
 
 
 def _run_ray(
-    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, plan: _Aside
+    batches: Iterator[list], tokenizer_dir: Path, options: PrepareOptions, loaded: _Tokenizer
 ) -> Iterator[list[dict]]:
     """The same per-record work on Ray Data (a running cluster, or a local Ray); the driver
-    streams records in windows and packs in input order. (Its actors build their own encoders:
-    `plan` is for this host's processes.)"""
+    streams records in windows and packs in input order. (Its actors load the copy and build
+    their own encoders: `loaded` is for this host's processes.)"""
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # heavy (ray): loaded only on the path that uses it
@@ -854,7 +882,7 @@ def _write(
     source_hashes: list[dict] = []
     shards = _Shards(out, options)
     counts, reasons, formats, mix = _tokenize_and_pack(
-        inputs, tok_dir, options, shards, source_hashes, loaded.plan
+        inputs, tok_dir, options, shards, source_hashes, loaded
     )
 
     n, bad = counts["records"], counts["bad"]
@@ -913,7 +941,7 @@ def _tokenize_and_pack(
     options: PrepareOptions,
     shards: _Shards,
     source_hashes: list,
-    plan: _Aside,
+    loaded: _Tokenizer,
 ) -> tuple[Counter, Counter, Counter, dict | None]:
     """Read, tokenize and mask every record, quarantine the bad ones with their reason, and
     pack the documents window by window into `shards` (a mixture: once every source is read).
@@ -933,7 +961,7 @@ def _tokenize_and_pack(
     try:
         with (
             open(shards.out / schema.QUARANTINE_NAME, "w", encoding="utf-8") as quarantine,
-            contextlib.closing(engine(batches, tok_dir, options, plan)) as processed,
+            contextlib.closing(engine(batches, tok_dir, options, loaded)) as processed,
         ):  # closing: the workers end here, whatever ends the loop
             for results in processed:
                 for r in results:

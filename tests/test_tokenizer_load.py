@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,61 @@ def test_the_copy_prepare_saves_loads_as_the_plain_save_does(
         copy.save_pretrained(tmp_path / "copy2")
         for f in sorted((tmp_path / "plain2").iterdir()):
             assert filecmp.cmp(f, tmp_path / "copy2" / f.name, shallow=False), f.name
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])
+@pytest.mark.parametrize("name", sorted(REAL) + ["mistral-v3", "ours-sp", "ours-bpe"])
+def test_the_workers_take_the_saved_object_only_where_the_copy_loads_as_it(
+    tmp_path, name, template, sp_tokenizer_dir, bpe_tokenizer_dir
+):
+    """prepare's workers tokenize with the object the copy was saved from, not a second load,
+    where the copy loads as that object's very class: then both are the same tokenizer (Rust
+    pipeline, tokens and flags, special tokens, template, end of turn, ids), after what prepare
+    does to it first (markers of a built-in template added, EOS set to the end of turn).
+    Another class (LlamaTokenizer: Mistral v3's, ours-sp; Qwen2Tokenizer: Qwen3's) is loaded
+    from the copy."""
+    from data_tools.chat import resolve_template
+    from data_tools.prepare import (
+        _WORKER,
+        PrepareOptions,
+        _init_worker,
+        save_tokenizer,
+        stop_tokens,
+        worker_tokenizer,
+    )
+
+    path = _tokenizer_dir(name, tmp_path, sp_tokenizer_dir, bpe_tokenizer_dir)
+    saved = load_tokenizer(path)
+    if template is None and not getattr(saved, "chat_template", None):
+        template = "chatml"  # ours: no template of their own
+    chat = resolve_template(saved, template)
+    stop_tokens(saved, chat, template)
+    saved.chat_template = chat
+    save_tokenizer(saved, tmp_path / "copy")
+    copy = worker_tokenizer(tmp_path / "copy")
+    _init_worker(asdict(PrepareOptions(seq_len=64)), str(tmp_path / "copy"), saved)
+    try:
+        taken = _WORKER["tokenizer"]
+    finally:
+        _WORKER.clear()
+    assert (taken is saved) == (type(saved) is type(copy)), (type(saved), type(copy))
+    assert (taken is saved) == (name in ("deepseek-v3", "llama3.1", "ours-bpe"))
+    assert type(taken) is type(copy)
+    assert taken.backend_tokenizer.to_str() == copy.backend_tokenizer.to_str()
+    assert {i: t.__getstate__() for i, t in taken.added_tokens_decoder.items()} == {
+        i: t.__getstate__() for i, t in copy.added_tokens_decoder.items()
+    }
+    assert taken.get_vocab() == copy.get_vocab()
+    assert taken.special_tokens_map == copy.special_tokens_map
+    assert taken.all_special_ids == copy.all_special_ids
+    assert taken.eos_token_id == copy.eos_token_id
+    assert taken.chat_template == copy.chat_template == chat
+    texts = ["Hello  world 你好，世界！ Привет\n<|im_end|> ñandú 12345 </s><s>", " lead", "x"]
+    assert taken(texts)["input_ids"] == copy(texts)["input_ids"]
+    messages = [{"role": "user", "content": "Hi 你好"}, {"role": "assistant", "content": "Ok"}]
+    assert taken.apply_chat_template(messages, tokenize=False) == copy.apply_chat_template(
+        messages, tokenize=False
+    )
 
 
 def test_the_added_tokens_are_read_from_the_head_of_tokenizer_json(tmp_path):
