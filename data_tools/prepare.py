@@ -199,6 +199,7 @@ def _copy_class(tokenizer_dir: str | Path) -> Any:
     where there is a tokenizer.json; None where AutoTokenizer decides."""
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         return None
+    # heavy (transformers): loaded only on the path that uses it (imported by then anyway)
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast
@@ -282,7 +283,10 @@ class _Workers:
 
     def __init__(self, options: PrepareOptions, tokenizer_dir: str, loaded: _Tokenizer) -> None:
         self.pool: ProcessPoolExecutor | None = None
-        self.processes: list = []  # the pool's, held here: once broken, it forgets them
+        # the pool's own table of its processes, held here: once shut down or broken, the pool
+        # forgets it, and spawned workers join it one per task until there are num_proc (a copy
+        # taken at the first task missed the second worker, left running after the run)
+        self.processes: dict = {}
         self.num_proc = options.num_proc
         # a thread of the caller's own (an application embedding prepare) could hold a lock
         # the forked copy would wait on for ever: then spawn
@@ -300,6 +304,7 @@ class _Workers:
                 initializer=None if fork else _init_worker,
                 initargs=() if fork else (asdict(options), tokenizer_dir),
             )
+            self.processes = self.pool._processes
 
     def map(self, batches: Iterator[list]) -> Iterator[list[dict]]:
         """Each batch's results, in input order."""
@@ -309,8 +314,6 @@ class _Workers:
         pending: deque = deque()
         for batch in batches:
             pending.append((batch[0][:2], self.pool.submit(_process_shipped, batch)))
-            if not self.processes:  # started by the first task
-                self.processes = list(getattr(self.pool, "_processes", {}).values())
             if len(pending) > self.IN_FLIGHT * self.num_proc:
                 # the workers are forked and busy: this process frees its copy of their state
                 # while it waits (0.2 s for DeepSeek-V3's, which the end spent otherwise)
@@ -341,11 +344,12 @@ class _Workers:
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
-            for process in self.processes:  # running or not: a failed run does not wait
+            processes = list(self.processes.values())
+            for process in processes:  # running or not: a failed run does not wait
                 if process.is_alive():
                     process.terminate()
             self.pool.shutdown(wait=True)
-            for process in self.processes:
+            for process in processes:
                 process.join()
         _release_worker_state()
 

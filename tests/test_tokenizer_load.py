@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -91,7 +92,7 @@ def test_llamatokenizer_over_byte_level_bpe_loads_as_autotokenizer_does(tmp_path
     assert shown.stdout.strip() == "False", shown.stderr[-2000:]
 
 
-def test_a_model_family_class_is_imported_from_its_own_file(tmp_path, monkeypatch):
+def test_a_model_family_class_is_imported_from_its_own_file(tmp_path):
     """LlamaTokenizer (Mistral v3 as prepare saves it) is imported from tokenization_llama.py
     alone, not through transformers.models (an index of every model's files: 0.6-0.7 s of
     prepare's serial start), and it is the very class transformers and AutoTokenizer give."""
@@ -105,11 +106,16 @@ def test_a_model_family_class_is_imported_from_its_own_file(tmp_path, monkeypatc
     )
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert shown.stdout.split() == ["False", "True", "True"], shown.stderr[-2000:]
-    # where transformers does not say which file holds the class, it is asked for the class
+    # where transformers does not say which file holds the class (no such table, or not a
+    # model family's), the caller asks transformers for it
     import transformers
 
-    monkeypatch.setattr(transformers, "_class_to_module", {}, raising=False)
-    assert _named_class(path) is transformers.LlamaTokenizer
+    from data_tools.tokenizer import _model_tokenizer_class
+
+    assert _model_tokenizer_class(SimpleNamespace(), "LlamaTokenizer") is None
+    elsewhere = SimpleNamespace(_class_to_module={"X": "tokenization_utils_base"})
+    assert _model_tokenizer_class(elsewhere, "X") is None
+    assert _model_tokenizer_class(transformers, "LlamaTokenizer") is transformers.LlamaTokenizer
 
 
 @pytest.mark.parametrize(
