@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from prepare_throughput import run_sftscale, run_trl  # noqa: E402
+from prepare_throughput import run_sftscale, run_trl, update_multilingual_section  # noqa: E402
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
@@ -261,6 +261,7 @@ def main() -> None:
                 f"{x['seconds']:.1f} s | {', '.join(map(str, x['all_seconds']))} |"
             )
     (HERE / "results" / "prepare_multilingual.md").write_text("\n".join(lines) + "\n")
+    update_multilingual_section()  # prepare_throughput.md shows these rows too
     print("\n".join(lines))
 
 

@@ -56,12 +56,55 @@ print(json.dumps({"rows": len(lengths), "tokens": sum(lengths), "supervised": su
 """
 
 
-MULTILINGUAL = (
-    "Real multilingual and Chinese text, with DeepSeek-V3's byte-level BPE and Mistral v3's "
-    "SentencePiece tokenizers, against TRL masked, identical counts and packing rows against "
-    "the bound: [prepare_multilingual.md](prepare_multilingual.md) "
-    "(`benchmarks/prepare_multilingual.py`)."
-)
+MULTILINGUAL_BEGIN, MULTILINGUAL_END = "<!-- multilingual -->", "<!-- /multilingual -->"
+
+
+def multilingual_section() -> list[str]:
+    """The real multilingual rows, from the last run of benchmarks/prepare_multilingual.py
+    (results/prepare_multilingual.json), between markers that run rewrites in place."""
+    lines = [
+        MULTILINGUAL_BEGIN,
+        "## Real multilingual and Chinese text",
+        "",
+        "DeepSeek-V3's byte-level BPE and Mistral v3's SentencePiece against TRL masked; the "
+        "details, every run and the corpus: [prepare_multilingual.md](prepare_multilingual.md) "
+        "(`benchmarks/prepare_multilingual.py`).",
+    ]
+    found = HERE / "results" / "prepare_multilingual.json"
+    if found.is_file():
+        report = json.loads(found.read_text())
+        lines += [
+            "",
+            f"`{report['command']}`, {report['when']}, {report['device']}:",
+            "",
+            "| tokenizer | x TRL (median) | x TRL paired (median; all) | tokens, supervised "
+            "(identical) | rows / bound: sftscale, TRL | peak RSS: sftscale, TRL |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in report["results"].items():
+            ours, trl = row["sftscale"], row["trl-masked"]
+            lines.append(
+                f"| {name} | {row['throughput_ratio']:.2f} | {row['paired_ratio_median']:.2f} "
+                f"({', '.join(map(str, row['paired_ratios']))}) | {ours['tokens']:,}, "
+                f"{ours['supervised_tokens']:,} ({'yes' if row['identical_counts'] else 'NO'}) | "
+                f"{ours['rows_over_bound']:.4f}, {trl['rows_over_bound']:.4f} | "
+                f"{ours['peak_rss_bytes'] / 2**20:,.0f} MiB, {trl['peak_rss_bytes'] / 2**20:,.0f} MiB |"
+            )
+    return [*lines, MULTILINGUAL_END]
+
+
+def update_multilingual_section() -> None:
+    """results/prepare_throughput.md with its multilingual section rewritten from the last
+    multilingual run (the rest of the report stays as its own run wrote it)."""
+    report = HERE / "results" / "prepare_throughput.md"
+    if not report.is_file():
+        return
+    text = report.read_text()
+    begin, end = text.find(MULTILINGUAL_BEGIN), text.find(MULTILINGUAL_END)
+    if begin < 0 or end < begin:
+        return
+    section = "\n".join(multilingual_section())
+    report.write_text(text[:begin] + section + text[end + len(MULTILINGUAL_END) :])
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
@@ -400,7 +443,7 @@ def main() -> None:
     enc, prose = report["encoders"]["benchmark_corpus"], report["encoders"]["prose"]
     lines += [
         "",
-        MULTILINGUAL,
+        *multilingual_section(),
         "",
         "## The encoder alone",
         "",
