@@ -315,8 +315,9 @@ class _Workers:
         for batch in batches:
             pending.append((batch[0][:2], self.pool.submit(_process_shipped, batch)))
             if len(pending) > self.IN_FLIGHT * self.num_proc:
-                # the workers are forked and busy: this process frees its copy of their state
-                # while it waits (0.2 s for DeepSeek-V3's, which the end spent otherwise)
+                # the workers are forked and busy: this process frees its share of their state
+                # (their encoder; the copy of the tokenizer where it loaded one: 0.2-0.3 s for
+                # DeepSeek-V3's, which the end spent otherwise) while it waits
                 _release_worker_state()
                 yield self._result(*pending.popleft())
         # no other task will come: each worker exits once it has no more, and frees its memory

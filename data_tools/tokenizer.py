@@ -80,8 +80,8 @@ def _model_tokenizer_class(transformers: Any, name: str) -> Any:
     The point is time: `transformers.LlamaTokenizer` imports transformers.models first, whose
     index of every model's files costs 0.6-0.7 s of a prepare's serial start on 2 cores, where
     tokenization_llama.py takes 0.04 s. The module is registered under its own name, so a
-    later `transformers.LlamaTokenizer` returns this very class (tests/test_prepare.py checks
-    both, and that a prepare with Mistral's tokenizer leaves transformers.models unimported).
+    later `transformers.LlamaTokenizer` returns this very class (tests/test_tokenizer_load.py
+    checks it, and that loading Mistral v3's tokenizer leaves transformers.models unimported).
     """
     where = getattr(transformers, "_class_to_module", {}).get(name)
     if not isinstance(where, str) or not where.startswith("models."):
